@@ -1,0 +1,308 @@
+"""The one Gaussian-mixture kernel behind every closed-form score, and exact nearest neighbours.
+
+For queries ``x_b`` (rows of ``x``, shape ``(B, d)``), centres ``y_n`` (shape ``(N, d)``), a
+per-query mean scale ``m_b`` and variance ``sigma_b^2``, the kernel evaluates the logits
+
+    l_bn = log_prior_bn - |x_b - m_b y_n|^2 / (2 sigma_b^2)
+
+and returns ``log_norm_b = log sum_n exp(l_bn)``, the weighted centre
+``mean_b = sum_n w_bn y_n`` with ``w_bn = softmax_n(l_bn)``, and on request the weights.
+
+Numerics:
+
+* The centres are streamed in chunks with a running-max log-sum-exp, so memory beyond the
+  inputs is ``O(B x chunk)`` whatever ``N`` is, and results do not depend on the chunk size
+  (up to round-off).
+* Small problems use exact differences ``x - m y``. Large ones use matrix products
+  ``|x|^2 - 2 m x.y + m^2 |y|^2``, whose absolute error ``e`` (about ``eps (|x| + m|y|)^2``) turns
+  into a logit error ``e / (2 sigma^2)``. Rows where that exceeds ``sqrt(eps)`` are refined: in
+  a second streamed pass the centres whose approximate logit lies within ``40 + 2 e/(2 sigma^2)``
+  of the maximum (every centre carrying a relative weight above ``e^-40``) get exact
+  distances, and the row's result is computed from those alone.
+* ``sigma = 0`` rows (the ``t = 0`` limit) get the one-hot weight of the exactly nearest centre
+  among those with a finite prior; their ``log_norm`` is reported as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Elements of a ``(rows, centres, d)`` difference tensor above which matrix products are used.
+DIRECT_BUDGET = 2**22
+#: Relative weight below which a centre is dropped from a refined row (``exp(-40)``).
+LOGIT_WINDOW = 40.0
+
+
+@dataclass
+class Mixture:
+    """Result of :func:`gaussian_mixture`: ``log_norm`` ``(B,)``, ``mean`` ``(B, d)`` and,
+    when asked for, ``weights`` ``(B, N)`` (rows sum to 1)."""
+
+    log_norm: Tensor
+    mean: Tensor
+    weights: Tensor | None = None
+
+
+def _approx_sqdist(x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, m: Tensor) -> Tensor:
+    """``|x_b - m_b y_n|^2`` by one matrix product (absolute error ~ eps (|x| + m|y|)^2)."""
+    d = xx[:, None] - (2 * m)[:, None] * (x @ y.T) + (m * m)[:, None] * yy[None, :]
+    return d.clamp_min_(0)
+
+
+def _direct_sqdist(x: Tensor, y: Tensor, m: Tensor) -> Tensor:
+    """``|x_b - m_b y_n|^2`` from exact differences, shape ``(B, N)``."""
+    return (x[:, None, :] - m[:, None, None] * y[None, :, :]).pow(2).sum(-1)
+
+
+def _pair_sqdist(x: Tensor, y: Tensor, m: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Exact ``|x_r - m_r y_c|^2`` for index pairs ``(rows[i], cols[i])``, in bounded blocks."""
+    out = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
+    block = max(1, DIRECT_BUDGET // max(1, x.shape[1]))
+    for i in range(0, rows.shape[0], block):
+        r, c = rows[i : i + block], cols[i : i + block]
+        out[i : i + block] = (x[r] - m[r, None] * y[c]).pow(2).sum(-1)
+    return out
+
+
+def _matmul_error(x: Tensor, y_norm_max: Tensor, m: Tensor) -> Tensor:
+    """Bound on the absolute error of :func:`_approx_sqdist` for each query row."""
+    eps = torch.finfo(x.dtype).eps
+    scale = 8 * eps * math.sqrt(max(1, x.shape[1]))
+    return scale * (x.norm(dim=1) + m.abs() * y_norm_max) ** 2
+
+
+class _LogSumExp:
+    """Streaming ``max``, ``sum exp(l - max)`` and ``sum exp(l - max) y`` per row."""
+
+    def __init__(self, rows: int, d: int, like: Tensor) -> None:
+        self.max = torch.full((rows,), -math.inf, dtype=like.dtype, device=like.device)
+        self.sum = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        self.vec = torch.zeros(rows, d, dtype=like.dtype, device=like.device)
+
+    def _rescale(self, new_max: Tensor) -> Tensor:
+        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        factor = torch.exp(self.max - shift)
+        self.sum.mul_(factor)
+        self.vec.mul_(factor[:, None])
+        self.max = new_max
+        return shift
+
+    def add_dense(self, logits: Tensor, centres: Tensor) -> None:
+        shift = self._rescale(torch.maximum(self.max, logits.amax(dim=1)))
+        p = torch.exp(logits - shift[:, None])
+        self.sum.add_(p.sum(dim=1))
+        self.vec.add_(p @ centres)
+
+    def add_pairs(self, rows: Tensor, logits: Tensor, centres: Tensor) -> None:
+        chunk_max = torch.full_like(self.max, -math.inf).scatter_reduce(
+            0, rows, logits, reduce="amax"
+        )
+        shift = self._rescale(torch.maximum(self.max, chunk_max))
+        p = torch.exp(logits - shift[rows])
+        self.sum.index_add_(0, rows, p)
+        self.vec.index_add_(0, rows, p[:, None] * centres)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return self.max + torch.log(self.sum), self.vec / self.sum[:, None]
+
+
+class _ArgMin:
+    """Streaming exact nearest centre (first index on ties) for the ``sigma = 0`` rows."""
+
+    def __init__(self, rows: int, like: Tensor) -> None:
+        self.best = torch.full((rows,), math.inf, dtype=like.dtype, device=like.device)
+        self.index = torch.zeros(rows, dtype=torch.long, device=like.device)
+
+    def add_dense(self, dist: Tensor, offset: int) -> None:
+        value, idx = dist.min(dim=1)
+        better = value < self.best
+        self.best = torch.where(better, value, self.best)
+        self.index = torch.where(better, idx + offset, self.index)
+
+    def add_pairs(self, rows: Tensor, dist: Tensor, cols: Tensor) -> None:
+        # Process pairs in column order so that ties keep the first index.
+        order = torch.argsort(cols, stable=True)
+        for r, dd, c in zip(rows[order].tolist(), dist[order].tolist(), cols[order].tolist(),
+                            strict=True):
+            if dd < float(self.best[r]):
+                self.best[r] = dd
+                self.index[r] = c
+
+
+def _prior_chunk(log_prior: Tensor | None, lo: int, hi: int, rows: Tensor | None) -> Tensor | None:
+    if log_prior is None:
+        return None
+    part = log_prior[..., lo:hi]
+    if part.dim() == 2 and rows is not None:
+        part = part[rows]
+    return part
+
+
+def gaussian_mixture(
+    x: Tensor,
+    centres: Tensor,
+    m: Tensor,
+    sigma2: Tensor,
+    *,
+    log_prior: Tensor | None = None,
+    centres_sqnorm: Tensor | None = None,
+    chunk_size: int = 4096,
+    return_weights: bool = False,
+    force_matmul: bool = False,
+) -> Mixture:
+    """Evaluate ``l_bn = log_prior_bn - |x_b - m_b y_n|^2 / (2 sigma_b^2)`` and return
+    ``log sum_n exp(l_bn)``, ``sum_n softmax_n(l_bn) y_n`` and optionally the weights.
+
+    Args:
+        x: queries, ``(B, d)``.
+        centres: training points ``y_n``, ``(N, d)``, same dtype and device as ``x``.
+        m: mean scale per query, ``(B,)``.
+        sigma2: variance per query, ``(B,)``, ``>= 0``.
+        log_prior: optional log prior weights, ``(N,)`` or ``(B, N)`` (``-inf`` excludes).
+        centres_sqnorm: optional cached ``|y_n|^2``.
+        chunk_size: centres processed at once.
+        return_weights: also return the ``(B, N)`` weights.
+        force_matmul: use the matrix-product path even for small problems (for tests).
+    """
+    B, d = x.shape
+    N = centres.shape[0]
+    if centres_sqnorm is None:
+        centres_sqnorm = centres.pow(2).sum(1)
+    zero = sigma2 == 0
+    any_zero = bool(zero.any())
+    inv2s2 = 0.5 / torch.where(zero, torch.ones_like(sigma2), sigma2)
+    direct = not force_matmul and B * min(N, chunk_size) * d <= DIRECT_BUDGET
+    step = chunk_size if not direct else max(1, min(chunk_size, DIRECT_BUDGET // max(1, B * d)))
+
+    acc = _LogSumExp(B, d, x)
+    nearest = _ArgMin(B, x) if any_zero else None
+    weights = (
+        torch.empty(B, N, dtype=x.dtype, device=x.device) if return_weights else None
+    )
+    xx = x.pow(2).sum(1)
+    dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device)
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        y = centres[lo:hi]
+        dist = _direct_sqdist(x, y, m) if direct else _approx_sqdist(
+            x, xx, y, centres_sqnorm[lo:hi], m
+        )
+        logits = -dist * inv2s2[:, None]
+        prior = _prior_chunk(log_prior, lo, hi, None)
+        if prior is not None:
+            logits = logits + prior
+            dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
+        acc.add_dense(logits, y)
+        if nearest is not None:
+            if direct:
+                nearest.add_dense(dist, lo)
+            dmin = torch.minimum(dmin, dist.min(dim=1).values)
+        if weights is not None:
+            weights[:, lo:hi] = logits
+    log_norm, mean = acc.result()
+
+    refine = zero.clone()
+    if not direct:
+        err = _matmul_error(x, centres_sqnorm.max().sqrt(), m)
+        refine |= err * inv2s2 > math.sqrt(torch.finfo(x.dtype).eps)
+    if not direct and bool(refine.any()):
+        rows_all = torch.nonzero(refine).squeeze(1)
+        xr, mr = x[rows_all], m[rows_all]
+        zr = zero[rows_all]
+        err_r = err[rows_all]
+        lim = torch.where(zr, dmin[rows_all] + 2 * err_r,
+                          acc.max[rows_all] - LOGIT_WINDOW - 2 * err_r * inv2s2[rows_all])
+        sub = _LogSumExp(rows_all.shape[0], d, x)
+        sub_near = _ArgMin(rows_all.shape[0], x) if any_zero else None
+        if weights is not None:
+            weights[rows_all] = -math.inf
+        for lo in range(0, N, step):
+            hi = min(N, lo + step)
+            y = centres[lo:hi]
+            dist = _approx_sqdist(xr, xx[rows_all], y, centres_sqnorm[lo:hi], mr)
+            logit = -dist * inv2s2[rows_all, None]
+            prior = _prior_chunk(log_prior, lo, hi, rows_all)
+            if prior is not None:
+                logit = logit + prior
+            keep = torch.where(zr[:, None], dist <= lim[:, None], logit >= lim[:, None])
+            if prior is not None:
+                keep &= torch.isfinite(prior)
+            r, c = torch.nonzero(keep, as_tuple=True)
+            if r.numel() == 0:
+                continue
+            exact = _pair_sqdist(xr, y, mr, r, c)
+            pos = ~zr[r]
+            exact_logit = -exact * inv2s2[rows_all][r]
+            if prior is not None:
+                exact_logit = exact_logit + (prior[r, c] if prior.dim() == 2 else prior[c])
+            sub.add_pairs(r[pos], exact_logit[pos], y[c[pos]])
+            if sub_near is not None:
+                sub_near.add_pairs(r[~pos], exact[~pos], c[~pos] + lo)
+            if weights is not None:
+                weights[rows_all[r], c + lo] = exact_logit
+        sub_log_norm, sub_mean = sub.result()
+        pos_rows = ~zr
+        log_norm[rows_all[pos_rows]] = sub_log_norm[pos_rows]
+        mean[rows_all[pos_rows]] = sub_mean[pos_rows]
+        if sub_near is not None:
+            nearest.index[rows_all] = sub_near.index
+    if weights is not None:
+        weights = torch.exp(weights - log_norm[:, None])
+    if nearest is not None:
+        mean[zero] = centres[nearest.index[zero]]
+        log_norm[zero] = 0.0
+        if weights is not None:
+            weights[zero] = 0.0
+            weights[zero, nearest.index[zero]] = 1.0
+    return Mixture(log_norm=log_norm, mean=mean, weights=weights)
+
+
+def knn(x: Tensor, y: Tensor, k: int = 1, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """Exact ``k`` nearest rows of ``y`` (``(N, d)``) for each row of ``x`` (``(B, d)``).
+
+    Returns ``(squared_distances, indices)``, both ``(B, k)``, sorted ascending. Large problems
+    shortlist candidates with matrix products and recompute their distances exactly; a row
+    whose shortlist cannot be certified is recomputed from exact differences.
+    """
+    B, d = x.shape
+    N = y.shape[0]
+    k = min(k, N)
+    ones = torch.ones(B, dtype=x.dtype, device=x.device)
+    direct = B * min(N, chunk_size) * d <= DIRECT_BUDGET
+
+    def stream(xq: Tensor, exact: bool, kk: int) -> tuple[Tensor, Tensor]:
+        rows = xq.shape[0]
+        best_d = torch.empty(rows, 0, dtype=x.dtype, device=x.device)
+        best_i = torch.empty(rows, 0, dtype=torch.long, device=x.device)
+        step = max(1, min(chunk_size, DIRECT_BUDGET // max(1, rows * d))) if exact else chunk_size
+        xq2 = xq.pow(2).sum(1)
+        for lo in range(0, N, step):
+            yc = y[lo : lo + step]
+            one = ones[:rows]
+            dist = _direct_sqdist(xq, yc, one) if exact else _approx_sqdist(
+                xq, xq2, yc, yc.pow(2).sum(1), one
+            )
+            idx = torch.arange(lo, lo + yc.shape[0], device=x.device).expand(rows, -1)
+            cat_d, cat_i = torch.cat([best_d, dist], 1), torch.cat([best_i, idx], 1)
+            top = torch.topk(cat_d, min(kk, cat_d.shape[1]), dim=1, largest=False, sorted=True)
+            best_d, best_i = top.values, torch.gather(cat_i, 1, top.indices)
+        return best_d, best_i
+
+    if direct:
+        return stream(x, True, k)
+    extra = min(N, k + 8)
+    approx_d, cand = stream(x, False, extra)
+    exact = (x[:, None, :] - y[cand]).pow(2).sum(-1)
+    order = torch.argsort(exact, dim=1, stable=True)[:, :k]
+    best_d, best_i = torch.gather(exact, 1, order), torch.gather(cand, 1, order)
+    if extra < N:
+        err = _matmul_error(x, y.pow(2).sum(1).max().sqrt(), ones)
+        unsure = best_d[:, -1] + 2 * err > approx_d[:, -1]
+        if bool(unsure.any()):
+            rows = torch.nonzero(unsure).squeeze(1)
+            best_d[rows], best_i[rows] = stream(x[rows], True, k)
+    return best_d, best_i

@@ -1,0 +1,334 @@
+"""Samplers: pure functions of a schedule, a score and initial noise.
+
+* :func:`sample_ode` integrates the probability-flow ODE ``dx/dt = f(x, t) - g(t)^2 s(x, t) / 2``
+  from ``T`` down to ``t_end``.
+* :func:`sample_ode_transformed` integrates the same ODE in the transformed time
+  ``s = -log sigma(t)``: ``dx/ds = (dt/ds) (f - g^2 s / 2)`` with ``dt/ds = -2 sigma^2 /
+  (d sigma^2/dt)``, written with ``sigma^2 s`` so that it stays finite as ``sigma -> 0``
+  (for VE and the empirical score, ``dx/ds = D_e(x, t) - x``).
+* :func:`sample_sde` runs Euler--Maruyama on the reverse SDE ``dx = [f - g^2 s] dt + g dW``.
+
+The adaptive method (``'rk45'``: Dormand--Prince 5(4)) is torchode's, which controls the step
+of every sample separately, so one stiff trajectory does not set the step of the batch, and
+runs wherever the tensors live. ``'heun'`` and ``'euler'`` use a fixed grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchode
+from torch import Tensor
+
+from diffmem._checks import fail, finite_tensor, positive, positive_int
+from diffmem.schedules import Schedule, expand_as_batch
+
+Drift = Callable[[Tensor, Tensor], Tensor]
+METHODS = ("rk45", "heun", "euler")
+
+
+@dataclass
+class SampleResult:
+    """Final ``samples`` ``(B, *shape)``; with ``return_trajectory``, the recorded ``times``
+    ``(n,)`` (``t``, or ``s`` for the transformed sampler, where ``t_of_times`` holds ``t``)
+    and ``trajectory`` ``(B, n, *shape)``; and ``stats`` (score evaluations, steps)."""
+
+    samples: Tensor
+    times: Tensor | None = None
+    trajectory: Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    t_of_times: Tensor | None = None
+
+
+class _Counted:
+    """Wrap a drift so that the number of batched evaluations is counted."""
+
+    def __init__(self, fn: Drift) -> None:
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, time: Tensor, y: Tensor) -> Tensor:
+        self.calls += 1
+        return self.fn(time, y)
+
+
+def _check_x(x_T: Tensor) -> Tensor:
+    finite_tensor("x_T", x_T)
+    if x_T.dim() < 2 or not x_T.is_floating_point():
+        raise fail("x_T", "a floating tensor of shape (batch, *data_shape)",
+                   f"{x_T.dtype} of shape {tuple(x_T.shape)}")
+    return x_T
+
+
+def _check_t_end(schedule: Schedule, t_end: float) -> float:
+    t_end = float(t_end)
+    if not math.isfinite(t_end) or not 0 <= t_end < schedule.T:
+        raise fail("t_end", f"a time with 0 <= t_end < T = {schedule.T}", t_end)
+    return t_end
+
+
+def _integrate(
+    fn: Drift,
+    y0: Tensor,
+    start: float,
+    end: float,
+    method: str,
+    rtol: float,
+    atol: float,
+    steps: int | None,
+    record: Tensor | None,
+    max_steps: int,
+) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """Integrate ``dy/dtau = fn(tau, y)`` for ``y0`` of shape ``(B, d)`` from ``start`` to
+    ``end``, recording the states at the points ``record`` (``(n,)``) if given."""
+    if method not in METHODS:
+        raise fail("method", f"one of {METHODS}", repr(method))
+    counted = _Counted(fn)
+    B = y0.shape[0]
+    if method == "rk45":
+        rtol, atol = positive("rtol", rtol), positive("atol", atol)
+        term = torchode.ODETerm(counted)
+        solver = torchode.AutoDiffAdjoint(
+            torchode.Dopri5(term=term),
+            torchode.IntegralController(atol=atol, rtol=rtol, term=term),
+            max_steps=max_steps,
+        )
+        full = lambda v: torch.full((B,), v, dtype=y0.dtype, device=y0.device)  # noqa: E731
+        t_eval = None if record is None else record.to(y0).expand(B, -1).contiguous()
+        with torch.no_grad():
+            sol = solver.solve(torchode.InitialValueProblem(
+                y0=y0, t_start=full(start), t_end=full(end), t_eval=t_eval))
+        if bool((sol.status != 0).any()):
+            bad = int((sol.status != 0).sum())
+            raise RuntimeError(f"rk45: {bad} of {B} trajectories did not reach the end time "
+                               f"(status codes {sorted(set(sol.status.tolist()))}); raise "
+                               "max_steps or loosen rtol/atol")
+        n_steps = sol.stats["n_steps"].to(torch.float64)
+        accepted = sol.stats["n_accepted"].to(torch.float64)
+        stats = {
+            "method": "rk45",
+            "score_evals": counted.calls,
+            "steps_max": int(n_steps.max()),
+            "steps_mean": float(n_steps.mean()),
+            "accepted_mean": float(accepted.mean()),
+            "rejected_mean": float((n_steps - accepted).mean()),
+            "steps_per_sample": sol.stats["n_steps"].tolist(),
+        }
+        if record is None:
+            return sol.ys[:, -1], None, stats
+        return sol.ys[:, -1], sol.ys, stats
+    n = positive_int("steps", 100 if steps is None else steps)
+    grid = torch.linspace(start, end, n + 1, dtype=torch.float64)
+    if record is not None:
+        grid = torch.unique(torch.cat([grid, record.to(torch.float64)]))
+        grid = grid.flip(0) if start > end else grid
+    y = y0
+    saved: list[Tensor] = []
+    record_set = set() if record is None else {float(v) for v in record}
+    if float(grid[0]) in record_set:
+        saved.append(y)
+    with torch.no_grad():
+        for a, b in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
+            h = b - a
+            ta = torch.full((B,), a, dtype=y.dtype, device=y.device)
+            k1 = counted(ta, y)
+            if method == "euler":
+                y = y + h * k1
+            else:
+                tb = torch.full((B,), b, dtype=y.dtype, device=y.device)
+                k2 = counted(tb, y + h * k1)
+                y = y + 0.5 * h * (k1 + k2)
+            if b in record_set:
+                saved.append(y)
+    stats = {"method": method, "score_evals": counted.calls, "steps_max": len(grid) - 1}
+    return y, (torch.stack(saved, 1) if record is not None else None), stats
+
+
+def _record_points(start: float, end: float, n: int, log: bool) -> Tensor:
+    """``n`` recording points from ``start`` to ``end`` (log-spaced in distance to ``end``'s
+    side when ``log`` and both are positive)."""
+    if log and start > 0 and end > 0:
+        pts = torch.logspace(math.log10(start), math.log10(end), n, dtype=torch.float64)
+    else:
+        pts = torch.linspace(start, end, n, dtype=torch.float64)
+    pts[0], pts[-1] = start, end
+    return pts
+
+
+def probability_flow_drift(schedule: Schedule, score: Callable[..., Tensor],
+                           shape: tuple[int, ...]) -> Drift:
+    """``dx/dt = f(x, t) - g(t)^2 s(x, t) / 2`` on flattened states."""
+
+    def drift(t: Tensor, y: Tensor) -> Tensor:
+        x = y.reshape(y.shape[0], *shape)
+        out = schedule.f(x, t) - 0.5 * expand_as_batch(schedule.g2(t).to(x), x) * score(x, t)
+        return out.reshape(y.shape)
+
+    return drift
+
+
+def sample_ode(
+    schedule: Schedule,
+    score: Callable[..., Tensor],
+    x_T: Tensor,
+    t_end: float = 1e-6,
+    method: str = "rk45",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    return_trajectory: bool = False,
+    t_eval: Tensor | None = None,
+    n_record: int = 200,
+    max_steps: int = 100_000,
+) -> SampleResult:
+    """Integrate the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from ``T`` to ``t_end``.
+
+    Args:
+        schedule: the forward SDE.
+        score: ``score(x, t)``, ``t`` a ``(batch,)`` tensor.
+        x_T: initial states at ``t = T``, ``(batch, *data_shape)``.
+        t_end: final time, ``0 <= t_end < T`` (0 only for scores finite there).
+        method: ``'rk45'`` (adaptive, per-sample step control), ``'heun'`` or ``'euler'``.
+        rtol, atol: tolerances of ``'rk45'``.
+        steps: number of uniform steps of the fixed-step methods (default 100).
+        return_trajectory: record the states at ``t_eval`` (default: ``n_record`` times,
+            log-spaced from ``T`` to ``t_end``).
+        max_steps: step limit per trajectory of ``'rk45'``.
+    """
+    _check_x(x_T)
+    t_end = _check_t_end(schedule, t_end)
+    record = None
+    if return_trajectory:
+        record = t_eval if t_eval is not None else _record_points(schedule.T, t_end,
+                                                                  n_record, log=True)
+    shape = tuple(x_T.shape[1:])
+    drift = probability_flow_drift(schedule, score, shape)
+    y, traj, stats = _integrate(drift, x_T.reshape(x_T.shape[0], -1), schedule.T, t_end,
+                                method, rtol, atol, steps, record, max_steps)
+    result = SampleResult(samples=y.reshape(x_T.shape), stats=stats)
+    if traj is not None and record is not None:
+        result.times = record
+        result.trajectory = traj.reshape(x_T.shape[0], -1, *shape)
+    return result
+
+
+def sample_ode_transformed(
+    schedule: Schedule,
+    score: Callable[..., Tensor],
+    x_T: Tensor,
+    s_end: float | None = None,
+    t_end: float | None = None,
+    method: str = "rk45",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    return_trajectory: bool = False,
+    s_eval: Tensor | None = None,
+    n_record: int = 200,
+    max_steps: int = 100_000,
+) -> SampleResult:
+    """Integrate the probability-flow ODE in transformed time ``s = -log sigma(t)`` from
+    ``s(T)`` to ``s_end`` (or ``s(t_end)``):
+
+        dx/ds = [-2 sigma^2 (d log m/dt) x + g^2 (sigma^2 s(x, t))] / (d sigma^2/dt),
+
+    with ``t = t(s)``. Uses ``score.sigma2_score`` when the score has it (closed-form
+    scores), so the right-hand side stays finite as ``sigma -> 0``; use float64 for large
+    ``s`` (``sigma = e^-s`` underflows float32 near ``s = 44``). ``times`` holds ``s`` and
+    ``t_of_times`` the matching ``t``.
+    """
+    _check_x(x_T)
+    if (s_end is None) == (t_end is None):
+        raise fail("s_end", "exactly one of s_end or t_end", f"s_end={s_end}, t_end={t_end}")
+    s_start = float(schedule.s(schedule.T))
+    if s_end is None:
+        assert t_end is not None
+        if float(t_end) <= 0:
+            raise fail("t_end", "t_end > 0 (s = -log sigma is infinite at t = 0)", t_end)
+        s_end = float(schedule.s(_check_t_end(schedule, t_end)))
+    s_end = float(s_end)
+    if not math.isfinite(s_end) or s_end <= s_start:
+        raise fail("s_end", f"a finite value > s(T) = {s_start}", s_end)
+    scaled = getattr(score, "sigma2_score", None)
+    shape = tuple(x_T.shape[1:])
+
+    def drift(s: Tensor, y: Tensor) -> Tensor:
+        t = schedule.t_of_s(s)
+        x = y.reshape(y.shape[0], *shape)
+        sigma2 = schedule.sigma2(t).to(x)
+        s2s = scaled(x, t) if scaled is not None else expand_as_batch(sigma2, x) * score(x, t)
+
+        def b(v: Tensor) -> Tensor:
+            return expand_as_batch(v.to(x), x)
+
+        num = -2 * b(sigma2 * schedule.dlog_m(t).to(x)) * x + b(schedule.g2(t)) * s2s
+        return (num / b(schedule.dsigma2(t))).reshape(y.shape)
+
+    record = None
+    if return_trajectory:
+        record = s_eval if s_eval is not None else _record_points(s_start, s_end, n_record,
+                                                                  log=False)
+    y, traj, stats = _integrate(drift, x_T.reshape(x_T.shape[0], -1), s_start, s_end, method,
+                                rtol, atol, steps, record, max_steps)
+    result = SampleResult(samples=y.reshape(x_T.shape), stats=stats)
+    if traj is not None and record is not None:
+        result.times = record
+        result.t_of_times = schedule.t_of_s(record.to(torch.float64))
+        result.trajectory = traj.reshape(x_T.shape[0], -1, *shape)
+    return result
+
+
+def sample_sde(
+    schedule: Schedule,
+    score: Callable[..., Tensor],
+    x_T: Tensor,
+    steps: int = 100,
+    t_end: float = 1e-3,
+    generator: torch.Generator | None = None,
+    grid: str = "uniform",
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """Euler--Maruyama for the reverse SDE ``dx = [f - g^2 s] dt + g dW_bar`` from ``T`` to
+    ``t_end``: with ``h = t_k - t_{k+1} > 0``,
+
+        x_{k+1} = x_k - h [f(x_k, t_k) - g(t_k)^2 s(x_k, t_k)] + g(t_k) sqrt(h) z_k.
+
+    ``grid`` is ``'uniform'`` in ``t`` (the paper's) or ``'geometric'`` (log-spaced, finer
+    near ``t_end > 0``).
+    """
+    _check_x(x_T)
+    t_end = _check_t_end(schedule, t_end)
+    steps = positive_int("steps", steps)
+    if grid == "uniform":
+        times = torch.linspace(schedule.T, t_end, steps + 1, dtype=torch.float64)
+    elif grid == "geometric":
+        if t_end <= 0:
+            raise fail("t_end", "t_end > 0 for the geometric grid", t_end)
+        times = _record_points(schedule.T, t_end, steps + 1, log=True)
+    else:
+        raise fail("grid", "'uniform' or 'geometric'", repr(grid))
+    x = x_T
+    B = x.shape[0]
+    saved = [x] if return_trajectory else []
+    evals = 0
+    with torch.no_grad():
+        for a, b in zip(times[:-1].tolist(), times[1:].tolist(), strict=True):
+            h = a - b
+            t = torch.full((B,), a, dtype=x.dtype, device=x.device)
+            g2 = expand_as_batch(schedule.g2(t).to(x), x)
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                device=generator.device if generator is not None else x.device)
+            x = x - h * (schedule.f(x, t) - g2 * score(x, t)) + torch.sqrt(g2 * h) * noise.to(x)
+            evals += 1
+            if return_trajectory:
+                saved.append(x)
+    result = SampleResult(samples=x, stats={"method": "euler-maruyama", "score_evals": evals,
+                                            "steps_max": steps})
+    if return_trajectory:
+        result.times = times
+        result.trajectory = torch.stack(saved, 1)
+    return result

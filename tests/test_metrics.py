@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from diffmem.metrics import fraction_within, hit_counts, nearest, nn_ratio
+
+
+def constructed(seed=0):
+    """10 training points on a wide grid; 30 copies at distance 1e-3 of points 0..2 and 20
+    novel points at the midpoints of neighbours (distance 0.5 from two training points)."""
+    gen = torch.Generator().manual_seed(seed)
+    train = torch.zeros(10, 2, dtype=torch.float64)
+    train[:, 0] = torch.arange(10)
+    direction = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    direction /= direction.norm(dim=1, keepdim=True)
+    copies = train[torch.arange(30) % 3] + 1e-3 * direction
+    novel = (train[:-1] + train[1:]).repeat(3, 1)[:20] / 2
+    return train, copies, novel
+
+
+def test_fraction_within_known_answer():
+    train, copies, novel = constructed()
+    samples = torch.cat([copies, novel])
+    frac = fraction_within(samples, train, [1e-4, 1e-2, 0.6])
+    assert frac == {1e-4: 0.0, 1e-2: 0.6, 0.6: 1.0}
+
+
+def test_hit_counts_known_answer():
+    train, copies, novel = constructed()
+    counts = hit_counts(torch.cat([copies, novel]), train, 1e-2)
+    assert counts.tolist() == [10, 10, 10] + [0] * 7
+
+
+def test_nn_ratio_known_answer():
+    train, copies, novel = constructed()
+    res = nn_ratio(torch.cat([copies, novel]), train, bootstrap=500)
+    assert res.fraction == pytest.approx(0.6)
+    assert torch.allclose(res.ratios[30:], torch.ones(20, dtype=torch.float64))
+    assert float(res.ratios[:30].max()) < 2e-3
+    assert res.ci_low < 0.6 < res.ci_high
+    assert res.ci_high - res.ci_low < 0.4
+    all_copies = nn_ratio(copies, train, bootstrap=100)
+    assert (all_copies.fraction, all_copies.ci_low, all_copies.ci_high) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("n_train", [50, 3000])
+def test_nearest_is_exact(n_train):
+    """Both the small (exact differences) and large (matrix products + exact refinement)
+    paths agree with brute force, including near-ties far from the origin."""
+    gen = torch.Generator().manual_seed(n_train)
+    train = 50 + torch.randn(n_train, 16, generator=gen, dtype=torch.float64)
+    samples = torch.cat([train[:100] + 1e-7, 50 + torch.randn(300, 16, generator=gen,
+                                                               dtype=torch.float64)])
+    idx, dist = nearest(samples.float(), train.float())
+    ref = ((samples.float().double()[:, None] - train.float().double()[None]) ** 2).sum(-1)
+    assert torch.equal(idx, ref.argmin(1))
+    assert torch.allclose(dist.double(), ref.min(1).values.sqrt(), rtol=1e-5)
+
+
+def test_metrics_bad_input():
+    train, copies, _ = constructed()
+    with pytest.raises(ValueError, match="deltas: expected a finite number > 0"):
+        fraction_within(copies, train, [-1.0])
+    with pytest.raises(ValueError, match="samples: expected shape"):
+        fraction_within(torch.zeros(3, 3), train, 0.1)
+    with pytest.raises(ValueError, match="train: expected at least one"):
+        nearest(copies, torch.empty(0, 2))
+    with pytest.raises(ValueError, match="train: expected at least 2"):
+        nn_ratio(copies, train[:1])
+    with pytest.raises(ValueError, match="samples: expected finite"):
+        nearest(torch.full((2, 2), float("nan")), train)

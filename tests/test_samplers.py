@@ -1,0 +1,158 @@
+import math
+
+import pytest
+import torch
+
+from diffmem.metrics import convergence_slopes, fraction_within, nearest
+from diffmem.samplers import sample_ode, sample_ode_transformed, sample_sde
+from diffmem.schedules import VE, VP
+from diffmem.scores import EmpiricalScore, TikhonovScore
+
+SCHEDULES = [VE(), VP()]
+
+
+def noise(sch, n, seed=0):
+    return sch.prior_sample(n, 2, torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sch", SCHEDULES, ids=lambda s: s.name)
+def test_ode_with_empirical_score_returns_training_points(paper_points, sch):
+    result = sample_ode(sch, EmpiricalScore(paper_points, sch), noise(sch, 300), t_end=1e-6)
+    assert fraction_within(result.samples, paper_points, 1e-2)[1e-2] == 1.0
+    assert result.stats["score_evals"] > 0
+
+
+@pytest.mark.parametrize("sch", SCHEDULES, ids=lambda s: s.name)
+def test_trajectories_converge_at_rate_sigma(paper_points, sch):
+    t_end = 1e-6
+    result = sample_ode(sch, EmpiricalScore(paper_points, sch), noise(sch, 30, seed=1),
+                        t_end=t_end, return_trajectory=True)
+    sigma = sch.sigma(result.times)
+    slopes = convergence_slopes(result.trajectory, result.samples, sigma,
+                                (10 * float(sch.sigma(t_end)), 0.1))
+    assert abs(float(slopes.median()) - 1.0) < 0.1
+
+
+@pytest.mark.parametrize("sch", SCHEDULES, ids=lambda s: s.name)
+def test_transformed_time_rate_and_agreement(paper_points, sch):
+    score = EmpiricalScore(paper_points, sch)
+    x = noise(sch, 20, seed=2)
+    res = sample_ode_transformed(sch, score, x, s_end=20.0, rtol=1e-8, atol=1e-10,
+                                 return_trajectory=True)
+    slopes = convergence_slopes(res.trajectory, res.samples, res.times, (3.0, 15.0),
+                                log_abscissa=False)
+    assert abs(float(slopes.median()) + 1.0) < 0.05
+    # the same ODE in t ends at the same points
+    t_end = float(sch.t_of_s(torch.tensor(20.0, dtype=torch.float64)))
+    direct = sample_ode(sch, score, x, t_end=t_end, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(direct.samples, res.samples, atol=1e-5)
+    assert torch.allclose(res.t_of_times, sch.t_of_s(res.times))
+
+
+def test_ve_transformed_drift_is_denoiser_minus_x(paper_points):
+    """For VE, dx/ds = D_e(x, t) - x: one small Euler step in s moves x by h (D_e - x)."""
+    sch = VE()
+    score = EmpiricalScore(paper_points, sch)
+    x = noise(sch, 5)
+    s0 = float(sch.s(sch.T))
+    h = 1e-3
+    res = sample_ode_transformed(sch, score, x, s_end=s0 + h, method="euler", steps=1)
+    expected = x + h * (score.denoiser(x, sch.T) - x)
+    assert torch.allclose(res.samples, expected, rtol=1e-10)
+
+
+def test_bisector_starts_go_to_the_average():
+    sch = VE()
+    two = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    starts = torch.tensor([[0.0, 2.1], [0.0, -2.1], [0.3, 2.1]], dtype=torch.float64)
+    res = sample_ode_transformed(sch, EmpiricalScore(two, sch), starts, s_end=40.0,
+                                 rtol=1e-9, atol=1e-9)
+    assert res.samples[:2].abs().max() < 1e-6
+    assert torch.allclose(res.samples[2], two[1], atol=1e-6)
+    four = torch.tensor([[1.0, 0], [0, 1.0], [-1.0, 0], [0, -1.0]], dtype=torch.float64)
+    corners = torch.tensor([[2.1, 2.1], [-2.1, 2.1], [-2.1, -2.1]], dtype=torch.float64)
+    res = sample_ode_transformed(sch, EmpiricalScore(four, sch), corners, s_end=40.0,
+                                 rtol=1e-9, atol=1e-9)
+    assert torch.allclose(res.samples, corners.sign() / 2, atol=1e-6)
+
+
+def test_step_control_is_per_sample(paper_points):
+    sch = VE()
+    score = EmpiricalScore(paper_points, sch)
+    x = noise(sch, 200, seed=3)
+    batch = sample_ode(sch, score, x, t_end=1e-6)
+    alone = sample_ode(sch, score, x[:1], t_end=1e-6)
+    assert batch.stats["steps_per_sample"][0] == alone.stats["steps_per_sample"][0]
+    assert batch.stats["steps_max"] > alone.stats["steps_max"]
+    assert torch.allclose(batch.samples[0], alone.samples[0], atol=1e-12)
+
+
+@pytest.mark.parametrize(("method", "order"), [("euler", 1), ("heun", 2)])
+def test_fixed_step_methods_converge_at_their_order(method, order):
+    """One training point at 0: s = -x / sigma^2 and the VE flow is x(t) = x_T sigma(t)/sigma(T)."""
+    sch = VE()
+    score = EmpiricalScore(torch.zeros(1, 2, dtype=torch.float64), sch)
+    x = noise(sch, 4)
+    t_end = 0.2
+    exact = x * sch.sigma(t_end) / sch.sigma(1.0)
+    errs = [float((sample_ode(sch, score, x, t_end=t_end, method=method, steps=n).samples
+                   - exact).abs().max()) for n in (20, 40, 80)]
+    ratios = [errs[0] / errs[1], errs[1] / errs[2]]
+    assert all(abs(math.log2(r) - order) < 0.15 for r in ratios), (errs, ratios)
+
+
+def test_tikhonov_ode_runs_to_t0(paper_points):
+    sch = VE()
+    res = sample_ode(sch, TikhonovScore(paper_points, sch, 1e-2), noise(sch, 100), t_end=0.0)
+    assert torch.isfinite(res.samples).all()
+    _, dist = nearest(res.samples, paper_points)
+    assert float(dist.max()) < 1.0
+
+
+def test_trajectory_recording(paper_points):
+    sch = VP()
+    score = EmpiricalScore(paper_points, sch)
+    x = noise(sch, 6)
+    times = torch.tensor([1.0, 0.5, 0.1, 0.01], dtype=torch.float64)
+    res = sample_ode(sch, score, x, t_end=0.01, return_trajectory=True, t_eval=times)
+    assert res.trajectory.shape == (6, 4, 2)
+    assert torch.allclose(res.trajectory[:, 0], x)
+    assert torch.allclose(res.trajectory[:, -1], res.samples)
+    heun = sample_ode(sch, score, x, t_end=0.01, method="heun", steps=10,
+                      return_trajectory=True, t_eval=times)
+    assert heun.trajectory.shape == (6, 4, 2)
+    assert torch.allclose(heun.trajectory[:, -1], heun.samples)
+
+
+def test_sde_memorizes(paper_points):
+    sch = VP()
+    gen = torch.Generator().manual_seed(0)
+    res = sample_sde(sch, EmpiricalScore(paper_points, sch), noise(sch, 300), steps=100,
+                     t_end=1e-3, generator=gen, grid="geometric")
+    assert fraction_within(res.samples, paper_points, 1e-2)[1e-2] > 0.99
+    # the same noise gives the same samples
+    again = sample_sde(sch, EmpiricalScore(paper_points, sch), noise(sch, 300), steps=100,
+                       t_end=1e-3, generator=torch.Generator().manual_seed(0), grid="geometric")
+    assert torch.equal(res.samples, again.samples)
+
+
+def test_sampler_bad_input(paper_points):
+    sch = VE()
+    score = EmpiricalScore(paper_points, sch)
+    x = noise(sch, 3)
+    with pytest.raises(ValueError, match="t_end: expected"):
+        sample_ode(sch, score, x, t_end=1.0)
+    with pytest.raises(ValueError, match="t_end: expected"):
+        sample_ode(sch, score, x, t_end=-1e-3)
+    with pytest.raises(ValueError, match="method: expected"):
+        sample_ode(sch, score, x, method="rk4")
+    with pytest.raises(ValueError, match="x_T: expected finite"):
+        sample_ode(sch, score, torch.full((2, 2), float("nan")))
+    with pytest.raises(ValueError, match="s_end: expected exactly one"):
+        sample_ode_transformed(sch, score, x)
+    with pytest.raises(ValueError, match="s_end: expected a finite value"):
+        sample_ode_transformed(sch, score, x, s_end=-10.0)
+    with pytest.raises(ValueError, match="steps: expected an integer"):
+        sample_sde(sch, score, x, steps=0)
+    with pytest.raises(ValueError, match="t: expected t > 0"):
+        sample_ode(sch, score, x, t_end=0.0)
