@@ -1,0 +1,28 @@
+"""The registry of experiments, by name, in the order ``diffmem reproduce`` runs them."""
+
+from __future__ import annotations
+
+from diffmem.experiments import structured, sweeps, trajectories, transformed_time
+from diffmem.experiments.base import ConfigError, Experiment
+
+REGISTRY: dict[str, Experiment] = {
+    exp.name: exp
+    for exp in [
+        trajectories.EXPERIMENT,
+        transformed_time.EXPERIMENT,
+        structured.EXPERIMENT,
+        sweeps.TIKHONOV,
+        sweeps.THRESHOLD,
+    ]
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    """Look an experiment up by name."""
+    if name not in REGISTRY:
+        raise ConfigError(f"experiment: expected one of {', '.join(REGISTRY)}, "
+                          f"received {name!r}")
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "ConfigError", "Experiment", "get_experiment"]

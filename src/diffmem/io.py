@@ -1,0 +1,71 @@
+"""Atomic file writes and JSON conversion: an interrupted run never leaves a truncated file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def jsonable(value: Any) -> Any:
+    """Convert tensors, numpy values, tuples and non-finite floats into plain JSON values
+    (``NaN``/``inf`` become the strings ``"nan"``/``"inf"``/``"-inf"``)."""
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Atomically write ``value`` as sorted, indented JSON (byte-identical for equal values)."""
+    text = json.dumps(jsonable(value), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight",
+                metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,149 @@
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from diffmem.cli import app
+from diffmem.experiments import REGISTRY, get_experiment
+from diffmem.experiments.base import ConfigError, resolve_params, run_experiment
+from diffmem.io import atomic_write_json
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Every registered 2-D experiment in --quick mode, once for the module."""
+    out = tmp_path_factory.mktemp("quick")
+    names = ["trajectories", "transformed-time", "structured-points", "tikhonov-sweep",
+             "threshold-sweep"]
+    for name in names:
+        exp = get_experiment(name)
+        run_experiment(exp, out, resolve_params(exp, quick=True), seed=0, progress=False)
+    return out
+
+
+def load(out, name, kind="metrics"):
+    return json.loads((out / name / f"{kind}.json").read_text())
+
+
+def test_trajectories_memorize_at_rate_sigma(quick_runs):
+    m = load(quick_runs, "trajectories")
+    for sch in ["VE", "VP"]:
+        assert m[sch]["fraction_within"]["0.01"] == 1.0
+        assert abs(m[sch]["convergence_slope"] - 1) < 0.1
+        assert sum(m[sch]["hit_counts"]) == m[sch]["n_samples"]
+    assert m["claim_holds"] is True
+    assert (quick_runs / "trajectories" / "trajectories_VE.png").stat().st_size > 10_000
+
+
+def test_transformed_time_rate(quick_runs):
+    m = load(quick_runs, "transformed-time")
+    for sch in ["VE", "VP"]:
+        assert abs(m[sch]["rate"] - 1) < 0.05
+
+
+def test_structured_points_limits(quick_runs):
+    m = load(quick_runs, "structured-points")
+    two, four = m["two"], m["four"]
+    assert sorted(map(tuple, two["bisector_starts"])) == [(0.0, -2.1), (0.0, 2.1)]
+    for lim in two["bisector_limits"]:
+        assert abs(lim[0]) < 1e-5 and abs(lim[1]) < 1e-5
+    assert len(four["bisector_limits"]) == 4
+    for start, lim in zip(four["bisector_starts"], four["bisector_limits"], strict=True):
+        assert lim == pytest.approx([0.5 * (1 if start[0] > 0 else -1),
+                                     0.5 * (1 if start[1] > 0 else -1)], abs=1e-5)
+    assert two["max_generic_distance"] < 1e-4 and four["max_generic_distance"] < 1e-4
+
+
+@pytest.mark.parametrize(("name", "param"), [("tikhonov-sweep", "c"),
+                                             ("threshold-sweep", "tau")])
+def test_sweeps_fraction_decreases(quick_runs, name, param):
+    m = load(quick_runs, name)
+    assert m["parameter"] == param
+    pairs = sorted(zip(m["values"], m["fraction_within"]["0.01"], strict=True))
+    fracs = [f for _, f in pairs]
+    assert fracs[0] > 0.9 and fracs[-1] < 0.05
+    assert all(b <= a + 0.02 for a, b in zip(fracs, fracs[1:], strict=False))
+    assert m["n_samples"] == 200
+
+
+def test_config_records_everything(quick_runs):
+    cfg = load(quick_runs, "tikhonov-sweep", "config")
+    assert cfg["seed"] == 0 and cfg["params"]["n_samples"] == 200
+    assert set(cfg["versions"]) >= {"diffmem", "torch"}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    exp = get_experiment("tikhonov-sweep")
+    params = resolve_params(exp, quick=True, overrides=["n_samples=100"])
+    a = run_experiment(exp, tmp_path / "a", params, seed=3, progress=False)
+    b = run_experiment(exp, tmp_path / "b", params, seed=3, progress=False)
+    c = run_experiment(exp, tmp_path / "c", params, seed=4, progress=False)
+    read = lambda r: (r.folder / "metrics.json").read_bytes()  # noqa: E731
+    assert read(a) == read(b)
+    assert read(a) != read(c)
+
+
+def test_param_resolution(tmp_path):
+    exp = get_experiment("tikhonov-sweep")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[tikhonov-sweep]\nn_samples = 50\nvalues = [0.1, 0.01]\n')
+    p = resolve_params(exp, config_file=cfg, overrides=["rtol=1e-6", "deltas=0.01,0.05"])
+    assert p["n_samples"] == 50 and p["values"] == [0.1, 0.01]
+    assert p["rtol"] == 1e-6 and p["deltas"] == [0.01, 0.05]
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        resolve_params(exp, overrides=["nope=1"])
+    with pytest.raises(ConfigError, match="n_samples: expected a value of type int"):
+        resolve_params(exp, overrides=["n_samples=1.5"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        resolve_params(exp, overrides=["n_samples"])
+    with pytest.raises(ConfigError, match="experiment: expected one of"):
+        get_experiment("nope")
+
+
+def test_atomic_write_survives_interruption(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"a": 1})
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_cli_list_and_errors(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["list"])
+    assert res.exit_code == 0
+    for name in REGISTRY:
+        assert name in res.output
+    res = runner.invoke(app, ["run", "nope", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "experiment: expected one of" in res.output
+    res = runner.invoke(app, ["run", "tikhonov-sweep", "--quick", "--set", "bogus=1"])
+    assert res.exit_code == 2 and "unknown key 'bogus'" in res.output
+    res = runner.invoke(app, ["run", "tikhonov-sweep", "--quick", "--set", "n_samples=x"])
+    assert res.exit_code == 2 and "n_samples: expected a value of type int" in res.output
+    res = runner.invoke(app, ["run", "tikhonov-sweep", "--quick", "--set", "values=-1",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "c: expected a finite number >= 0" in res.output
+    res = runner.invoke(app, ["run", "tikhonov-sweep", "--device", "cuda:7",
+                              "--out", str(tmp_path)])
+    if not __import__("torch").cuda.is_available():
+        assert res.exit_code == 2 and "--device: expected" in res.output
+
+
+def test_cli_reproduce_writes_report(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["reproduce", "--quick", "--out", str(tmp_path), "--no-progress",
+                              "--only", "tikhonov-sweep,structured-points"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["experiments"]) == {"tikhonov-sweep", "structured-points"}
+    assert all(e["claim_holds"] for e in summary["experiments"].values())
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3
+    assert "Verdict" in page and "Paper's claim" in page
