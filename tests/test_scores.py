@@ -230,3 +230,26 @@ def test_bad_input_raises(paper_points):
         ThresholdScore(paper_points, sch, -0.1)
     with pytest.raises(ValueError, match="precision: expected positive definite"):
         TikhonovScore(paper_points, sch, 0.1, precision=-torch.ones(2))
+
+
+def test_score_exact_near_training_point_in_high_dimension():
+    """Image-sized data (d = 784, uniform pixels) through the matrix-product path, where
+    |x|^2 - 2 x.y + |y|^2 alone would put logit errors of order 1e3 at sigma = 1e-4."""
+    gen = torch.Generator().manual_seed(7)
+    train = torch.rand(600, 784, generator=gen, dtype=torch.float64)
+    sch = VE()
+    direction = torch.randn(16, 784, generator=gen, dtype=torch.float64)
+    direction /= direction.norm(dim=1, keepdim=True)
+    for dtype, sigma, dist, tol in [(torch.float64, 1e-4, 1e-6, 1e-8),
+                                    (torch.float32, 1e-4, 1e-6, None),
+                                    (torch.float32, 1e-2, 1e-3, 1e-2)]:
+        t = float(sch.t_of_s(torch.tensor(-math.log(sigma), dtype=torch.float64)))
+        score = EmpiricalScore(train.to(dtype), sch, chunk_size=128)
+        xq = (train[:16] + dist * direction).to(dtype)
+        out = score(xq, t).double()
+        assert torch.isfinite(out).all()
+        w = score.weights(xq, t)
+        assert torch.allclose(w.double(), torch.eye(600, dtype=torch.float64)[:16], atol=1e-6)
+        if tol is not None:  # reference: exact float64 arithmetic on the same inputs
+            ref = (train.to(dtype).double()[:16] - xq.double()) / float(sch.sigma2(t))
+            assert rel_err(out, ref) < tol

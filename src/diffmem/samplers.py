@@ -25,10 +25,11 @@ import torchode
 from torch import Tensor
 
 from diffmem._checks import fail, finite_tensor, positive, positive_int
+from diffmem.ode import dopri5
 from diffmem.schedules import Schedule, expand_as_batch
 
-Drift = Callable[[Tensor, Tensor], Tensor]
-METHODS = ("rk45", "heun", "euler")
+Drift = Callable[[Tensor, Tensor, Tensor], Tensor]
+METHODS = ("rk45", "heun", "euler", "rk45-torchode")
 
 
 @dataclass
@@ -51,9 +52,9 @@ class _Counted:
         self.fn = fn
         self.calls = 0
 
-    def __call__(self, time: Tensor, y: Tensor) -> Tensor:
+    def __call__(self, time: Tensor, y: Tensor, rows: Tensor) -> Tensor:
         self.calls += 1
-        return self.fn(time, y)
+        return self.fn(time, y, rows)
 
 
 def _check_x(x_T: Tensor) -> Tensor:
@@ -91,7 +92,23 @@ def _integrate(
     B = y0.shape[0]
     if method == "rk45":
         rtol, atol = positive("rtol", rtol), positive("atol", atol)
-        term = torchode.ODETerm(counted)
+        with torch.no_grad():
+            sol = dopri5(counted, y0, start, end, rtol, atol, record, max_steps)
+        steps_f, acc_f = sol.steps.to(torch.float64), sol.accepted.to(torch.float64)
+        stats = {
+            "method": "rk45",
+            "score_evals": counted.calls,
+            "steps_max": int(sol.steps.max()),
+            "steps_mean": float(steps_f.mean()),
+            "accepted_mean": float(acc_f.mean()),
+            "rejected_mean": float((steps_f - acc_f).mean()),
+            "steps_per_sample": sol.steps.tolist(),
+        }
+        return sol.y, sol.recorded, stats
+    if method == "rk45-torchode":
+        rtol, atol = positive("rtol", rtol), positive("atol", atol)
+        everyone = torch.arange(B, device=y0.device)
+        term = torchode.ODETerm(lambda t, y: counted(t, y, everyone))
         solver = torchode.AutoDiffAdjoint(
             torchode.Dopri5(term=term),
             torchode.IntegralController(atol=atol, rtol=rtol, term=term),
@@ -100,33 +117,23 @@ def _integrate(
         full = lambda v: torch.full((B,), v, dtype=y0.dtype, device=y0.device)  # noqa: E731
         t_eval = None if record is None else record.to(y0).expand(B, -1).contiguous()
         with torch.no_grad():
-            sol = solver.solve(torchode.InitialValueProblem(
+            tsol = solver.solve(torchode.InitialValueProblem(
                 y0=y0, t_start=full(start), t_end=full(end), t_eval=t_eval))
-        if bool((sol.status != 0).any()):
-            bad = int((sol.status != 0).sum())
-            raise RuntimeError(f"rk45: {bad} of {B} trajectories did not reach the end time "
-                               f"(status codes {sorted(set(sol.status.tolist()))}); raise "
-                               "max_steps or loosen rtol/atol")
-        n_steps = sol.stats["n_steps"].to(torch.float64)
-        accepted = sol.stats["n_accepted"].to(torch.float64)
-        stats = {
-            "method": "rk45",
-            "score_evals": counted.calls,
-            "steps_max": int(n_steps.max()),
-            "steps_mean": float(n_steps.mean()),
-            "accepted_mean": float(accepted.mean()),
-            "rejected_mean": float((n_steps - accepted).mean()),
-            "steps_per_sample": sol.stats["n_steps"].tolist(),
-        }
-        if record is None:
-            return sol.ys[:, -1], None, stats
-        return sol.ys[:, -1], sol.ys, stats
+        if bool((tsol.status != 0).any()):
+            bad = int((tsol.status != 0).sum())
+            raise RuntimeError(f"rk45-torchode: {bad} of {B} trajectories did not reach the "
+                               "end time; raise max_steps or loosen rtol/atol")
+        n_steps = tsol.stats["n_steps"]
+        stats = {"method": method, "score_evals": counted.calls,
+                 "steps_max": int(n_steps.max()), "steps_per_sample": n_steps.tolist()}
+        return tsol.ys[:, -1], (None if record is None else tsol.ys), stats
     n = positive_int("steps", 100 if steps is None else steps)
     grid = torch.linspace(start, end, n + 1, dtype=torch.float64)
     if record is not None:
         grid = torch.unique(torch.cat([grid, record.to(torch.float64)]))
         grid = grid.flip(0) if start > end else grid
     y = y0
+    everyone = torch.arange(B, device=y0.device)
     saved: list[Tensor] = []
     record_set = set() if record is None else {float(v) for v in record}
     if float(grid[0]) in record_set:
@@ -135,12 +142,12 @@ def _integrate(
         for a, b in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
             h = b - a
             ta = torch.full((B,), a, dtype=y.dtype, device=y.device)
-            k1 = counted(ta, y)
+            k1 = counted(ta, y, everyone)
             if method == "euler":
                 y = y + h * k1
             else:
                 tb = torch.full((B,), b, dtype=y.dtype, device=y.device)
-                k2 = counted(tb, y + h * k1)
+                k2 = counted(tb, y + h * k1, everyone)
                 y = y + 0.5 * h * (k1 + k2)
             if b in record_set:
                 saved.append(y)
@@ -163,10 +170,32 @@ def probability_flow_drift(schedule: Schedule, score: Callable[..., Tensor],
                            shape: tuple[int, ...]) -> Drift:
     """``dx/dt = f(x, t) - g(t)^2 s(x, t) / 2`` on flattened states."""
 
-    def drift(t: Tensor, y: Tensor) -> Tensor:
+    def drift(t: Tensor, y: Tensor, rows: Tensor) -> Tensor:
         x = y.reshape(y.shape[0], *shape)
         out = schedule.f(x, t) - 0.5 * expand_as_batch(schedule.g2(t).to(x), x) * score(x, t)
         return out.reshape(y.shape)
+
+    return drift
+
+
+def transformed_drift(schedule: Schedule, score: Callable[..., Tensor],
+                      shape: tuple[int, ...]) -> Drift:
+    """``dx/ds = [-2 sigma^2 (d log m/dt) x + g^2 (sigma^2 s(x, t))] / (d sigma^2/dt)`` at
+    ``t = t(s)``, on flattened states; ``sigma^2 s`` comes from ``score.sigma2_score`` when the
+    score has it (finite as ``sigma -> 0``)."""
+    scaled = getattr(score, "sigma2_score", None)
+
+    def drift(s: Tensor, y: Tensor, rows: Tensor) -> Tensor:
+        t = schedule.t_of_s(s)
+        x = y.reshape(y.shape[0], *shape)
+        sigma2 = schedule.sigma2(t).to(x)
+        s2s = scaled(x, t) if scaled is not None else expand_as_batch(sigma2, x) * score(x, t)
+
+        def b(v: Tensor) -> Tensor:
+            return expand_as_batch(v.to(x), x)
+
+        num = -2 * b(sigma2 * schedule.dlog_m(t).to(x)) * x + b(schedule.g2(t)) * s2s
+        return (num / b(schedule.dsigma2(t))).reshape(y.shape)
 
     return drift
 
@@ -184,6 +213,7 @@ def sample_ode(
     t_eval: Tensor | None = None,
     n_record: int = 200,
     max_steps: int = 100_000,
+    variable: str = "auto",
 ) -> SampleResult:
     """Integrate the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from ``T`` to ``t_end``.
 
@@ -198,17 +228,34 @@ def sample_ode(
         return_trajectory: record the states at ``t_eval`` (default: ``n_record`` times,
             log-spaced from ``T`` to ``t_end``).
         max_steps: step limit per trajectory of ``'rk45'``.
+        variable: the integration variable. ``'t'``; ``'s'``, the transformed time
+            ``s = -log sigma(t)`` (the same ODE reparametrized: smooth where the flow in ``t``
+            is stiff, ``dx/dt ~ 1/t`` near 0, so far fewer steps; needs ``t_end > 0``); or
+            ``'auto'``: ``'s'`` when ``t_end > 0``, else ``'t'``. Fixed-step methods step
+            uniformly in the chosen variable.
     """
     _check_x(x_T)
     t_end = _check_t_end(schedule, t_end)
+    if variable not in ("auto", "t", "s"):
+        raise fail("variable", "'auto', 't' or 's'", repr(variable))
+    if variable == "s" and t_end == 0:
+        raise fail("t_end", "t_end > 0 with variable='s' (s is infinite at t = 0)", t_end)
+    use_s = variable == "s" or (variable == "auto" and t_end > 0)
     record = None
     if return_trajectory:
         record = t_eval if t_eval is not None else _record_points(schedule.T, t_end,
                                                                   n_record, log=True)
     shape = tuple(x_T.shape[1:])
-    drift = probability_flow_drift(schedule, score, shape)
-    y, traj, stats = _integrate(drift, x_T.reshape(x_T.shape[0], -1), schedule.T, t_end,
-                                method, rtol, atol, steps, record, max_steps)
+    if use_s:
+        drift = transformed_drift(schedule, score, shape)
+        start, end = float(schedule.s(schedule.T)), float(schedule.s(t_end))
+        rec = None if record is None else schedule.s(record.to(torch.float64))
+    else:
+        drift = probability_flow_drift(schedule, score, shape)
+        start, end, rec = schedule.T, t_end, record
+    y, traj, stats = _integrate(drift, x_T.reshape(x_T.shape[0], -1), start, end,
+                                method, rtol, atol, steps, rec, max_steps)
+    stats["variable"] = "s" if use_s else "t"
     result = SampleResult(samples=y.reshape(x_T.shape), stats=stats)
     if traj is not None and record is not None:
         result.times = record
@@ -253,21 +300,7 @@ def sample_ode_transformed(
     s_end = float(s_end)
     if not math.isfinite(s_end) or s_end <= s_start:
         raise fail("s_end", f"a finite value > s(T) = {s_start}", s_end)
-    scaled = getattr(score, "sigma2_score", None)
-    shape = tuple(x_T.shape[1:])
-
-    def drift(s: Tensor, y: Tensor) -> Tensor:
-        t = schedule.t_of_s(s)
-        x = y.reshape(y.shape[0], *shape)
-        sigma2 = schedule.sigma2(t).to(x)
-        s2s = scaled(x, t) if scaled is not None else expand_as_batch(sigma2, x) * score(x, t)
-
-        def b(v: Tensor) -> Tensor:
-            return expand_as_batch(v.to(x), x)
-
-        num = -2 * b(sigma2 * schedule.dlog_m(t).to(x)) * x + b(schedule.g2(t)) * s2s
-        return (num / b(schedule.dsigma2(t))).reshape(y.shape)
-
+    drift = transformed_drift(schedule, score, tuple(x_T.shape[1:]))
     record = None
     if return_trajectory:
         record = s_eval if s_eval is not None else _record_points(s_start, s_end, n_record,
@@ -278,7 +311,7 @@ def sample_ode_transformed(
     if traj is not None and record is not None:
         result.times = record
         result.t_of_times = schedule.t_of_s(record.to(torch.float64))
-        result.trajectory = traj.reshape(x_T.shape[0], -1, *shape)
+        result.trajectory = traj.reshape(x_T.shape[0], -1, *x_T.shape[1:])
     return result
 
 

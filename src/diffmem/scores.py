@@ -38,18 +38,29 @@ class ClosedFormScore:
         self.schedule = schedule
         self.chunk_size = positive_int("chunk_size", chunk_size)
         self.data_shape = tuple(train.shape[1:])
-        self._centres: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._centres: dict[tuple[torch.dtype, torch.device],
+                            tuple[Tensor, Tensor, Tensor]] = {}
 
     @property
     def n_train(self) -> int:
         return self.train.shape[0]
 
-    def _centres_like(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _centres_like(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Centred training set ``x_0^n - c`` (``c`` the training mean), its squared norms and
+        ``c``, cached per dtype and device."""
         key = (x.dtype, x.device)
         if key not in self._centres:
-            flat = self.train.reshape(self.n_train, -1).to(dtype=x.dtype, device=x.device)
-            self._centres[key] = (flat, flat.pow(2).sum(1))
+            flat = self.train.reshape(self.n_train, -1).to(torch.float64)
+            offset = flat.mean(0)
+            centred = (flat - offset).to(dtype=x.dtype, device=x.device)
+            self._centres[key] = (centred, centred.pow(2).sum(1),
+                                  offset.to(dtype=x.dtype, device=x.device))
         return self._centres[key]
+
+    def _kernel(self, xf: Tensor, m: Tensor, sigma2: Tensor, return_weights: bool) -> Mixture:
+        centres, sqnorm, offset = self._centres_like(xf)
+        return gaussian_mixture(xf, centres, m, sigma2, centres_sqnorm=sqnorm, offset=offset,
+                                chunk_size=self.chunk_size, return_weights=return_weights)
 
     def _prepare(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Validate and flatten: returns ``x`` as ``(B, d)``, ``t``, ``m`` and ``sigma^2`` as
@@ -79,9 +90,7 @@ class ClosedFormScore:
     def mixture(self, x: Tensor, t: TimeLike, return_weights: bool = False) -> Mixture:
         """Evaluate the shared kernel at ``(x, t)`` (``x`` flattened to ``(B, d)``)."""
         xf, _, m, sigma2 = self._prepare(x, t)
-        centres, sqnorm = self._centres_like(xf)
-        return gaussian_mixture(xf, centres, m, sigma2, centres_sqnorm=sqnorm,
-                                chunk_size=self.chunk_size, return_weights=return_weights)
+        return self._kernel(xf, m, sigma2, return_weights)
 
     # --- what subclasses define ---------------------------------------------------------
     def _sigma2_score(self, xf: Tensor, tt: Tensor, m: Tensor, sigma2: Tensor,
@@ -101,9 +110,7 @@ class ClosedFormScore:
         xf, tt, m, sigma2 = self._prepare(x, t)
         if not scaled:
             self._check_sigma(sigma2)
-        centres, sqnorm = self._centres_like(xf)
-        mix = gaussian_mixture(xf, centres, m, sigma2, centres_sqnorm=sqnorm,
-                               chunk_size=self.chunk_size)
+        mix = self._kernel(xf, m, sigma2, return_weights=False)
         out = (self._sigma2_score if scaled else self._score)(xf, tt, m, sigma2, mix)
         return out.reshape(x.shape)
 
