@@ -15,10 +15,13 @@ Numerics:
   (up to round-off).
 * Small problems use exact differences ``x - m y``. Large ones use matrix products
   ``|x|^2 - 2 m x.y + m^2 |y|^2``, whose absolute error ``e`` (about ``eps (|x| + m|y|)^2``) turns
-  into a logit error ``e / (2 sigma^2)``. Rows where that exceeds ``sqrt(eps)`` are refined: in
-  a second streamed pass the centres whose approximate logit lies within ``40 + 2 e/(2 sigma^2)``
-  of the maximum (every centre carrying a relative weight above ``e^-40``) get exact
-  distances, and the row's result is computed from those alone.
+  into a logit error ``e / (2 sigma^2)``. Rows where that exceeds ``10 sqrt(eps)`` and is well
+  above the error of exact differences (``eps |x - m y|^2``) are refined: the centres whose
+  approximate logit lies within ``40 + 2 e/(2 sigma^2)`` of the maximum (every centre with a
+  relative weight above ``e^-40``) get exact distances and the row's result is computed from
+  those alone. They come from a shortlist of the 16 best centres kept during the first pass
+  when it covers that window (the usual case at small ``sigma``), else from a second
+  streamed pass.
 * ``sigma = 0`` rows (the ``t = 0`` limit) get the one-hot weight of the exactly nearest centre
   among those with a finite prior; their ``log_norm`` is reported as 0.
 """
@@ -35,6 +38,8 @@ from torch import Tensor
 DIRECT_BUDGET = 2**22
 #: Relative weight below which a centre is dropped from a refined row (``exp(-40)``).
 LOGIT_WINDOW = 40.0
+#: Candidates kept per row during the first pass, to refine rows without a second pass.
+SHORTLIST = 16
 
 
 @dataclass
@@ -84,6 +89,15 @@ def refine_tolerance(dtype: torch.dtype) -> float:
     return 10 * math.sqrt(torch.finfo(dtype).eps)
 
 
+def _exp(z: Tensor) -> Tensor:
+    """``exp(z)`` for ``z <= 0``, set to exactly 0 below ``log(tiny) + 8`` (relative weights
+    under 1e-34 in float32, 1e-304 in float64, far below round-off). CPU ``exp`` leaves its
+    vector path for arguments that underflow (~7x slower), and the denormal results would
+    slow the following matrix product far more, so the argument is clamped first."""
+    floor = math.log(torch.finfo(z.dtype).tiny) + 8.0
+    return torch.exp(z.clamp_min(floor)).masked_fill_(z < floor, 0.0)
+
+
 class _LogSumExp:
     """Streaming ``max``, ``sum exp(l - max)`` and ``sum exp(l - max) y`` per row."""
 
@@ -107,12 +121,12 @@ class _LogSumExp:
             self.empty = False
             self.max = chunk_max
             shift = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-            p = torch.exp(logits - shift[:, None])
+            p = _exp(logits - shift[:, None])
             self.sum = p.sum(dim=1)
             self.vec = p @ centres
             return
         shift = self._rescale(torch.maximum(self.max, chunk_max))
-        p = torch.exp(logits - shift[:, None])
+        p = _exp(logits - shift[:, None])
         self.sum.add_(p.sum(dim=1))
         self.vec.add_(p @ centres)
 
@@ -210,38 +224,82 @@ def gaussian_mixture(
         torch.empty(B, N, dtype=x.dtype, device=x.device) if return_weights else None
     )
     xx = x.pow(2).sum(1)
+    r_max = centres_sqnorm.max().sqrt()
+    err = _matmul_error(x, r_max, m) if not direct else torch.zeros_like(xx)
+    # Rows that may need exact distances (decided after the pass, once dmin is known).
+    maybe = zero | (err * inv2s2 > refine_tolerance(x.dtype)) if not direct else zero
+    keep_top = not direct and bool(maybe.any())
+    need_dmin = keep_top or (direct and any_zero)
     dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device)
+    k = min(SHORTLIST, N)
+    top_logit = torch.empty(B, 0, dtype=x.dtype, device=x.device)
+    top_index = torch.empty(B, 0, dtype=torch.long, device=x.device)
+    if not direct:  # logits = (2 m / 2s^2) x.y - |x|^2 / 2s^2 - m^2 |y|^2 / 2s^2, fused
+        x_scaled = x * (2 * m * inv2s2)[:, None]
+        row_term = (xx * inv2s2)[:, None]
+        col_scale = m * m * inv2s2
     for lo in range(0, N, step):
         hi = min(N, lo + step)
         y = centres[lo:hi]
-        dist = _direct_sqdist(x, y, m) if direct else _approx_sqdist(
-            x, xx, y, centres_sqnorm[lo:hi], m
-        )
-        logits = -dist * inv2s2[:, None]
+        if direct:
+            dist = _direct_sqdist(x, y, m)
+            logits = -dist * inv2s2[:, None]
+        else:
+            logits = torch.addr(x_scaled @ y.T, col_scale, centres_sqnorm[lo:hi], alpha=-1)
+            logits.sub_(row_term).clamp_max_(0.0)
+            dist = None
         prior = _prior_chunk(log_prior, lo, hi, None)
+        if need_dmin:
+            if dist is None:
+                dist = -logits / inv2s2[:, None]
+            if prior is not None:
+                dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
+            dmin = torch.minimum(dmin, dist.min(dim=1).values)
+            if nearest is not None and direct:
+                nearest.add_dense(dist, lo)
         if prior is not None:
             logits = logits + prior
-            dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
         acc.add_dense(logits, y)
-        if nearest is not None:
-            if direct:
-                nearest.add_dense(dist, lo)
-            dmin = torch.minimum(dmin, dist.min(dim=1).values)
+        if keep_top:  # running shortlist of the k largest approximate logits
+            idx = torch.arange(lo, hi, device=x.device).expand(B, -1)
+            cat_l, cat_i = torch.cat([top_logit, logits], 1), torch.cat([top_index, idx], 1)
+            top = torch.topk(cat_l, min(k, cat_l.shape[1]), dim=1)
+            top_logit, top_index = top.values, torch.gather(cat_i, 1, top.indices)
         if weights is not None:
             weights[:, lo:hi] = logits
     log_norm, mean = acc.result()
 
-    refine = zero.clone()
-    if not direct:
-        err = _matmul_error(x, centres_sqnorm.max().sqrt(), m)
-        refine |= err * inv2s2 > refine_tolerance(x.dtype)
-    if not direct and bool(refine.any()):
+    if keep_top:
+        # Refine rows whose matrix-product logit error exceeds the tolerance and is well
+        # above what exact differences in this dtype would give (eps |x - m y|^2).
+        intrinsic = err / (x.norm(dim=1) + m.abs() * r_max).pow(2) * dmin
+        refine = zero | (maybe & (err > 16 * intrinsic))
+        lim = acc.max - LOGIT_WINDOW - 2 * err * inv2s2
+        # Rows whose whole window lies in the shortlist are finished from it directly.
+        short = refine & ~zero & ((k == N) | (top_logit[:, -1] < lim))
+        if bool(short.any()):
+            rows = torch.nonzero(short).squeeze(1)
+            for i in range(0, rows.shape[0], max(1, DIRECT_BUDGET // (k * d))):
+                r = rows[i : i + max(1, DIRECT_BUDGET // (k * d))]
+                cand = top_index[r]
+                diff = x[r, None, :] - m[r, None, None] * centres[cand]
+                exact_logit = -torch.einsum("bkd,bkd->bk", diff, diff) * inv2s2[r, None]
+                if log_prior is not None:
+                    exact_logit = exact_logit + (torch.gather(log_prior[r], 1, cand)
+                                                 if log_prior.dim() == 2 else log_prior[cand])
+                log_norm[r] = torch.logsumexp(exact_logit, dim=1)
+                w = torch.exp(exact_logit - log_norm[r, None])
+                mean[r] = torch.einsum("bk,bkd->bd", w, centres[cand])
+                if weights is not None:
+                    weights[r] = -math.inf
+                    weights[r[:, None], cand] = exact_logit
+        refine &= ~short
+    if keep_top and bool(refine.any()):
         rows_all = torch.nonzero(refine).squeeze(1)
         xr, mr = x[rows_all], m[rows_all]
         zr = zero[rows_all]
         err_r = err[rows_all]
-        lim = torch.where(zr, dmin[rows_all] + 2 * err_r,
-                          acc.max[rows_all] - LOGIT_WINDOW - 2 * err_r * inv2s2[rows_all])
+        lim_r = torch.where(zr, dmin[rows_all] + 2 * err_r, lim[rows_all])
         sub = _LogSumExp(rows_all.shape[0], d, x)
         sub_near = _ArgMin(rows_all.shape[0], x) if any_zero else None
         if weights is not None:
@@ -254,7 +312,7 @@ def gaussian_mixture(
             prior = _prior_chunk(log_prior, lo, hi, rows_all)
             if prior is not None:
                 logit = logit + prior
-            keep = torch.where(zr[:, None], dist <= lim[:, None], logit >= lim[:, None])
+            keep = torch.where(zr[:, None], dist <= lim_r[:, None], logit >= lim_r[:, None])
             if prior is not None:
                 keep &= torch.isfinite(prior)
             r, c = torch.nonzero(keep, as_tuple=True)
@@ -274,10 +332,10 @@ def gaussian_mixture(
         pos_rows = ~zr
         log_norm[rows_all[pos_rows]] = sub_log_norm[pos_rows]
         mean[rows_all[pos_rows]] = sub_mean[pos_rows]
-        if sub_near is not None:
+        if sub_near is not None and nearest is not None:
             nearest.index[rows_all] = sub_near.index
     if weights is not None:
-        weights = torch.exp(weights - log_norm[:, None])
+        weights = _exp(weights - log_norm[:, None])
     if nearest is not None:
         mean[zero] = centres[nearest.index[zero]]
         log_norm[zero] = 0.0

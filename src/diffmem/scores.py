@@ -50,9 +50,9 @@ class ClosedFormScore:
         ``c``, cached per dtype and device."""
         key = (x.dtype, x.device)
         if key not in self._centres:
-            flat = self.train.reshape(self.n_train, -1).to(torch.float64)
-            offset = flat.mean(0)
-            centred = (flat - offset).to(dtype=x.dtype, device=x.device)
+            flat = self.train.reshape(self.n_train, -1).to(device=x.device)
+            offset = flat.mean(0, dtype=torch.float64)
+            centred = (flat.to(x.dtype) - offset.to(x.dtype))
             self._centres[key] = (centred, centred.pow(2).sum(1),
                                   offset.to(dtype=x.dtype, device=x.device))
         return self._centres[key]
