@@ -188,14 +188,10 @@ def transformed_drift(schedule: Schedule, score: Callable[..., Tensor],
     def drift(s: Tensor, y: Tensor, rows: Tensor) -> Tensor:
         t = schedule.t_of_s(s)
         x = y.reshape(y.shape[0], *shape)
-        sigma2 = schedule.sigma2(t).to(x)
-        s2s = scaled(x, t) if scaled is not None else expand_as_batch(sigma2, x) * score(x, t)
-
-        def b(v: Tensor) -> Tensor:
-            return expand_as_batch(v.to(x), x)
-
-        num = -2 * b(sigma2 * schedule.dlog_m(t).to(x)) * x + b(schedule.g2(t)) * s2s
-        return (num / b(schedule.dsigma2(t))).reshape(y.shape)
+        co = {k: expand_as_batch(v.to(x), x) for k, v in schedule.coefficients(t).items()}
+        s2s = scaled(x, t) if scaled is not None else co["sigma2"] * score(x, t)
+        num = -2 * co["sigma2"] * co["dlog_m"] * x + co["g2"] * s2s
+        return (num / co["dsigma2"]).reshape(y.shape)
 
     return drift
 

@@ -94,6 +94,13 @@ class Schedule(ABC):
         t = _time(t, self.T)
         return self._dsigma2(t) - 2 * self._dlog_m(t) * self._sigma2(t)
 
+    def coefficients(self, t: TimeLike) -> dict[str, Tensor]:
+        """``m``, ``sigma2``, ``dlog_m``, ``dsigma2`` and ``g2`` at ``t``, checking ``t`` once."""
+        t = _time(t, self.T)
+        sigma2, dlog_m, dsigma2 = self._sigma2(t), self._dlog_m(t), self._dsigma2(t)
+        return {"m": torch.exp(self._log_m(t)), "sigma2": sigma2, "dlog_m": dlog_m,
+                "dsigma2": dsigma2, "g2": dsigma2 - 2 * dlog_m * sigma2}
+
     def g(self, t: TimeLike) -> Tensor:
         """Diffusion coefficient ``g(t)``."""
         return torch.sqrt(self.g2(t))
