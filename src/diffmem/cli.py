@@ -22,6 +22,8 @@ QUICK = typer.Option(False, "--quick", help="Small smoke-test sizes (seconds, no
 SEED = typer.Option(0, "--seed", help="Seed of every random draw (same seed, same metrics).")
 DEVICE = typer.Option("cpu", "--device", help="Torch device: cpu or cuda.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+RESUME = typer.Option(False, "--resume", help="Continue network training from the latest "
+                      "checkpoint in OUT/NAME/checkpoints (same configuration required).")
 
 
 def _fail(message: str) -> None:
@@ -56,12 +58,14 @@ def run(
     config: Path | None = typer.Option(  # noqa: B008
         None, "--config", help="TOML file of parameters (top-level keys or a [NAME] table)."),
     progress: bool = PROGRESS,
+    resume: bool = RESUME,
 ) -> None:
     """Run one experiment and write OUT/NAME/metrics.json, config.json and figures."""
     try:
         exp = get_experiment(name)
         params = resolve_params(exp, quick=quick, config_file=config, overrides=set_)
-        rec = run_experiment(exp, out, params, seed=seed, device=device, progress=progress)
+        rec = run_experiment(exp, out, params, seed=seed, device=device, progress=progress,
+                             resume=resume)
     except ValueError as err:  # ConfigError and the library's input errors
         _fail(str(err))
         return
@@ -77,6 +81,7 @@ def reproduce(
     only: str | None = typer.Option(  # noqa: B008
         None, "--only", help="Comma-separated subset of experiments (default: all)."),
     progress: bool = PROGRESS,
+    resume: bool = RESUME,
 ) -> None:
     """Run every registered experiment; write OUT/index.html and OUT/summary.json."""
     from diffmem.report import write_report
@@ -88,7 +93,8 @@ def reproduce(
         records = []
         for exp in exps:
             params = resolve_params(exp, quick=quick)
-            rec = run_experiment(exp, out, params, seed=seed, device=device, progress=progress)
+            rec = run_experiment(exp, out, params, seed=seed, device=device, progress=progress,
+                                 resume=resume)
             _echo_record(rec)
             records.append(rec)
         total = time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffmem.experiments import structured, sweeps, trajectories, transformed_time
+from diffmem.experiments import networks, structured, sweeps, trajectories, transformed_time
 from diffmem.experiments.base import ConfigError, Experiment
 
 REGISTRY: dict[str, Experiment] = {
@@ -13,6 +13,9 @@ REGISTRY: dict[str, Experiment] = {
         structured.EXPERIMENT,
         sweeps.TIKHONOV,
         sweeps.THRESHOLD,
+        networks.NN_TIKHONOV,
+        networks.NN_EARLY_STOPPING,
+        networks.NN_WIDTH,
     ]
 }
 

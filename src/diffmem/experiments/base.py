@@ -41,6 +41,7 @@ class Context:
     device: torch.device
     seed: int
     progress: bool = True
+    resume: bool = False
     figures: list[str] = field(default_factory=list)
 
     def generator(self, offset: int = 0) -> torch.Generator:
@@ -193,8 +194,11 @@ def run_experiment(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    resume: bool = False,
 ) -> Record:
-    """Run ``exp`` with resolved ``params`` and write ``out_dir/NAME/{metrics,config}.json``."""
+    """Run ``exp`` with resolved ``params`` and write ``out_dir/NAME/{metrics,config}.json``.
+    ``resume`` lets experiments that checkpoint (the network ones) continue from
+    ``out_dir/NAME/checkpoints``."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: expected 'cpu' or an available CUDA device, received "
@@ -202,7 +206,7 @@ def run_experiment(
     folder = Path(out_dir) / exp.name
     folder.mkdir(parents=True, exist_ok=True)
     ctx = Context(name=exp.name, params=params, out=folder, device=dev, seed=seed,
-                  progress=progress)
+                  progress=progress, resume=resume)
     start = time.perf_counter()
     outcome = exp.run(ctx)
     elapsed = time.perf_counter() - start

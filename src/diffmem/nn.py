@@ -1,0 +1,423 @@
+"""Score networks and denoising score matching (DSM) with Tikhonov penalties.
+
+A :class:`ScoreMLP` holds ``K`` independent MLPs of one shape as stacked weights and evaluates
+them with batched matrix products, so a whole sweep (the paper's five ``lambda``, or the two
+parameterizations) trains in one loop. Each model ``k`` sees the input
+``[x, gaussian_fourier(t)]`` and has a parameterization:
+
+* ``'score'``: the network output is the score ``s``; DSM loss ``|sigma s + z|^2``;
+* ``'noise'``: the output predicts the (negative) noise; loss ``|net + z|^2``, score
+  ``net / sigma`` (the "built-in singularity").
+
+Training minimises, per model, ``E |a(t) net + z|^2 + E <s, Lambda_k(t) s>`` with
+``t ~ U(t_min, 1)``, ``z ~ N(0, I)``, ``x_t = m(t) x_0 + sigma(t) z`` and ``a = sigma`` or 1.
+For ``Lambda = lambda I`` the minimizer is the closed-form Tikhonov score with ``c = lambda``:
+``s = (D_e - x) / (sigma^2 + lambda)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffmem._checks import fail, nonnegative, positive, positive_int, training_set
+from diffmem.io import atomic_write_bytes
+from diffmem.schedules import Schedule, TimeLike, expand_as_batch
+
+PARAMETERIZATIONS = ("score", "noise")
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu, "silu": nn.functional.silu, "tanh": torch.tanh,
+    "gelu": nn.functional.gelu,
+}
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Shape of the score MLP: input ``[x, embedding(t)]``, one input layer, ``depth``
+    hidden-to-hidden layers of ``width`` units, a linear output layer."""
+
+    dim: int
+    width: int = 256
+    depth: int = 2
+    activation: str = "relu"
+    n_fourier: int = 8
+    fourier_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        positive_int("dim", self.dim)
+        positive_int("width", self.width)
+        if isinstance(self.depth, bool) or int(self.depth) != self.depth or self.depth < 0:
+            raise fail("depth", "an integer >= 0", self.depth)
+        if self.activation not in ACTIVATIONS:
+            raise fail("activation", f"one of {sorted(ACTIVATIONS)}", repr(self.activation))
+        if self.n_fourier < 2 or self.n_fourier % 2:
+            raise fail("n_fourier", "an even integer >= 2", self.n_fourier)
+        positive("fourier_scale", self.fourier_scale)
+
+
+class ScoreMLP(nn.Module):
+    """``K`` MLPs with stacked weights. ``forward(x, t)`` takes ``x`` ``(K, B, dim)`` and ``t``
+    ``(K, B)`` and returns the raw outputs ``(K, B, dim)``; :meth:`score` applies each model's
+    parameterization."""
+
+    def __init__(self, config: MLPConfig, parameterizations: Sequence[str],
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not parameterizations:
+            raise fail("parameterizations", "at least one model", "an empty list")
+        for p in parameterizations:
+            if p not in PARAMETERIZATIONS:
+                raise fail("parameterization", f"one of {PARAMETERIZATIONS}", repr(p))
+        self.config = config
+        self.parameterizations = tuple(parameterizations)
+        K = len(parameterizations)
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer(
+            "freqs", config.fourier_scale * torch.randn(K, config.n_fourier // 2, generator=gen))
+        self.register_buffer("noise_param", torch.tensor(
+            [p == "noise" for p in parameterizations], dtype=torch.bool))
+        sizes = ([config.dim + config.n_fourier] + [config.width] * (config.depth + 1)
+                 + [config.dim])
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+            bound = 1 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation
+            w = (torch.rand(K, fan_in, fan_out, generator=gen) * 2 - 1) * bound
+            b = (torch.rand(K, 1, fan_out, generator=gen) * 2 - 1) * bound
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+
+    @property
+    def n_models(self) -> int:
+        return len(self.parameterizations)
+
+    def n_parameters(self) -> int:
+        """Trainable parameters of one model."""
+        return sum(p[0].numel() for p in self.parameters())
+
+    def embed(self, t: Tensor, k: slice = slice(None)) -> Tensor:
+        """Gaussian Fourier features ``[sin(2 pi w t), cos(2 pi w t)]`` of models ``k``,
+        ``(K, B, n_fourier)``."""
+        angle = 2 * math.pi * t[..., None] * self.freqs[k][:, None, :].to(t)
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+
+    def forward(self, x: Tensor, t: Tensor, k: slice = slice(None)) -> Tensor:
+        """Raw outputs of models ``k`` (all by default) for ``x`` ``(K, B, dim)`` and ``t``
+        ``(K, B)``."""
+        act = ACTIVATIONS[self.config.activation]
+        h = torch.cat([x, self.embed(t, k).to(x)], dim=-1)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(b[k], h, w[k])
+            if i < last:
+                h = act(h)
+        return h
+
+    def output_scale(self, sigma: Tensor) -> Tensor:
+        """``a`` in the loss ``|a net + z|^2``: ``sigma`` for ``'score'``, 1 for ``'noise'``;
+        ``sigma`` is ``(K, B)``."""
+        return torch.where(self.noise_param[:, None], torch.ones_like(sigma), sigma)
+
+    def score(self, x: Tensor, t: Tensor, sigma: Tensor) -> Tensor:
+        """Scores ``(K, B, dim)``: the output, or output / sigma for ``'noise'`` models."""
+        out = self.forward(x, t)
+        div = torch.where(self.noise_param[:, None], sigma, torch.ones_like(sigma))
+        return out / div[..., None]
+
+
+def dsm_loss(out: Tensor, z: Tensor, sigma: Tensor, noise_param: Tensor,
+             penalty: Tensor) -> Tensor:
+    """Per-model DSM loss with Tikhonov penalty, ``(K,)``:
+
+        mean_b |a net + z|^2 + mean_b sum_i Lambda_i s_i^2,
+
+    ``a = sigma`` (score models) or 1 (noise models), ``s = net`` or ``net / sigma``;
+    ``penalty`` ``Lambda`` broadcasts to ``(K, B, dim)``."""
+    a = torch.where(noise_param[:, None], torch.ones_like(sigma), sigma)[..., None]
+    s = torch.where(noise_param[:, None, None], out / sigma[..., None], out)
+    fit = ((a * out + z) ** 2).sum(-1).mean(-1)
+    reg = (penalty * s * s).sum(-1).mean(-1)
+    return fit + reg
+
+
+def manual_relu_step(model: ScoreMLP, x: Tensor, t: Tensor, z: Tensor, sigma: Tensor,
+                     penalty: Tensor) -> Tensor:
+    """Forward pass, :func:`dsm_loss` and its exact gradients for ReLU models, written out
+    by hand (no autograd graph: for these small networks the graph's bookkeeping costs more
+    than the arithmetic). Sets ``.grad`` of every parameter; returns the losses ``(K,)``.
+
+    With ``r = a out + z`` the output gradient is ``(2/B) (a r + Lambda out / q^2)`` where
+    ``q = sigma`` for noise models and 1 for score models; it is propagated back through
+    ``h_{i+1} = relu(h_i W_i + b_i)``.
+    """
+    hs = [torch.cat([x, model.embed(t).to(x)], dim=-1)]
+    layers = list(zip(model.weights, model.biases, strict=True))
+    for w, b in layers[:-1]:
+        hs.append(torch.relu(torch.baddbmm(b, hs[-1], w)))
+    w_out, b_out = layers[-1]
+    out = torch.baddbmm(b_out, hs[-1], w_out)
+    noise = model.noise_param[:, None, None]
+    a = torch.where(noise, torch.ones_like(sigma)[..., None], sigma[..., None])
+    inv_q2 = torch.where(noise, 1 / (sigma * sigma)[..., None], torch.ones_like(a))
+    r = a * out + z
+    pen = penalty * inv_q2
+    losses = (r * r).sum(-1).mean(-1) + (pen * out * out).sum(-1).mean(-1)
+    g = (2.0 / out.shape[1]) * (a * r + pen * out)
+    for i in range(len(layers) - 1, -1, -1):
+        w, b = layers[i]
+        w.grad = torch.bmm(hs[i].transpose(1, 2), g)
+        b.grad = g.sum(1, keepdim=True)
+        if i > 0:
+            g = torch.bmm(g, w.transpose(1, 2)).mul_(hs[i] > 0)
+    return losses
+
+
+def _flush_tiny_state(opt: torch.optim.Optimizer, threshold: float = 1e-30) -> None:
+    """Zero Adam moments below ``threshold``. The moments of a dead ReLU unit decay
+    geometrically (``0.9^n``, ``0.999^n``) into the denormal range, where CPU arithmetic runs
+    several times slower (measured: 70 instead of 240 steps/s); values this small change
+    no update (the step is ``m / (sqrt(v) + 1e-8)``). Called every 100 steps, it keeps every
+    moment out of that range (``1e-30 * 0.9^100 > 1e-38``)."""
+    for state in opt.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            v = state.get(key)
+            if v is not None:
+                v.masked_fill_(v.abs() < threshold, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (hashed into its checkpoints)."""
+
+    lambdas: list[float]
+    parameterizations: list[str]
+    steps: int
+    lr: float = 1e-3
+    ema_decay: float = 0.9999
+    batch_size: int | None = None
+    t_min: float = 1e-5
+    seed: int = 0
+    schedule: str = "VP"
+    mlp: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.lambdas) != len(self.parameterizations):
+            raise fail("lambdas", f"one value per model ({len(self.parameterizations)})",
+                       len(self.lambdas))
+        self.lambdas = [nonnegative("lambda", v) for v in self.lambdas]
+        for p in self.parameterizations:
+            if p not in PARAMETERIZATIONS:
+                raise fail("parameterization", f"one of {PARAMETERIZATIONS}", repr(p))
+        positive_int("steps", self.steps)
+        positive("lr", self.lr)
+        if not 0 <= self.ema_decay < 1:
+            raise fail("ema_decay", "a number in [0, 1)", self.ema_decay)
+        if self.batch_size is not None:
+            positive_int("batch_size", self.batch_size)
+        if not 0 <= self.t_min < 1:
+            raise fail("t_min", "a number in [0, 1)", self.t_min)
+
+    def fingerprint(self, train: Tensor) -> str:
+        """Hash of the configuration (without ``steps``, so a run may be extended) and data."""
+        cfg = asdict(self)
+        cfg.pop("steps")
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+        h.update(train.detach().to(torch.float64).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Trained:
+    """A trained stack: the model (raw weights), its EMA copy, the loss history
+    ``(step, losses)`` and the EMA's weight on the initialisation."""
+
+    model: ScoreMLP
+    ema: ScoreMLP
+    history: list[tuple[int, list[float]]]
+    ema_init_weight: float
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step_{step:09d}.pt"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint with the largest step in ``folder`` (``None`` if there is none)."""
+    files = sorted(Path(folder).glob("step_*.pt")) if Path(folder).exists() else []
+    return files[-1] if files else None
+
+
+def checkpoint_steps(steps: int, every: int | None = None, n_log: int | None = None) -> list[int]:
+    """Steps at which to checkpoint: every ``every`` steps, or ``n_log`` log-spaced steps;
+    always including the last step."""
+    out = {steps}
+    if every:
+        out.update(range(every, steps + 1, positive_int("checkpoint_every", every)))
+    if n_log:
+        out.update(int(round(v)) for v in torch.logspace(0, math.log10(steps), n_log).tolist())
+    return sorted(s for s in out if 1 <= s <= steps)
+
+
+def train_dsm(
+    train: Tensor,
+    schedule: Schedule,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    checkpoints: Sequence[int] = (),
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    callback: Callable[[int, ScoreMLP, ScoreMLP], None] | None = None,
+    log_every: int = 100,
+    manual_gradients: bool = True,
+) -> Trained:
+    """Train a stack of score MLPs (one per entry of ``config.lambdas``) by DSM with penalty
+    ``lambda_k E|s|^2``, Adam and an EMA of the weights.
+
+    Each step draws, per model, a batch of training points (all of them, in order, when
+    ``batch_size`` is None; else with replacement), ``t ~ U(t_min, 1)`` and ``z ~ N(0, I)``
+    from one seeded generator. At each step in ``checkpoints`` (and at the end) the model,
+    EMA, optimizer and generator states are written atomically to ``checkpoint_dir``;
+    ``resume`` continues from the latest one there (its configuration must match) and ends
+    with the same weights as an uninterrupted run. ``callback(step, model, ema)`` runs at
+    each checkpoint step. ReLU networks use the hand-written gradients of
+    :func:`manual_relu_step` (equal to autograd's; ``manual_gradients=False`` uses autograd).
+    """
+    train = training_set("train", train)
+    dev = torch.device(device)
+    flat = train.reshape(train.shape[0], -1).to(dtype=torch.float32, device=dev)
+    N, d = flat.shape
+    mlp_cfg = MLPConfig(dim=d, **config.mlp)
+    K = len(config.lambdas)
+    model = ScoreMLP(mlp_cfg, config.parameterizations, seed=config.seed).to(dev)
+    ema = ScoreMLP(mlp_cfg, config.parameterizations, seed=config.seed).to(dev)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    gen = torch.Generator(device=dev).manual_seed(config.seed)
+    fingerprint = config.fingerprint(flat)
+    lambdas = torch.tensor(config.lambdas, dtype=torch.float32, device=dev)[:, None, None]
+    history: list[tuple[int, list[float]]] = []
+    start = 0
+    if resume and checkpoint_dir is not None and (path := latest_checkpoint(checkpoint_dir)):
+        state = torch.load(path, map_location=dev, weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise fail("checkpoint", f"a checkpoint of this configuration ({fingerprint})",
+                       f"{path} from configuration {state.get('fingerprint')}")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"].to(gen.get_state().device)
+                      if hasattr(state["rng"], "to") else state["rng"])
+        history = [tuple(h) for h in state["history"]]  # type: ignore[misc]
+        start = int(state["step"])
+        if start > config.steps:
+            raise fail("steps", f"at least the checkpoint's step {start}", config.steps)
+    ema_init_weight = config.ema_decay ** config.steps
+    if ema_init_weight > 0.05:
+        half_life = math.log(0.5) / math.log(config.ema_decay) if config.ema_decay else 0
+        warnings.warn(
+            f"EMA decay {config.ema_decay} (half-life {half_life:.0f} steps) over {config.steps} "
+            f"steps: {100 * ema_init_weight:.0f}% of the EMA weights is still the "
+            "initialisation; lower ema_decay (for example 1 - 10 / steps) or evaluate the raw "
+            "weights",
+            stacklevel=2)
+    marks = set(checkpoints) | {config.steps}
+    params = list(model.parameters())
+    ema_params = list(ema.parameters())
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               desc="DSM training", disable=not progress, leave=False)
+    sch_T = schedule.T
+    manual = mlp_cfg.activation == "relu" and manual_gradients
+    B = N if config.batch_size is None else config.batch_size
+    for step in bar:
+        if config.batch_size is None:
+            x0 = flat.expand(K, N, d)
+        else:
+            idx = torch.randint(0, N, (K, B), generator=gen, device=dev)
+            x0 = flat[idx]
+        t = config.t_min + (sch_T - config.t_min) * torch.rand(K, B, generator=gen, device=dev)
+        z = torch.randn(K, B, d, generator=gen, device=dev)
+        co = schedule.coefficients(t)
+        sigma = co["sigma2"].sqrt()
+        x_t = co["m"][..., None] * x0 + sigma[..., None] * z
+        if manual:
+            with torch.no_grad():
+                losses = manual_relu_step(model, x_t, t, z, sigma, lambdas)
+        else:
+            losses = dsm_loss(model(x_t, t), z, sigma, model.noise_param, lambdas)
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - config.ema_decay)
+            if step % 100 == 0:
+                _flush_tiny_state(opt)
+        done = step + 1
+        if done % log_every == 0 or done == config.steps:
+            values = losses.detach().cpu().tolist()
+            history.append((done, values))
+            bar.set_postfix(loss=f"{sum(values) / K:.4f}")
+        if done in marks:
+            if checkpoint_dir is not None:
+                _save(checkpoint_path(checkpoint_dir, done), {
+                    "fingerprint": fingerprint, "step": done, "model": model.state_dict(),
+                    "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "rng": gen.get_state(), "history": history,
+                    "config": asdict(config)})
+            if callback is not None:
+                callback(done, model, ema)
+    bar.close()
+    return Trained(model=model, ema=ema, history=history, ema_init_weight=ema_init_weight)
+
+
+class NetworkScore:
+    """Model ``k`` of a :class:`ScoreMLP` as a score ``score(x, t)`` usable by every sampler:
+    ``x`` ``(B, *data_shape)``, ``t`` a float or ``(B,)``."""
+
+    def __init__(self, model: ScoreMLP, schedule: Schedule, k: int = 0) -> None:
+        if not 0 <= k < model.n_models:
+            raise fail("k", f"a model index in [0, {model.n_models})", k)
+        self.model, self.schedule, self.k = model, schedule, k
+
+    def _inputs(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+        B = x.shape[0]
+        tt = t if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
+        tt = tt.to(device=x.device, dtype=torch.float32).expand(B)
+        sigma = self.schedule.sigma(tt)
+        return x.reshape(B, -1).to(torch.float32), tt, sigma
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, t: TimeLike) -> Tensor:
+        flat, tt, sigma = self._inputs(x, t)
+        k = slice(self.k, self.k + 1)
+        out = self.model(flat[None], tt[None], k)
+        if bool(self.model.noise_param[self.k]):
+            out = out / sigma[None, :, None]
+        return out[0].reshape(x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def sigma2_score(self, x: Tensor, t: TimeLike) -> Tensor:
+        """``sigma^2 s``, finite at ``t = 0`` for both parameterizations."""
+        flat, tt, sigma = self._inputs(x, t)
+        out = self.model(flat[None], tt[None], slice(self.k, self.k + 1))[0]
+        scale = sigma if bool(self.model.noise_param[self.k]) else sigma * sigma
+        return (expand_as_batch(scale, out) * out).reshape(x.shape).to(x.dtype)
