@@ -67,6 +67,34 @@ def test_sweeps_fraction_decreases(quick_runs, name, param):
     assert m["n_samples"] == 200
 
 
+@pytest.mark.parametrize(("name", "parameter"), [("nn-tikhonov", "lambda"),
+                                                 ("nn-width", "width")])
+def test_network_experiments_quick(tmp_path, name, parameter):
+    exp = get_experiment(name)
+    rec = run_experiment(exp, tmp_path, resolve_params(exp, quick=True), progress=False)
+    m = load(tmp_path, name)
+    assert m["parameter"] == parameter
+    assert set(m["fraction_within"]) == {"0.01", "0.05", "0.1", "0.5"}
+    for fr in m["fraction_within"].values():
+        assert len(fr) == len(m["values"]) and all(0 <= f <= 1 for f in fr)
+    # even at quick sizes the regularized / narrow network copies less at 0.1
+    first, last = m["fraction_within"]["0.1"][0], m["fraction_within"]["0.1"][-1]
+    assert (first > last) if name == "nn-tikhonov" else (first < last)
+    assert rec.outcome.claim_holds
+    assert (tmp_path / name / "checkpoints" if name == "nn-tikhonov"
+            else tmp_path / name / "checkpoints_w4").is_dir()
+
+
+def test_early_stopping_quick(tmp_path):
+    exp = get_experiment("nn-early-stopping")
+    params = resolve_params(exp, quick=True, overrides=["steps=3000", "every=1000"])
+    run_experiment(exp, tmp_path, params, progress=False)
+    m = load(tmp_path, "nn-early-stopping")
+    assert m["parameter"] == "steps" and m["values"] == [1000, 2000, 3000]
+    for name in ["score", "noise"]:
+        assert len(m[name]["fraction_within"]["0.1"]) == 3
+
+
 def test_config_records_everything(quick_runs):
     cfg = load(quick_runs, "tikhonov-sweep", "config")
     assert cfg["seed"] == 0 and cfg["params"]["n_samples"] == 200

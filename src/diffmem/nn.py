@@ -53,9 +53,13 @@ class MLPConfig:
     activation: str = "relu"
     n_fourier: int = 8
     fourier_scale: float = 1.0
+    cond_dim: int = 0
 
     def __post_init__(self) -> None:
         positive_int("dim", self.dim)
+        if isinstance(self.cond_dim, bool) or int(self.cond_dim) != self.cond_dim or \
+                self.cond_dim < 0:
+            raise fail("cond_dim", "an integer >= 0", self.cond_dim)
         positive_int("width", self.width)
         if isinstance(self.depth, bool) or int(self.depth) != self.depth or self.depth < 0:
             raise fail("depth", "an integer >= 0", self.depth)
@@ -87,7 +91,8 @@ class ScoreMLP(nn.Module):
             "freqs", config.fourier_scale * torch.randn(K, config.n_fourier // 2, generator=gen))
         self.register_buffer("noise_param", torch.tensor(
             [p == "noise" for p in parameterizations], dtype=torch.bool))
-        sizes = ([config.dim + config.n_fourier] + [config.width] * (config.depth + 1)
+        sizes = ([config.dim + config.cond_dim + config.n_fourier]
+                 + [config.width] * (config.depth + 1)
                  + [config.dim])
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -112,11 +117,22 @@ class ScoreMLP(nn.Module):
         angle = 2 * math.pi * t[..., None] * self.freqs[k][:, None, :].to(t)
         return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
 
-    def forward(self, x: Tensor, t: Tensor, k: slice = slice(None)) -> Tensor:
-        """Raw outputs of models ``k`` (all by default) for ``x`` ``(K, B, dim)`` and ``t``
-        ``(K, B)``."""
+    def inputs(self, x: Tensor, t: Tensor, y: Tensor | None = None,
+               k: slice = slice(None)) -> Tensor:
+        """The network input ``[x, y, embedding(t)]`` (``y`` only for conditional models)."""
+        if (y is None) != (self.config.cond_dim == 0):
+            raise fail("y", f"a condition of {self.config.cond_dim} values per sample"
+                       if self.config.cond_dim else "no condition (unconditional model)",
+                       None if y is None else tuple(y.shape))
+        parts = [x] if y is None else [x, y.to(x)]
+        return torch.cat([*parts, self.embed(t, k).to(x)], dim=-1)
+
+    def forward(self, x: Tensor, t: Tensor, k: slice = slice(None),
+                y: Tensor | None = None) -> Tensor:
+        """Raw outputs of models ``k`` (all by default) for ``x`` ``(K, B, dim)``, ``t``
+        ``(K, B)`` and, for conditional models, ``y`` ``(K, B, cond_dim)``."""
         act = ACTIVATIONS[self.config.activation]
-        h = torch.cat([x, self.embed(t, k).to(x)], dim=-1)
+        h = self.inputs(x, t, y, k)
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = torch.baddbmm(b[k], h, w[k])
@@ -152,7 +168,7 @@ def dsm_loss(out: Tensor, z: Tensor, sigma: Tensor, noise_param: Tensor,
 
 
 def manual_relu_step(model: ScoreMLP, x: Tensor, t: Tensor, z: Tensor, sigma: Tensor,
-                     penalty: Tensor) -> Tensor:
+                     penalty: Tensor, y: Tensor | None = None) -> Tensor:
     """Forward pass, :func:`dsm_loss` and its exact gradients for ReLU models, written out
     by hand (no autograd graph: for these small networks the graph's bookkeeping costs more
     than the arithmetic). Sets ``.grad`` of every parameter; returns the losses ``(K,)``.
@@ -161,7 +177,7 @@ def manual_relu_step(model: ScoreMLP, x: Tensor, t: Tensor, z: Tensor, sigma: Te
     ``q = sigma`` for noise models and 1 for score models; it is propagated back through
     ``h_{i+1} = relu(h_i W_i + b_i)``.
     """
-    hs = [torch.cat([x, model.embed(t).to(x)], dim=-1)]
+    hs = [model.inputs(x, t, y)]
     layers = list(zip(model.weights, model.biases, strict=True))
     for w, b in layers[:-1]:
         hs.append(torch.relu(torch.baddbmm(b, hs[-1], w)))
@@ -228,12 +244,14 @@ class TrainConfig:
         if not 0 <= self.t_min < 1:
             raise fail("t_min", "a number in [0, 1)", self.t_min)
 
-    def fingerprint(self, train: Tensor) -> str:
+    def fingerprint(self, train: Tensor, train_y: Tensor | None = None) -> str:
         """Hash of the configuration (without ``steps``, so a run may be extended) and data."""
         cfg = asdict(self)
         cfg.pop("steps")
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-        h.update(train.detach().to(torch.float64).cpu().numpy().tobytes())
+        for part in (train, train_y):
+            if part is not None:
+                h.update(part.detach().to(torch.float64).cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
 
@@ -288,6 +306,7 @@ def train_dsm(
     callback: Callable[[int, ScoreMLP, ScoreMLP], None] | None = None,
     log_every: int = 100,
     manual_gradients: bool = True,
+    train_y: Tensor | None = None,
 ) -> Trained:
     """Train a stack of score MLPs (one per entry of ``config.lambdas``) by DSM with penalty
     ``lambda_k E|s|^2``, Adam and an EMA of the weights.
@@ -298,14 +317,22 @@ def train_dsm(
     EMA, optimizer and generator states are written atomically to ``checkpoint_dir``;
     ``resume`` continues from the latest one there (its configuration must match) and ends
     with the same weights as an uninterrupted run. ``callback(step, model, ema)`` runs at
-    each checkpoint step. ReLU networks use the hand-written gradients of
-    :func:`manual_relu_step` (equal to autograd's; ``manual_gradients=False`` uses autograd).
+    each checkpoint step. With ``train_y`` (one condition per training point) the networks
+    are conditional: ``y`` is an extra input, drawn with its ``x_0``. ReLU networks use the
+    hand-written gradients of :func:`manual_relu_step` (equal to autograd's;
+    ``manual_gradients=False`` uses autograd).
     """
     train = training_set("train", train)
     dev = torch.device(device)
     flat = train.reshape(train.shape[0], -1).to(dtype=torch.float32, device=dev)
     N, d = flat.shape
-    mlp_cfg = MLPConfig(dim=d, **config.mlp)
+    cond = None
+    if train_y is not None:
+        if not isinstance(train_y, Tensor) or train_y.shape[0] != N:
+            raise fail("train_y", f"one condition per training point ({N})",
+                       tuple(train_y.shape) if isinstance(train_y, Tensor) else train_y)
+        cond = train_y.reshape(N, -1).to(dtype=torch.float32, device=dev)
+    mlp_cfg = MLPConfig(dim=d, cond_dim=0 if cond is None else cond.shape[1], **config.mlp)
     K = len(config.lambdas)
     model = ScoreMLP(mlp_cfg, config.parameterizations, seed=config.seed).to(dev)
     ema = ScoreMLP(mlp_cfg, config.parameterizations, seed=config.seed).to(dev)
@@ -313,7 +340,7 @@ def train_dsm(
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     gen = torch.Generator(device=dev).manual_seed(config.seed)
-    fingerprint = config.fingerprint(flat)
+    fingerprint = config.fingerprint(flat, cond)
     lambdas = torch.tensor(config.lambdas, dtype=torch.float32, device=dev)[:, None, None]
     history: list[tuple[int, list[float]]] = []
     start = 0
@@ -351,9 +378,11 @@ def train_dsm(
     for step in bar:
         if config.batch_size is None:
             x0 = flat.expand(K, N, d)
+            y0 = None if cond is None else cond.expand(K, N, cond.shape[1])
         else:
             idx = torch.randint(0, N, (K, B), generator=gen, device=dev)
             x0 = flat[idx]
+            y0 = None if cond is None else cond[idx]
         t = config.t_min + (sch_T - config.t_min) * torch.rand(K, B, generator=gen, device=dev)
         z = torch.randn(K, B, d, generator=gen, device=dev)
         co = schedule.coefficients(t)
@@ -361,9 +390,9 @@ def train_dsm(
         x_t = co["m"][..., None] * x0 + sigma[..., None] * z
         if manual:
             with torch.no_grad():
-                losses = manual_relu_step(model, x_t, t, z, sigma, lambdas)
+                losses = manual_relu_step(model, x_t, t, z, sigma, lambdas, y0)
         else:
-            losses = dsm_loss(model(x_t, t), z, sigma, model.noise_param, lambdas)
+            losses = dsm_loss(model(x_t, t, y=y0), z, sigma, model.noise_param, lambdas)
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
         opt.step()
@@ -390,34 +419,35 @@ def train_dsm(
 
 
 class NetworkScore:
-    """Model ``k`` of a :class:`ScoreMLP` as a score ``score(x, t)`` usable by every sampler:
-    ``x`` ``(B, *data_shape)``, ``t`` a float or ``(B,)``."""
+    """Model ``k`` of a :class:`ScoreMLP` as a score ``score(x, t)`` (``score(x, t, y)`` for a
+    conditional model) usable by every sampler: ``x`` ``(B, *data_shape)``, ``t`` a float or
+    ``(B,)``, ``y`` ``(B, cond_dim)``."""
 
     def __init__(self, model: ScoreMLP, schedule: Schedule, k: int = 0) -> None:
         if not 0 <= k < model.n_models:
             raise fail("k", f"a model index in [0, {model.n_models})", k)
         self.model, self.schedule, self.k = model, schedule, k
 
-    def _inputs(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+    def _raw(self, x: Tensor, t: TimeLike, y: Tensor | None) -> tuple[Tensor, Tensor]:
         B = x.shape[0]
         tt = t if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
         tt = tt.to(device=x.device, dtype=torch.float32).expand(B)
         sigma = self.schedule.sigma(tt)
-        return x.reshape(B, -1).to(torch.float32), tt, sigma
+        flat = x.reshape(B, -1).to(torch.float32)
+        yy = None if y is None else y.reshape(B, -1).to(flat)[None]
+        out = self.model(flat[None], tt[None], slice(self.k, self.k + 1), y=yy)[0]
+        return out, sigma
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: TimeLike) -> Tensor:
-        flat, tt, sigma = self._inputs(x, t)
-        k = slice(self.k, self.k + 1)
-        out = self.model(flat[None], tt[None], k)
+    def __call__(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
+        out, sigma = self._raw(x, t, y)
         if bool(self.model.noise_param[self.k]):
-            out = out / sigma[None, :, None]
-        return out[0].reshape(x.shape).to(x.dtype)
+            out = out / sigma[:, None]
+        return out.reshape(x.shape).to(x.dtype)
 
     @torch.no_grad()
-    def sigma2_score(self, x: Tensor, t: TimeLike) -> Tensor:
+    def sigma2_score(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
         """``sigma^2 s``, finite at ``t = 0`` for both parameterizations."""
-        flat, tt, sigma = self._inputs(x, t)
-        out = self.model(flat[None], tt[None], slice(self.k, self.k + 1))[0]
+        out, sigma = self._raw(x, t, y)
         scale = sigma if bool(self.model.noise_param[self.k]) else sigma * sigma
         return (expand_as_batch(scale, out) * out).reshape(x.shape).to(x.dtype)

@@ -166,30 +166,54 @@ def _record_points(start: float, end: float, n: int, log: bool) -> Tensor:
     return pts
 
 
+def _conditioned(fn: Callable[..., Tensor] | None, cond: Tensor | None,
+                 batch: int) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """``fn(x, t)``, or ``fn(x, t, cond[rows])`` when a conditioning is given: ``cond`` has one
+    row per sample (first dimension ``batch``) or is a single condition (broadcast)."""
+    if fn is None:
+        return None
+    if cond is None:
+        return lambda x, t, rows: fn(x, t)
+    if not isinstance(cond, Tensor):
+        raise fail("cond", "a tensor of conditions", type(cond).__name__)
+    per_sample = cond.dim() >= 1 and cond.shape[0] == batch and batch > 1
+    if per_sample:
+        return lambda x, t, rows: fn(x, t, cond[rows])
+    single = cond[0] if cond.dim() >= 1 and cond.shape[0] == 1 else cond
+    return lambda x, t, rows: fn(x, t, single.expand(rows.shape[0], *single.shape))
+
+
 def probability_flow_drift(schedule: Schedule, score: Callable[..., Tensor],
-                           shape: tuple[int, ...]) -> Drift:
-    """``dx/dt = f(x, t) - g(t)^2 s(x, t) / 2`` on flattened states."""
+                           shape: tuple[int, ...], cond: Tensor | None = None,
+                           batch: int = 0) -> Drift:
+    """``dx/dt = f(x, t) - g(t)^2 s(x, t) / 2`` on flattened states (``s(x, t, y)`` with a
+    conditioning)."""
+    s = _conditioned(score, cond, batch)
+    assert s is not None
 
     def drift(t: Tensor, y: Tensor, rows: Tensor) -> Tensor:
         x = y.reshape(y.shape[0], *shape)
-        out = schedule.f(x, t) - 0.5 * expand_as_batch(schedule.g2(t).to(x), x) * score(x, t)
+        out = schedule.f(x, t) - 0.5 * expand_as_batch(schedule.g2(t).to(x), x) * s(x, t, rows)
         return out.reshape(y.shape)
 
     return drift
 
 
 def transformed_drift(schedule: Schedule, score: Callable[..., Tensor],
-                      shape: tuple[int, ...]) -> Drift:
+                      shape: tuple[int, ...], cond: Tensor | None = None,
+                      batch: int = 0) -> Drift:
     """``dx/ds = [-2 sigma^2 (d log m/dt) x + g^2 (sigma^2 s(x, t))] / (d sigma^2/dt)`` at
     ``t = t(s)``, on flattened states; ``sigma^2 s`` comes from ``score.sigma2_score`` when the
     score has it (finite as ``sigma -> 0``)."""
-    scaled = getattr(score, "sigma2_score", None)
+    scaled = _conditioned(getattr(score, "sigma2_score", None), cond, batch)
+    plain = _conditioned(score, cond, batch)
+    assert plain is not None
 
     def drift(s: Tensor, y: Tensor, rows: Tensor) -> Tensor:
         t = schedule.t_of_s(s)
         x = y.reshape(y.shape[0], *shape)
         co = {k: expand_as_batch(v.to(x), x) for k, v in schedule.coefficients(t).items()}
-        s2s = scaled(x, t) if scaled is not None else co["sigma2"] * score(x, t)
+        s2s = scaled(x, t, rows) if scaled is not None else co["sigma2"] * plain(x, t, rows)
         num = -2 * co["sigma2"] * co["dlog_m"] * x + co["g2"] * s2s
         return (num / co["dsigma2"]).reshape(y.shape)
 
@@ -210,6 +234,7 @@ def sample_ode(
     n_record: int = 200,
     max_steps: int = 100_000,
     variable: str = "auto",
+    cond: Tensor | None = None,
 ) -> SampleResult:
     """Integrate the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from ``T`` to ``t_end``.
 
@@ -229,6 +254,9 @@ def sample_ode(
             is stiff, ``dx/dt ~ 1/t`` near 0, so far fewer steps; needs ``t_end > 0``); or
             ``'auto'``: ``'s'`` when ``t_end > 0``, else ``'t'``. Fixed-step methods step
             uniformly in the chosen variable.
+        cond: a conditioning for scores ``s(x, t, y)``: one ``y`` per sample (first
+            dimension = batch) or a single ``y`` for all (a leading dimension of 1 forces
+            broadcasting).
     """
     _check_x(x_T)
     t_end = _check_t_end(schedule, t_end)
@@ -242,12 +270,13 @@ def sample_ode(
         record = t_eval if t_eval is not None else _record_points(schedule.T, t_end,
                                                                   n_record, log=True)
     shape = tuple(x_T.shape[1:])
+    B = x_T.shape[0]
     if use_s:
-        drift = transformed_drift(schedule, score, shape)
+        drift = transformed_drift(schedule, score, shape, cond, B)
         start, end = float(schedule.s(schedule.T)), float(schedule.s(t_end))
         rec = None if record is None else schedule.s(record.to(torch.float64))
     else:
-        drift = probability_flow_drift(schedule, score, shape)
+        drift = probability_flow_drift(schedule, score, shape, cond, B)
         start, end, rec = schedule.T, t_end, record
     y, traj, stats = _integrate(drift, x_T.reshape(x_T.shape[0], -1), start, end,
                                 method, rtol, atol, steps, rec, max_steps)
@@ -273,6 +302,7 @@ def sample_ode_transformed(
     s_eval: Tensor | None = None,
     n_record: int = 200,
     max_steps: int = 100_000,
+    cond: Tensor | None = None,
 ) -> SampleResult:
     """Integrate the probability-flow ODE in transformed time ``s = -log sigma(t)`` from
     ``s(T)`` to ``s_end`` (or ``s(t_end)``):
@@ -296,7 +326,7 @@ def sample_ode_transformed(
     s_end = float(s_end)
     if not math.isfinite(s_end) or s_end <= s_start:
         raise fail("s_end", f"a finite value > s(T) = {s_start}", s_end)
-    drift = transformed_drift(schedule, score, tuple(x_T.shape[1:]))
+    drift = transformed_drift(schedule, score, tuple(x_T.shape[1:]), cond, x_T.shape[0])
     record = None
     if return_trajectory:
         record = s_eval if s_eval is not None else _record_points(s_start, s_end, n_record,
@@ -320,6 +350,7 @@ def sample_sde(
     generator: torch.Generator | None = None,
     grid: str = "uniform",
     return_trajectory: bool = False,
+    cond: Tensor | None = None,
 ) -> SampleResult:
     """Euler--Maruyama for the reverse SDE ``dx = [f - g^2 s] dt + g dW_bar`` from ``T`` to
     ``t_end``: with ``h = t_k - t_{k+1} > 0``,
@@ -342,6 +373,9 @@ def sample_sde(
         raise fail("grid", "'uniform' or 'geometric'", repr(grid))
     x = x_T
     B = x.shape[0]
+    s = _conditioned(score, cond, B)
+    assert s is not None
+    rows = torch.arange(B, device=x.device)
     saved = [x] if return_trajectory else []
     evals = 0
     with torch.no_grad():
@@ -351,7 +385,7 @@ def sample_sde(
             g2 = expand_as_batch(schedule.g2(t).to(x), x)
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
                                 device=generator.device if generator is not None else x.device)
-            x = x - h * (schedule.f(x, t) - g2 * score(x, t)) + torch.sqrt(g2 * h) * noise.to(x)
+            x = x - h * (schedule.f(x, t) - g2 * s(x, t, rows)) + torch.sqrt(g2 * h) * noise.to(x)
             evals += 1
             if return_trajectory:
                 saved.append(x)
