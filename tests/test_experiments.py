@@ -95,6 +95,22 @@ def test_early_stopping_quick(tmp_path):
         assert len(m[name]["fraction_within"]["0.1"]) == 3
 
 
+def test_conditional_experiments_quick(tmp_path):
+    for name in ["conditional-2d", "inverse-digits"]:
+        exp = get_experiment(name)
+        params = resolve_params(exp, quick=True, overrides=["network_steps=50"])
+        run_experiment(exp, tmp_path, params, progress=False)
+    two = load(tmp_path, "conditional-2d")
+    methods = list(two["methods"].values())
+    assert all(f == 1.0 for f in methods[0]["fraction_paired_at_training_y"])
+    assert sum(methods[2]["fraction_within"]) < sum(methods[0]["fraction_within"])
+    digits = load(tmp_path, "inverse-digits")["methods"]
+    assert digits["empirical"]["copy_fraction_nn_ratio"] == 1.0
+    assert digits["Tikhonov c = 0.05"]["copy_fraction_nn_ratio"] < 0.5
+    assert digits["Tikhonov c = 0.05"]["diversity_mean_pairwise"] > digits["empirical"][
+        "diversity_mean_pairwise"]
+
+
 def test_config_records_everything(quick_runs):
     cfg = load(quick_runs, "tikhonov-sweep", "config")
     assert cfg["seed"] == 0 and cfg["params"]["n_samples"] == 200

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from diffmem.experiments import networks, structured, sweeps, trajectories, transformed_time
+from diffmem.experiments import (
+    conditional,
+    networks,
+    structured,
+    sweeps,
+    trajectories,
+    transformed_time,
+)
 from diffmem.experiments.base import ConfigError, Experiment
 
 REGISTRY: dict[str, Experiment] = {
@@ -16,6 +23,8 @@ REGISTRY: dict[str, Experiment] = {
         networks.NN_TIKHONOV,
         networks.NN_EARLY_STOPPING,
         networks.NN_WIDTH,
+        conditional.CONDITIONAL_2D,
+        conditional.INVERSE_DIGITS,
     ]
 }
 
