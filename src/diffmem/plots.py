@@ -18,6 +18,13 @@ from diffmem.metrics import nearest  # noqa: E402
 Axes = Any
 
 
+def _np(v: Any) -> np.ndarray:
+    """A tensor (any device) or sequence as a numpy array for matplotlib."""
+    if isinstance(v, Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
 def figure(rows: int = 1, cols: int = 1, size: float = 4.0) -> tuple[Any, np.ndarray]:
     """A figure with a ``rows x cols`` grid of axes (always returned as a 2-D array)."""
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
@@ -36,7 +43,7 @@ def voronoi(ax: Axes, train: Tensor, lim: float = 3.0, resolution: int = 300) ->
               alpha=0.12, interpolation="nearest")
     ax.contour(gx.numpy(), gy.numpy(), cells, levels=np.arange(train.shape[0]) + 0.5,
                colors="0.5", linewidths=0.5)
-    ax.scatter(train[:, 0], train[:, 1], c="k", s=18, marker="x", zorder=5,
+    ax.scatter(_np(train[:, 0]), _np(train[:, 1]), c="k", s=18, marker="x", zorder=5,
                label="training points")
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
@@ -45,7 +52,7 @@ def voronoi(ax: Axes, train: Tensor, lim: float = 3.0, resolution: int = 300) ->
 
 def trajectories(ax: Axes, traj: Tensor, color: str = "C3", lw: float = 0.7) -> None:
     """Draw 2-D trajectories ``(B, n, 2)``, start marked with a dot."""
-    traj = traj.detach().cpu()
+    traj = _np(traj)
     for path in traj:
         ax.plot(path[:, 0], path[:, 1], color=color, lw=lw, alpha=0.8)
     ax.scatter(traj[:, 0, 0], traj[:, 0, 1], color=color, s=6, zorder=4)
@@ -53,16 +60,16 @@ def trajectories(ax: Axes, traj: Tensor, color: str = "C3", lw: float = 0.7) -> 
 
 def scatter(ax: Axes, samples: Tensor, color: str = "C0", size: float = 3.0) -> None:
     """Scatter 2-D samples."""
-    s = samples.detach().cpu()
+    s = _np(samples)
     ax.scatter(s[:, 0], s[:, 1], s=size, color=color, alpha=0.6, zorder=3, linewidths=0)
 
 
 def weights_vs_time(ax: Axes, times: Tensor, weights: Tensor, xlabel: str = "t",
                     logx: bool = True) -> None:
     """Plot each mixture weight ``w_n`` along one trajectory, ``weights`` ``(n_times, N)``."""
-    w = weights.detach().cpu()
+    w, tt = _np(weights), _np(times)
     for n in range(w.shape[1]):
-        ax.plot(times.cpu(), w[:, n], lw=1)
+        ax.plot(tt, w[:, n], lw=1)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -73,9 +80,10 @@ def distance_decay(ax: Axes, x: Tensor, dist: Tensor, ref: Tensor, xlabel: str,
                    ref_label: str, logx: bool = True) -> None:
     """``|x(tau) - x(tau_end)|`` for each trajectory (rows of ``dist``) with a reference
     curve."""
-    for row in dist.detach().cpu():
-        ax.plot(x.cpu(), row, color="C0", lw=0.6, alpha=0.6)
-    ax.plot(x.cpu(), ref.cpu(), "k--", lw=1.5, label=ref_label)
+    xx = _np(x)
+    for row in _np(dist):
+        ax.plot(xx, row, color="C0", lw=0.6, alpha=0.6)
+    ax.plot(xx, _np(ref), "k--", lw=1.5, label=ref_label)
     if logx:
         ax.set_xscale("log")
     ax.set_yscale("log")

@@ -185,7 +185,7 @@ def _digit_grid(ctx: Context, obs: Tensor, truth: Tensor, shown: dict[str, Tenso
             panels.append(("nearest train", train[idx[0]].reshape(8, 8)))
         for j, (title, img) in enumerate(panels):
             a = ax[i, j]
-            a.imshow(img, cmap="gray_r", vmin=0, vmax=1)
+            a.imshow(img.numpy(), cmap="gray_r", vmin=0, vmax=1)
             a.set_xticks([])
             a.set_yticks([])
             if i == 0:

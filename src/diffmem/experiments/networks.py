@@ -128,15 +128,16 @@ def _score_norms(ctx: Context, model: ScoreMLP, lambdas: Sequence[float]) -> dic
     out: dict[str, Any] = {"t": ts.tolist(), "probe": probe[0].tolist(),
                            "empirical": EmpiricalScore(train, sch)(x, ts).norm(dim=1).tolist()}
     fig, ax = plots.figure(1, 1, size=5)
-    ax[0, 0].plot(ts, out["empirical"], "k-", lw=2, label="empirical")
+    ax[0, 0].plot(ts.numpy(), out["empirical"], "k-", lw=2, label="empirical")
     for k, lam in enumerate(lambdas):
         learned = NetworkScore(model, sch, k)(x, ts).norm(dim=1)
         out[f"lambda={lam:g}"] = learned.tolist()
-        line = ax[0, 0].plot(ts, learned, lw=1.2, label=f"learned, lambda = {lam:g}")[0]
+        line = ax[0, 0].plot(ts.numpy(), learned.numpy(), lw=1.2,
+                             label=f"learned, lambda = {lam:g}")[0]
         if lam > 0:
             closed = TikhonovScore(train, sch, lam)(x, ts).norm(dim=1)
             out[f"tikhonov_c={lam:g}"] = closed.tolist()
-            ax[0, 0].plot(ts, closed, "--", color=line.get_color(), lw=1)
+            ax[0, 0].plot(ts.numpy(), closed.numpy(), "--", color=line.get_color(), lw=1)
     ax[0, 0].set_xscale("log")
     ax[0, 0].set_yscale("log")
     ax[0, 0].set_xlabel("t")
