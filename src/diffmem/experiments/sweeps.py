@@ -8,13 +8,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+from torch import Tensor
 
 from diffmem import data
 from diffmem.experiments.base import Context, Experiment, Outcome
 from diffmem.experiments.common import closed_form_sweep, decreasing, trace, traced_figure
-from diffmem.schedules import get_schedule
-from diffmem.scores import ThresholdScore, TikhonovScore
+from diffmem.schedules import Schedule, get_schedule
+from diffmem.scores import ClosedFormScore, ThresholdScore, TikhonovScore
 
 
 def _verdict(name: str, values: list[float], fracs: list[float]) -> tuple[bool, str]:
@@ -27,24 +31,28 @@ def _verdict(name: str, values: list[float], fracs: list[float]) -> tuple[bool, 
     return ok, head + text
 
 
-def run_tikhonov(ctx: Context) -> Outcome:
+def _sweep(ctx: Context, parameter: str,
+           make: Callable[[Tensor, Schedule, float], ClosedFormScore],
+           ) -> tuple[Tensor, Schedule, dict[str, Any], bool, str]:
+    """Run the closed-form sweep of ``parameter`` over ``params['values']``."""
     p = ctx.params
     train = data.paper_points().to(ctx.device)
     sch = get_schedule(p["schedule"])
-    metrics = closed_form_sweep(ctx, train, sch, "c", p["values"],
-                                lambda c: TikhonovScore(train, sch, c), p["t_end"],
-                                p["deltas"])
-    ok, verdict = _verdict("c", p["values"], metrics["fraction_within"][repr(p["deltas"][0])])
+    metrics = closed_form_sweep(ctx, train, sch, parameter, p["values"],
+                                lambda v: make(train, sch, v), p["t_end"], p["deltas"])
+    ok, verdict = _verdict(parameter, p["values"],
+                           metrics["fraction_within"][repr(p["deltas"][0])])
+    return train, sch, metrics, ok, verdict
+
+
+def run_tikhonov(ctx: Context) -> Outcome:
+    _, _, metrics, ok, verdict = _sweep(ctx, "c", TikhonovScore)
     return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
 
 
 def run_threshold(ctx: Context) -> Outcome:
     p = ctx.params
-    train = data.paper_points().to(ctx.device)
-    sch = get_schedule(p["schedule"])
-    metrics = closed_form_sweep(ctx, train, sch, "tau", p["values"],
-                                lambda tau: ThresholdScore(train, sch, tau), p["t_end"],
-                                p["deltas"])
+    train, sch, metrics, ok, verdict = _sweep(ctx, "tau", ThresholdScore)
     score = ThresholdScore(train, sch, p["trace_tau"])
     x_T = ctx.noise(p["n_trajectories"], (2,), float(sch.sigma(sch.T)), offset=300)
     traced = trace(ctx, sch, score, x_T, p["t_end"], p["rtol"], p["atol"], p["n_record"])
@@ -52,7 +60,6 @@ def run_threshold(ctx: Context) -> Outcome:
                   f"trajectories_tau_{p['trace_tau']}", None)
     metrics["trace_tau"] = p["trace_tau"]
     metrics["trace_final_weight_sum"] = traced.weights[:, -1].sum(-1).tolist()
-    ok, verdict = _verdict("tau", p["values"], metrics["fraction_within"][repr(p["deltas"][0])])
     return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
 
 
