@@ -174,3 +174,17 @@ def test_bad_input(tmp_path):
         dnn.train_dsm(TWO, VP(), config(steps=40, lambdas=[0.5]), checkpoint_dir=tmp_path,
                       resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_diagonal_penalty_weight():
+    """A unit penalty function reproduces the scalar penalty bit for bit; a diagonal one
+    enters the loss as lambda sum_i Lambda_i s_i^2."""
+    sch = VP()
+    cfg = config(lambdas=[0.1], steps=40, batch_size=8)
+    plain = dnn.train_dsm(TWO, sch, cfg, progress=False)
+    unit = dnn.train_dsm(TWO, sch, cfg, progress=False, penalty=lambda t: torch.ones(1, 1, 1))
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(),
+                                                 unit.model.parameters(), strict=True))
+    diag = dnn.train_dsm(TWO, sch, cfg, progress=False,
+                         penalty=lambda t: torch.tensor([1.0, 5.0]).expand(*t.shape, 2))
+    assert not torch.equal(plain.model.weights[0], diag.model.weights[0])

@@ -307,6 +307,7 @@ def train_dsm(
     log_every: int = 100,
     manual_gradients: bool = True,
     train_y: Tensor | None = None,
+    penalty: Callable[[Tensor], Tensor] | None = None,
 ) -> Trained:
     """Train a stack of score MLPs (one per entry of ``config.lambdas``) by DSM with penalty
     ``lambda_k E|s|^2``, Adam and an EMA of the weights.
@@ -320,7 +321,10 @@ def train_dsm(
     each checkpoint step. With ``train_y`` (one condition per training point) the networks
     are conditional: ``y`` is an extra input, drawn with its ``x_0``. ReLU networks use the
     hand-written gradients of :func:`manual_relu_step` (equal to autograd's;
-    ``manual_gradients=False`` uses autograd).
+    ``manual_gradients=False`` uses autograd). ``penalty(t)`` (``t`` of shape ``(K, B)``)
+    returns a diagonal weight broadcastable to ``(K, B, d)``: the penalty becomes
+    ``lambda_k E <s, diag(penalty(t)) s>``, whose minimizer is
+    ``(sigma^2 I + lambda_k diag(penalty(t)))^-1 sigma^2 grad log p_t``.
     """
     train = training_set("train", train)
     dev = torch.device(device)
@@ -340,7 +344,8 @@ def train_dsm(
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     gen = torch.Generator(device=dev).manual_seed(config.seed)
-    fingerprint = config.fingerprint(flat, cond)
+    fingerprint = config.fingerprint(flat, cond) + (
+        "" if penalty is None else f"-{getattr(penalty, '__name__', type(penalty).__name__)}")
     lambdas = torch.tensor(config.lambdas, dtype=torch.float32, device=dev)[:, None, None]
     history: list[tuple[int, list[float]]] = []
     start = 0
@@ -388,11 +393,12 @@ def train_dsm(
         co = schedule.coefficients(t)
         sigma = co["sigma2"].sqrt()
         x_t = co["m"][..., None] * x0 + sigma[..., None] * z
+        weight = lambdas if penalty is None else lambdas * penalty(t).to(lambdas)
         if manual:
             with torch.no_grad():
-                losses = manual_relu_step(model, x_t, t, z, sigma, lambdas, y0)
+                losses = manual_relu_step(model, x_t, t, z, sigma, weight, y0)
         else:
-            losses = dsm_loss(model(x_t, t, y=y0), z, sigma, model.noise_param, lambdas)
+            losses = dsm_loss(model(x_t, t, y=y0), z, sigma, model.noise_param, weight)
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
         opt.step()
