@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diffmem.experiments import (
     conditional,
+    imaging,
     networks,
     structured,
     sweeps,
@@ -25,6 +26,8 @@ REGISTRY: dict[str, Experiment] = {
         networks.NN_WIDTH,
         conditional.CONDITIONAL_2D,
         conditional.INVERSE_DIGITS,
+        imaging.SQUARES_CLOSED_FORM,
+        imaging.DIGITS,
     ]
 }
 

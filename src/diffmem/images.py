@@ -1,0 +1,111 @@
+"""Image data: the paper's two squares, scikit-learn's 8x8 digits, a user's own images, and the
+exact-match memorization metric for binary images. Images are float tensors
+``(N, C, H, W)`` with values in ``[0, 1]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffmem._checks import fail, positive_int
+
+
+def two_squares(resolution: int = 64) -> Tensor:
+    """The paper's two binary images: ``img0[6:18, 6:18] = 1`` and ``img1[40:54, 40:54] = 1``
+    at 64x64; at another resolution the square edges are scaled by ``resolution / 64`` and
+    rounded. Shape ``(2, 1, resolution, resolution)``, float64."""
+    r = positive_int("resolution", resolution)
+    if r < 8:
+        raise fail("resolution", "an integer >= 8", resolution)
+
+    def edge(v: int) -> int:
+        return int(round(v * r / 64))
+
+    imgs = torch.zeros(2, 1, r, r, dtype=torch.float64)
+    imgs[0, 0, edge(6):edge(18), edge(6):edge(18)] = 1
+    imgs[1, 0, edge(40):edge(54), edge(40):edge(54)] = 1
+    return imgs
+
+
+def digits() -> Tensor:
+    """scikit-learn's 1797 handwritten 8x8 digits scaled to ``[0, 1]``, ``(1797, 1, 8, 8)``
+    (shipped with scikit-learn: no download)."""
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().images / 16.0, dtype=torch.float64)[:, None]
+
+
+def _as_nchw(array: np.ndarray, source: str) -> Tensor:
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise fail("images", "an array of shape (N, H, W) or (N, C, H, W)",
+                   f"shape {array.shape} in {source}")
+    if array.shape[0] == 0:
+        raise fail("images", "at least one image", f"none in {source}")
+    out = torch.tensor(np.asarray(array, dtype=np.float64))
+    if not bool(torch.isfinite(out).all()):
+        raise fail("images", "finite pixel values", f"NaN or inf in {source}")
+    return out
+
+
+def load_images(path: str | Path, key: str | None = None) -> Tensor:
+    """Load a user's images: a ``.npy`` array, a ``.npz`` archive (``key``, or its only
+    array), or a folder of ``.png`` files (sorted by name; grey or colour, all one size;
+    8-bit values are scaled to ``[0, 1]``). Raises ``ValueError`` for a missing or unreadable
+    file, an empty folder, mixed sizes or non-finite values."""
+    p = Path(path)
+    if not p.exists():
+        raise fail("path", "an existing .npy/.npz file or a folder of .png files", str(p))
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
+        if not files:
+            raise fail("path", "a folder holding .png files", f"{p} (no .png files)")
+        from PIL import Image, UnidentifiedImageError
+
+        arrays = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im, dtype=np.float64)
+            except (UnidentifiedImageError, OSError) as err:
+                raise fail("path", "readable PNG images", f"{f} ({err})") from err
+            a = a / 255.0 if a.max() > 1 else a
+            a = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
+            if arrays and a.shape != arrays[0].shape:
+                raise fail("path", f"images of one size {arrays[0].shape}",
+                           f"{f} of size {a.shape}")
+            arrays.append(a)
+        return _as_nchw(np.stack(arrays), str(p))
+    try:
+        if p.suffix == ".npy":
+            return _as_nchw(np.load(p, allow_pickle=False), str(p))
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as archive:
+                names = list(archive.keys())
+                if key is None and len(names) != 1:
+                    raise fail("key", f"one of the arrays {names}", None)
+                name = key if key is not None else names[0]
+                if name not in names:
+                    raise fail("key", f"one of the arrays {names}", repr(key))
+                return _as_nchw(archive[name], str(p))
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(("key:", "images:")):
+            raise
+        raise fail("path", "a readable .npy/.npz file", f"{p} ({err})") from err
+    raise fail("path", "a .npy or .npz file or a folder of .png files", str(p))
+
+
+def exact_match_fraction(samples: Tensor, train: Tensor, threshold: float = 0.5) -> float:
+    """The paper's image metric: threshold every pixel at ``threshold``, then the fraction of
+    samples exactly equal to some (thresholded) training image."""
+    if samples.shape[1:] != train.shape[1:]:
+        raise fail("samples", f"images of shape {tuple(train.shape[1:])} like train",
+                   f"shape {tuple(samples.shape)}")
+    s = (samples.reshape(samples.shape[0], -1) > threshold)
+    t = (train.reshape(train.shape[0], -1) > threshold).to(s.device)
+    match = (s[:, None, :] == t[None, :, :]).all(-1).any(1)
+    return float(match.double().mean())
