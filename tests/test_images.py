@@ -125,3 +125,40 @@ def test_image_experiments_quick(tmp_path):
     dg = json.loads((tmp_path / "digits" / "metrics.json").read_text())["methods"]
     assert dg["empirical"]["copy_fraction_nn_ratio"] == 1.0
     assert dg["Tikhonov c = 0.05"]["copy_fraction_nn_ratio"] < 0.5
+
+
+def test_unet_shapes_and_edm_preconditioning():
+    from diffmem.unet import EDMDenoiser, UNet, edm_loss
+
+    net = UNet(4)
+    x = torch.randn(3, 1, 16, 16)
+    sigma = torch.tensor([0.01, 1.0, 50.0])
+    assert net(x, sigma.log() / 4).shape == x.shape
+    den = EDMDenoiser(net)
+    c_skip, c_out, c_in, c_noise = den.precond.coefficients(sigma)
+    expected = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * net(
+        c_in[:, None, None, None] * x, c_noise)
+    assert torch.allclose(den(x, sigma), expected)
+    # the output layer starts at zero, so D starts as c_skip x
+    assert torch.allclose(den(x, sigma), c_skip[:, None, None, None] * x)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.zeros(1, 1, 10, 10), torch.zeros(1))
+    loss = edm_loss(den, x, sigma, torch.randn_like(x))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert UNet(8).n_parameters() > UNet(4).n_parameters()
+
+
+def test_unet_training_reduces_loss_and_experiment_quick(tmp_path):
+    import json
+
+    from diffmem.unet import EDMDenoiser, UNet, train_edm
+
+    sq = images.two_squares(16)
+    losses = train_edm(EDMDenoiser(UNet(4)), sq, 200, progress=False)
+    assert sum(losses[-50:]) < sum(losses[:50])
+    exp = get_experiment("squares-unet")
+    run_experiment(exp, tmp_path, resolve_params(exp, quick=True), progress=False)
+    m = json.loads((tmp_path / "squares-unet" / "metrics.json").read_text())
+    assert m["values"] == [150, 300] and set(m["sizes"]) == {"4", "8"}
+    for size in m["sizes"].values():
+        assert len(size["exact_match"]) == 2 and size["train_steps_per_s"] > 0

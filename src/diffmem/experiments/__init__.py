@@ -27,6 +27,7 @@ REGISTRY: dict[str, Experiment] = {
         conditional.CONDITIONAL_2D,
         conditional.INVERSE_DIGITS,
         imaging.SQUARES_CLOSED_FORM,
+        imaging.SQUARES_UNET,
         imaging.DIGITS,
     ]
 }
