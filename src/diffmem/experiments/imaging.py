@@ -216,7 +216,8 @@ def run_squares_unet(ctx: Context) -> Outcome:
     verdict = (("Confirmed: " if all_memorize and larger_sooner else "Not confirmed: ")
                + f"final exact-match fractions by channel count {finals}; first step with "
                f"half the samples copies: {dict(zip(metrics['sizes'], firsts, strict=True))} "
-               f"({'larger sooner' if larger_sooner else 'not ordered by size'})")
+               + ("(no larger model later than a smaller one)" if larger_sooner
+                  else "(not ordered by size)"))
     return Outcome(metrics=metrics, claim_holds=all_memorize and larger_sooner,
                    verdict=verdict)
 
