@@ -72,8 +72,8 @@ class MLPConfig:
 
 class ScoreMLP(nn.Module):
     """``K`` MLPs with stacked weights. ``forward(x, t)`` takes ``x`` ``(K, B, dim)`` and ``t``
-    ``(K, B)`` and returns the raw outputs ``(K, B, dim)``; :meth:`score` applies each model's
-    parameterization."""
+    ``(K, B)`` and returns the raw outputs ``(K, B, dim)``; :class:`NetworkScore` turns model
+    ``k`` into a score according to its parameterization."""
 
     def __init__(self, config: MLPConfig, parameterizations: Sequence[str],
                  seed: int = 0) -> None:
@@ -139,17 +139,6 @@ class ScoreMLP(nn.Module):
             if i < last:
                 h = act(h)
         return h
-
-    def output_scale(self, sigma: Tensor) -> Tensor:
-        """``a`` in the loss ``|a net + z|^2``: ``sigma`` for ``'score'``, 1 for ``'noise'``;
-        ``sigma`` is ``(K, B)``."""
-        return torch.where(self.noise_param[:, None], torch.ones_like(sigma), sigma)
-
-    def score(self, x: Tensor, t: Tensor, sigma: Tensor) -> Tensor:
-        """Scores ``(K, B, dim)``: the output, or output / sigma for ``'noise'`` models."""
-        out = self.forward(x, t)
-        div = torch.where(self.noise_param[:, None], sigma, torch.ones_like(sigma))
-        return out / div[..., None]
 
 
 def dsm_loss(out: Tensor, z: Tensor, sigma: Tensor, noise_param: Tensor,

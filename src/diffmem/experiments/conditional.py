@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem import data, plots
+from diffmem import data, images, plots
 from diffmem.experiments.base import Context, Experiment, Outcome
 from diffmem.experiments.common import delta_key, fractions
 from diffmem.metrics import nearest, nn_ratio
@@ -95,13 +95,11 @@ def run_2d(ctx: Context) -> Outcome:
 
 
 def _digits(ctx: Context) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    images = torch.tensor(load_digits().images / 16.0, dtype=torch.float64)
-    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))
-    images = images[perm].reshape(-1, 64)
+    flat = images.digits().reshape(-1, 64)
+    perm = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))
+    flat = flat[perm]
     n_train = ctx.params["n_train"]
-    return images[:n_train].to(ctx.device), images[n_train:].to(ctx.device)
+    return flat[:n_train].to(ctx.device), flat[n_train:].to(ctx.device)
 
 
 def top_half(v: Tensor) -> Tensor:

@@ -84,9 +84,9 @@ def run_squares(ctx: Context) -> Outcome:
 def run_digits(ctx: Context) -> Outcome:
     p = ctx.params
     sch = get_schedule(p["schedule"])
-    data = images.digits()
-    perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(0))
-    train = data[perm][: p["n_train"]].reshape(p["n_train"], 64).to(ctx.device)
+    from diffmem.experiments.conditional import _digits
+
+    train, _ = _digits(ctx)
     cfg = TrainConfig(lambdas=[0.0], parameterizations=["score"], steps=p["network_steps"],
                       ema_decay=p["ema_decay"], batch_size=256, seed=ctx.seed,
                       schedule=p["schedule"], mlp={"width": p["width"]})
