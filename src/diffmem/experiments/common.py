@@ -13,8 +13,9 @@ from torch import Tensor
 from diffmem import plots
 from diffmem.experiments.base import Context
 from diffmem.metrics import convergence_slopes, fraction_within
+from diffmem.nn import NetworkScore, TrainConfig, train_dsm
 from diffmem.samplers import SampleResult, sample_ode
-from diffmem.schedules import Schedule
+from diffmem.schedules import Schedule, get_schedule
 from diffmem.scores import ClosedFormScore
 
 
@@ -126,6 +127,21 @@ def closed_form_sweep(
     ctx.save(fig, f"samples_{parameter}")
     return {"parameter": parameter, "values": list(values), "n_samples": n,
             "schedule": schedule.name, "t_end": t_end, "fraction_within": per_delta}
+
+
+def train_network_score(ctx: Context, x: Tensor, y: Tensor | None = None,
+                        lam: float = 0.0, tag: str = "checkpoints") -> NetworkScore:
+    """Train one (optionally conditional) score MLP on ``x`` with the context's
+    ``network_steps``, ``ema_decay``, ``width`` and ``schedule`` (mini-batches of 256,
+    checkpoints under ``OUT/NAME/tag``) and return its EMA weights as a score."""
+    p = ctx.params
+    sch = get_schedule(p["schedule"])
+    cfg = TrainConfig(lambdas=[lam], parameterizations=["score"], steps=p["network_steps"],
+                      ema_decay=p["ema_decay"], batch_size=256, seed=ctx.seed,
+                      schedule=p["schedule"], mlp={"width": p["width"]})
+    trained = train_dsm(x, sch, cfg, train_y=y, checkpoint_dir=ctx.out / tag,
+                        resume=ctx.resume, device=ctx.device, progress=ctx.progress)
+    return NetworkScore(trained.ema, sch)
 
 
 def decreasing(values: Sequence[float], slack: float = 0.0) -> bool:

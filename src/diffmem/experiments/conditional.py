@@ -19,23 +19,11 @@ from torch import Tensor
 
 from diffmem import data, images, plots
 from diffmem.experiments.base import Context, Experiment, Outcome
-from diffmem.experiments.common import delta_key, fractions
+from diffmem.experiments.common import delta_key, fractions, train_network_score
 from diffmem.metrics import nearest, nn_ratio
-from diffmem.nn import NetworkScore, TrainConfig, train_dsm
 from diffmem.samplers import sample_ode
 from diffmem.schedules import get_schedule
 from diffmem.scores import ConditionalEmpiricalScore
-
-
-def _network(ctx: Context, x: Tensor, y: Tensor, tag: str) -> NetworkScore:
-    p = ctx.params
-    sch = get_schedule(p["schedule"])
-    cfg = TrainConfig(lambdas=[p["network_lambda"]], parameterizations=["score"],
-                      steps=p["network_steps"], ema_decay=p["ema_decay"], batch_size=256,
-                      seed=ctx.seed, schedule=p["schedule"], mlp={"width": p["width"]})
-    trained = train_dsm(x, sch, cfg, train_y=y, checkpoint_dir=ctx.out / tag,
-                        resume=ctx.resume, device=ctx.device, progress=ctx.progress)
-    return NetworkScore(trained.ema, sch)
 
 
 def run_2d(ctx: Context) -> Outcome:
@@ -52,7 +40,7 @@ def run_2d(ctx: Context) -> Outcome:
             x, y, sch, mode="kernel", bandwidth=p["h"]),
         f"Tikhonov (h = {p['h']:g}, c = {p['c']:g})": ConditionalEmpiricalScore(
             x, y, sch, mode="kernel", bandwidth=p["h"], c=p["c"]),
-        "conditional MLP": _network(ctx, x, y, "checkpoints"),
+        "conditional MLP": train_network_score(ctx, x, y, p["network_lambda"]),
     }
     n = p["n_per_query"]
     x_T = ctx.noise(n, (2,), float(sch.sigma(sch.T)), offset=500)
@@ -94,14 +82,6 @@ def run_2d(ctx: Context) -> Outcome:
     return Outcome(metrics=metrics, claim_holds=bool(ok), verdict=verdict)
 
 
-def _digits(ctx: Context) -> tuple[Tensor, Tensor]:
-    flat = images.digits().reshape(-1, 64)
-    perm = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))
-    flat = flat[perm]
-    n_train = ctx.params["n_train"]
-    return flat[:n_train].to(ctx.device), flat[n_train:].to(ctx.device)
-
-
 def top_half(v: Tensor) -> Tensor:
     """The inpainting operator: the top 4 rows (32 pixels) of 8x8 images ``(N, 64)``."""
     return v.reshape(v.shape[0], 8, 8)[:, :4, :].reshape(v.shape[0], 32)
@@ -110,7 +90,7 @@ def top_half(v: Tensor) -> Tensor:
 def run_digits(ctx: Context) -> Outcome:
     p = ctx.params
     sch = get_schedule(p["schedule"])
-    train, held = _digits(ctx)
+    train, held = (v.to(ctx.device) for v in images.digit_split(p["n_train"]))
     gen = torch.Generator().manual_seed(ctx.seed + 11)
     truth = held[: p["n_obs"]]
     obs = top_half(truth) + p["noise_std"] * torch.randn(
@@ -123,7 +103,7 @@ def run_digits(ctx: Context) -> Outcome:
         f"Tikhonov c = {p['c']:g}": ConditionalEmpiricalScore(train, None, sch, c=p["c"], **kw),
         f"threshold tau = {p['tau']:g}": ConditionalEmpiricalScore(train, None, sch,
                                                                    tau=p["tau"], **kw),
-        "conditional MLP": _network(ctx, train, train_obs, "checkpoints"),
+        "conditional MLP": train_network_score(ctx, train, train_obs, p["network_lambda"]),
     }
     k = p["samples_per_obs"]
     x_T = ctx.noise(truth.shape[0] * k, (64,), float(sch.sigma(sch.T)), offset=600)

@@ -19,8 +19,8 @@ from torch import Tensor
 from diffmem import images, plots
 from diffmem.edm import closed_form_denoiser, edm_sample, karras_sigmas
 from diffmem.experiments.base import Context, Experiment, Outcome
+from diffmem.experiments.common import train_network_score
 from diffmem.metrics import nearest, nn_ratio
-from diffmem.nn import NetworkScore, TrainConfig, train_dsm
 from diffmem.samplers import sample_ode
 from diffmem.schedules import EDM, get_schedule
 from diffmem.scores import EmpiricalScore, TikhonovScore
@@ -84,18 +84,11 @@ def run_squares(ctx: Context) -> Outcome:
 def run_digits(ctx: Context) -> Outcome:
     p = ctx.params
     sch = get_schedule(p["schedule"])
-    from diffmem.experiments.conditional import _digits
-
-    train, _ = _digits(ctx)
-    cfg = TrainConfig(lambdas=[0.0], parameterizations=["score"], steps=p["network_steps"],
-                      ema_decay=p["ema_decay"], batch_size=256, seed=ctx.seed,
-                      schedule=p["schedule"], mlp={"width": p["width"]})
-    trained = train_dsm(train, sch, cfg, checkpoint_dir=ctx.out / "checkpoints",
-                        resume=ctx.resume, device=ctx.device, progress=ctx.progress)
+    train = images.digit_split(p["n_train"])[0].to(ctx.device)
     methods: dict[str, Callable[..., Tensor]] = {
         "empirical": EmpiricalScore(train, sch),
         f"Tikhonov c = {p['c']:g}": TikhonovScore(train, sch, p["c"]),
-        "MLP": NetworkScore(trained.ema, sch),
+        "MLP": train_network_score(ctx, train),
     }
     x_T = ctx.noise(p["n_samples"], (64,), float(sch.sigma(sch.T)), offset=800)
     metrics: dict[str, Any] = {"n_train": p["n_train"], "n_samples": p["n_samples"],
