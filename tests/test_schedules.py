@@ -94,3 +94,11 @@ def test_bad_schedule_parameters_raise():
         VP(beta_min=1.0, beta_max=0.5)
     with pytest.raises(ValueError, match="schedule: expected"):
         get_schedule("XX")
+
+
+def test_cached_start_of_transformed_time_follows_the_parameters():
+    sch = VE()
+    assert sch.s_T == pytest.approx(float(sch.s(sch.T)), rel=1e-15)
+    sch.a = 5.0
+    assert sch.s_T == pytest.approx(float(VE(5.0).s(1.0)), rel=1e-15)
+    assert repr(sch) == "VE(a=5.0)"

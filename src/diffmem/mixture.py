@@ -59,9 +59,14 @@ def _approx_sqdist(x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, m: Tensor) -> T
 
 
 def _direct_sqdist(x: Tensor, y: Tensor, m: Tensor) -> Tensor:
-    """``|x_b - m_b y_n|^2`` from exact differences, shape ``(B, N)``."""
-    diff = x[:, None, :] - m[:, None, None] * y[None, :, :]
-    return torch.einsum("bnd,bnd->bn", diff, diff)
+    """``|x_b - m_b y_n|^2`` from exact differences, shape ``(B, N)``. For a few dimensions
+    the differences are laid out ``(d, N, B)`` and summed over the leading axis (a reduction
+    over a trailing axis of length 2 is several times slower); the result is then a
+    transposed view."""
+    if x.shape[1] <= 8:
+        diff = x.T.contiguous()[:, None, :] - y.T.contiguous()[:, :, None] * m
+        return diff.square_().sum(0).T
+    return (x[:, None, :] - m[:, None, None] * y[None, :, :]).square_().sum(-1)
 
 
 def _pair_sqdist(x: Tensor, y: Tensor, m: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -95,20 +100,31 @@ def _exp(z: Tensor) -> Tensor:
     vector path for arguments that underflow (~7x slower), and the denormal results would
     slow the following matrix product far more, so the argument is clamped first."""
     floor = math.log(torch.finfo(z.dtype).tiny) + 8.0
-    return torch.exp(z.clamp_min(floor)).masked_fill_(z < floor, 0.0)
+    return torch.nn.functional.threshold_(torch.exp(z.clamp_min(floor)),
+                                          math.exp(floor) * 1.001, 0.0)
+
+
+def _finite_or_zero(v: Tensor) -> Tensor:
+    """``v`` with non-finite entries (rows without any admissible centre) set to 0."""
+    return torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class _LogSumExp:
     """Streaming ``max``, ``sum exp(l - max)`` and ``sum exp(l - max) y`` per row."""
 
     def __init__(self, rows: int, d: int, like: Tensor) -> None:
-        self.max = torch.full((rows,), -math.inf, dtype=like.dtype, device=like.device)
-        self.sum = torch.zeros(rows, dtype=like.dtype, device=like.device)
-        self.vec = torch.zeros(rows, d, dtype=like.dtype, device=like.device)
+        self.rows, self.d, self.like = rows, d, like
         self.empty = True
 
+    def _start(self) -> None:
+        like = self.like
+        self.max = torch.full((self.rows,), -math.inf, dtype=like.dtype, device=like.device)
+        self.sum = torch.zeros(self.rows, dtype=like.dtype, device=like.device)
+        self.vec = torch.zeros(self.rows, self.d, dtype=like.dtype, device=like.device)
+        self.empty = False
+
     def _rescale(self, new_max: Tensor) -> Tensor:
-        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        shift = _finite_or_zero(new_max)
         factor = torch.exp(self.max - shift)
         self.sum.mul_(factor)
         self.vec.mul_(factor[:, None])
@@ -120,7 +136,7 @@ class _LogSumExp:
         if self.empty:  # first chunk: nothing to rescale
             self.empty = False
             self.max = chunk_max
-            shift = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            shift = _finite_or_zero(chunk_max)
             p = _exp(logits - shift[:, None])
             self.sum = p.sum(dim=1)
             self.vec = p @ centres
@@ -131,7 +147,8 @@ class _LogSumExp:
         self.vec.add_(p @ centres)
 
     def add_pairs(self, rows: Tensor, logits: Tensor, centres: Tensor) -> None:
-        self.empty = False
+        if self.empty:
+            self._start()
         chunk_max = torch.full_like(self.max, -math.inf).scatter_reduce(
             0, rows, logits, reduce="amax"
         )
@@ -141,6 +158,8 @@ class _LogSumExp:
         self.vec.index_add_(0, rows, p[:, None] * centres)
 
     def result(self) -> tuple[Tensor, Tensor]:
+        if self.empty:
+            self._start()
         return self.max + torch.log(self.sum), self.vec / self.sum[:, None]
 
 
@@ -214,7 +233,8 @@ def gaussian_mixture(
         centres_sqnorm = centres.pow(2).sum(1)
     zero = sigma2 == 0
     any_zero = bool(zero.any())
-    inv2s2 = 0.5 / torch.where(zero, torch.ones_like(sigma2), sigma2)
+    inv2s2 = 0.5 / sigma2.masked_fill(zero, 1.0)
+    neg_inv2s2 = -inv2s2
     direct = not force_matmul and B * min(N, chunk_size) * d <= DIRECT_BUDGET
     step = chunk_size if not direct else max(1, min(chunk_size, DIRECT_BUDGET // max(1, B * d)))
 
@@ -223,17 +243,21 @@ def gaussian_mixture(
     weights = (
         torch.empty(B, N, dtype=x.dtype, device=x.device) if return_weights else None
     )
-    xx = x.pow(2).sum(1)
-    r_max = centres_sqnorm.max().sqrt()
-    err = _matmul_error(x, r_max, m) if not direct else torch.zeros_like(xx)
-    # Rows that may need exact distances (decided after the pass, once dmin is known).
-    maybe = zero | (err * inv2s2 > refine_tolerance(x.dtype)) if not direct else zero
-    keep_top = not direct and bool(maybe.any())
+    keep_top = False
+    if not direct:
+        xx = x.pow(2).sum(1)
+        r_max = centres_sqnorm.max().sqrt()
+        err = _matmul_error(x, r_max, m)
+        # Rows that may need exact distances (decided after the pass, once dmin is known).
+        maybe = zero | (err * inv2s2 > refine_tolerance(x.dtype))
+        keep_top = bool(maybe.any())
     need_dmin = keep_top or (direct and any_zero)
-    dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device)
+    if need_dmin:
+        dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device)
     k = min(SHORTLIST, N)
-    top_logit = torch.empty(B, 0, dtype=x.dtype, device=x.device)
-    top_index = torch.empty(B, 0, dtype=torch.long, device=x.device)
+    if keep_top:
+        top_logit = torch.empty(B, 0, dtype=x.dtype, device=x.device)
+        top_index = torch.empty(B, 0, dtype=torch.long, device=x.device)
     if not direct:  # logits = (2 m / 2s^2) x.y - |x|^2 / 2s^2 - m^2 |y|^2 / 2s^2, fused
         x_scaled = x * (2 * m * inv2s2)[:, None]
         row_term = (xx * inv2s2)[:, None]
@@ -243,7 +267,7 @@ def gaussian_mixture(
         y = centres[lo:hi]
         if direct:
             dist = _direct_sqdist(x, y, m)
-            logits = -dist * inv2s2[:, None]
+            logits = dist * neg_inv2s2[:, None]
         else:
             logits = torch.addr(x_scaled @ y.T, col_scale, centres_sqnorm[lo:hi], alpha=-1)
             logits.sub_(row_term).clamp_max_(0.0)

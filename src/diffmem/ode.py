@@ -103,33 +103,41 @@ def dopri5(
         recorded = torch.full((B, rec.shape[0], d), float("nan"), dtype=dt, device=dev)
         at_start = rec == start
         recorded[:, at_start] = y0[:, None, :]
+    coef = {k: torch.tensor(v, dtype=dt, device=dev) for k, v in (("b5", _B5), ("e", _E))}
+    a_rows = [torch.tensor(row, dtype=dt, device=dev) for row in _A]
+    end_t = torch.tensor(float(end), dtype=torch.float64, device=dev)
     steps = torch.zeros(B, dtype=torch.long, device=dev)
     accepted = torch.zeros(B, dtype=torch.long, device=dev)
-    rejected_last = torch.zeros(B, dtype=torch.bool, device=dev)
-    active = everyone
+    # The samples still running, kept compact: their rows ``active`` in the batch and their
+    # time, state, derivative, next step, last-step-rejected flag and step counts.
+    active, ta, ya, fa, ha = everyone, t, y, f, h
+    rej = torch.zeros(B, dtype=torch.bool, device=dev)
+    n_steps = torch.zeros(B, dtype=torch.long, device=dev)
+    n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+    iteration = 0
     while active.numel():
-        ta, ya, fa = t[active], y[active], f[active]
+        iteration += 1
         remaining = (end - ta) * direction
-        last = h[active] >= remaining
-        ha = torch.where(last, remaining, h[active])
-        hs = (direction * ha).to(dt)[:, None]
-        ks = [fa]
-        for c, row in zip(_C, _A, strict=True):
-            yi = ya + hs * sum(a * k for a, k in zip(row, ks, strict=True))
-            ks.append(fn((ta + direction * c * ha).to(dt), yi, active))
-        y_new = ya + hs * sum(b * k for b, k in zip(_B5, ks, strict=True) if b != 0.0)
-        t_new = torch.where(last, torch.full_like(ta, float(end)), ta + direction * ha)
-        f_new = fn(t_new.to(dt), y_new, active)
-        ks.append(f_new)
-        err = hs * sum(e * k for e, k in zip(_E, ks, strict=True) if e != 0.0)
+        last = ha >= remaining
+        hstep = torch.where(last, remaining, ha)
+        hs = (direction * hstep).to(dt)[:, None]
+        # Stages k_1..k_7 in one buffer; each stage state is y + h sum_j a_ij k_j.
+        ks = torch.empty(7, *ya.shape, dtype=dt, device=dev)
+        ks[0] = fa
+        for i, (c, row) in enumerate(zip(_C, a_rows, strict=True), start=1):
+            yi = torch.addcmul(ya, hs, torch.tensordot(row, ks[:i], dims=1))
+            ks[i] = fn((ta + direction * c * hstep).to(dt), yi, active)
+        y_new = torch.addcmul(ya, hs, torch.tensordot(coef["b5"], ks[:6], dims=1))
+        t_new = torch.where(last, end_t, ta + direction * hstep)
+        ks[6] = fn(t_new.to(dt), y_new, active)
+        f_new = ks[6]
+        err = hs * torch.tensordot(coef["e"], ks, dims=1)
         err_norm = _norm(err, atol + rtol * torch.maximum(ya.abs(), y_new.abs()))
         err_norm = err_norm.to(torch.float64)
         ok = err_norm <= 1.0
-        factor = torch.where(err_norm > 0, 0.9 * err_norm.clamp_min(1e-300) ** -0.2,
-                             torch.full_like(err_norm, 10.0)).clamp(0.2, 10.0)
-        factor = torch.where(ok & rejected_last[active], factor.clamp(max=1.0), factor)
-        steps[active] += 1
-        acc = active[ok]
+        factor = (0.9 * err_norm.clamp_min(1e-300) ** -0.2).clamp(0.2, 10.0)
+        factor = torch.where(ok & rej, factor.clamp(max=1.0), factor)
+        n_steps += 1
         if rec is not None and bool(ok.any()):
             lo, hi = direction * ta[ok], direction * t_new[ok]
             r = direction * rec
@@ -138,16 +146,25 @@ def dopri5(
             if rows.numel():
                 theta = (r[cols] - lo[rows]) / (hi[rows] - lo[rows])
                 sub = ok.nonzero().squeeze(1)[rows]
-                recorded[acc[rows], cols] = _hermite(
+                recorded[active[ok][rows], cols] = _hermite(
                     ya[sub], fa[sub], y_new[sub], f_new[sub],
-                    (direction * ha[sub]).to(dt), theta.to(dt))
-        t[acc], y[acc], f[acc] = t_new[ok], y_new[ok], f_new[ok]
-        accepted[acc] += 1
-        h[active] = ha * factor
-        rejected_last[active] = ~ok
+                    (direction * hstep[sub]).to(dt), theta.to(dt))
+        ok_col = ok[:, None]
+        ta = torch.where(ok, t_new, ta)
+        ya = torch.where(ok_col, y_new, ya)
+        fa = torch.where(ok_col, f_new, fa)
+        n_acc += ok
+        ha = hstep * factor
+        rej = ~ok
         done = ok & last
-        active = active[~done]
-        if active.numel() and int(steps[active].max()) >= max_steps:
+        if bool(done.any()):
+            fin = active[done]
+            y[fin], steps[fin], accepted[fin] = ya[done], n_steps[done], n_acc[done]
+            keep = ~done
+            active, ta, ya, fa, ha = active[keep], ta[keep], ya[keep], fa[keep], ha[keep]
+            rej, n_steps, n_acc = rej[keep], n_steps[keep], n_acc[keep]
+        # Every running sample has taken exactly ``iteration`` steps.
+        if active.numel() and iteration >= max_steps:
             raise RuntimeError(f"rk45: {active.numel()} of {B} trajectories did not reach "
                                f"the end after max_steps = {max_steps} steps; raise max_steps "
                                "or loosen rtol/atol")

@@ -8,9 +8,10 @@
   (for VE and the empirical score, ``dx/ds = D_e(x, t) - x``).
 * :func:`sample_sde` runs Euler--Maruyama on the reverse SDE ``dx = [f - g^2 s] dt + g dW``.
 
-The adaptive method (``'rk45'``: Dormand--Prince 5(4)) is torchode's, which controls the step
-of every sample separately, so one stiff trajectory does not set the step of the batch, and
-runs wherever the tensors live. ``'heun'`` and ``'euler'`` use a fixed grid.
+The adaptive method (``'rk45'``: Dormand--Prince 5(4), :func:`diffmem.ode.dopri5`) controls
+the step of every sample separately, so one stiff trajectory does not set the step of the
+batch, and runs wherever the tensors live; torchode's implementation of the same scheme is
+``'rk45-torchode'``. ``'heun'`` and ``'euler'`` use a fixed grid.
 """
 
 from __future__ import annotations
@@ -204,7 +205,9 @@ def transformed_drift(schedule: Schedule, score: Callable[..., Tensor],
                       batch: int = 0) -> Drift:
     """``dx/ds = [-2 sigma^2 (d log m/dt) x + g^2 (sigma^2 s(x, t))] / (d sigma^2/dt)`` at
     ``t = t(s)``, on flattened states; ``sigma^2 s`` comes from ``score.sigma2_score`` when the
-    score has it (finite as ``sigma -> 0``)."""
+    score has it (finite as ``sigma -> 0``). With ``g^2 = d sigma^2/dt - 2 (d log m/dt)
+    sigma^2`` this is ``dx/ds = sigma^2 s - r (x + sigma^2 s)``, ``r = 2 sigma^2 (d log m/dt)
+    / (d sigma^2/dt)`` (``r = 0`` for VE: ``dx/ds = D - x``)."""
     scaled = _conditioned(getattr(score, "sigma2_score", None), cond, batch)
     plain = _conditioned(score, cond, batch)
     assert plain is not None
@@ -212,10 +215,13 @@ def transformed_drift(schedule: Schedule, score: Callable[..., Tensor],
     def drift(s: Tensor, y: Tensor, rows: Tensor) -> Tensor:
         t = schedule.t_of_s(s)
         x = y.reshape(y.shape[0], *shape)
-        co = {k: expand_as_batch(v.to(x), x) for k, v in schedule.coefficients(t).items()}
-        s2s = scaled(x, t, rows) if scaled is not None else co["sigma2"] * plain(x, t, rows)
-        num = -2 * co["sigma2"] * co["dlog_m"] * x + co["g2"] * s2s
-        return (num / co["dsigma2"]).reshape(y.shape)
+        co = schedule.coefficients(t)
+        if scaled is not None:
+            s2s = scaled(x, t, rows).reshape(y.shape)
+        else:
+            s2s = co["sigma2"].to(y)[:, None] * plain(x, t, rows).reshape(y.shape)
+        r = (2 * co["sigma2"] * co["dlog_m"] / co["dsigma2"]).to(y)[:, None]
+        return s2s - r * (y + s2s)
 
     return drift
 

@@ -26,8 +26,9 @@ def _time(t: TimeLike, T: float, name: str = "t") -> Tensor:
         t = torch.tensor(float(t), dtype=torch.float64)
     elif not t.is_floating_point():
         t = t.to(torch.float64)
-    finite_tensor(name, t)
-    if t.numel() and (bool((t < 0).any()) or bool((t > T * (1 + 1e-9)).any())):
+    # One fused test (NaN fails both comparisons); the details only on failure.
+    if not bool(((t >= 0) & (t <= T * (1 + 1e-9))).all()):
+        finite_tensor(name, t)
         lo, hi = float(t.min()), float(t.max())
         raise fail(name, f"times in [0, T] = [0, {T}]", f"values in [{lo}, {hi}]")
     return t
@@ -101,6 +102,11 @@ class Schedule(ABC):
         return {"m": torch.exp(self._log_m(t)), "sigma2": sigma2, "dlog_m": dlog_m,
                 "dsigma2": dsigma2, "g2": dsigma2 - 2 * dlog_m * sigma2}
 
+    def m_sigma2(self, t: TimeLike) -> tuple[Tensor, Tensor]:
+        """``m(t)`` and ``sigma(t)^2``, checking ``t`` once."""
+        t = _time(t, self.T)
+        return torch.exp(self._log_m(t)), self._sigma2(t)
+
     def g(self, t: TimeLike) -> Tensor:
         """Diffusion coefficient ``g(t)``."""
         return torch.sqrt(self.g2(t))
@@ -113,11 +119,19 @@ class Schedule(ABC):
         """Transformed time ``s = -log sigma(t)`` (``+inf`` at ``t = 0``)."""
         return -0.5 * torch.log(self.sigma2(t))
 
+    @property
+    def s_T(self) -> float:
+        """``s(T) = -log sigma(T)``, the start of the transformed time (computed once)."""
+        key = (self.T, *(v for k, v in vars(self).items() if not k.startswith("_")))
+        if getattr(self, "_s_T_cache", (None,))[0] != key:
+            self._s_T_cache = (key, float(self.s(self.T)))
+        return self._s_T_cache[1]
+
     def t_of_s(self, s: TimeLike) -> Tensor:
         """Inverse of the transformed time: the ``t`` with ``-log sigma(t) = s``."""
         s = s if isinstance(s, Tensor) else torch.tensor(float(s), dtype=torch.float64)
-        s_T = float(self.s(self.T))
-        if bool((s < s_T - 1e-9 * max(1.0, abs(s_T))).any()) or bool(torch.isnan(s).any()):
+        s_T = self.s_T
+        if not bool((s >= s_T - 1e-9 * max(1.0, abs(s_T))).all()):  # NaN fails too
             raise fail("s", f"values >= s(T) = {s_T}", f"min {float(s.min())}")
         return self._t_of_sigma2(torch.exp(-2 * s)).clamp(max=self.T)
 
@@ -140,7 +154,7 @@ class Schedule(ABC):
         return float(self.sigma(self.T)) * z
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        params = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
 
 

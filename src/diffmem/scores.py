@@ -84,8 +84,7 @@ class ClosedFormScore:
             if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != B):
                 raise fail("t", f"a float or a tensor of shape () or ({B},)",
                            f"shape {tuple(t.shape)}")
-        co = self.schedule.coefficients(t)
-        m, sigma2 = co["m"], co["sigma2"]
+        m, sigma2 = self.schedule.m_sigma2(t)
         tt = t if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
 
         def to_batch(v: Tensor) -> Tensor:

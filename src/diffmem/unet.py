@@ -139,7 +139,7 @@ def train_edm(
     dev = next(den.parameters()).device
     data = train.to(device=dev, dtype=torch.float32)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    opt = torch.optim.Adam(den.parameters(), lr=lr)
+    opt = torch.optim.Adam(den.parameters(), lr=lr, fused=True)
     marks = set(checkpoints)
     losses = []
     for step in tqdm(range(1, steps + 1), desc="EDM training", disable=not progress,
