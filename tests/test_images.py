@@ -162,3 +162,24 @@ def test_unet_training_reduces_loss_and_experiment_quick(tmp_path):
     assert m["values"] == [150, 300] and set(m["sizes"]) == {"4", "8"}
     for size in m["sizes"].values():
         assert len(size["exact_match"]) == 2 and size["train_steps_per_s"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:EMA decay")
+def test_edm_training_ema_is_the_running_average_of_the_raw_weights():
+    from diffmem.unet import EDMDenoiser, UNet, train_edm
+
+    sq = images.two_squares(8)
+
+    def weights(steps, ema_decay=None):
+        den = EDMDenoiser(UNet(2))
+        if steps:
+            train_edm(den, sq, steps, progress=False, ema_decay=ema_decay)
+        return torch.cat([p.detach().flatten() for p in den.parameters()])
+
+    w0, w1, w2 = weights(0), weights(1), weights(2)
+    assert not torch.allclose(w1, w2)
+    assert torch.allclose(weights(2, ema_decay=0.5), 0.25 * w0 + 0.25 * w1 + 0.5 * w2,
+                          atol=1e-7)
+    assert torch.equal(weights(2, ema_decay=0.0), w2)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train_edm(EDMDenoiser(UNet(2)), sq, 2, progress=False, ema_decay=1.0)

@@ -54,7 +54,7 @@ def run(
     device: str = DEVICE,
     set_: list[str] = typer.Option(  # noqa: B008
         [], "--set", help="Override a parameter: --set key=value (repeatable; lists as "
-                          "a,b,c or [a, b, c])."),
+                          "a,b,c or \\[a, b, c])."),
     config: Path | None = typer.Option(  # noqa: B008
         None, "--config", help="TOML file of parameters (top-level keys or a [NAME] table)."),
     progress: bool = PROGRESS,

@@ -282,6 +282,20 @@ def checkpoint_steps(steps: int, every: int | None = None, n_log: int | None = N
     return sorted(s for s in out if 1 <= s <= steps)
 
 
+def ema_init_share(decay: float, steps: int) -> float:
+    """Weight ``decay^steps`` of the initialisation in an EMA of the weights after ``steps``
+    updates ``ema <- decay ema + (1 - decay) w``; warns when it exceeds 5%."""
+    share = decay**steps
+    if share > 0.05:
+        half_life = math.log(0.5) / math.log(decay) if decay else 0
+        warnings.warn(
+            f"EMA decay {decay} (half-life {half_life:.0f} steps) over {steps} steps: "
+            f"{100 * share:.0f}% of the EMA weights is still the initialisation; lower "
+            "ema_decay (for example 1 - 10 / steps) or evaluate the raw weights",
+            stacklevel=3)
+    return share
+
+
 def train_dsm(
     train: Tensor,
     schedule: Schedule,
@@ -352,15 +366,7 @@ def train_dsm(
         start = int(state["step"])
         if start > config.steps:
             raise fail("steps", f"at least the checkpoint's step {start}", config.steps)
-    ema_init_weight = config.ema_decay ** config.steps
-    if ema_init_weight > 0.05:
-        half_life = math.log(0.5) / math.log(config.ema_decay) if config.ema_decay else 0
-        warnings.warn(
-            f"EMA decay {config.ema_decay} (half-life {half_life:.0f} steps) over {config.steps} "
-            f"steps: {100 * ema_init_weight:.0f}% of the EMA weights is still the "
-            "initialisation; lower ema_decay (for example 1 - 10 / steps) or evaluate the raw "
-            "weights",
-            stacklevel=2)
+    ema_init_weight = ema_init_share(config.ema_decay, config.steps)
     marks = set(checkpoints) | {config.steps}
     params = list(model.parameters())
     ema_params = list(ema.parameters())

@@ -10,6 +10,7 @@ F(c_in x, c_noise)`` and :func:`train_edm` minimises EDM's loss
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from diffmem._checks import fail, positive_int
 from diffmem.edm import Precond, training_sigmas
+from diffmem.nn import ema_init_share
 
 
 def _groups(ch: int) -> int:
@@ -131,15 +133,26 @@ def train_edm(
     progress: bool = True,
     p_mean: float = -1.2,
     p_std: float = 1.2,
+    ema_decay: float | None = None,
 ) -> list[float]:
     """Adam on :func:`edm_loss` with batches drawn (with replacement) from ``train``
     ``(N, C, H, W)``; ``callback(step, den)`` at each step in ``checkpoints``. Returns the
-    loss history (every step)."""
+    loss history (every step). With ``ema_decay``, an exponential moving average of the
+    weights (``ema <- decay ema + (1 - decay) w`` after every step) is what the callback
+    receives and what ``den`` holds at the end; the raw weights are discarded."""
     steps = positive_int("steps", steps)
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise fail("ema_decay", "None or a number in [0, 1)", ema_decay)
     dev = next(den.parameters()).device
     data = train.to(device=dev, dtype=torch.float32)
     gen = torch.Generator(device=dev).manual_seed(seed)
     opt = torch.optim.Adam(den.parameters(), lr=lr, fused=True)
+    params = list(den.parameters())
+    ema = None
+    if ema_decay is not None:
+        ema_init_share(ema_decay, steps)
+        ema = copy.deepcopy(den).requires_grad_(False)
+        ema_params = list(ema.parameters())
     marks = set(checkpoints)
     losses = []
     for step in tqdm(range(1, steps + 1), desc="EDM training", disable=not progress,
@@ -151,11 +164,17 @@ def train_edm(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"EDM training diverged at step {step} (loss {losses[-1]})")
         if step in marks and callback is not None:
-            den.eval()
-            callback(step, den)
-            den.train()
+            shown = den if ema is None else ema
+            shown.eval()
+            callback(step, shown)
+            shown.train()
+    if ema is not None:
+        den.load_state_dict(ema.state_dict())
     return losses
