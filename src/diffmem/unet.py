@@ -147,12 +147,11 @@ def train_edm(
     data = train.to(device=dev, dtype=torch.float32)
     gen = torch.Generator(device=dev).manual_seed(seed)
     opt = torch.optim.Adam(den.parameters(), lr=lr, fused=True)
-    params = list(den.parameters())
     ema = None
     if ema_decay is not None:
         ema_init_share(ema_decay, steps)
         ema = copy.deepcopy(den).requires_grad_(False)
-        ema_params = list(ema.parameters())
+        params, ema_params = list(den.parameters()), list(ema.parameters())
     marks = set(checkpoints)
     losses = []
     for step in tqdm(range(1, steps + 1), desc="EDM training", disable=not progress,

@@ -73,6 +73,13 @@ class Outcome:
     claim_holds: bool
     verdict: str
 
+    @classmethod
+    def judged(cls, metrics: dict[str, Any], holds: bool, finding: str) -> Outcome:
+        """The outcome whose verdict is ``Confirmed: `` or ``Not confirmed: `` + ``finding``."""
+        holds = bool(holds)
+        return cls(metrics=metrics, claim_holds=holds,
+                   verdict=("Confirmed: " if holds else "Not confirmed: ") + finding)
+
 
 @dataclass(frozen=True)
 class Experiment:

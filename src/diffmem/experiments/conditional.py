@@ -72,14 +72,13 @@ def run_2d(ctx: Context) -> Outcome:
     exact, kernel, tik = (metrics["methods"][names[i]] for i in range(3))
     ok = (min(exact["fraction_paired_at_training_y"]) > 0.95
           and np.mean(tik["fraction_within"]) < np.mean(exact["fraction_within"]))
-    verdict = (("Confirmed: " if ok else "Not confirmed: ")
-               + "at training y the near-exact conditional score returns the paired sample "
+    finding = ("at training y the near-exact conditional score returns the paired sample "
                f"(fractions {[round(v, 3) for v in exact['fraction_paired_at_training_y']]}); "
                f"memorized fraction over all queries: near-exact "
                f"{np.mean(exact['fraction_within']):.3f}, kernel in y "
                f"{np.mean(kernel['fraction_within']):.3f} (smoothing in y alone still returns "
                f"training x), Tikhonov {np.mean(tik['fraction_within']):.3f}")
-    return Outcome(metrics=metrics, claim_holds=bool(ok), verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 def top_half(v: Tensor) -> Tensor:
@@ -135,14 +134,13 @@ def run_digits(ctx: Context) -> Outcome:
     tik = metrics["methods"][list(methods)[1]]
     ok = emp["copy_fraction_nn_ratio"] > 0.9 and tik["copy_fraction_nn_ratio"] < emp[
         "copy_fraction_nn_ratio"]
-    verdict = (("Confirmed: " if ok else "Not confirmed: ")
-               + f"the conditional empirical score copies a training digit in "
+    finding = (f"the conditional empirical score copies a training digit in "
                f"{emp['copy_fraction_nn_ratio']:.2f} of samples (nearest-neighbour ratio "
                f"< 1/3), "
                f"Tikhonov in {tik['copy_fraction_nn_ratio']:.2f}; errors to the held-out truth "
                + ", ".join(f"{n}: {m['error_to_truth_mean']:.2f}"
                            for n, m in metrics["methods"].items()))
-    return Outcome(metrics=metrics, claim_holds=bool(ok), verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 def _digit_grid(ctx: Context, obs: Tensor, truth: Tensor, shown: dict[str, Tensor],

@@ -71,14 +71,13 @@ def run_squares(ctx: Context) -> Outcome:
     metrics["kde_bandwidth_sqrt_c"] = p["c"] ** 0.5
     ok = (emp["exact_match_fraction"] == 1.0 and emp["rms_pixel_residual_mean"] < 1e-6
           and abs(tik["rms_pixel_residual_mean"] / p["c"] ** 0.5 - 1) < 0.2)
-    verdict = (("Confirmed: " if ok else "Not confirmed: ")
-               + f"the empirical denoiser returns exact copies (exact-match fraction "
+    finding = (f"the empirical denoiser returns exact copies (exact-match fraction "
                f"{emp['exact_match_fraction']:.2f}, RMS residual "
                f"{emp['rms_pixel_residual_mean']:.1e}); Tikhonov c = {p['c']:g} returns the "
                f"squares plus pixel noise (RMS residual {tik['rms_pixel_residual_mean']:.3f}"
                f" per pixel against sqrt(c) = {p['c'] ** 0.5:.3f}; exact matches after "
                f"thresholding {tik['exact_match_fraction']:.2f})")
-    return Outcome(metrics=metrics, claim_holds=bool(ok), verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 def run_digits(ctx: Context) -> Outcome:
@@ -113,11 +112,11 @@ def run_digits(ctx: Context) -> Outcome:
     emp, tik = m["empirical"], m[f"Tikhonov c = {p['c']:g}"]
     ok = emp["copy_fraction_nn_ratio"] > 0.9 and tik["copy_fraction_nn_ratio"] < emp[
         "copy_fraction_nn_ratio"]
-    verdict = (("Confirmed: " if ok else "Not confirmed: ") + "copies by nearest-neighbour "
+    finding = ("copies by nearest-neighbour "
                "ratio < 1/3: " + ", ".join(f"{n} {v['copy_fraction_nn_ratio']:.2f}"
                                             for n, v in m.items())
                + f" (MLP after {p['network_steps']} steps)")
-    return Outcome(metrics=metrics, claim_holds=bool(ok), verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 SQUARES_CLOSED_FORM = Experiment(
@@ -206,13 +205,11 @@ def run_squares_unet(ctx: Context) -> Outcome:
     known = [f for f in firsts if f is not None]
     larger_sooner = len(known) == len(firsts) and all(
         b <= a for a, b in zip(known, known[1:], strict=False))
-    verdict = (("Confirmed: " if all_memorize and larger_sooner else "Not confirmed: ")
-               + f"final exact-match fractions by channel count {finals}; first step with "
+    finding = (f"final exact-match fractions by channel count {finals}; first step with "
                f"half the samples copies: {dict(zip(metrics['sizes'], firsts, strict=True))} "
                + ("(no larger model later than a smaller one)" if larger_sooner
                   else "(not ordered by size)"))
-    return Outcome(metrics=metrics, claim_holds=all_memorize and larger_sooner,
-                   verdict=verdict)
+    return Outcome.judged(metrics, all_memorize and larger_sooner, finding)
 
 
 SQUARES_UNET = Experiment(

@@ -104,8 +104,7 @@ def run_tikhonov(ctx: Context) -> Outcome:
     first = [fractions(smp, train, [p["verdict_delta"]])[delta_key(p["verdict_delta"])]
              for smp in samples]
     ok = decreasing([first[i] for i in order], slack=0.05) and first[order[0]] > first[order[-1]]
-    verdict = (("Confirmed: " if ok else "Not confirmed: ")
-               + f"fraction within {p['verdict_delta']} is {first[order[0]]:.3f} at lambda = "
+    finding = (f"fraction within {p['verdict_delta']} is {first[order[0]]:.3f} at lambda = "
                f"{lambdas[order[0]]:g} and {first[order[-1]]:.3f} at lambda = "
                f"{lambdas[order[-1]]:g} after {p['steps']} steps")
     metrics = {"parameter": "lambda", "values": lambdas, "n_samples": p["n_samples"],
@@ -113,7 +112,7 @@ def run_tikhonov(ctx: Context) -> Outcome:
                    "ema" if p["use_ema"] else "raw"),
                "final_losses": trained.history[-1][1] if trained.history else [],
                "score_norm": norms}
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 def _score_norms(ctx: Context, model: ScoreMLP, lambdas: Sequence[float]) -> dict[str, Any]:
@@ -179,14 +178,14 @@ def run_early_stopping(ctx: Context) -> Outcome:
     grew = {n: curves[n][key][-1] >= curves[n][key][0] for n in params}
     faster = sum(curves["noise"][key]) >= sum(curves["score"][key])
     ok = all(grew.values()) and faster
-    verdict = (("Confirmed: " if ok else "Not confirmed: ") + "; ".join(
+    finding = ("; ".join(
         f"{n}: fraction within {key} goes {curves[n][key][0]:.3f} -> {curves[n][key][-1]:.3f}"
         for n in params) + f" over {done[0]}..{done[-1]} steps; the noise parameterization "
         + ("memorizes at least as fast" if faster else "memorizes more slowly"))
     metrics = {"parameter": "steps", "values": done, "n_samples": p["n_samples"],
                "weights": "ema" if p["use_ema"] else "raw",
                **{n: {"fraction_within": curves[n]} for n in params}}
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 def run_width(ctx: Context) -> Outcome:
@@ -210,14 +209,13 @@ def run_width(ctx: Context) -> Outcome:
                          f"{p['verdict_delta']}")
     ordered = per_delta[key]
     ok = ordered[-1] >= ordered[0] and ordered[-1] > 0
-    verdict = (("Confirmed: " if ok else "Not confirmed: ")
-               + f"at {p['steps']} steps the fraction within {p['verdict_delta']} goes from "
+    finding = (f"at {p['steps']} steps the fraction within {p['verdict_delta']} goes from "
                f"{ordered[0]:.3f} (width {p['values'][0]}) to {ordered[-1]:.3f} "
                f"(width {p['values'][-1]}): narrower networks memorize less")
     metrics = {"parameter": "width", "values": p["values"], "n_parameters": n_params,
                "n_samples": p["n_samples"], "steps": p["steps"], "fraction_within": per_delta,
                "weights": "ema" if p["use_ema"] else "raw"}
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 NN_TIKHONOV = Experiment(

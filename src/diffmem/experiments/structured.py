@@ -73,8 +73,7 @@ def run(ctx: Context) -> Outcome:
                      f"of the averages, the other starts within {max_generic:.1e} of a "
                      "training point")
     ctx.save(fig, "structured_points")
-    verdict = ("Confirmed: " if ok else "Not confirmed: ") + "; ".join(notes)
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    return Outcome.judged(metrics, ok, "; ".join(notes))
 
 
 EXPERIMENT = Experiment(

@@ -21,14 +21,13 @@ from diffmem.schedules import Schedule, get_schedule
 from diffmem.scores import ClosedFormScore, ThresholdScore, TikhonovScore
 
 
-def _verdict(name: str, values: list[float], fracs: list[float]) -> tuple[bool, str]:
+def _finding(name: str, values: list[float], fracs: list[float]) -> tuple[bool, str]:
     order = np.argsort(values)
     ordered = [fracs[i] for i in order]
     ok = decreasing(ordered, slack=0.02) and ordered[0] > ordered[-1]
     text = (f"fraction within 1e-2 goes from {ordered[0]:.3f} at {name} = "
             f"{values[order[0]]:.2g} to {ordered[-1]:.3f} at {name} = {values[order[-1]]:.2g}")
-    head = "Confirmed: regularization stops memorization; " if ok else "Not confirmed: "
-    return ok, head + text
+    return ok, ("regularization stops memorization; " if ok else "") + text
 
 
 def _sweep(ctx: Context, parameter: str,
@@ -40,19 +39,19 @@ def _sweep(ctx: Context, parameter: str,
     sch = get_schedule(p["schedule"])
     metrics = closed_form_sweep(ctx, train, sch, parameter, p["values"],
                                 lambda v: make(train, sch, v), p["t_end"], p["deltas"])
-    ok, verdict = _verdict(parameter, p["values"],
+    ok, finding = _finding(parameter, p["values"],
                            metrics["fraction_within"][repr(p["deltas"][0])])
-    return train, sch, metrics, ok, verdict
+    return train, sch, metrics, ok, finding
 
 
 def run_tikhonov(ctx: Context) -> Outcome:
-    _, _, metrics, ok, verdict = _sweep(ctx, "c", TikhonovScore)
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    _, _, metrics, ok, finding = _sweep(ctx, "c", TikhonovScore)
+    return Outcome.judged(metrics, ok, finding)
 
 
 def run_threshold(ctx: Context) -> Outcome:
     p = ctx.params
-    train, sch, metrics, ok, verdict = _sweep(ctx, "tau", ThresholdScore)
+    train, sch, metrics, ok, finding = _sweep(ctx, "tau", ThresholdScore)
     score = ThresholdScore(train, sch, p["trace_tau"])
     x_T = ctx.noise(p["n_trajectories"], (2,), float(sch.sigma(sch.T)), offset=300)
     traced = trace(ctx, sch, score, x_T, p["t_end"], p["rtol"], p["atol"], p["n_record"])
@@ -60,7 +59,7 @@ def run_threshold(ctx: Context) -> Outcome:
                   f"trajectories_tau_{p['trace_tau']}", None)
     metrics["trace_tau"] = p["trace_tau"]
     metrics["trace_final_weight_sum"] = traced.weights[:, -1].sum(-1).tolist()
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    return Outcome.judged(metrics, ok, finding)
 
 
 TIKHONOV = Experiment(

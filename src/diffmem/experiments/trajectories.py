@@ -60,9 +60,8 @@ def run(ctx: Context) -> Outcome:
         first = frac[repr(float(p["deltas"][0]))]
         ok &= first == 1.0 and abs(slope - 1) <= 0.1
         notes.append(f"{name}: {first:.3f} of samples within {p['deltas'][0]}, slope {slope:.3f}")
-    verdict = ("Confirmed: the empirical score returns training points at rate O(sigma). "
-               if ok else "Not confirmed: ") + "; ".join(notes)
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    claim = "the empirical score returns training points at rate O(sigma). " if ok else ""
+    return Outcome.judged(metrics, ok, claim + "; ".join(notes))
 
 
 EXPERIMENT = Experiment(

@@ -56,9 +56,8 @@ def run(ctx: Context) -> Outcome:
         ok &= abs(rate - 1) <= 0.1
         notes.append(f"{name}: rate {rate:.3f}")
     ctx.save(fig, "distance_vs_s")
-    verdict = ("Confirmed: in s = -log sigma trajectories converge as O(e^-s). " if ok else
-               "Not confirmed: ") + "; ".join(notes)
-    return Outcome(metrics=metrics, claim_holds=ok, verdict=verdict)
+    claim = "in s = -log sigma trajectories converge as O(e^-s). " if ok else ""
+    return Outcome.judged(metrics, ok, claim + "; ".join(notes))
 
 
 EXPERIMENT = Experiment(
