@@ -116,7 +116,7 @@ def test_regularized_variants_and_broadcast():
 def test_conditional_network_trains_and_samples():
     sch = VP()
     cfg = dnn.TrainConfig(lambdas=[0.0], parameterizations=["score"], steps=300,
-                          ema_decay=0.9, batch_size=64, mlp={"width": 32})
+                          ema_half_life=6.6, batch_size=64, mlp={"width": 32})
     trained = dnn.train_dsm(X, sch, cfg, train_y=Y_CONT, progress=False)
     score = dnn.NetworkScore(trained.model, sch)
     x_T = sch.prior_sample(5, 2, dtype=torch.float64)

@@ -154,7 +154,7 @@ def test_unet_training_reduces_loss_and_experiment_quick(tmp_path):
     from diffmem.unet import EDMDenoiser, UNet, train_edm
 
     sq = images.two_squares(16)
-    losses = train_edm(EDMDenoiser(UNet(4)), sq, 200, progress=False)
+    losses = train_edm(EDMDenoiser(UNet(4)), sq, 200, progress=False).losses
     assert sum(losses[-50:]) < sum(losses[:50])
     exp = get_experiment("squares-unet")
     run_experiment(exp, tmp_path, resolve_params(exp, quick=True), progress=False)
@@ -170,16 +170,17 @@ def test_edm_training_ema_is_the_running_average_of_the_raw_weights():
 
     sq = images.two_squares(8)
 
-    def weights(steps, ema_decay=None):
+    def weights(steps, ema_half_life=None):
         den = EDMDenoiser(UNet(2))
         if steps:
-            train_edm(den, sq, steps, progress=False, ema_decay=ema_decay)
+            train_edm(den, sq, steps, progress=False, ema_half_life=ema_half_life)
         return torch.cat([p.detach().flatten() for p in den.parameters()])
 
     w0, w1, w2 = weights(0), weights(1), weights(2)
     assert not torch.allclose(w1, w2)
-    assert torch.allclose(weights(2, ema_decay=0.5), 0.25 * w0 + 0.25 * w1 + 0.5 * w2,
+    # half-life 1 step: decay 0.5
+    assert torch.allclose(weights(2, ema_half_life=1.0), 0.25 * w0 + 0.25 * w1 + 0.5 * w2,
                           atol=1e-7)
-    assert torch.equal(weights(2, ema_decay=0.0), w2)
-    with pytest.raises(ValueError, match="ema_decay"):
-        train_edm(EDMDenoiser(UNet(2)), sq, 2, progress=False, ema_decay=1.0)
+    assert torch.equal(weights(2, ema_half_life=0.0), w2)
+    with pytest.raises(ValueError, match="ema_half_life"):
+        train_edm(EDMDenoiser(UNet(2)), sq, 2, progress=False, ema_half_life=-1.0)

@@ -8,13 +8,14 @@ from diffmem.metrics import fraction_within
 from diffmem.samplers import sample_ode
 from diffmem.schedules import VP
 from diffmem.scores import TikhonovScore
+from diffmem.training import half_life_from_decay
 
 TWO = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
 
 
 def config(**kw):
-    base = dict(lambdas=[0.0], parameterizations=["score"], steps=50, ema_decay=0.9,
-                mlp={"width": 32})
+    base = dict(lambdas=[0.0], parameterizations=["score"], steps=50,
+                ema_half_life=half_life_from_decay(0.9), mlp={"width": 32})
     base.update(kw)
     return dnn.TrainConfig(**base)
 
@@ -24,7 +25,7 @@ def test_losses_match_direct_formulas_and_penalty_gradient():
     out = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     z = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
     sigma = 0.1 + torch.rand(2, 6, generator=gen, dtype=torch.float64)
-    noise = torch.tensor([False, True])
+    noise = [dnn.parameterization("score"), dnn.parameterization("noise")]
     lam = torch.tensor([0.3, 0.2], dtype=torch.float64)[:, None, None]
     loss = dnn.dsm_loss(out, z, sigma, noise, lam)
     s0, s1 = out[0], out[1] / sigma[1, :, None]
@@ -50,7 +51,7 @@ def test_manual_gradients_equal_autograd():
     z = torch.randn(3, 7, 3, generator=gen, dtype=torch.float64)
     sigma = 0.1 + torch.rand(3, 7, generator=gen, dtype=torch.float64)
     pen = torch.tensor([0.0, 0.1, 0.01], dtype=torch.float64)[:, None, None]
-    auto = dnn.dsm_loss(model(x, t), z, sigma, model.noise_param, pen)
+    auto = dnn.dsm_loss(model(x, t), z, sigma, model.params_k, pen)
     auto.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     with torch.no_grad():
@@ -150,11 +151,13 @@ def test_network_score_plugs_into_samplers():
 
 
 def test_ema_warning_when_half_life_is_long():
-    with pytest.warns(UserWarning, match="EMA decay 0.9999"):
-        dnn.train_dsm(TWO, VP(), config(ema_decay=0.9999, steps=20), progress=False)
+    with pytest.warns(UserWarning, match=r"decay 0.9999\)"):
+        dnn.train_dsm(TWO, VP(), config(ema_half_life=half_life_from_decay(0.9999), steps=20),
+                      progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dnn.train_dsm(TWO, VP(), config(ema_decay=0.9, steps=60), progress=False)
+        dnn.train_dsm(TWO, VP(), config(ema_half_life=half_life_from_decay(0.9), steps=60),
+                      progress=False)
 
 
 def test_bad_input(tmp_path):

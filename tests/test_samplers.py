@@ -39,14 +39,14 @@ def test_transformed_time_rate_and_agreement(paper_points, sch):
     x = noise(sch, 20, seed=2)
     res = sample_ode_transformed(sch, score, x, s_end=20.0, rtol=1e-8, atol=1e-10,
                                  return_trajectory=True)
-    slopes = convergence_slopes(res.trajectory, res.samples, res.times, (3.0, 15.0),
+    slopes = convergence_slopes(res.trajectory, res.samples, res.s_times, (3.0, 15.0),
                                 log_abscissa=False)
     assert abs(float(slopes.median()) + 1.0) < 0.05
     # the same ODE in t ends at the same points
     t_end = float(sch.t_of_s(torch.tensor(20.0, dtype=torch.float64)))
     direct = sample_ode(sch, score, x, t_end=t_end, rtol=1e-8, atol=1e-10)
     assert torch.allclose(direct.samples, res.samples, atol=1e-5)
-    assert torch.allclose(res.t_of_times, sch.t_of_s(res.times))
+    assert torch.allclose(res.times, sch.t_of_s(res.s_times))
 
 
 def test_ve_transformed_drift_is_denoiser_minus_x(paper_points):

@@ -31,9 +31,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+_MARK = {"confirmed": "OK", "not_reproduced": "NO", "inconclusive": "??"}
+
+
 def _echo_record(rec: Record) -> None:
-    mark = "OK " if rec.outcome.claim_holds else "NO "
-    typer.echo(f"[{mark}] {rec.name} ({rec.elapsed_s:.1f} s): {rec.outcome.verdict}")
+    typer.echo(f"[{_MARK[rec.verdict.status]}] {rec.name} ({rec.elapsed_s:.1f} s)")
+    for claim in rec.verdict.claims:
+        typer.echo(f"     {_MARK[claim.status]} {claim.text}")
     typer.echo(f"      -> {rec.folder}/metrics.json, {len(rec.figures)} figures")
 
 
@@ -84,7 +88,7 @@ def reproduce(
     resume: bool = RESUME,
 ) -> None:
     """Run every registered experiment; write OUT/index.html and OUT/summary.json."""
-    from diffmem.report import write_report
+    from diffmem.report import claim_counts, counts_text, write_report
 
     try:
         names = list(REGISTRY) if only is None else [n.strip() for n in only.split(",") if n]
@@ -102,9 +106,8 @@ def reproduce(
         _fail(str(err))
         return
     write_report(out, records, dict(REGISTRY), quick=quick, seed=seed, total_s=total)
-    held = sum(r.outcome.claim_holds for r in records)
-    typer.echo(f"{held}/{len(records)} claims confirmed in {total:.1f} s. "
-               f"Report: {out / 'index.html'}")
+    typer.echo(f"Claims: {counts_text(claim_counts(records))} ({len(records)} experiments, "
+               f"{total:.1f} s). Report: {out / 'index.html'}")
 
 
 def main() -> None:  # pragma: no cover

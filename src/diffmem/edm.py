@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from diffmem._checks import fail, positive, positive_int
+from diffmem.schedules import EDM
+from diffmem.scores.base import HasDenoiser, HasSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -113,8 +115,11 @@ def edm_sample(
 def closed_form_denoiser(score: Callable[..., Tensor]) -> Denoiser:
     """``D(x, sigma)`` from a closed-form score built on the EDM schedule (``t = sigma``),
     via its ``denoiser`` method: ``D = x + sigma^2 s(x, sigma)``."""
-    den = getattr(score, "denoiser", None)
-    if den is None:
+    if not isinstance(score, HasDenoiser):
         raise fail("score", "a closed-form score with a denoiser method",
                    type(score).__name__)
+    if isinstance(score, HasSchedule) and not isinstance(score.schedule, EDM):
+        raise fail("score", "a score on the EDM schedule (sigma(t) = t)",
+                   f"a score on {score.schedule!r}")
+    den = score.denoiser
     return lambda x, sigma: den(x, sigma.to(x.dtype))

@@ -34,16 +34,29 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+#: Suffix of the temporary files of atomic writes (``.NAME.XXXX.tmp``).
+PARTIAL_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same folder, then rename it over ``path``."""
+    """Write ``data`` to a temporary file in the same folder, then rename it over ``path``.
+    The file gets the usual permissions, ``0666`` less the umask (``0644`` under the common
+    umask 022), not ``mkstemp``'s private ``0600``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -69,3 +82,14 @@ def atomic_save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
                 metadata={"Software": None})
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``folder``
+    (hidden ``.NAME.*.tmp`` files); returns what was removed."""
+    removed = []
+    for f in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        if f.is_file():
+            f.unlink()
+            removed.append(f)
+    return removed

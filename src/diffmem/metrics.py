@@ -1,10 +1,15 @@
-"""Memorization metrics. Distances are Euclidean norms of the flattened difference, in the
-units of the data; fractions are in ``[0, 1]``. Nearest neighbours are exact
-(:func:`diffmem.mixture.knn`)."""
+"""Memorization metrics. Units: distances are Euclidean norms of the flattened difference,
+in the units of the data (pixel values for images); fractions are in ``[0, 1]``
+(dimensionless); ratios of distances are dimensionless. Nearest neighbours are exact
+(:func:`diffmem.mixture.knn`).
+
+The experiments and the audit compute memorization through these functions only.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +49,65 @@ def fraction_within(samples: Tensor, train: Tensor,
     deltas = [positive("deltas", d) for d in deltas]
     _, dist = nearest(samples, train)
     return {d: float((dist < d).to(torch.float64).mean()) for d in deltas}
+
+
+def delta_key(delta: float) -> str:
+    """The JSON key of a tolerance: ``0.01 -> "0.01"`` (``repr`` of the float)."""
+    return repr(float(delta))
+
+
+def fractions(samples: Tensor, train: Tensor, deltas: Iterable[float]) -> dict[str, float]:
+    """:func:`fraction_within` keyed by :func:`delta_key` (fractions; ``deltas`` in data
+    units)."""
+    return {delta_key(d): f for d, f in fraction_within(samples, train, deltas).items()}
+
+
+def fraction_sweep(samples: Sequence[Tensor], train: Tensor,
+                   deltas: Sequence[float]) -> dict[str, list[float]]:
+    """The memorized fraction of each sample set of a sweep, per tolerance:
+    ``{delta_key(delta): [fraction of samples[0], fraction of samples[1], ...]}``
+    (fractions; ``deltas`` in data units)."""
+    out: dict[str, list[float]] = {delta_key(d): [] for d in deltas}
+    for s in samples:
+        for key, frac in fractions(s, train, deltas).items():
+            out[key].append(frac)
+    return out
+
+
+def paired_fraction(samples: Tensor, target: Tensor, delta: float) -> float:
+    """Fraction of ``samples`` within ``delta`` (data units) of one given point ``target``
+    (the training sample paired with a condition): ``mean_b [|x_b - target| < delta]``."""
+    delta = positive("delta", delta)
+    finite_tensor("samples", samples)
+    flat = samples.reshape(samples.shape[0], -1)
+    dist = (flat - target.reshape(1, -1).to(flat)).norm(dim=1)
+    return float((dist < delta).to(torch.float64).mean())
+
+
+def diversity(groups: Tensor) -> Tensor:
+    """Mean pairwise Euclidean distance (data units) between the ``k >= 2`` samples of each
+    group, ``groups`` ``(G, k, *shape)``: ``sum_{i != j} |x_i - x_j| / (k (k - 1))``, shape
+    ``(G,)``. 0 when every sample of a group is the same (for instance one training copy)."""
+    if groups.dim() < 3 or groups.shape[1] < 2:
+        raise fail("groups", "a tensor (groups, k >= 2 samples, ...)",
+                   f"shape {tuple(groups.shape)}")
+    flat = groups.reshape(groups.shape[0], groups.shape[1], -1)
+    k = flat.shape[1]
+    return torch.cdist(flat, flat).sum((1, 2)) / (k * (k - 1))
+
+
+def rms_per_coordinate(distance: Tensor | float, dim: int) -> Tensor | float:
+    """A Euclidean distance in ``dim`` dimensions as the root-mean-square difference per
+    coordinate, ``distance / sqrt(dim)`` (per-pixel units for images)."""
+    return distance / math.sqrt(positive_int("dim", dim))
+
+
+def decay_reference(rate: Tensor, distances: Tensor) -> Tensor:
+    """The reference line ``c r(tau)`` for distances that should decay like ``r(tau)``
+    (``r = sigma(t)`` for ``O(sigma)``, ``r = e^-s`` for ``O(e^-s)``), with ``c`` chosen so
+    that the line passes through the median distance at the median rate:
+    ``c = median(distances) / median(r)``. Same units as ``distances``."""
+    return rate * float(distances.median() / rate.median())
 
 
 def hit_counts(samples: Tensor, train: Tensor, delta: float) -> Tensor:

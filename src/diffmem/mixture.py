@@ -195,6 +195,250 @@ def _prior_chunk(log_prior: Tensor | None, lo: int, hi: int, rows: Tensor | None
     return part
 
 
+@dataclass
+class _Queries:
+    """Per-query constants: ``x`` (shifted by ``m c`` when the centres are centred), ``m``,
+    ``1 / (2 sigma^2)`` (1/2 on ``sigma = 0`` rows) and the ``sigma = 0`` mask."""
+
+    x: Tensor
+    m: Tensor
+    inv2s2: Tensor
+    zero: Tensor
+    any_zero: bool
+
+    @classmethod
+    def build(cls, x: Tensor, m: Tensor, sigma2: Tensor, offset: Tensor | None) -> _Queries:
+        if offset is not None:
+            x = x - m[:, None] * offset[None, :]
+        zero = sigma2 == 0
+        return cls(x=x, m=m, inv2s2=0.5 / sigma2.masked_fill(zero, 1.0), zero=zero,
+                   any_zero=bool(zero.any()))
+
+
+@dataclass
+class _Plan:
+    """How the centres are streamed: ``direct`` (exact differences) or by matrix products,
+    ``step`` centres at a time. On the matrix-product path, ``err`` bounds each row's
+    distance error, ``maybe`` marks rows that may need exact distances and ``keep_top``
+    says whether a shortlist is kept for them."""
+
+    direct: bool
+    step: int
+    sqnorm: Tensor
+    keep_top: bool = False
+    xx: Tensor | None = None
+    r_max: Tensor | None = None
+    err: Tensor | None = None
+    maybe: Tensor | None = None
+
+    @classmethod
+    def build(cls, q: _Queries, centres: Tensor, sqnorm: Tensor | None, chunk_size: int,
+              force_matmul: bool) -> _Plan:
+        B, d = q.x.shape
+        N = centres.shape[0]
+        if sqnorm is None:
+            sqnorm = centres.pow(2).sum(1)
+        direct = not force_matmul and B * min(N, chunk_size) * d <= DIRECT_BUDGET
+        step = chunk_size if not direct else max(1, min(chunk_size,
+                                                        DIRECT_BUDGET // max(1, B * d)))
+        plan = cls(direct=direct, step=step, sqnorm=sqnorm)
+        if not direct:
+            plan.xx = q.x.pow(2).sum(1)
+            plan.r_max = sqnorm.max().sqrt()
+            plan.err = _matmul_error(q.x, plan.r_max, q.m)
+            plan.maybe = q.zero | (plan.err * q.inv2s2 > refine_tolerance(q.x.dtype))
+            plan.keep_top = bool(plan.maybe.any())
+        return plan
+
+
+@dataclass
+class _FirstPass:
+    """What the first streamed pass leaves: the running log-sum-exp, the nearest centre of
+    ``sigma = 0`` rows (direct path), each row's smallest admissible squared distance
+    ``dmin`` (when needed), the shortlist of the ``k`` largest logits and the raw logits
+    when the weights were asked for."""
+
+    acc: _LogSumExp
+    nearest: _ArgMin | None
+    dmin: Tensor | None
+    top_logit: Tensor | None
+    top_index: Tensor | None
+    logits: Tensor | None
+
+
+def _stream_first_pass(q: _Queries, centres: Tensor, plan: _Plan, log_prior: Tensor | None,
+                       return_weights: bool) -> _FirstPass:
+    """One pass over the centres in chunks of ``plan.step``: accumulate ``max``,
+    ``sum exp`` and ``sum exp y`` of the logits per row, and (as needed) ``dmin``, the
+    nearest centre of ``sigma = 0`` rows, a running shortlist and the logits themselves."""
+    x, m, inv2s2 = q.x, q.m, q.inv2s2
+    B, d = x.shape
+    N = centres.shape[0]
+    neg_inv2s2 = -inv2s2
+    acc = _LogSumExp(B, d, x)
+    nearest = _ArgMin(B, x) if q.any_zero else None
+    logits_all = torch.empty(B, N, dtype=x.dtype, device=x.device) if return_weights else None
+    need_dmin = plan.keep_top or (plan.direct and q.any_zero)
+    dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device) if need_dmin else None
+    k = min(SHORTLIST, N)
+    top_logit = top_index = None
+    if plan.keep_top:
+        top_logit = torch.empty(B, 0, dtype=x.dtype, device=x.device)
+        top_index = torch.empty(B, 0, dtype=torch.long, device=x.device)
+    if not plan.direct:  # logits = (2 m / 2s^2) x.y - |x|^2 / 2s^2 - m^2 |y|^2 / 2s^2, fused
+        assert plan.xx is not None
+        x_scaled = x * (2 * m * inv2s2)[:, None]
+        row_term = (plan.xx * inv2s2)[:, None]
+        col_scale = m * m * inv2s2
+    for lo in range(0, N, plan.step):
+        hi = min(N, lo + plan.step)
+        y = centres[lo:hi]
+        if plan.direct:
+            dist = _direct_sqdist(x, y, m)
+            logits = dist * neg_inv2s2[:, None]
+        else:
+            logits = torch.addr(x_scaled @ y.T, col_scale, plan.sqnorm[lo:hi], alpha=-1)
+            logits.sub_(row_term).clamp_max_(0.0)
+            dist = None
+        prior = _prior_chunk(log_prior, lo, hi, None)
+        if dmin is not None:
+            if dist is None:
+                dist = -logits / inv2s2[:, None]
+            if prior is not None:
+                dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
+            dmin = torch.minimum(dmin, dist.min(dim=1).values)
+            if nearest is not None and plan.direct:
+                nearest.add_dense(dist, lo)
+        if prior is not None:
+            logits = logits + prior
+        acc.add_dense(logits, y)
+        if top_logit is not None and top_index is not None:  # the k largest logits so far
+            idx = torch.arange(lo, hi, device=x.device).expand(B, -1)
+            cat_l, cat_i = torch.cat([top_logit, logits], 1), torch.cat([top_index, idx], 1)
+            top = torch.topk(cat_l, min(k, cat_l.shape[1]), dim=1)
+            top_logit, top_index = top.values, torch.gather(cat_i, 1, top.indices)
+        if logits_all is not None:
+            logits_all[:, lo:hi] = logits
+    return _FirstPass(acc=acc, nearest=nearest, dmin=dmin, top_logit=top_logit,
+                      top_index=top_index, logits=logits_all)
+
+
+def _rows_to_refine(q: _Queries, plan: _Plan, first: _FirstPass) -> tuple[Tensor, Tensor]:
+    """Rows whose matrix-product logit error exceeds the tolerance and is well above what
+    exact differences in this dtype would give (``eps |x - m y|^2``), plus every
+    ``sigma = 0`` row; and each row's logit floor ``lim = max - 40 - 2 err / (2 sigma^2)``
+    (centres below it carry a relative weight under ``e^-40``)."""
+    assert plan.err is not None and plan.maybe is not None and plan.r_max is not None
+    assert first.dmin is not None
+    err = plan.err
+    intrinsic = err / (q.x.norm(dim=1) + q.m.abs() * plan.r_max).pow(2) * first.dmin
+    refine = q.zero | (plan.maybe & (err > 16 * intrinsic))
+    lim = first.acc.max - LOGIT_WINDOW - 2 * err * q.inv2s2
+    return refine, lim
+
+
+def _refine_from_shortlist(q: _Queries, centres: Tensor, first: _FirstPass, refine: Tensor,
+                           lim: Tensor, log_prior: Tensor | None, log_norm: Tensor,
+                           mean: Tensor) -> Tensor:
+    """Finish, from the shortlist alone, the refined rows whose whole window lies in it
+    (the usual case at small ``sigma``): exact logits of the ``k`` candidates replace the
+    row's ``log_norm``, ``mean`` and logits in place. Returns the rows still to refine."""
+    assert first.top_logit is not None and first.top_index is not None
+    x, m, inv2s2 = q.x, q.m, q.inv2s2
+    d = x.shape[1]
+    N = centres.shape[0]
+    k = min(SHORTLIST, N)
+    short = refine & ~q.zero & ((k == N) | (first.top_logit[:, -1] < lim))
+    if bool(short.any()):
+        rows = torch.nonzero(short).squeeze(1)
+        block = max(1, DIRECT_BUDGET // (k * d))
+        for i in range(0, rows.shape[0], block):
+            r = rows[i : i + block]
+            cand = first.top_index[r]
+            diff = x[r, None, :] - m[r, None, None] * centres[cand]
+            exact_logit = -torch.einsum("bkd,bkd->bk", diff, diff) * inv2s2[r, None]
+            if log_prior is not None:
+                exact_logit = exact_logit + (torch.gather(log_prior[r], 1, cand)
+                                             if log_prior.dim() == 2 else log_prior[cand])
+            log_norm[r] = torch.logsumexp(exact_logit, dim=1)
+            w = torch.exp(exact_logit - log_norm[r, None])
+            mean[r] = torch.einsum("bk,bkd->bd", w, centres[cand])
+            if first.logits is not None:
+                first.logits[r] = -math.inf
+                first.logits[r[:, None], cand] = exact_logit
+    return refine & ~short
+
+
+def _refine_by_second_pass(q: _Queries, centres: Tensor, plan: _Plan, first: _FirstPass,
+                           refine: Tensor, lim: Tensor, log_prior: Tensor | None,
+                           log_norm: Tensor, mean: Tensor) -> None:
+    """A second streamed pass for the remaining refined rows: the centres inside each row's
+    window (``logit >= lim``; for ``sigma = 0`` rows, squared distance within ``2 err`` of
+    ``dmin``) get exact distances, and the row's ``log_norm``, ``mean``, logits and (for
+    ``sigma = 0``) nearest centre are recomputed from them alone, in place."""
+    assert plan.err is not None and plan.xx is not None and first.dmin is not None
+    x, m, inv2s2 = q.x, q.m, q.inv2s2
+    d = x.shape[1]
+    N = centres.shape[0]
+    rows_all = torch.nonzero(refine).squeeze(1)
+    xr, mr = x[rows_all], m[rows_all]
+    zr = q.zero[rows_all]
+    lim_r = torch.where(zr, first.dmin[rows_all] + 2 * plan.err[rows_all], lim[rows_all])
+    sub = _LogSumExp(rows_all.shape[0], d, x)
+    sub_near = _ArgMin(rows_all.shape[0], x) if q.any_zero else None
+    if first.logits is not None:
+        first.logits[rows_all] = -math.inf
+    for lo in range(0, N, plan.step):
+        hi = min(N, lo + plan.step)
+        y = centres[lo:hi]
+        dist = _approx_sqdist(xr, plan.xx[rows_all], y, plan.sqnorm[lo:hi], mr)
+        logit = -dist * inv2s2[rows_all, None]
+        prior = _prior_chunk(log_prior, lo, hi, rows_all)
+        if prior is not None:
+            logit = logit + prior
+        keep = torch.where(zr[:, None], dist <= lim_r[:, None], logit >= lim_r[:, None])
+        if prior is not None:
+            keep &= torch.isfinite(prior)
+        r, c = torch.nonzero(keep, as_tuple=True)
+        if r.numel() == 0:
+            continue
+        exact = _pair_sqdist(xr, y, mr, r, c)
+        pos = ~zr[r]
+        exact_logit = -exact * inv2s2[rows_all][r]
+        if prior is not None:
+            exact_logit = exact_logit + (prior[r, c] if prior.dim() == 2 else prior[c])
+        sub.add_pairs(r[pos], exact_logit[pos], y[c[pos]])
+        if sub_near is not None:
+            sub_near.add_pairs(r[~pos], exact[~pos], c[~pos] + lo)
+        if first.logits is not None:
+            first.logits[rows_all[r], c + lo] = exact_logit
+    sub_log_norm, sub_mean = sub.result()
+    pos_rows = ~zr
+    log_norm[rows_all[pos_rows]] = sub_log_norm[pos_rows]
+    mean[rows_all[pos_rows]] = sub_mean[pos_rows]
+    if sub_near is not None and first.nearest is not None:
+        first.nearest.index[rows_all] = sub_near.index
+
+
+def _finish(q: _Queries, centres: Tensor, first: _FirstPass, log_norm: Tensor, mean: Tensor,
+            offset: Tensor | None) -> Mixture:
+    """Normalise the logits into weights, give ``sigma = 0`` rows their one-hot nearest
+    centre (``log_norm`` 0) and undo the centring of the centres."""
+    weights = None
+    if first.logits is not None:
+        weights = _exp(first.logits - log_norm[:, None])
+    if first.nearest is not None:
+        zero = q.zero
+        mean[zero] = centres[first.nearest.index[zero]]
+        log_norm[zero] = 0.0
+        if weights is not None:
+            weights[zero] = 0.0
+            weights[zero, first.nearest.index[zero]] = 1.0
+    if offset is not None:
+        mean = mean + offset[None, :]
+    return Mixture(log_norm=log_norm, mean=mean, weights=weights)
+
+
 def gaussian_mixture(
     x: Tensor,
     centres: Tensor,
@@ -211,6 +455,10 @@ def gaussian_mixture(
     """Evaluate ``l_bn = log_prior_bn - |x_b - m_b y_n|^2 / (2 sigma_b^2)`` and return
     ``log sum_n exp(l_bn)``, ``sum_n softmax_n(l_bn) y_n`` and optionally the weights.
 
+    The phases: :func:`_stream_first_pass` (streamed log-sum-exp, shortlist), then on the
+    matrix-product path :func:`_rows_to_refine`, :func:`_refine_from_shortlist` and
+    :func:`_refine_by_second_pass`, and :func:`_finish`.
+
     Args:
         x: queries, ``(B, d)``.
         centres: training points ``y_n``, ``(N, d)``, same dtype and device as ``x``.
@@ -225,150 +473,18 @@ def gaussian_mixture(
         return_weights: also return the ``(B, N)`` weights.
         force_matmul: use the matrix-product path even for small problems (for tests).
     """
-    B, d = x.shape
-    N = centres.shape[0]
-    if offset is not None:
-        x = x - m[:, None] * offset[None, :]
-    if centres_sqnorm is None:
-        centres_sqnorm = centres.pow(2).sum(1)
-    zero = sigma2 == 0
-    any_zero = bool(zero.any())
-    inv2s2 = 0.5 / sigma2.masked_fill(zero, 1.0)
-    neg_inv2s2 = -inv2s2
-    direct = not force_matmul and B * min(N, chunk_size) * d <= DIRECT_BUDGET
-    step = chunk_size if not direct else max(1, min(chunk_size, DIRECT_BUDGET // max(1, B * d)))
-
-    acc = _LogSumExp(B, d, x)
-    nearest = _ArgMin(B, x) if any_zero else None
-    weights = (
-        torch.empty(B, N, dtype=x.dtype, device=x.device) if return_weights else None
-    )
-    keep_top = False
-    if not direct:
-        xx = x.pow(2).sum(1)
-        r_max = centres_sqnorm.max().sqrt()
-        err = _matmul_error(x, r_max, m)
-        # Rows that may need exact distances (decided after the pass, once dmin is known).
-        maybe = zero | (err * inv2s2 > refine_tolerance(x.dtype))
-        keep_top = bool(maybe.any())
-    need_dmin = keep_top or (direct and any_zero)
-    if need_dmin:
-        dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device)
-    k = min(SHORTLIST, N)
-    if keep_top:
-        top_logit = torch.empty(B, 0, dtype=x.dtype, device=x.device)
-        top_index = torch.empty(B, 0, dtype=torch.long, device=x.device)
-    if not direct:  # logits = (2 m / 2s^2) x.y - |x|^2 / 2s^2 - m^2 |y|^2 / 2s^2, fused
-        x_scaled = x * (2 * m * inv2s2)[:, None]
-        row_term = (xx * inv2s2)[:, None]
-        col_scale = m * m * inv2s2
-    for lo in range(0, N, step):
-        hi = min(N, lo + step)
-        y = centres[lo:hi]
-        if direct:
-            dist = _direct_sqdist(x, y, m)
-            logits = dist * neg_inv2s2[:, None]
-        else:
-            logits = torch.addr(x_scaled @ y.T, col_scale, centres_sqnorm[lo:hi], alpha=-1)
-            logits.sub_(row_term).clamp_max_(0.0)
-            dist = None
-        prior = _prior_chunk(log_prior, lo, hi, None)
-        if need_dmin:
-            if dist is None:
-                dist = -logits / inv2s2[:, None]
-            if prior is not None:
-                dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
-            dmin = torch.minimum(dmin, dist.min(dim=1).values)
-            if nearest is not None and direct:
-                nearest.add_dense(dist, lo)
-        if prior is not None:
-            logits = logits + prior
-        acc.add_dense(logits, y)
-        if keep_top:  # running shortlist of the k largest approximate logits
-            idx = torch.arange(lo, hi, device=x.device).expand(B, -1)
-            cat_l, cat_i = torch.cat([top_logit, logits], 1), torch.cat([top_index, idx], 1)
-            top = torch.topk(cat_l, min(k, cat_l.shape[1]), dim=1)
-            top_logit, top_index = top.values, torch.gather(cat_i, 1, top.indices)
-        if weights is not None:
-            weights[:, lo:hi] = logits
-    log_norm, mean = acc.result()
-
-    if keep_top:
-        # Refine rows whose matrix-product logit error exceeds the tolerance and is well
-        # above what exact differences in this dtype would give (eps |x - m y|^2).
-        intrinsic = err / (x.norm(dim=1) + m.abs() * r_max).pow(2) * dmin
-        refine = zero | (maybe & (err > 16 * intrinsic))
-        lim = acc.max - LOGIT_WINDOW - 2 * err * inv2s2
-        # Rows whose whole window lies in the shortlist are finished from it directly.
-        short = refine & ~zero & ((k == N) | (top_logit[:, -1] < lim))
-        if bool(short.any()):
-            rows = torch.nonzero(short).squeeze(1)
-            for i in range(0, rows.shape[0], max(1, DIRECT_BUDGET // (k * d))):
-                r = rows[i : i + max(1, DIRECT_BUDGET // (k * d))]
-                cand = top_index[r]
-                diff = x[r, None, :] - m[r, None, None] * centres[cand]
-                exact_logit = -torch.einsum("bkd,bkd->bk", diff, diff) * inv2s2[r, None]
-                if log_prior is not None:
-                    exact_logit = exact_logit + (torch.gather(log_prior[r], 1, cand)
-                                                 if log_prior.dim() == 2 else log_prior[cand])
-                log_norm[r] = torch.logsumexp(exact_logit, dim=1)
-                w = torch.exp(exact_logit - log_norm[r, None])
-                mean[r] = torch.einsum("bk,bkd->bd", w, centres[cand])
-                if weights is not None:
-                    weights[r] = -math.inf
-                    weights[r[:, None], cand] = exact_logit
-        refine &= ~short
-    if keep_top and bool(refine.any()):
-        rows_all = torch.nonzero(refine).squeeze(1)
-        xr, mr = x[rows_all], m[rows_all]
-        zr = zero[rows_all]
-        err_r = err[rows_all]
-        lim_r = torch.where(zr, dmin[rows_all] + 2 * err_r, lim[rows_all])
-        sub = _LogSumExp(rows_all.shape[0], d, x)
-        sub_near = _ArgMin(rows_all.shape[0], x) if any_zero else None
-        if weights is not None:
-            weights[rows_all] = -math.inf
-        for lo in range(0, N, step):
-            hi = min(N, lo + step)
-            y = centres[lo:hi]
-            dist = _approx_sqdist(xr, xx[rows_all], y, centres_sqnorm[lo:hi], mr)
-            logit = -dist * inv2s2[rows_all, None]
-            prior = _prior_chunk(log_prior, lo, hi, rows_all)
-            if prior is not None:
-                logit = logit + prior
-            keep = torch.where(zr[:, None], dist <= lim_r[:, None], logit >= lim_r[:, None])
-            if prior is not None:
-                keep &= torch.isfinite(prior)
-            r, c = torch.nonzero(keep, as_tuple=True)
-            if r.numel() == 0:
-                continue
-            exact = _pair_sqdist(xr, y, mr, r, c)
-            pos = ~zr[r]
-            exact_logit = -exact * inv2s2[rows_all][r]
-            if prior is not None:
-                exact_logit = exact_logit + (prior[r, c] if prior.dim() == 2 else prior[c])
-            sub.add_pairs(r[pos], exact_logit[pos], y[c[pos]])
-            if sub_near is not None:
-                sub_near.add_pairs(r[~pos], exact[~pos], c[~pos] + lo)
-            if weights is not None:
-                weights[rows_all[r], c + lo] = exact_logit
-        sub_log_norm, sub_mean = sub.result()
-        pos_rows = ~zr
-        log_norm[rows_all[pos_rows]] = sub_log_norm[pos_rows]
-        mean[rows_all[pos_rows]] = sub_mean[pos_rows]
-        if sub_near is not None and nearest is not None:
-            nearest.index[rows_all] = sub_near.index
-    if weights is not None:
-        weights = _exp(weights - log_norm[:, None])
-    if nearest is not None:
-        mean[zero] = centres[nearest.index[zero]]
-        log_norm[zero] = 0.0
-        if weights is not None:
-            weights[zero] = 0.0
-            weights[zero, nearest.index[zero]] = 1.0
-    if offset is not None:
-        mean = mean + offset[None, :]
-    return Mixture(log_norm=log_norm, mean=mean, weights=weights)
+    q = _Queries.build(x, m, sigma2, offset)
+    plan = _Plan.build(q, centres, centres_sqnorm, chunk_size, force_matmul)
+    first = _stream_first_pass(q, centres, plan, log_prior, return_weights)
+    log_norm, mean = first.acc.result()
+    if plan.keep_top:
+        refine, lim = _rows_to_refine(q, plan, first)
+        refine = _refine_from_shortlist(q, centres, first, refine, lim, log_prior, log_norm,
+                                         mean)
+        if bool(refine.any()):
+            _refine_by_second_pass(q, centres, plan, first, refine, lim, log_prior, log_norm,
+                                   mean)
+    return _finish(q, centres, first, log_norm, mean, offset)
 
 
 def knn(x: Tensor, y: Tensor, k: int = 1, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:

@@ -5,9 +5,10 @@ them with batched matrix products, so a whole sweep (the paper's five ``lambda``
 parameterizations) trains in one loop. Each model ``k`` sees the input
 ``[x, gaussian_fourier(t)]`` and has a parameterization:
 
-* ``'score'``: the network output is the score ``s``; DSM loss ``|sigma s + z|^2``;
-* ``'noise'``: the output predicts the (negative) noise; loss ``|net + z|^2``, score
-  ``net / sigma`` (the "built-in singularity").
+* ``'score'`` (:class:`ScoreParameterization`): the network output is the score ``s``; DSM
+  loss ``|sigma s + z|^2``;
+* ``'noise'`` (:class:`NoiseParameterization`): the output predicts the (negative) noise; loss
+  ``|net + z|^2``, score ``net / sigma`` (the "built-in singularity").
 
 Training minimises, per model, ``E |a(t) net + z|^2 + E <s, Lambda_k(t) s>`` with
 ``t ~ U(t_min, 1)``, ``z ~ N(0, I)``, ``x_t = m(t) x_0 + sigma(t) z`` and ``a = sigma`` or 1.
@@ -17,11 +18,7 @@ For ``Lambda = lambda I`` the minimizer is the closed-form Tikhonov score with `
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +29,106 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffmem._checks import fail, nonnegative, positive, positive_int, training_set
-from diffmem.io import atomic_write_bytes
 from diffmem.schedules import Schedule, TimeLike, expand_as_batch
+from diffmem.training import (
+    EMA,
+    Checkpoints,
+    check_losses,
+    decay_from_half_life,
+    fingerprint,
+    half_life_from_decay,
+    restore_rng,
+)
 
-PARAMETERIZATIONS = ("score", "noise")
+
+class Parameterization:
+    """How a network output ``net`` relates to the score and which DSM loss trains it:
+    ``loss = |a(sigma) net + z|^2 + lambda |s|^2`` with ``s = net * q(sigma)^-1``. Subclasses
+    set ``a`` (:meth:`fit_scale`) and ``q`` (:meth:`to_score`)."""
+
+    name: str = ""
+
+    def fit_scale(self, sigma: Tensor) -> Tensor:
+        """``a(sigma)`` of the fit term ``|a net + z|^2``."""
+        raise NotImplementedError
+
+    def penalty_scale(self, sigma: Tensor) -> Tensor:
+        """``q^-2``: ``|s|^2 = q^-2 |net|^2``."""
+        raise NotImplementedError
+
+    def to_score(self, out: Tensor, sigma: Tensor) -> Tensor:
+        """The score ``s`` from outputs ``out`` ``(B, d)`` at noise levels ``sigma`` ``(B,)``."""
+        raise NotImplementedError
+
+    def to_sigma2_score(self, out: Tensor, sigma: Tensor) -> Tensor:
+        """``sigma^2 s``, finite at ``sigma = 0``."""
+        raise NotImplementedError
+
+    def loss(self, out: Tensor, z: Tensor, sigma: Tensor, penalty: Tensor | float) -> Tensor:
+        """``mean_b |a net + z|^2 + mean_b sum_i Lambda_i s_i^2`` for one model: ``out`` and
+        ``z`` ``(B, d)``, ``sigma`` ``(B,)``."""
+        s = self.to_score(out, sigma)
+        fit = ((self.fit_scale(sigma)[:, None] * out + z) ** 2).sum(-1).mean(-1)
+        return fit + (penalty * s * s).sum(-1).mean(-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ScoreParameterization(Parameterization):
+    """The network is the score: ``s = net``, loss ``|sigma net + z|^2`` (``a = sigma``,
+    ``q = 1``)."""
+
+    name = "score"
+
+    def fit_scale(self, sigma: Tensor) -> Tensor:
+        return sigma
+
+    def penalty_scale(self, sigma: Tensor) -> Tensor:
+        return torch.ones_like(sigma)
+
+    def to_score(self, out: Tensor, sigma: Tensor) -> Tensor:
+        return out
+
+    def to_sigma2_score(self, out: Tensor, sigma: Tensor) -> Tensor:
+        return expand_as_batch(sigma * sigma, out) * out
+
+
+class NoiseParameterization(Parameterization):
+    """The network predicts the negative noise: loss ``|net + z|^2`` (``a = 1``), score
+    ``s = net / sigma`` (``q = sigma``: the built-in singularity)."""
+
+    name = "noise"
+
+    def fit_scale(self, sigma: Tensor) -> Tensor:
+        return torch.ones_like(sigma)
+
+    def penalty_scale(self, sigma: Tensor) -> Tensor:
+        return 1 / (sigma * sigma)
+
+    def to_score(self, out: Tensor, sigma: Tensor) -> Tensor:
+        return out / expand_as_batch(sigma, out)
+
+    def to_sigma2_score(self, out: Tensor, sigma: Tensor) -> Tensor:
+        return expand_as_batch(sigma, out) * out
+
+
+#: The parameterizations by name.
+PARAMETERIZATIONS: dict[str, Parameterization] = {
+    p.name: p for p in (ScoreParameterization(), NoiseParameterization())}
+
+
+def parameterization(name: str) -> Parameterization:
+    """Look a parameterization up by name (``'score'`` or ``'noise'``)."""
+    if name not in PARAMETERIZATIONS:
+        raise fail("parameterization", f"one of {tuple(PARAMETERIZATIONS)}", repr(name))
+    return PARAMETERIZATIONS[name]
+
+
+def _stacked(params: Sequence[Parameterization], method: str, sigma: Tensor) -> Tensor:
+    """``getattr(param_k, method)(sigma[k])`` for every model ``k``, stacked."""
+    return torch.stack([getattr(p, method)(sigma[k]) for k, p in enumerate(params)])
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu, "silu": nn.functional.silu, "tanh": torch.tanh,
     "gelu": nn.functional.gelu,
@@ -80,17 +173,13 @@ class ScoreMLP(nn.Module):
         super().__init__()
         if not parameterizations:
             raise fail("parameterizations", "at least one model", "an empty list")
-        for p in parameterizations:
-            if p not in PARAMETERIZATIONS:
-                raise fail("parameterization", f"one of {PARAMETERIZATIONS}", repr(p))
         self.config = config
         self.parameterizations = tuple(parameterizations)
+        self.params_k = [parameterization(p) for p in parameterizations]
         K = len(parameterizations)
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer(
             "freqs", config.fourier_scale * torch.randn(K, config.n_fourier // 2, generator=gen))
-        self.register_buffer("noise_param", torch.tensor(
-            [p == "noise" for p in parameterizations], dtype=torch.bool))
         sizes = ([config.dim + config.cond_dim + config.n_fourier]
                  + [config.width] * (config.depth + 1)
                  + [config.dim])
@@ -141,16 +230,17 @@ class ScoreMLP(nn.Module):
         return h
 
 
-def dsm_loss(out: Tensor, z: Tensor, sigma: Tensor, noise_param: Tensor,
+def dsm_loss(out: Tensor, z: Tensor, sigma: Tensor, params: Sequence[Parameterization],
              penalty: Tensor) -> Tensor:
-    """Per-model DSM loss with Tikhonov penalty, ``(K,)``:
+    """Per-model DSM loss with Tikhonov penalty, ``(K,)``: :meth:`Parameterization.loss` of
+    model ``k``'s parameterization on the stacked batch,
 
         mean_b |a net + z|^2 + mean_b sum_i Lambda_i s_i^2,
 
-    ``a = sigma`` (score models) or 1 (noise models), ``s = net`` or ``net / sigma``;
+    ``a = sigma``, ``s = net`` (score models) or ``a = 1``, ``s = net / sigma`` (noise models);
     ``penalty`` ``Lambda`` broadcasts to ``(K, B, dim)``."""
-    a = torch.where(noise_param[:, None], torch.ones_like(sigma), sigma)[..., None]
-    s = torch.where(noise_param[:, None, None], out / sigma[..., None], out)
+    a = _stacked(params, "fit_scale", sigma)[..., None]
+    s = torch.stack([p.to_score(out[k], sigma[k]) for k, p in enumerate(params)])
     fit = ((a * out + z) ** 2).sum(-1).mean(-1)
     reg = (penalty * s * s).sum(-1).mean(-1)
     return fit + reg
@@ -172,9 +262,8 @@ def manual_relu_step(model: ScoreMLP, x: Tensor, t: Tensor, z: Tensor, sigma: Te
         hs.append(torch.relu(torch.baddbmm(b, hs[-1], w)))
     w_out, b_out = layers[-1]
     out = torch.baddbmm(b_out, hs[-1], w_out)
-    noise = model.noise_param[:, None, None]
-    a = torch.where(noise, torch.ones_like(sigma)[..., None], sigma[..., None])
-    inv_q2 = torch.where(noise, 1 / (sigma * sigma)[..., None], torch.ones_like(a))
+    a = _stacked(model.params_k, "fit_scale", sigma)[..., None]
+    inv_q2 = _stacked(model.params_k, "penalty_scale", sigma)[..., None]
     r = a * out + z
     pen = penalty * inv_q2
     losses = (r * r).sum(-1).mean(-1) + (pen * out * out).sum(-1).mean(-1)
@@ -209,7 +298,7 @@ class TrainConfig:
     parameterizations: list[str]
     steps: int
     lr: float = 1e-3
-    ema_decay: float = 0.9999
+    ema_half_life: float = half_life_from_decay(0.9999)
     batch_size: int | None = None
     t_min: float = 1e-5
     seed: int = 0
@@ -222,53 +311,47 @@ class TrainConfig:
                        len(self.lambdas))
         self.lambdas = [nonnegative("lambda", v) for v in self.lambdas]
         for p in self.parameterizations:
-            if p not in PARAMETERIZATIONS:
-                raise fail("parameterization", f"one of {PARAMETERIZATIONS}", repr(p))
+            parameterization(p)
         positive_int("steps", self.steps)
         positive("lr", self.lr)
-        if not 0 <= self.ema_decay < 1:
-            raise fail("ema_decay", "a number in [0, 1)", self.ema_decay)
+        decay_from_half_life(self.ema_half_life)
         if self.batch_size is not None:
             positive_int("batch_size", self.batch_size)
         if not 0 <= self.t_min < 1:
             raise fail("t_min", "a number in [0, 1)", self.t_min)
 
-    def fingerprint(self, train: Tensor, train_y: Tensor | None = None) -> str:
-        """Hash of the configuration (without ``steps``, so a run may be extended) and data."""
+    @property
+    def ema_decay(self) -> float:
+        """The EMA's per-step decay ``0.5^(1 / ema_half_life)``."""
+        return decay_from_half_life(self.ema_half_life)
+
+    def fingerprint(self, train: Tensor, train_y: Tensor | None = None,
+                    schedule: Schedule | None = None) -> str:
+        """Hash of the configuration (without ``steps``, so a run may be extended), the
+        schedule's parameters and the data."""
         cfg = asdict(self)
         cfg.pop("steps")
-        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-        for part in (train, train_y):
-            if part is not None:
-                h.update(part.detach().to(torch.float64).cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        if schedule is not None:
+            cfg["schedule_parameters"] = repr(schedule)
+        return fingerprint(cfg, train, train_y)
 
 
 @dataclass
 class Trained:
     """A trained stack: the model (raw weights), its EMA copy, the loss history
-    ``(step, losses)`` and the EMA's weight on the initialisation."""
+    ``(step, losses)``, the EMA's weight on the initialisation and what the callback returned
+    at each checkpoint step (kept in the checkpoints, so a resumed run has them all)."""
 
     model: ScoreMLP
     ema: ScoreMLP
     history: list[tuple[int, list[float]]]
     ema_init_weight: float
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def checkpoint_path(folder: Path, step: int) -> Path:
-    return Path(folder) / f"step_{step:09d}.pt"
+    evaluations: dict[int, Any] = field(default_factory=dict)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The checkpoint with the largest step in ``folder`` (``None`` if there is none)."""
-    files = sorted(Path(folder).glob("step_*.pt")) if Path(folder).exists() else []
-    return files[-1] if files else None
+    return Checkpoints(folder, "").latest()
 
 
 def checkpoint_steps(steps: int, every: int | None = None, n_log: int | None = None) -> list[int]:
@@ -282,20 +365,6 @@ def checkpoint_steps(steps: int, every: int | None = None, n_log: int | None = N
     return sorted(s for s in out if 1 <= s <= steps)
 
 
-def ema_init_share(decay: float, steps: int) -> float:
-    """Weight ``decay^steps`` of the initialisation in an EMA of the weights after ``steps``
-    updates ``ema <- decay ema + (1 - decay) w``; warns when it exceeds 5%."""
-    share = decay**steps
-    if share > 0.05:
-        half_life = math.log(0.5) / math.log(decay) if decay else 0
-        warnings.warn(
-            f"EMA decay {decay} (half-life {half_life:.0f} steps) over {steps} steps: "
-            f"{100 * share:.0f}% of the EMA weights is still the initialisation; lower "
-            "ema_decay (for example 1 - 10 / steps) or evaluate the raw weights",
-            stacklevel=3)
-    return share
-
-
 def train_dsm(
     train: Tensor,
     schedule: Schedule,
@@ -306,30 +375,37 @@ def train_dsm(
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    callback: Callable[[int, ScoreMLP, ScoreMLP], None] | None = None,
+    callback: Callable[[int, ScoreMLP, ScoreMLP], Any] | None = None,
     log_every: int = 100,
     manual_gradients: bool = True,
     train_y: Tensor | None = None,
     penalty: Callable[[Tensor], Tensor] | None = None,
 ) -> Trained:
     """Train a stack of score MLPs (one per entry of ``config.lambdas``) by DSM with penalty
-    ``lambda_k E|s|^2``, Adam and an EMA of the weights.
+    ``lambda_k E|s|^2``, Adam and an EMA of the weights (half-life ``config.ema_half_life``).
 
     Each step draws, per model, a batch of training points (all of them, in order, when
-    ``batch_size`` is None; else with replacement), ``t ~ U(t_min, 1)`` and ``z ~ N(0, I)``
+    ``batch_size`` is None; else with replacement), ``t ~ U(t_min, T)`` and ``z ~ N(0, I)``
     from one seeded generator. At each step in ``checkpoints`` (and at the end) the model,
     EMA, optimizer and generator states are written atomically to ``checkpoint_dir``;
-    ``resume`` continues from the latest one there (its configuration must match) and ends
-    with the same weights as an uninterrupted run. ``callback(step, model, ema)`` runs at
-    each checkpoint step. With ``train_y`` (one condition per training point) the networks
+    ``resume`` continues from the latest one there (its configuration and schedule must
+    match) and ends with the same weights as an uninterrupted run. ``callback(step, model,
+    ema)`` runs at each checkpoint step; what it returns is kept in ``Trained.evaluations``
+    and in the checkpoints. With ``train_y`` (one condition per training point) the networks
     are conditional: ``y`` is an extra input, drawn with its ``x_0``. ReLU networks use the
     hand-written gradients of :func:`manual_relu_step` (equal to autograd's;
     ``manual_gradients=False`` uses autograd). ``penalty(t)`` (``t`` of shape ``(K, B)``)
     returns a diagonal weight broadcastable to ``(K, B, d)``: the penalty becomes
     ``lambda_k E <s, diag(penalty(t)) s>``, whose minimizer is
-    ``(sigma^2 I + lambda_k diag(penalty(t)))^-1 sigma^2 grad log p_t``.
+    ``(sigma^2 I + lambda_k diag(penalty(t)))^-1 sigma^2 grad log p_t``. A non-finite loss
+    stops training with a ``ValueError`` naming the step and the learning rate.
     """
     train = training_set("train", train)
+    if not isinstance(schedule, Schedule):
+        raise fail("schedule", "a diffmem.schedules.Schedule", type(schedule).__name__)
+    if config.schedule != schedule.name:
+        raise fail("schedule", f"the configuration's schedule {config.schedule!r}",
+                   repr(schedule))
     dev = torch.device(device)
     flat = train.reshape(train.shape[0], -1).to(dtype=torch.float32, device=dev)
     N, d = flat.shape
@@ -342,34 +418,27 @@ def train_dsm(
     mlp_cfg = MLPConfig(dim=d, cond_dim=0 if cond is None else cond.shape[1], **config.mlp)
     K = len(config.lambdas)
     model = ScoreMLP(mlp_cfg, config.parameterizations, seed=config.seed).to(dev)
-    ema = ScoreMLP(mlp_cfg, config.parameterizations, seed=config.seed).to(dev)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    ema = EMA(model, config.ema_half_life, config.steps)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     gen = torch.Generator(device=dev).manual_seed(config.seed)
-    fingerprint = config.fingerprint(flat, cond) + (
+    fingerprint = config.fingerprint(flat, cond, schedule) + (
         "" if penalty is None else f"-{getattr(penalty, '__name__', type(penalty).__name__)}")
+    store = Checkpoints(checkpoint_dir, fingerprint)
     lambdas = torch.tensor(config.lambdas, dtype=torch.float32, device=dev)[:, None, None]
     history: list[tuple[int, list[float]]] = []
+    evaluations: dict[int, Any] = {}
     start = 0
-    if resume and checkpoint_dir is not None and (path := latest_checkpoint(checkpoint_dir)):
-        state = torch.load(path, map_location=dev, weights_only=False)
-        if state.get("fingerprint") != fingerprint:
-            raise fail("checkpoint", f"a checkpoint of this configuration ({fingerprint})",
-                       f"{path} from configuration {state.get('fingerprint')}")
+    if resume and checkpoint_dir is not None and (state := store.load_latest(dev)):
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"].to(gen.get_state().device)
-                      if hasattr(state["rng"], "to") else state["rng"])
+        restore_rng(gen, state["rng"])
         history = [tuple(h) for h in state["history"]]  # type: ignore[misc]
+        evaluations = dict(state.get("evaluations", {}))
         start = int(state["step"])
         if start > config.steps:
             raise fail("steps", f"at least the checkpoint's step {start}", config.steps)
-    ema_init_weight = ema_init_share(config.ema_decay, config.steps)
     marks = set(checkpoints) | {config.steps}
-    params = list(model.parameters())
-    ema_params = list(ema.parameters())
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
                desc="DSM training", disable=not progress, leave=False)
     sch_T = schedule.T
@@ -393,30 +462,31 @@ def train_dsm(
             with torch.no_grad():
                 losses = manual_relu_step(model, x_t, t, z, sigma, weight, y0)
         else:
-            losses = dsm_loss(model(x_t, t, y=y0), z, sigma, model.noise_param, weight)
+            losses = dsm_loss(model(x_t, t, y=y0), z, sigma, model.params_k, weight)
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
+        check_losses(losses.detach(), step + 1, config.lr, store.latest())
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - config.ema_decay)
-            if step % 100 == 0:
-                _flush_tiny_state(opt)
+        ema.update()
+        if step % 100 == 0:
+            _flush_tiny_state(opt)
         done = step + 1
         if done % log_every == 0 or done == config.steps:
             values = losses.detach().cpu().tolist()
             history.append((done, values))
             bar.set_postfix(loss=f"{sum(values) / K:.4f}")
         if done in marks:
-            if checkpoint_dir is not None:
-                _save(checkpoint_path(checkpoint_dir, done), {
-                    "fingerprint": fingerprint, "step": done, "model": model.state_dict(),
-                    "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "rng": gen.get_state(), "history": history,
-                    "config": asdict(config)})
             if callback is not None:
-                callback(done, model, ema)
+                result = callback(done, model, ema.model)
+                if result is not None:
+                    evaluations[done] = result
+            store.save(done, {"model": model.state_dict(), "ema": ema.model.state_dict(),
+                              "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                              "history": history, "evaluations": evaluations,
+                              "config": asdict(config)})
     bar.close()
-    return Trained(model=model, ema=ema, history=history, ema_init_weight=ema_init_weight)
+    return Trained(model=model, ema=ema.model, history=history,
+                   ema_init_weight=ema.init_share, evaluations=evaluations)
 
 
 class NetworkScore:
@@ -439,16 +509,18 @@ class NetworkScore:
         out = self.model(flat[None], tt[None], slice(self.k, self.k + 1), y=yy)[0]
         return out, sigma
 
+    @property
+    def parameterization(self) -> Parameterization:
+        return self.model.params_k[self.k]
+
     @torch.no_grad()
     def __call__(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
+        """The score ``s(x, t)`` of model ``k`` (:meth:`Parameterization.to_score`)."""
         out, sigma = self._raw(x, t, y)
-        if bool(self.model.noise_param[self.k]):
-            out = out / sigma[:, None]
-        return out.reshape(x.shape).to(x.dtype)
+        return self.parameterization.to_score(out, sigma).reshape(x.shape).to(x.dtype)
 
     @torch.no_grad()
     def sigma2_score(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
         """``sigma^2 s``, finite at ``t = 0`` for both parameterizations."""
         out, sigma = self._raw(x, t, y)
-        scale = sigma if bool(self.model.noise_param[self.k]) else sigma * sigma
-        return (expand_as_batch(scale, out) * out).reshape(x.shape).to(x.dtype)
+        return self.parameterization.to_sigma2_score(out, sigma).reshape(x.shape).to(x.dtype)

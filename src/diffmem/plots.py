@@ -104,3 +104,96 @@ def fraction_curve(ax: Axes, values: Sequence[float], fractions: Mapping[str, Se
     ax.set_ylabel("fraction memorized")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def fraction_figure(values: Sequence[float], curves: Mapping[str, Mapping[str, Sequence[float]]],
+                    xlabel: str, logx: bool = True, title: str | None = None) -> Any:
+    """One panel per curve set (``{panel title: {delta key: fractions}}``) of the memorized
+    fraction against a swept parameter."""
+    fig, ax = figure(1, len(curves), size=4.5)
+    for i, (label, per_delta) in enumerate(curves.items()):
+        fraction_curve(ax[0, i], list(values), per_delta, xlabel, logx=logx)
+        ax[0, i].set_title(title if title is not None else label)
+    return fig
+
+
+def voronoi_grid(train: Any, sample_sets: Sequence[Any], titles: Sequence[str],
+                 cols: int | None = None, size: float = 3.2) -> Any:
+    """Samples of each set of a sweep scattered over the Voronoi diagram of 2-D training
+    points, ``cols`` panels per row (one row by default)."""
+    n = len(sample_sets)
+    cols = n if cols is None else cols
+    rows = -(-n // cols)
+    fig, ax = figure(rows, cols, size=size)
+    train = torch.as_tensor(_np(train))
+    for i, (samples, title) in enumerate(zip(sample_sets, titles, strict=True)):
+        a = ax[i // cols, i % cols]
+        voronoi(a, train)
+        scatter(a, samples)
+        a.set_title(title, fontsize=9)
+    for j in range(n, rows * cols):
+        ax[j // cols, j % cols].axis("off")
+    return fig
+
+
+def traced_panels(ax: np.ndarray, train: Any, trajectory: Any, times: Any, sigma: Any,
+                  weights: Any, distances: Any, reference: Any, title: str,
+                  window: Sequence[float] | None = None, slope: float | None = None,
+                  lim: float = 3.0) -> None:
+    """Three panels in the row ``ax``: trajectories over the Voronoi diagram, the weights of
+    up to three trajectories against ``t``, and ``|x(t) - x(t_end)|`` against ``sigma(t)``
+    with its ``O(sigma)`` reference line (and the slope-fit window)."""
+    voronoi(ax[0], torch.as_tensor(_np(train)), lim=lim)
+    trajectories(ax[0], trajectory)
+    ax[0].set_title(f"{title}: trajectories")
+    for w in _np(weights):
+        weights_vs_time(ax[1], times, w)
+    ax[1].set_title("weights $w_n(x(t), t)$ (3 trajectories)")
+    distance_decay(ax[2], sigma, distances, reference, r"$\sigma(t)$", r"$O(\sigma)$")
+    if window is not None:
+        ax[2].axvspan(*window, color="0.9", zorder=0, label="fit window")
+    if slope is not None:
+        ax[2].set_title(f"median slope {slope:.3f}")
+
+
+def image_row(ax: Sequence[Axes], imgs: Any, label: str, vmax: float = 1.0) -> None:
+    """Images ``(n, H, W)`` or ``(n, 1, H, W)`` in a row of axes, the row labelled."""
+    arr = _np(imgs)
+    arr = arr.reshape(arr.shape[0], *arr.shape[-2:])
+    for j, a in enumerate(ax):
+        if j < arr.shape[0]:
+            a.imshow(arr[j], cmap="gray_r", vmin=0, vmax=vmax)
+        a.set_xticks([])
+        a.set_yticks([])
+        if j >= arr.shape[0]:
+            a.axis("off")
+        if j == 0:
+            a.set_ylabel(label, fontsize=7)
+
+
+def image_rows(rows: Sequence[tuple[str, Any]], cols: int, size: float = 1.0) -> Any:
+    """A figure with one labelled row of images per ``(label, images)``."""
+    fig, ax = figure(len(rows), cols, size=size)
+    for r, (label, imgs) in enumerate(rows):
+        image_row(ax[r], imgs, label)
+    return fig
+
+
+def image_table(panels: Sequence[Sequence[tuple[str, Any]]], size: float = 0.9) -> Any:
+    """A grid of titled image panels: ``panels[i][j] = (title, image (H, W))``; titles are
+    shown on the first row, NaN pixels are left blank."""
+    rows, cols = len(panels), max(len(r) for r in panels)
+    fig, ax = figure(rows, cols, size=size)
+    for i, row in enumerate(panels):
+        for j in range(cols):
+            a = ax[i, j]
+            a.set_xticks([])
+            a.set_yticks([])
+            if j >= len(row):
+                a.axis("off")
+                continue
+            title, img = row[j]
+            a.imshow(_np(img), cmap="gray_r", vmin=0, vmax=1)
+            if i == 0:
+                a.set_title(title, fontsize=6)
+    return fig

@@ -1,17 +1,23 @@
 """Samplers: pure functions of a schedule, a score and initial noise.
 
 * :func:`sample_ode` integrates the probability-flow ODE ``dx/dt = f(x, t) - g(t)^2 s(x, t) / 2``
-  from ``T`` down to ``t_end``.
-* :func:`sample_ode_transformed` integrates the same ODE in the transformed time
-  ``s = -log sigma(t)``: ``dx/ds = (dt/ds) (f - g^2 s / 2)`` with ``dt/ds = -2 sigma^2 /
-  (d sigma^2/dt)``, written with ``sigma^2 s`` so that it stays finite as ``sigma -> 0``
-  (for VE and the empirical score, ``dx/ds = D_e(x, t) - x``).
+  from ``T`` down to ``t_end`` (or to ``s_end`` in transformed time), either in ``t`` or in the
+  transformed time ``s = -log sigma(t)``:
+  ``dx/ds = (dt/ds) (f - g^2 s / 2)`` with ``dt/ds = -2 sigma^2 / (d sigma^2/dt)``, written with
+  ``sigma^2 s`` so that it stays finite as ``sigma -> 0`` (for VE and the empirical score,
+  ``dx/ds = D_e(x, t) - x``). :func:`sample_ode_transformed` is the same function with
+  ``variable='s'``.
 * :func:`sample_sde` runs Euler--Maruyama on the reverse SDE ``dx = [f - g^2 s] dt + g dW``.
 
 The adaptive method (``'rk45'``: Dormand--Prince 5(4), :func:`diffmem.ode.dopri5`) controls
 the step of every sample separately, so one stiff trajectory does not set the step of the
 batch, and runs wherever the tensors live; torchode's implementation of the same scheme is
 ``'rk45-torchode'``. ``'heun'`` and ``'euler'`` use a fixed grid.
+
+A score that carries its schedule (every closed-form and network score does) must carry the
+one the sampler integrates; every score evaluation is checked for its shape and for
+non-finite values, and a sampler stops with a ``ValueError`` that says at which time and for
+how many samples.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor
 from diffmem._checks import fail, finite_tensor, positive, positive_int
 from diffmem.ode import dopri5
 from diffmem.schedules import Schedule, expand_as_batch
+from diffmem.scores.base import HasSigma2Score, check_schedule
 
 Drift = Callable[[Tensor, Tensor, Tensor], Tensor]
 METHODS = ("rk45", "heun", "euler", "rk45-torchode")
@@ -36,14 +43,15 @@ METHODS = ("rk45", "heun", "euler", "rk45-torchode")
 @dataclass
 class SampleResult:
     """Final ``samples`` ``(B, *shape)``; with ``return_trajectory``, the recorded ``times``
-    ``(n,)`` (``t``, or ``s`` for the transformed sampler, where ``t_of_times`` holds ``t``)
-    and ``trajectory`` ``(B, n, *shape)``; and ``stats`` (score evaluations, steps)."""
+    ``(n,)`` (always ``t``), ``s_times`` (the same points in ``s = -log sigma(t)`` when the ODE
+    was integrated in ``s``) and ``trajectory`` ``(B, n, *shape)``; and ``stats`` (score
+    evaluations, steps, integration variable)."""
 
     samples: Tensor
     times: Tensor | None = None
     trajectory: Tensor | None = None
     stats: dict[str, Any] = field(default_factory=dict)
-    t_of_times: Tensor | None = None
+    s_times: Tensor | None = None
 
 
 class _Counted:
@@ -167,12 +175,37 @@ def _record_points(start: float, end: float, n: int, log: bool) -> Tensor:
     return pts
 
 
+def _checked(fn: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
+    """``fn(x, t, ...)`` with its output checked: the shape of ``x`` and finite values, else a
+    ``ValueError`` naming ``name``, the time and how many samples are affected."""
+
+    def call(x: Tensor, t: Tensor, *args: Any) -> Tensor:
+        out = fn(x, t, *args)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            raise fail(name, f"a tensor of the shape of x, {tuple(x.shape)}",
+                       f"shape {tuple(out.shape)}" if isinstance(out, Tensor)
+                       else type(out).__name__)
+        bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            tt = t.reshape(-1)
+            at = float(tt[bad][0] if tt.numel() == bad.numel() else tt[0])
+            raise fail(name, "finite values",
+                       f"non-finite values for {int(bad.sum())} of {out.shape[0]} samples at "
+                       f"t = {at:.6g}")
+        return out
+
+    return call
+
+
 def _conditioned(fn: Callable[..., Tensor] | None, cond: Tensor | None,
-                 batch: int) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+                 batch: int, name: str = "score") -> Callable[[Tensor, Tensor, Tensor],
+                                                          Tensor] | None:
     """``fn(x, t)``, or ``fn(x, t, cond[rows])`` when a conditioning is given: ``cond`` has one
-    row per sample (first dimension ``batch``) or is a single condition (broadcast)."""
+    row per sample (first dimension ``batch``) or is a single condition (broadcast). The
+    output is checked (:func:`_checked`)."""
     if fn is None:
         return None
+    fn = _checked(fn, name)
     if cond is None:
         return lambda x, t, rows: fn(x, t)
     if not isinstance(cond, Tensor):
@@ -208,7 +241,8 @@ def transformed_drift(schedule: Schedule, score: Callable[..., Tensor],
     score has it (finite as ``sigma -> 0``). With ``g^2 = d sigma^2/dt - 2 (d log m/dt)
     sigma^2`` this is ``dx/ds = sigma^2 s - r (x + sigma^2 s)``, ``r = 2 sigma^2 (d log m/dt)
     / (d sigma^2/dt)`` (``r = 0`` for VE: ``dx/ds = D - x``)."""
-    scaled = _conditioned(getattr(score, "sigma2_score", None), cond, batch)
+    scaled = _conditioned(score.sigma2_score if isinstance(score, HasSigma2Score) else None,
+                          cond, batch, "score.sigma2_score")
     plain = _conditioned(score, cond, batch)
     assert plain is not None
 
@@ -230,7 +264,7 @@ def sample_ode(
     schedule: Schedule,
     score: Callable[..., Tensor],
     x_T: Tensor,
-    t_end: float = 1e-6,
+    t_end: float | None = None,
     method: str = "rk45",
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -241,110 +275,109 @@ def sample_ode(
     max_steps: int = 100_000,
     variable: str = "auto",
     cond: Tensor | None = None,
+    *,
+    s_end: float | None = None,
+    s_eval: Tensor | None = None,
 ) -> SampleResult:
-    """Integrate the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from ``T`` to ``t_end``.
+    """Integrate the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from ``T`` to ``t_end``,
+    or, in transformed time ``s = -log sigma(t)``,
+
+        dx/ds = [-2 sigma^2 (d log m/dt) x + g^2 (sigma^2 s(x, t))] / (d sigma^2/dt)
+
+    at ``t = t(s)`` from ``s(T)`` to ``s(t_end)`` or ``s_end`` (``score.sigma2_score`` keeps
+    the right-hand side finite as ``sigma -> 0``; use float64 for large ``s``: ``sigma = e^-s``
+    underflows float32 near ``s = 44``).
 
     Args:
-        schedule: the forward SDE.
+        schedule: the forward SDE (the score's own, when it carries one).
         score: ``score(x, t)``, ``t`` a ``(batch,)`` tensor.
         x_T: initial states at ``t = T``, ``(batch, *data_shape)``.
-        t_end: final time, ``0 <= t_end < T`` (0 only for scores finite there).
+        t_end: final time, ``0 <= t_end < T`` (0 only for scores finite there; default
+            1e-6 unless ``s_end`` is given).
         method: ``'rk45'`` (adaptive, per-sample step control), ``'heun'`` or ``'euler'``.
         rtol, atol: tolerances of ``'rk45'``.
         steps: number of uniform steps of the fixed-step methods (default 100).
-        return_trajectory: record the states at ``t_eval`` (default: ``n_record`` times,
-            log-spaced from ``T`` to ``t_end``).
+        return_trajectory: record the states at ``t_eval`` or ``s_eval`` (default:
+            ``n_record`` points, log-spaced in ``t`` from ``T`` to ``t_end``, or evenly spaced
+            in ``s`` up to ``s_end``).
         max_steps: step limit per trajectory of ``'rk45'``.
-        variable: the integration variable. ``'t'``; ``'s'``, the transformed time
-            ``s = -log sigma(t)`` (the same ODE reparametrized: smooth where the flow in ``t``
-            is stiff, ``dx/dt ~ 1/t`` near 0, so far fewer steps; needs ``t_end > 0``); or
-            ``'auto'``: ``'s'`` when ``t_end > 0``, else ``'t'``. Fixed-step methods step
-            uniformly in the chosen variable.
+        variable: the integration variable. ``'t'``; ``'s'``, the transformed time (the same
+            ODE reparametrized: smooth where the flow in ``t`` is stiff, ``dx/dt ~ 1/t`` near
+            0, so far fewer steps; needs an end with ``t > 0``); or ``'auto'``: ``'s'`` when
+            the end has ``t > 0``, else ``'t'``. Fixed-step methods step uniformly in the
+            chosen variable.
         cond: a conditioning for scores ``s(x, t, y)``: one ``y`` per sample (first
             dimension = batch) or a single ``y`` for all (a leading dimension of 1 forces
             broadcasting).
+        s_end: end in transformed time instead of ``t_end`` (implies ``variable='s'``).
+        s_eval: recording points in ``s`` instead of ``t_eval``.
     """
     _check_x(x_T)
-    t_end = _check_t_end(schedule, t_end)
+    check_schedule(schedule, score)
     if variable not in ("auto", "t", "s"):
         raise fail("variable", "'auto', 't' or 's'", repr(variable))
-    if variable == "s" and t_end == 0:
-        raise fail("t_end", "t_end > 0 with variable='s' (s is infinite at t = 0)", t_end)
-    use_s = variable == "s" or (variable == "auto" and t_end > 0)
-    record = None
+    s_start = schedule.s_T
+    if s_end is not None:
+        if t_end is not None:
+            raise fail("s_end", "exactly one of s_end or t_end", f"s_end={s_end}, t_end={t_end}")
+        if variable == "t":
+            raise fail("variable", "'s' or 'auto' with s_end", repr(variable))
+        s_end = float(s_end)
+        if not math.isfinite(s_end) or s_end <= s_start:
+            raise fail("s_end", f"a finite value > s(T) = {s_start}", s_end)
+        use_s = True
+    else:
+        t_end = _check_t_end(schedule, 1e-6 if t_end is None else t_end)
+        if variable == "s" and t_end == 0:
+            raise fail("t_end", "t_end > 0 with variable='s' (s is infinite at t = 0)", t_end)
+        use_s = variable == "s" or (variable == "auto" and t_end > 0)
+    if t_eval is not None and s_eval is not None:
+        raise fail("s_eval", "at most one of t_eval or s_eval", "both")
+    rec_t = rec_s = None
     if return_trajectory:
-        record = t_eval if t_eval is not None else _record_points(schedule.T, t_end,
-                                                                  n_record, log=True)
+        if s_eval is not None:
+            rec_s = s_eval.to(torch.float64)
+        elif t_eval is not None:
+            rec_t = t_eval
+        elif s_end is not None:
+            rec_s = _record_points(s_start, s_end, n_record, log=False)
+        else:
+            rec_t = _record_points(schedule.T, t_end, n_record, log=True)
     shape = tuple(x_T.shape[1:])
     B = x_T.shape[0]
     if use_s:
+        if rec_s is None and rec_t is not None:
+            rec_s = schedule.s(rec_t.to(torch.float64))
+        if rec_s is not None and rec_t is None:
+            rec_t = schedule.t_of_s(rec_s)
         drift = transformed_drift(schedule, score, shape, cond, B)
-        start, end = float(schedule.s(schedule.T)), float(schedule.s(t_end))
-        rec = None if record is None else schedule.s(record.to(torch.float64))
+        end = s_end if s_end is not None else float(schedule.s(t_end))
+        start, rec = s_start, rec_s
     else:
+        if rec_s is not None:
+            raise fail("s_eval", "recording points in t (t_eval) when integrating in t",
+                       "s_eval")
         drift = probability_flow_drift(schedule, score, shape, cond, B)
-        start, end, rec = schedule.T, t_end, record
-    y, traj, stats = _integrate(drift, x_T.reshape(x_T.shape[0], -1), start, end,
-                                method, rtol, atol, steps, rec, max_steps)
+        start, end, rec = schedule.T, t_end, rec_t
+    y, traj, stats = _integrate(drift, x_T.reshape(B, -1), start, end, method, rtol, atol,
+                                steps, rec, max_steps)
     stats["variable"] = "s" if use_s else "t"
     result = SampleResult(samples=y.reshape(x_T.shape), stats=stats)
-    if traj is not None and record is not None:
-        result.times = record
-        result.trajectory = traj.reshape(x_T.shape[0], -1, *shape)
+    if traj is not None and rec is not None:
+        result.times = rec_t
+        result.s_times = rec_s if use_s else None
+        result.trajectory = traj.reshape(B, -1, *shape)
     return result
 
 
-def sample_ode_transformed(
-    schedule: Schedule,
-    score: Callable[..., Tensor],
-    x_T: Tensor,
-    s_end: float | None = None,
-    t_end: float | None = None,
-    method: str = "rk45",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    steps: int | None = None,
-    return_trajectory: bool = False,
-    s_eval: Tensor | None = None,
-    n_record: int = 200,
-    max_steps: int = 100_000,
-    cond: Tensor | None = None,
-) -> SampleResult:
-    """Integrate the probability-flow ODE in transformed time ``s = -log sigma(t)`` from
-    ``s(T)`` to ``s_end`` (or ``s(t_end)``):
-
-        dx/ds = [-2 sigma^2 (d log m/dt) x + g^2 (sigma^2 s(x, t))] / (d sigma^2/dt),
-
-    with ``t = t(s)``. Uses ``score.sigma2_score`` when the score has it (closed-form
-    scores), so the right-hand side stays finite as ``sigma -> 0``; use float64 for large
-    ``s`` (``sigma = e^-s`` underflows float32 near ``s = 44``). ``times`` holds ``s`` and
-    ``t_of_times`` the matching ``t``.
-    """
-    _check_x(x_T)
-    if (s_end is None) == (t_end is None):
-        raise fail("s_end", "exactly one of s_end or t_end", f"s_end={s_end}, t_end={t_end}")
-    s_start = float(schedule.s(schedule.T))
-    if s_end is None:
-        assert t_end is not None
-        if float(t_end) <= 0:
-            raise fail("t_end", "t_end > 0 (s = -log sigma is infinite at t = 0)", t_end)
-        s_end = float(schedule.s(_check_t_end(schedule, t_end)))
-    s_end = float(s_end)
-    if not math.isfinite(s_end) or s_end <= s_start:
-        raise fail("s_end", f"a finite value > s(T) = {s_start}", s_end)
-    drift = transformed_drift(schedule, score, tuple(x_T.shape[1:]), cond, x_T.shape[0])
-    record = None
-    if return_trajectory:
-        record = s_eval if s_eval is not None else _record_points(s_start, s_end, n_record,
-                                                                  log=False)
-    y, traj, stats = _integrate(drift, x_T.reshape(x_T.shape[0], -1), s_start, s_end, method,
-                                rtol, atol, steps, record, max_steps)
-    result = SampleResult(samples=y.reshape(x_T.shape), stats=stats)
-    if traj is not None and record is not None:
-        result.times = record
-        result.t_of_times = schedule.t_of_s(record.to(torch.float64))
-        result.trajectory = traj.reshape(x_T.shape[0], -1, *x_T.shape[1:])
-    return result
+def sample_ode_transformed(schedule: Schedule, score: Callable[..., Tensor], x_T: Tensor,
+                           **kwargs: Any) -> SampleResult:
+    """:func:`sample_ode` integrated in transformed time: ``sample_ode(..., variable='s')``,
+    with exactly one of ``s_end`` or ``t_end``."""
+    if (kwargs.get("s_end") is None) == (kwargs.get("t_end") is None):
+        raise fail("s_end", "exactly one of s_end or t_end",
+                   f"s_end={kwargs.get('s_end')}, t_end={kwargs.get('t_end')}")
+    return sample_ode(schedule, score, x_T, variable="s", **kwargs)
 
 
 def sample_sde(
@@ -367,6 +400,7 @@ def sample_sde(
     near ``t_end > 0``).
     """
     _check_x(x_T)
+    check_schedule(schedule, score)
     t_end = _check_t_end(schedule, t_end)
     steps = positive_int("steps", steps)
     if grid == "uniform":

@@ -122,7 +122,7 @@ class Schedule(ABC):
     @property
     def s_T(self) -> float:
         """``s(T) = -log sigma(T)``, the start of the transformed time (computed once)."""
-        key = (self.T, *(v for k, v in vars(self).items() if not k.startswith("_")))
+        key = (self.T, *self.params().values())
         if getattr(self, "_s_T_cache", (None,))[0] != key:
             self._s_T_cache = (key, float(self.s(self.T)))
         return self._s_T_cache[1]
@@ -153,8 +153,19 @@ class Schedule(ABC):
             z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
         return float(self.sigma(self.T)) * z
 
+    def params(self) -> dict[str, float]:
+        """The schedule's parameters (what its formulas depend on)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __eq__(self, other: object) -> bool:
+        """Two schedules are equal when they are of one kind with equal parameters."""
+        return type(self) is type(other) and self.params() == other.params()  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self.params().items()))))
+
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        params = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{type(self).__name__}({params})"
 
 

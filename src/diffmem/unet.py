@@ -5,14 +5,16 @@
 the paper's study), two residual blocks per resolution conditioned on the noise level, and
 skip connections. :class:`EDMDenoiser` wraps it as ``D(x, sigma) = c_skip x + c_out
 F(c_in x, c_noise)`` and :func:`train_edm` minimises EDM's loss
-``E weight(sigma) |D(x + sigma n, sigma) - x|^2`` with ``log sigma ~ N(P_mean, P_std^2)``.
+``E weight(sigma) |D(x + sigma n, sigma) - x|^2`` with ``log sigma ~ N(P_mean, P_std^2)``,
+with the EMA, checkpoints and divergence check of :mod:`diffmem.training`.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from diffmem._checks import fail, positive_int
 from diffmem.edm import Precond, training_sigmas
-from diffmem.nn import ema_init_share
+from diffmem.training import EMA, Checkpoints, check_losses, fingerprint, restore_rng
 
 
 def _groups(ch: int) -> int:
@@ -47,12 +49,21 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """``F(x, c_noise)`` for images ``(B, C, H, W)`` with ``H, W`` divisible by 4."""
+    """``F(x, c_noise)`` for images ``(B, C, H, W)`` with ``H, W`` divisible by 4. The
+    initial weights are drawn from ``seed`` (or from a seed drawn from ``generator``) inside
+    :func:`torch.random.fork_rng`: the caller's global random state is left as it was."""
 
-    def __init__(self, channels: int = 16, image_channels: int = 1, seed: int = 0) -> None:
+    def __init__(self, channels: int = 16, image_channels: int = 1, seed: int = 0,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
-        c = positive_int("channels", channels)
-        torch.manual_seed(seed)
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._build(positive_int("channels", channels), image_channels)
+
+    def _build(self, c: int, image_channels: int) -> None:
+        self.channels, self.image_channels = c, image_channels
         emb = 4 * c
         self.register_buffer("freqs", torch.randn(emb // 2) * 16)
         self.embed = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -75,6 +86,11 @@ class UNet(nn.Module):
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def architecture(self) -> dict[str, int]:
+        """What determines the network's shape."""
+        return {"channels": self.channels, "image_channels": self.image_channels,
+                "parameters": self.n_parameters()}
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         if x.shape[-1] % 4 or x.shape[-2] % 4:
@@ -121,6 +137,18 @@ def edm_loss(den: EDMDenoiser, x0: Tensor, sigma: Tensor, noise: Tensor) -> Tens
     return (den.precond.weight(sigma).reshape(-1, 1, 1, 1) * err * err).mean()
 
 
+@dataclass
+class EDMTraining:
+    """What :func:`train_edm` returns: the loss at every step, what the callback returned at
+    each checkpoint step, the EMA's weight on the initialisation (0 without an EMA) and how
+    many steps this call trained (fewer than ``steps`` after a resume)."""
+
+    losses: list[float]
+    evaluations: dict[int, Any] = field(default_factory=dict)
+    ema_init_weight: float = 0.0
+    steps_run: int = 0
+
+
 def train_edm(
     den: EDMDenoiser,
     train: Tensor,
@@ -129,51 +157,70 @@ def train_edm(
     lr: float = 1e-3,
     seed: int = 0,
     checkpoints: Sequence[int] = (),
-    callback: Callable[[int, EDMDenoiser], None] | None = None,
+    callback: Callable[[int, EDMDenoiser], Any] | None = None,
     progress: bool = True,
     p_mean: float = -1.2,
     p_std: float = 1.2,
-    ema_decay: float | None = None,
-) -> list[float]:
+    ema_half_life: float | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    keep_checkpoints: int | None = 1,
+) -> EDMTraining:
     """Adam on :func:`edm_loss` with batches drawn (with replacement) from ``train``
-    ``(N, C, H, W)``; ``callback(step, den)`` at each step in ``checkpoints``. Returns the
-    loss history (every step). With ``ema_decay``, an exponential moving average of the
-    weights (``ema <- decay ema + (1 - decay) w`` after every step) is what the callback
-    receives and what ``den`` holds at the end; the raw weights are discarded."""
+    ``(N, C, H, W)``; ``callback(step, den)`` at each step in ``checkpoints`` (its return
+    values are kept in the result and in the checkpoints). With ``ema_half_life`` (steps), an
+    exponential moving average of the weights (:class:`diffmem.training.EMA`) is what the
+    callback receives and what ``den`` holds at the end; the raw weights are discarded. With
+    ``checkpoint_dir`` a checkpoint is written at every step in ``checkpoints`` (the newest
+    ``keep_checkpoints`` are kept) and ``resume`` continues from the latest one."""
     steps = positive_int("steps", steps)
-    if ema_decay is not None and not 0 <= ema_decay < 1:
-        raise fail("ema_decay", "None or a number in [0, 1)", ema_decay)
     dev = next(den.parameters()).device
     data = train.to(device=dev, dtype=torch.float32)
     gen = torch.Generator(device=dev).manual_seed(seed)
     opt = torch.optim.Adam(den.parameters(), lr=lr, fused=True)
-    ema = None
-    if ema_decay is not None:
-        ema_init_share(ema_decay, steps)
-        ema = copy.deepcopy(den).requires_grad_(False)
-        params, ema_params = list(den.parameters()), list(ema.parameters())
+    ema = None if ema_half_life is None else EMA(den, ema_half_life, steps)
+    config = {"batch_size": batch_size, "lr": lr, "seed": seed, "p_mean": p_mean,
+              "p_std": p_std, "ema_half_life": ema_half_life,
+              "sigma_data": den.precond.sigma_data, "net": repr(den.net.architecture())}
+    store = Checkpoints(checkpoint_dir, fingerprint(config, data), keep=keep_checkpoints)
+    result = EDMTraining(losses=[], ema_init_weight=0.0 if ema is None else ema.init_share)
+    start = 1
+    if resume and checkpoint_dir is not None and (state := store.load_latest(dev)):
+        den.load_state_dict(state["model"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(gen, state["rng"])
+        result.losses = list(state["losses"])
+        result.evaluations = dict(state["evaluations"])
+        start = int(state["step"]) + 1
     marks = set(checkpoints)
-    losses = []
-    for step in tqdm(range(1, steps + 1), desc="EDM training", disable=not progress,
-                     leave=False):
+    for step in tqdm(range(start, steps + 1), initial=start - 1, total=steps,
+                     desc="EDM training", disable=not progress, leave=False):
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=dev)
         sigma = training_sigmas(batch_size, p_mean, p_std, generator=gen, device=dev)
         noise = torch.randn(data[idx].shape, generator=gen, device=dev)
         loss = edm_loss(den, data[idx], sigma, noise)
+        check_losses(loss.detach(), step, lr, store.latest())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise RuntimeError(f"EDM training diverged at step {step} (loss {losses[-1]})")
-        if step in marks and callback is not None:
-            shown = den if ema is None else ema
-            shown.eval()
-            callback(step, shown)
-            shown.train()
+            ema.update()
+        result.losses.append(float(loss.detach()))
+        result.steps_run += 1
+        if step in marks:
+            if callback is not None:
+                shown = den if ema is None else ema.model
+                shown.eval()
+                value = callback(step, shown)
+                shown.train()
+                if value is not None:
+                    result.evaluations[step] = value
+            store.save(step, {"model": den.state_dict(),
+                              "ema": None if ema is None else ema.model.state_dict(),
+                              "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                              "losses": result.losses, "evaluations": result.evaluations})
     if ema is not None:
-        den.load_state_dict(ema.state_dict())
-    return losses
+        den.load_state_dict(ema.model.state_dict())
+    return result

@@ -1,14 +1,26 @@
 """What an experiment is, how its parameters are set, and how a run is written to disk.
 
-An experiment is a function of a :class:`Context` returning an :class:`Outcome` (its metrics
-and a verdict on the paper's claim). :func:`run_experiment` resolves the parameters (defaults,
-``--quick`` overrides, a TOML file, ``--set key=value``), runs it and writes
-``DIR/NAME/metrics.json``, ``DIR/NAME/config.json`` and the figures, each atomically.
+An experiment runs in four visible steps, each a function of its own:
+
+1. ``compute(ctx) -> raw``: the samples and trainings (everything expensive);
+2. ``record(ctx, raw) -> Recorded``: the metrics dict (``metrics.json``) and the arrays the
+   figures need (``arrays.npz``);
+3. ``judge(metrics, params) -> Verdict``: each claim's status, from the recorded metrics only;
+4. ``draw(recorded, params) -> {name: figure}``: the figures, from the recorded values only.
+
+:func:`run_experiment` resolves the parameters (defaults, ``--quick`` overrides, a TOML file,
+``--set key=value``), runs the steps and writes ``DIR/NAME/metrics.json``, ``config.json``,
+``arrays.npz`` and the PNG figures, each atomically, under a lock file; a fresh run removes
+what an earlier run left in the folder (stale figures and checkpoints), ``--resume`` keeps
+the checkpoints.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -16,24 +28,111 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.io import atomic_save_figure, atomic_write_json
+from diffmem.io import (
+    atomic_save_figure,
+    atomic_write_bytes,
+    atomic_write_json,
+    jsonable,
+    remove_partial_files,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+#: A verdict's three states: the paper's claim holds; a finding that differs from the paper
+#: (with its numbers); settings too small to judge.
+CONFIRMED, NOT_REPRODUCED, INCONCLUSIVE = "confirmed", "not_reproduced", "inconclusive"
+STATUSES = (CONFIRMED, NOT_REPRODUCED, INCONCLUSIVE)
+_LABEL = {CONFIRMED: "Confirmed", NOT_REPRODUCED: "Not reproduced",
+          INCONCLUSIVE: "Inconclusive"}
+
 
 class ConfigError(ValueError):
-    """A bad experiment name, parameter key or value."""
+    """A bad experiment name, parameter key or value, output folder or device."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper as judged by a run: ``status`` (one of :data:`STATUSES`) and
+    the ``finding`` with its numbers."""
+
+    claim: str
+    status: str
+    finding: str
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status: expected one of {STATUSES}, received {self.status!r}")
+
+    @property
+    def text(self) -> str:
+        return f"{_LABEL[self.status]}: {self.finding}"
+
+
+def status_of(holds: bool, judgeable: bool = True) -> str:
+    """:data:`CONFIRMED` or :data:`NOT_REPRODUCED` by ``holds``; :data:`INCONCLUSIVE` when
+    the run cannot judge the claim."""
+    if not judgeable:
+        return INCONCLUSIVE
+    return CONFIRMED if holds else NOT_REPRODUCED
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judged claims of one run. The run's ``status`` is ``not_reproduced`` if any claim
+    is, else ``inconclusive`` if any claim is, else ``confirmed``."""
+
+    claims: tuple[Claim, ...]
+
+    @classmethod
+    def of(cls, claim: str, holds: bool, finding: str, judgeable: bool = True) -> Verdict:
+        """A verdict on a single claim."""
+        return cls((Claim(claim, status_of(holds, judgeable), finding),))
+
+    @property
+    def status(self) -> str:
+        states = {c.status for c in self.claims}
+        for s in (NOT_REPRODUCED, INCONCLUSIVE):
+            if s in states:
+                return s
+        return CONFIRMED
+
+    @property
+    def text(self) -> str:
+        return " | ".join(c.text for c in self.claims)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"status": self.status, "verdict": self.text,
+                "claims": [{"claim": c.claim, "status": c.status, "finding": c.finding}
+                           for c in self.claims]}
+
+
+@dataclass
+class Recorded:
+    """What a run records: ``metrics`` (written to ``metrics.json``) and ``arrays`` (numpy
+    arrays or tensors behind the figures, written to ``arrays.npz``)."""
+
+    metrics: dict[str, Any]
+    arrays: dict[str, Any] = field(default_factory=dict)
+
+    def array(self, name: str) -> np.ndarray:
+        """A recorded array as numpy."""
+        value = self.arrays[name]
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
+        return np.asarray(value)
 
 
 @dataclass
 class Context:
-    """Everything an experiment needs: resolved ``params``, its output folder, device, seed."""
+    """Everything ``compute`` and ``record`` need: resolved ``params``, the output folder,
+    device, seed, whether to show progress and whether to resume."""
 
     name: str
     params: dict[str, Any]
@@ -42,7 +141,6 @@ class Context:
     seed: int
     progress: bool = True
     resume: bool = False
-    figures: list[str] = field(default_factory=list)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded with ``seed + offset`` (noise is drawn on the CPU and moved,
@@ -59,38 +157,20 @@ class Context:
         return tqdm(list(items), desc=f"{self.name}: {desc}", disable=not self.progress,
                     leave=False)
 
-    def save(self, fig: Any, name: str) -> None:
-        """Save a figure as ``NAME.png`` in the experiment folder."""
-        atomic_save_figure(fig, self.out / f"{name}.png")
-        self.figures.append(f"{name}.png")
-
-
-@dataclass
-class Outcome:
-    """An experiment's ``metrics`` (written to ``metrics.json``) and its verdict."""
-
-    metrics: dict[str, Any]
-    claim_holds: bool
-    verdict: str
-
-    @classmethod
-    def judged(cls, metrics: dict[str, Any], holds: bool, finding: str) -> Outcome:
-        """The outcome whose verdict is ``Confirmed: `` or ``Not confirmed: `` + ``finding``."""
-        holds = bool(holds)
-        return cls(metrics=metrics, claim_holds=holds,
-                   verdict=("Confirmed: " if holds else "Not confirmed: ") + finding)
-
 
 @dataclass(frozen=True)
 class Experiment:
-    """A registered experiment."""
+    """A registered experiment: its four steps and parameters."""
 
     name: str
     summary: str
     claim: str
     defaults: Mapping[str, Any]
     quick: Mapping[str, Any]
-    run: Callable[[Context], Outcome]
+    compute: Callable[[Context], Any]
+    record: Callable[[Context, Any], Recorded]
+    judge: Callable[[Mapping[str, Any], Mapping[str, Any]], Verdict]
+    draw: Callable[[Recorded, Mapping[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -98,7 +178,8 @@ class Record:
     """What one run produced."""
 
     name: str
-    outcome: Outcome
+    verdict: Verdict
+    metrics: dict[str, Any]
     params: dict[str, Any]
     figures: list[str]
     elapsed_s: float
@@ -113,7 +194,8 @@ def _type_name(value: Any) -> str:
 
 
 def coerce(key: str, raw: Any, default: Any) -> Any:
-    """Convert ``raw`` (a string from ``--set`` or a TOML value) to the type of ``default``."""
+    """Convert ``raw`` (a string from ``--set`` or a TOML value) to the type of ``default``.
+    Counts (integers whose default is at least 1) must be at least 1."""
     expected = _type_name(default)
     try:
         if isinstance(default, bool):
@@ -139,11 +221,16 @@ def coerce(key: str, raw: Any, default: Any) -> Any:
         if isinstance(default, int):
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
-            return int(raw) if not isinstance(raw, str) else int(raw.strip())
+            value = int(raw) if not isinstance(raw, str) else int(raw.strip())
+            if default >= 1 and value < 1:
+                raise ConfigError(f"{key}: expected a count >= 1, received {raw!r}")
+            return value
         if isinstance(default, float):
             return float(raw)
         if isinstance(default, str):
             return str(raw)
+    except ConfigError:
+        raise
     except (ValueError, TypeError, json.JSONDecodeError):
         pass
     else:
@@ -172,7 +259,7 @@ def resolve_params(
     if config_file is not None:
         try:
             data = tomllib.loads(Path(config_file).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
             raise ConfigError(f"--config: expected a readable TOML file, received "
                               f"{config_file} ({err})") from err
         table = data.get(exp.name, {k: v for k, v in data.items() if not isinstance(v, dict)})
@@ -194,6 +281,102 @@ def versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named by ``--device``: ``cpu``, or ``cuda``/``cuda:N`` when CUDA is
+    available (``ConfigError`` otherwise)."""
+    expected = "'cpu' or an available CUDA device ('cuda', 'cuda:0', ...)"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device: expected {expected}, received {device!r}") from err
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"--device: expected {expected}, received {device!r} "
+                          f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device: expected {expected}, received {device!r} "
+                          f"({torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
+def prepare_out(out_dir: Path) -> Path:
+    """Create ``out_dir`` (``ConfigError`` when it is a file or cannot be written)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: expected a folder, received {out} (a file)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out: expected a folder that can be created, received {out} "
+                          f"({err.strerror})") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: expected a writable folder, received {out} (not writable)")
+    return out
+
+
+class FolderLock:
+    """``folder/.lock`` holding the writer's process id, taken with ``O_EXCL``: a second run
+    into the same experiment folder is refused while the first is alive; a lock left by a
+    process that no longer exists is taken over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".lock"
+
+    def __enter__(self) -> FolderLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ConfigError(
+                        f"--out: expected an experiment folder no other run is writing, "
+                        f"received {self.path.parent} (locked by running process {pid}; "
+                        f"wait for it or remove {self.path} if that process is not diffmem)"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return self
+        raise ConfigError(f"--out: could not take the lock {self.path}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_folder(folder: Path, keep: set[str]) -> None:
+    """Remove every file of ``folder`` whose name is not in ``keep`` (nor the lock)."""
+    for entry in folder.iterdir():
+        if entry.name not in keep and entry.name != ".lock" and not entry.is_dir():
+            entry.unlink()
+
+
+def _write_arrays(path: Path, arrays: Mapping[str, Any]) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor)
+                                    else np.asarray(v)) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+#: Files every run writes into its folder, besides its figures and checkpoint folders.
+OUTPUT_FILES = ("metrics.json", "config.json", "arrays.npz")
+
+
 def run_experiment(
     exp: Experiment,
     out_dir: Path,
@@ -203,26 +386,56 @@ def run_experiment(
     progress: bool = True,
     resume: bool = False,
 ) -> Record:
-    """Run ``exp`` with resolved ``params`` and write ``out_dir/NAME/{metrics,config}.json``.
-    ``resume`` lets experiments that checkpoint (the network ones) continue from
-    ``out_dir/NAME/checkpoints``."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: expected 'cpu' or an available CUDA device, received "
-                          f"{device!r} (torch.cuda.is_available() is False)")
-    folder = Path(out_dir) / exp.name
-    folder.mkdir(parents=True, exist_ok=True)
-    ctx = Context(name=exp.name, params=params, out=folder, device=dev, seed=seed,
-                  progress=progress, resume=resume)
-    start = time.perf_counter()
-    outcome = exp.run(ctx)
-    elapsed = time.perf_counter() - start
-    metrics = dict(outcome.metrics)
-    metrics.update(claim_holds=outcome.claim_holds, verdict=outcome.verdict)
-    atomic_write_json(folder / "metrics.json", metrics)
-    atomic_write_json(folder / "config.json", {
-        "experiment": exp.name, "params": params, "seed": seed, "device": device,
-        "versions": versions(), "figures": ctx.figures,
-    })
-    return Record(name=exp.name, outcome=outcome, params=params, figures=ctx.figures,
-                  elapsed_s=elapsed, folder=folder)
+    """Run ``exp``'s four steps with resolved ``params`` and write ``out_dir/NAME/``:
+    ``metrics.json`` (with ``status``, ``verdict`` and the judged ``claims``),
+    ``config.json``, ``arrays.npz`` and the figures.
+
+    The folder is locked while the run writes. A fresh run starts from an empty folder but
+    for the previous results, which it replaces at the end (their figures included); with
+    ``resume``, experiments that checkpoint (the network ones) continue from
+    ``out_dir/NAME/checkpoints*``. Temporary files of interrupted writes are removed first.
+    """
+    dev = check_device(device)
+    folder = prepare_out(out_dir) / exp.name
+    created = not folder.exists()
+    folder.mkdir(exist_ok=True)
+    with FolderLock(folder):
+        remove_partial_files(folder)
+        for sub in folder.iterdir():
+            if sub.is_dir():
+                remove_partial_files(sub)
+        if not resume:  # stale checkpoints would block a later --resume
+            for entry in folder.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+        ctx = Context(name=exp.name, params=params, out=folder, device=dev, seed=seed,
+                      progress=progress, resume=resume)
+        start = time.perf_counter()
+        try:
+            raw = exp.compute(ctx)
+            recorded = exp.record(ctx, raw)
+            verdict = exp.judge(recorded.metrics, params)
+            figures = exp.draw(recorded, params)
+        except BaseException:
+            if created and not any(e.name != ".lock" for e in folder.iterdir()):
+                (folder / ".lock").unlink(missing_ok=True)
+                folder.rmdir()
+            raise
+        elapsed = time.perf_counter() - start
+        names = []
+        for name, fig in figures.items():
+            atomic_save_figure(fig, folder / f"{name}.png")
+            names.append(f"{name}.png")
+        metrics = {**recorded.metrics, **verdict.as_json()}
+        atomic_write_json(folder / "metrics.json", metrics)
+        _write_arrays(folder / "arrays.npz", recorded.arrays)
+        atomic_write_json(folder / "config.json", {
+            "experiment": exp.name, "params": params, "seed": seed, "device": str(dev),
+            "versions": versions(), "figures": names,
+        })
+        # what this run wrote, and its checkpoint folders (a fresh run removed older ones)
+        written = set(OUTPUT_FILES) | set(names) | {e.name for e in folder.iterdir()
+                                                   if e.is_dir()}
+        _clean_folder(folder, keep=written)
+    return Record(name=exp.name, verdict=verdict, metrics=jsonable(metrics), params=params,
+                  figures=names, elapsed_s=elapsed, folder=folder)

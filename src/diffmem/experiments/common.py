@@ -1,32 +1,26 @@
-"""Building blocks shared by the 2-D experiments: traced trajectories with their weights, and
-closed-form regularization sweeps."""
+"""Building blocks shared by the experiments: traced trajectories with their weights, closed-form
+sweeps, the one network-training helper, and the orderings the verdicts test."""
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from diffmem import plots
-from diffmem.experiments.base import Context
-from diffmem.metrics import convergence_slopes, fraction_within
-from diffmem.nn import NetworkScore, TrainConfig, train_dsm
+from diffmem.experiments.base import Context, Recorded
+from diffmem.metrics import convergence_slopes, decay_reference
+from diffmem.nn import NetworkScore, TrainConfig, Trained, train_dsm
 from diffmem.samplers import SampleResult, sample_ode
 from diffmem.schedules import Schedule, get_schedule
 from diffmem.scores import ClosedFormScore
 
-
-def delta_key(delta: float) -> str:
-    """JSON key of a tolerance: ``0.01 -> "0.01"``."""
-    return repr(float(delta))
-
-
-def fractions(samples: Tensor, train: Tensor, deltas: Sequence[float]) -> dict[str, float]:
-    """:func:`fraction_within` keyed by :func:`delta_key`."""
-    return {delta_key(d): f for d, f in fraction_within(samples, train, deltas).items()}
+#: Training points in a mini-batch of the score MLPs trained beside closed forms.
+NETWORK_BATCH = 256
 
 
 @dataclass
@@ -38,8 +32,8 @@ class Traced:
     sigma: Tensor  # (n_times,)
 
 
-def trace(ctx: Context, schedule: Schedule, score: ClosedFormScore, x_T: Tensor, t_end: float,
-          rtol: float, atol: float, n_record: int) -> Traced:
+def trace(schedule: Schedule, score: ClosedFormScore, x_T: Tensor, t_end: float, rtol: float,
+          atol: float, n_record: int) -> Traced:
     """Integrate the PF-ODE from ``x_T`` recording ``n_record`` log-spaced times and evaluate
     the weights ``w_n(x(t), t)`` at every recorded point."""
     res = sample_ode(schedule, score, x_T, t_end=t_end, rtol=rtol, atol=atol,
@@ -57,93 +51,97 @@ def slope_window(schedule: Schedule, t_end: float, sigma_max: float) -> tuple[fl
     return 10 * float(schedule.sigma(t_end)), sigma_max
 
 
-def traced_figure(ctx: Context, train: Tensor, traced: Traced, title: str, name: str,
-                  window: tuple[float, float] | None, lim: float = 3.0) -> Tensor | None:
-    """Three panels: trajectories over the Voronoi diagram, weights of three trajectories
-    against ``t``, and ``|x(t) - x(t_end)|`` against ``sigma(t)`` with the ``O(sigma)`` line.
-    Returns the per-trajectory slopes fitted in ``window`` (``None`` without a window)."""
+def traced_slopes(traced: Traced, window: tuple[float, float]) -> Tensor:
+    """Per-trajectory slope of ``log |x(t) - x(t_end)|`` against ``log sigma(t)``."""
+    res = traced.result
+    assert res.trajectory is not None
+    return convergence_slopes(res.trajectory, res.samples, traced.sigma, window)
+
+
+def traced_arrays(traced: Traced, prefix: str) -> dict[str, Tensor]:
+    """The arrays a traced figure is drawn from: trajectories, recorded times and ``sigma``,
+    the weights of the first three trajectories, and each trajectory's distance to its end
+    point (before the end) with the ``O(sigma)`` reference line."""
     res = traced.result
     assert res.trajectory is not None and res.times is not None
-    fig, ax = plots.figure(1, 3, size=4.2)
-    plots.voronoi(ax[0, 0], train, lim=lim)
-    plots.trajectories(ax[0, 0], res.trajectory)
-    ax[0, 0].set_title(f"{title}: trajectories")
-    for i in range(min(3, traced.weights.shape[0])):
-        plots.weights_vs_time(ax[0, 1], res.times, traced.weights[i])
-    ax[0, 1].set_title("weights $w_n(x(t), t)$ (3 trajectories)")
     dist = (res.trajectory - res.samples[:, None]).flatten(2).norm(dim=-1)
     keep = res.times > res.times[-1]
     sig = traced.sigma[keep]
-    ref = sig * float(dist[:, keep].median() / sig.median())
-    plots.distance_decay(ax[0, 2], sig, dist[:, keep], ref, r"$\sigma(t)$", r"$O(\sigma)$")
-    slopes = None
-    if window is not None:
-        slopes = convergence_slopes(res.trajectory, res.samples, traced.sigma, window)
-        ax[0, 2].axvspan(*window, color="0.9", zorder=0, label="fit window")
-        ax[0, 2].set_title(f"median slope {float(slopes.median()):.3f}")
-    ctx.save(fig, name)
-    return slopes
+    return {f"{prefix}trajectory": res.trajectory.cpu(), f"{prefix}times": res.times,
+            f"{prefix}sigma": traced.sigma, f"{prefix}weights": traced.weights[:3].cpu(),
+            f"{prefix}decay_sigma": sig, f"{prefix}decay_distance": dist[:, keep].cpu(),
+            f"{prefix}decay_reference": decay_reference(sig, dist[:, keep].cpu())}
 
 
-def closed_form_sweep(
-    ctx: Context,
-    train: Tensor,
-    schedule: Schedule,
-    parameter: str,
-    values: Sequence[float],
-    make_score: Callable[[float], ClosedFormScore],
-    t_end: float,
-    deltas: Sequence[float],
-) -> dict[str, Any]:
-    """Sample ``n_samples`` points (the same noise for every value) with the score built by
-    ``make_score(value)``; return the sweep's metrics and draw the fraction curve and a
-    scatter grid over the Voronoi diagram."""
+def traced_figure(rec: Recorded, prefix: str, train: Any, title: str,
+                  window: Sequence[float] | None = None, slope: float | None = None,
+                  lim: float = 3.0) -> Any:
+    """The three panels of :func:`diffmem.plots.traced_panels` from recorded arrays."""
+    fig, ax = plots.figure(1, 3, size=4.2)
+    plots.traced_panels(ax[0], train, rec.array(f"{prefix}trajectory"),
+                        rec.array(f"{prefix}times"), rec.array(f"{prefix}decay_sigma"),
+                        rec.array(f"{prefix}weights"), rec.array(f"{prefix}decay_distance"),
+                        rec.array(f"{prefix}decay_reference"), title, window, slope, lim)
+    return fig
+
+
+def sweep_samples(ctx: Context, schedule: Schedule, values: Sequence[float],
+                  make_score: Callable[[float], Any], x_T: Tensor, t_end: float,
+                  desc: str) -> list[Tensor]:
+    """Samples of the PF-ODE from the same noise ``x_T`` for the score built by
+    ``make_score(value)``, for every value of a sweep."""
     p = ctx.params
-    n = int(p["n_samples"])
-    x_T = ctx.noise(n, (train.shape[1],), float(schedule.sigma(schedule.T)))
-    per_delta: dict[str, list[float]] = {delta_key(d): [] for d in deltas}
-    samples = []
-    for value in ctx.bar(values, f"{parameter} sweep"):
-        res = sample_ode(schedule, make_score(value), x_T, t_end=t_end, rtol=p["rtol"],
-                         atol=p["atol"])
-        samples.append(res.samples.cpu())
-        for key, frac in fractions(res.samples, train, deltas).items():
-            per_delta[key].append(frac)
-    fig, ax = plots.figure(1, 1, size=4.5)
-    plots.fraction_curve(ax[0, 0], list(values), per_delta, parameter)
-    ax[0, 0].set_title(f"{schedule.name}: memorized fraction vs {parameter}")
-    ctx.save(fig, f"fraction_vs_{parameter}")
-    cols = math.ceil(math.sqrt(len(values)))
-    rows = math.ceil(len(values) / cols)
-    fig, ax = plots.figure(rows, cols, size=3.2)
-    first = delta_key(deltas[0])
-    for i, (value, s) in enumerate(zip(values, samples, strict=True)):
-        a = ax[i // cols, i % cols]
-        plots.voronoi(a, train.cpu())
-        plots.scatter(a, s)
-        a.set_title(f"{parameter} = {value:.2g}: {per_delta[first][i]:.3f}", fontsize=9)
-    for j in range(len(values), rows * cols):
-        ax[j // cols, j % cols].axis("off")
-    ctx.save(fig, f"samples_{parameter}")
-    return {"parameter": parameter, "values": list(values), "n_samples": n,
-            "schedule": schedule.name, "t_end": t_end, "fraction_within": per_delta}
+    return [sample_ode(schedule, make_score(v), x_T, t_end=t_end, rtol=p["rtol"],
+                       atol=p["atol"]).samples
+            for v in ctx.bar(values, desc)]
 
 
-def train_network_score(ctx: Context, x: Tensor, y: Tensor | None = None,
-                        lam: float = 0.0, tag: str = "checkpoints") -> NetworkScore:
-    """Train one (optionally conditional) score MLP on ``x`` with the context's
-    ``network_steps``, ``ema_decay``, ``width`` and ``schedule`` (mini-batches of 256,
-    checkpoints under ``OUT/NAME/tag``) and return its EMA weights as a score."""
+def train_networks(ctx: Context, x: Tensor, *, lambdas: Sequence[float],
+                   parameterizations: Sequence[str], steps: int, width: int,
+                   ema_half_life: float, depth: int = 2, lr: float = 1e-3,
+                   batch_size: int | None = NETWORK_BATCH, y: Tensor | None = None,
+                   marks: Sequence[int] = (), tag: str = "checkpoints",
+                   callback: Callable[..., Any] | None = None,
+                   quiet_ema: bool = False) -> Trained:
+    """Train a stack of score MLPs (one per ``lambdas``/``parameterizations`` entry) on ``x``
+    (conditional on ``y`` when given) with the context's seed and schedule, checkpoints under
+    ``OUT/NAME/tag`` and ``--resume``. ``quiet_ema`` silences the EMA-initialisation warning
+    when the EMA is not what is evaluated."""
     p = ctx.params
-    sch = get_schedule(p["schedule"])
-    cfg = TrainConfig(lambdas=[lam], parameterizations=["score"], steps=p["network_steps"],
-                      ema_decay=p["ema_decay"], batch_size=256, seed=ctx.seed,
-                      schedule=p["schedule"], mlp={"width": p["width"]})
-    trained = train_dsm(x, sch, cfg, train_y=y, checkpoint_dir=ctx.out / tag,
-                        resume=ctx.resume, device=ctx.device, progress=ctx.progress)
-    return NetworkScore(trained.ema, sch)
+    cfg = TrainConfig(lambdas=list(lambdas), parameterizations=list(parameterizations),
+                      steps=steps, lr=lr, ema_half_life=ema_half_life, batch_size=batch_size,
+                      seed=ctx.seed, schedule=p["schedule"],
+                      mlp={"width": width, "depth": depth})
+    with warnings.catch_warnings():
+        if quiet_ema:
+            warnings.simplefilter("ignore")
+        return train_dsm(x, get_schedule(p["schedule"]), cfg, train_y=y,
+                         checkpoint_dir=ctx.out / tag, checkpoints=marks, resume=ctx.resume,
+                         device=ctx.device, progress=ctx.progress, callback=callback)
+
+
+def network_score(ctx: Context, x: Tensor, y: Tensor | None = None,
+                  lam: float = 0.0) -> NetworkScore:
+    """One (optionally conditional) score MLP trained on ``x`` with the context's
+    ``network_steps``, ``ema_half_life`` and ``width``, as a score (its EMA weights)."""
+    p = ctx.params
+    trained = train_networks(ctx, x, lambdas=[lam], parameterizations=["score"],
+                             steps=p["network_steps"], width=p["width"],
+                             ema_half_life=p["ema_half_life"], y=y)
+    return NetworkScore(trained.ema, get_schedule(p["schedule"]))
 
 
 def decreasing(values: Sequence[float], slack: float = 0.0) -> bool:
     """True when each value is at most the previous one plus ``slack``."""
     return all(b <= a + slack for a, b in zip(values, values[1:], strict=False))
+
+
+def by_value(values: Sequence[float], fracs: Sequence[float]) -> tuple[list[float], list[float]]:
+    """``values`` and ``fracs`` sorted by value."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    return [values[i] for i in order], [fracs[i] for i in order]
+
+
+def cpu(t: Tensor) -> Tensor:
+    """A tensor on the CPU (for recorded arrays)."""
+    return t.detach().cpu() if isinstance(t, torch.Tensor) else t

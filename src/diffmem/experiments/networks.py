@@ -8,111 +8,86 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from diffmem import data, plots
-from diffmem.experiments.base import Context, Experiment, Outcome
-from diffmem.experiments.common import decreasing, delta_key, fractions
-from diffmem.nn import NetworkScore, ScoreMLP, TrainConfig, Trained, checkpoint_steps, train_dsm
+from diffmem.experiments.base import Context, Experiment, Recorded, Verdict
+from diffmem.experiments.common import by_value, decreasing, train_networks
+from diffmem.metrics import delta_key, fraction_sweep
+from diffmem.nn import NetworkScore, ScoreMLP, checkpoint_steps
 from diffmem.samplers import sample_ode
 from diffmem.schedules import get_schedule
 from diffmem.scores import EmpiricalScore, TikhonovScore
+from diffmem.training import half_life_from_decay
 
 DELTAS = [1e-2, 5e-2, 1e-1, 5e-1]
-COMMON = {"schedule": "VP", "width": 256, "depth": 2, "lr": 1e-3, "ema_decay": 0.9999,
-          "n_samples": 1000, "t_end": 1e-3, "deltas": DELTAS, "rtol": 1e-5, "atol": 1e-5,
-          "verdict_delta": 1e-2}
+COMMON = {"schedule": "VP", "width": 256, "depth": 2, "lr": 1e-3,
+          "ema_half_life": half_life_from_decay(0.9999), "n_samples": 1000, "t_end": 1e-3,
+          "deltas": DELTAS, "rtol": 1e-5, "atol": 1e-5, "verdict_delta": 1e-2}
 #: Quick runs are too short to memorize at 1e-2; their verdict reads the 0.1 tolerance.
 QUICK = {"n_samples": 200, "verdict_delta": 0.1}
+#: Seed offset of the initial noise shared by every network's samples.
+SAMPLES_SEED = 400
+#: Slack of "the fraction falls as lambda grows": 5% absorbs the run-to-run noise of
+#: trained networks between neighbouring lambdas.
+MONOTONE_SLACK = 0.05
+#: Below this largest memorized fraction nothing has memorized yet: no ordering to judge.
+MIN_SIGNAL = 0.02
 
-
-def _train(ctx: Context, lambdas: Sequence[float], parameterizations: Sequence[str],
-           steps: int, width: int, marks: Sequence[int] = (), tag: str = "checkpoints",
-           callback: Any = None) -> Trained:
-    p = ctx.params
-    cfg = TrainConfig(lambdas=list(lambdas), parameterizations=list(parameterizations),
-                      steps=steps, lr=p["lr"], ema_decay=p["ema_decay"], seed=ctx.seed,
-                      schedule=p["schedule"], mlp={"width": width, "depth": p["depth"]})
-    with warnings.catch_warnings():
-        if not p.get("use_ema", True):
-            warnings.simplefilter("ignore")  # the EMA is not what is evaluated
-        return train_dsm(data.paper_points(), get_schedule(p["schedule"]), cfg,
-                         checkpoint_dir=ctx.out / tag, checkpoints=marks, resume=ctx.resume,
-                         device=ctx.device, progress=ctx.progress, callback=callback)
+TIKHONOV_CLAIM = ("A Tikhonov penalty on a learned score prevents memorization, as the closed "
+                  "form predicts: the memorized fraction falls as lambda grows.")
+EARLY_CLAIM = ("Early stopping regularizes: memorization grows with training, faster for the "
+               "noise parameterization (built-in singularity).")
+WIDTH_CLAIM = ("Under-parameterization regularizes: at a fixed budget narrower networks "
+               "memorize less.")
 
 
 def _sample(ctx: Context, model: ScoreMLP, k: int, x_T: Tensor) -> Tensor:
     p = ctx.params
     sch = get_schedule(p["schedule"])
-    res = sample_ode(sch, NetworkScore(model, sch, k), x_T, t_end=p["t_end"], rtol=p["rtol"],
-                     atol=p["atol"])
-    return res.samples
+    return sample_ode(sch, NetworkScore(model, sch, k), x_T, t_end=p["t_end"], rtol=p["rtol"],
+                      atol=p["atol"]).samples
 
 
 def _noise(ctx: Context) -> Tensor:
     sch = get_schedule(ctx.params["schedule"])
-    return ctx.noise(ctx.params["n_samples"], (2,), float(sch.sigma(sch.T)), offset=400)
+    return ctx.noise(ctx.params["n_samples"], (2,), float(sch.sigma(sch.T)),
+                     offset=SAMPLES_SEED)
 
 
-def _fraction_figure(ctx: Context, values: Sequence[float], curves: dict[str, dict[str, list]],
-                     xlabel: str, name: str, logx: bool) -> None:
-    fig, ax = plots.figure(1, len(curves), size=4.5)
-    for i, (label, per_delta) in enumerate(curves.items()):
-        plots.fraction_curve(ax[0, i], list(values), per_delta, xlabel, logx=logx)
-        ax[0, i].set_title(label)
-    ctx.save(fig, name)
-
-
-def _scatter_grid(ctx: Context, labels: Sequence[str], samples: Sequence[Tensor],
-                  name: str) -> None:
-    train = data.paper_points()
-    cols = len(samples)
-    fig, ax = plots.figure(1, cols, size=3.2)
-    for i, (label, s) in enumerate(zip(labels, samples, strict=True)):
-        plots.voronoi(ax[0, i], train)
-        plots.scatter(ax[0, i], s.cpu())
-        ax[0, i].set_title(label, fontsize=9)
-    ctx.save(fig, name)
-
-
-def run_tikhonov(ctx: Context) -> Outcome:
+def _train(ctx: Context, lambdas: Sequence[float], parameterizations: Sequence[str],
+           width: int, **kw: Any) -> Any:
     p = ctx.params
+    return train_networks(ctx, data.paper_points(), lambdas=lambdas,
+                          parameterizations=parameterizations, steps=p["steps"], width=width,
+                          depth=p["depth"], lr=p["lr"], ema_half_life=p["ema_half_life"],
+                          batch_size=None, quiet_ema=not p["use_ema"], **kw)
+
+
+def _verdict_key(params: Mapping[str, Any]) -> str:
+    key = delta_key(params["verdict_delta"])
+    if key not in {delta_key(d) for d in params["deltas"]}:
+        raise ValueError(f"verdict_delta: expected one of deltas {params['deltas']}, received "
+                         f"{params['verdict_delta']}")
+    return key
+
+
+# --- nn-tikhonov ----------------------------------------------------------------------------
+def compute_tikhonov(ctx: Context) -> dict[str, Any]:
+    p = ctx.params
+    _verdict_key(p)
     lambdas = p["values"]
-    trained = _train(ctx, lambdas, ["score"] * len(lambdas), p["steps"], p["width"],
+    trained = _train(ctx, lambdas, ["score"] * len(lambdas), p["width"],
                      marks=checkpoint_steps(p["steps"], every=p["checkpoint_every"]))
     model = trained.ema if p["use_ema"] else trained.model
-    train = data.paper_points().to(ctx.device)
     x_T = _noise(ctx)
-    per_delta: dict[str, list[float]] = {delta_key(d): [] for d in p["deltas"]}
-    samples = []
-    for k in ctx.bar(range(len(lambdas)), "sampling"):
-        s = _sample(ctx, model, k, x_T)
-        samples.append(s)
-        for key, f in fractions(s, train, p["deltas"]).items():
-            per_delta[key].append(f)
-    _fraction_figure(ctx, [max(v, 1e-5) for v in lambdas], {"learned score": per_delta},
-                     "lambda (0 drawn at 1e-5)", "fraction_vs_lambda", logx=True)
-    _scatter_grid(ctx, [f"lambda = {v:g}" for v in lambdas], samples, "samples_lambda")
-    norms = _score_norms(ctx, model, lambdas)
-    order = np.argsort(lambdas)
-    first = [fractions(smp, train, [p["verdict_delta"]])[delta_key(p["verdict_delta"])]
-             for smp in samples]
-    ok = decreasing([first[i] for i in order], slack=0.05) and first[order[0]] > first[order[-1]]
-    finding = (f"fraction within {p['verdict_delta']} is {first[order[0]]:.3f} at lambda = "
-               f"{lambdas[order[0]]:g} and {first[order[-1]]:.3f} at lambda = "
-               f"{lambdas[order[-1]]:g} after {p['steps']} steps")
-    metrics = {"parameter": "lambda", "values": lambdas, "n_samples": p["n_samples"],
-               "fraction_within": per_delta, "steps": p["steps"], "weights": (
-                   "ema" if p["use_ema"] else "raw"),
-               "final_losses": trained.history[-1][1] if trained.history else [],
-               "score_norm": norms}
-    return Outcome.judged(metrics, ok, finding)
+    samples = [_sample(ctx, model, k, x_T) for k in ctx.bar(range(len(lambdas)), "sampling")]
+    return {"trained": trained, "model": model, "samples": samples,
+            "score_norm": _score_norms(ctx, model, lambdas)}
 
 
 def _score_norms(ctx: Context, model: ScoreMLP, lambdas: Sequence[float]) -> dict[str, Any]:
@@ -126,96 +101,160 @@ def _score_norms(ctx: Context, model: ScoreMLP, lambdas: Sequence[float]) -> dic
     x = probe.expand(len(ts), 2).contiguous()
     out: dict[str, Any] = {"t": ts.tolist(), "probe": probe[0].tolist(),
                            "empirical": EmpiricalScore(train, sch)(x, ts).norm(dim=1).tolist()}
-    fig, ax = plots.figure(1, 1, size=5)
-    ax[0, 0].plot(ts.numpy(), out["empirical"], "k-", lw=2, label="empirical")
     for k, lam in enumerate(lambdas):
-        learned = NetworkScore(model, sch, k)(x, ts).norm(dim=1)
-        out[f"lambda={lam:g}"] = learned.tolist()
-        line = ax[0, 0].plot(ts.numpy(), learned.numpy(), lw=1.2,
-                             label=f"learned, lambda = {lam:g}")[0]
+        out[f"lambda={lam:g}"] = NetworkScore(model, sch, k)(x, ts).norm(dim=1).tolist()
         if lam > 0:
-            closed = TikhonovScore(train, sch, lam)(x, ts).norm(dim=1)
-            out[f"tikhonov_c={lam:g}"] = closed.tolist()
-            ax[0, 0].plot(ts.numpy(), closed.numpy(), "--", color=line.get_color(), lw=1)
-    ax[0, 0].set_xscale("log")
-    ax[0, 0].set_yscale("log")
-    ax[0, 0].set_xlabel("t")
-    ax[0, 0].set_ylabel("|s(x, t)|")
-    ax[0, 0].set_title(f"score norm {p['probe_offset']} from a training point "
-                       "(dashed: closed-form Tikhonov)", fontsize=9)
-    ax[0, 0].legend(fontsize=7)
-    ctx.save(fig, "score_norm_vs_t")
+            out[f"tikhonov_c={lam:g}"] = TikhonovScore(train, sch, lam)(x, ts).norm(
+                dim=1).tolist()
     return out
 
 
-def run_early_stopping(ctx: Context) -> Outcome:
+def record_tikhonov(ctx: Context, raw: dict[str, Any]) -> Recorded:
     p = ctx.params
-    params = ["score", "noise"]
-    marks = checkpoint_steps(p["steps"], every=p["every"])
+    trained = raw["trained"]
+    train = data.paper_points().to(ctx.device)
+    metrics = {"parameter": "lambda", "values": p["values"], "n_samples": p["n_samples"],
+               "fraction_within": fraction_sweep(raw["samples"], train, p["deltas"]),
+               "steps": p["steps"], "weights": "ema" if p["use_ema"] else "raw",
+               "final_losses": trained.history[-1][1] if trained.history else [],
+               "score_norm": raw["score_norm"]}
+    arrays = {f"samples_{k}": s.cpu() for k, s in enumerate(raw["samples"])}
+    return Recorded(metrics, {"train": train.cpu(), **arrays})
+
+
+def judge_tikhonov(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
+    key = _verdict_key(params)
+    values, fracs = by_value(metrics["values"], metrics["fraction_within"][key])
+    ok = decreasing(fracs, slack=MONOTONE_SLACK) and fracs[0] > fracs[-1]
+    finding = (f"fraction within {params['verdict_delta']} is {fracs[0]:.3f} at lambda = "
+               f"{values[0]:g} and {fracs[-1]:.3f} at lambda = {values[-1]:g} after "
+               f"{params['steps']} steps")
+    return Verdict.of(TIKHONOV_CLAIM, ok, finding, judgeable=max(fracs) >= MIN_SIGNAL)
+
+
+def draw_tikhonov(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
+    m = rec.metrics
+    lambdas = m["values"]
+    norms = m["score_norm"]
+    fig, ax = plots.figure(1, 1, size=5)
+    a = ax[0, 0]
+    a.plot(norms["t"], norms["empirical"], "k-", lw=2, label="empirical")
+    for lam in lambdas:
+        line = a.plot(norms["t"], norms[f"lambda={lam:g}"], lw=1.2,
+                      label=f"learned, lambda = {lam:g}")[0]
+        if lam > 0:
+            a.plot(norms["t"], norms[f"tikhonov_c={lam:g}"], "--", color=line.get_color(),
+                   lw=1)
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel("t")
+    a.set_ylabel("|s(x, t)|")
+    a.set_title(f"score norm {params['probe_offset']} from a training point "
+                "(dashed: closed-form Tikhonov)", fontsize=9)
+    a.legend(fontsize=7)
+    return {
+        "fraction_vs_lambda": plots.fraction_figure(
+            [max(v, 1e-5) for v in lambdas], {"learned score": m["fraction_within"]},
+            "lambda (0 drawn at 1e-5)"),
+        "samples_lambda": plots.voronoi_grid(
+            rec.array("train"), [rec.array(f"samples_{k}") for k in range(len(lambdas))],
+            [f"lambda = {v:g}" for v in lambdas]),
+        "score_norm_vs_t": fig,
+    }
+
+
+# --- nn-early-stopping ----------------------------------------------------------------------
+EARLY_PARAMS = ("score", "noise")
+
+
+def compute_early(ctx: Context) -> dict[str, Any]:
+    p = ctx.params
+    _verdict_key(p)
     train = data.paper_points().to(ctx.device)
     x_T = _noise(ctx)
-    curves: dict[str, dict[str, list[float]]] = {
-        name: {delta_key(d): [] for d in p["deltas"]} for name in params}
-    done: list[int] = []
 
-    def evaluate(step: int, model: ScoreMLP, ema: ScoreMLP) -> None:
-        done.append(step)
-        for k, name in enumerate(params):
-            s = _sample(ctx, ema if p["use_ema"] else model, k, x_T)
-            for key, f in fractions(s, train, p["deltas"]).items():
-                curves[name][key].append(f)
+    def evaluate(step: int, model: ScoreMLP, ema: ScoreMLP) -> dict[str, list[float]]:
+        """Samples of both parameterizations at this checkpoint, as fractions per delta."""
+        net = ema if p["use_ema"] else model
+        return {name: fraction_sweep([_sample(ctx, net, k, x_T)], train, p["deltas"])
+                for k, name in enumerate(EARLY_PARAMS)}
 
-    if ctx.resume:
-        raise ValueError("--resume: expected an experiment that can resume; nn-early-stopping "
-                         "evaluates during training, so rerun it from the start")
-    _train(ctx, [0.0, 0.0], params, p["steps"], p["width"], marks=marks, callback=evaluate)
-    _fraction_figure(ctx, done, {f"{n} parameterization": c for n, c in curves.items()},
-                     "training steps", "fraction_vs_steps", logx=False)
-    key = delta_key(p["verdict_delta"])
-    if key not in curves["score"]:
-        raise ValueError(f"verdict_delta: expected one of deltas {p['deltas']}, received "
-                         f"{p['verdict_delta']}")
-    grew = {n: curves[n][key][-1] >= curves[n][key][0] for n in params}
-    faster = sum(curves["noise"][key]) >= sum(curves["score"][key])
-    ok = all(grew.values()) and faster
-    finding = ("; ".join(
-        f"{n}: fraction within {key} goes {curves[n][key][0]:.3f} -> {curves[n][key][-1]:.3f}"
-        for n in params) + f" over {done[0]}..{done[-1]} steps; the noise parameterization "
-        + ("memorizes at least as fast" if faster else "memorizes more slowly"))
-    metrics = {"parameter": "steps", "values": done, "n_samples": p["n_samples"],
+    trained = _train(ctx, [0.0, 0.0], EARLY_PARAMS, p["width"],
+                     marks=checkpoint_steps(p["steps"], every=p["every"]), callback=evaluate)
+    return {"evaluations": trained.evaluations}
+
+
+def record_early(ctx: Context, raw: dict[str, Any]) -> Recorded:
+    p = ctx.params
+    steps = sorted(raw["evaluations"])
+    curves = {name: {key: [raw["evaluations"][s][name][key][0] for s in steps]
+                     for key in map(delta_key, p["deltas"])} for name in EARLY_PARAMS}
+    metrics = {"parameter": "steps", "values": steps, "n_samples": p["n_samples"],
                "weights": "ema" if p["use_ema"] else "raw",
-               **{n: {"fraction_within": curves[n]} for n in params}}
-    return Outcome.judged(metrics, ok, finding)
+               **{n: {"fraction_within": curves[n]} for n in EARLY_PARAMS}}
+    return Recorded(metrics)
 
 
-def run_width(ctx: Context) -> Outcome:
+def judge_early(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
+    key = _verdict_key(params)
+    curves = {n: metrics[n]["fraction_within"][key] for n in EARLY_PARAMS}
+    steps = metrics["values"]
+    grew = all(c[-1] >= c[0] for c in curves.values())
+    faster = sum(curves["noise"]) >= sum(curves["score"])
+    finding = ("; ".join(f"{n}: fraction within {key} goes {c[0]:.3f} -> {c[-1]:.3f}"
+                         for n, c in curves.items())
+               + f" over {steps[0]}..{steps[-1]} steps; the noise parameterization "
+               + ("memorizes at least as fast" if faster else "memorizes more slowly"))
+    signal = max(max(c) for c in curves.values()) >= MIN_SIGNAL
+    return Verdict.of(EARLY_CLAIM, grew and faster, finding, judgeable=signal)
+
+
+def draw_early(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
+    m = rec.metrics
+    return {"fraction_vs_steps": plots.fraction_figure(
+        m["values"], {f"{n} parameterization": m[n]["fraction_within"] for n in EARLY_PARAMS},
+        "training steps", logx=False)}
+
+
+# --- nn-width -------------------------------------------------------------------------------
+def compute_width(ctx: Context) -> dict[str, Any]:
     p = ctx.params
-    train = data.paper_points().to(ctx.device)
+    _verdict_key(p)
     x_T = _noise(ctx)
-    per_delta: dict[str, list[float]] = {delta_key(d): [] for d in p["deltas"]}
-    n_params = []
+    samples, n_params = [], []
     for width in ctx.bar(p["values"], "widths"):
-        trained = _train(ctx, [0.0], ["score"], p["steps"], width, tag=f"checkpoints_w{width}")
+        trained = _train(ctx, [0.0], ["score"], width, tag=f"checkpoints_w{width}")
         model = trained.ema if p["use_ema"] else trained.model
         n_params.append(model.n_parameters())
-        s = _sample(ctx, model, 0, x_T)
-        for key, f in fractions(s, train, p["deltas"]).items():
-            per_delta[key].append(f)
-    _fraction_figure(ctx, p["values"], {f"{p['steps']} steps": per_delta}, "width",
-                     "fraction_vs_width", logx=True)
-    key = delta_key(p["verdict_delta"])
-    if key not in per_delta:
-        raise ValueError(f"verdict_delta: expected one of deltas {p['deltas']}, received "
-                         f"{p['verdict_delta']}")
-    ordered = per_delta[key]
-    ok = ordered[-1] >= ordered[0] and ordered[-1] > 0
-    finding = (f"at {p['steps']} steps the fraction within {p['verdict_delta']} goes from "
-               f"{ordered[0]:.3f} (width {p['values'][0]}) to {ordered[-1]:.3f} "
-               f"(width {p['values'][-1]}): narrower networks memorize less")
-    metrics = {"parameter": "width", "values": p["values"], "n_parameters": n_params,
-               "n_samples": p["n_samples"], "steps": p["steps"], "fraction_within": per_delta,
+        samples.append(_sample(ctx, model, 0, x_T))
+    return {"samples": samples, "n_parameters": n_params}
+
+
+def record_width(ctx: Context, raw: dict[str, Any]) -> Recorded:
+    p = ctx.params
+    train = data.paper_points().to(ctx.device)
+    metrics = {"parameter": "width", "values": p["values"],
+               "n_parameters": raw["n_parameters"], "n_samples": p["n_samples"],
+               "steps": p["steps"],
+               "fraction_within": fraction_sweep(raw["samples"], train, p["deltas"]),
                "weights": "ema" if p["use_ema"] else "raw"}
-    return Outcome.judged(metrics, ok, finding)
+    return Recorded(metrics)
+
+
+def judge_width(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
+    fracs = metrics["fraction_within"][_verdict_key(params)]
+    ok = fracs[-1] >= fracs[0] and fracs[-1] > 0
+    finding = (f"at {params['steps']} steps the fraction within {params['verdict_delta']} "
+               f"goes from {fracs[0]:.3f} (width {params['values'][0]}) to {fracs[-1]:.3f} "
+               f"(width {params['values'][-1]}): narrower networks memorize "
+               + ("less" if ok else "as much or more"))
+    return Verdict.of(WIDTH_CLAIM, ok, finding, judgeable=max(fracs) >= MIN_SIGNAL)
+
+
+def draw_width(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
+    m = rec.metrics
+    return {"fraction_vs_width": plots.fraction_figure(
+        m["values"], {f"{m['steps']} steps": m["fraction_within"]}, "width")}
 
 
 NN_TIKHONOV = Experiment(
@@ -223,33 +262,31 @@ NN_TIKHONOV = Experiment(
     summary="MLP score (VP), one network per lambda in {0, 1e-4, 1e-3, 1e-2, 1e-1} trained "
             "together with penalty lambda E|s|^2 for 500k steps; fraction of 1000 samples "
             "within {1e-2, 5e-2, 1e-1, 5e-1} against lambda; score norms near a training point.",
-    claim="A Tikhonov penalty on a learned score prevents memorization, as the closed form "
-          "predicts: the memorized fraction falls as lambda grows.",
+    claim=TIKHONOV_CLAIM,
     defaults={**COMMON, "values": [0.0, 1e-4, 1e-3, 1e-2, 1e-1], "steps": 500_000,
               "checkpoint_every": 50_000, "use_ema": True, "probe_offset": 0.05},
-    quick={**QUICK, "steps": 6000, "ema_decay": 0.99, "checkpoint_every": 3000,
-           "values": [0.0, 1e-2, 1e-1]},
-    run=run_tikhonov,
+    quick={**QUICK, "steps": 6000, "ema_half_life": half_life_from_decay(0.99),
+           "checkpoint_every": 3000, "values": [0.0, 1e-2, 1e-1]},
+    compute=compute_tikhonov, record=record_tikhonov, judge=judge_tikhonov,
+    draw=draw_tikhonov,
 )
 
 NN_EARLY_STOPPING = Experiment(
     name="nn-early-stopping",
     summary="MLP score (VP, lambda = 0), both parameterizations (score and noise): fraction "
             "of samples memorized at checkpoints every 10k steps up to 100k.",
-    claim="Early stopping regularizes: memorization grows with training, faster for the "
-          "noise parameterization (built-in singularity).",
+    claim=EARLY_CLAIM,
     defaults={**COMMON, "steps": 100_000, "every": 10_000, "use_ema": False},
     quick={**QUICK, "steps": 6000, "every": 2000},
-    run=run_early_stopping,
+    compute=compute_early, record=record_early, judge=judge_early, draw=draw_early,
 )
 
 NN_WIDTH = Experiment(
     name="nn-width",
     summary="MLP score (VP, lambda = 0) of widths 4 to 1024 at a fixed budget of steps: "
             "fraction memorized against width.",
-    claim="Under-parameterization regularizes: at a fixed budget narrower networks memorize "
-          "less.",
+    claim=WIDTH_CLAIM,
     defaults={**COMMON, "values": [4, 16, 64, 256, 1024], "steps": 20_000, "use_ema": False},
     quick={**QUICK, "values": [4, 256], "steps": 5000},
-    run=run_width,
+    compute=compute_width, record=record_width, judge=judge_width, draw=draw_width,
 )

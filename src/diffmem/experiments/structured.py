@@ -6,17 +6,21 @@ average of those points; every other start converges to a training point.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffmem import data, plots
-from diffmem.experiments.base import Context, Experiment, Outcome
+from diffmem.experiments.base import Context, Experiment, Recorded, Verdict
 from diffmem.mixture import knn
-from diffmem.samplers import sample_ode_transformed
+from diffmem.samplers import sample_ode
 from diffmem.schedules import get_schedule
 from diffmem.scores import EmpiricalScore
+
+CLAIM = ("Starts on a bisector converge to the average of the equidistant points (origin; "
+         "(+-1/2, +-1/2)); all others converge to a training point.")
 
 
 def predicted_limits(starts: Tensor, train: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,61 +33,84 @@ def predicted_limits(starts: Tensor, train: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(on[:, None], avg, torch.full_like(avg, float("nan"))), on
 
 
-def run(ctx: Context) -> Outcome:
+def _sets() -> dict[str, Tensor]:
+    return {"two": data.two_points(), "four": data.four_points()}
+
+
+def compute(ctx: Context) -> dict[str, Any]:
     p = ctx.params
     sch = get_schedule(p["schedule"])
-    sets = {"two": data.two_points(), "four": data.four_points()}
     starts = data.square_boundary(p["half_width"], p["per_side"])
-    metrics: dict[str, Any] = {"n_starts": starts.shape[0], "s_end": p["s_end"]}
-    ok = True
-    notes = []
-    fig, ax = plots.figure(1, 2, size=4.8)
-    for i, (name, train) in enumerate(ctx.bar(sets.items(), "point sets")):
-        res = sample_ode_transformed(sch, EmpiricalScore(train.to(ctx.device), sch),
-                                     starts.to(ctx.device), s_end=p["s_end"], rtol=p["rtol"],
-                                     atol=p["atol"], return_trajectory=True,
-                                     n_record=p["n_record"])
+    out: dict[str, Any] = {"starts": starts}
+    for name, train in ctx.bar(_sets().items(), "point sets"):
+        out[name] = sample_ode(sch, EmpiricalScore(train.to(ctx.device), sch),
+                               starts.to(ctx.device), s_end=p["s_end"], rtol=p["rtol"],
+                               atol=p["atol"], return_trajectory=True, n_record=p["n_record"])
+    return out
+
+
+def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
+    starts = raw["starts"]
+    metrics: dict[str, Any] = {"n_starts": starts.shape[0], "s_end": ctx.params["s_end"]}
+    arrays: dict[str, Any] = {}
+    for name, train in _sets().items():
+        res = raw[name]
         assert res.trajectory is not None
         limits = res.samples.cpu()
         expected, on = predicted_limits(starts, train)
         d_train, _ = knn(limits, train, k=1)
         generic = d_train[~on, 0].sqrt()
         bisector_err = (limits[on] - expected[on]).norm(dim=1)
-        a = ax[0, i]
-        plots.voronoi(a, train, lim=p["half_width"] + 0.2)
-        plots.trajectories(a, res.trajectory.cpu()[~on], color="C0", lw=0.5)
-        plots.trajectories(a, res.trajectory.cpu()[on], color="C3", lw=1.2)
-        a.scatter(limits[on, 0], limits[on, 1], color="C3", s=40, marker="o", zorder=6,
-                  label="bisector limits")
-        a.set_title(f"{name} points: {int(on.sum())} bisector starts")
-        a.legend(fontsize=7, loc="lower left")
-        max_generic = float(generic.max()) if generic.numel() else 0.0
-        max_bisector = float(bisector_err.max()) if bisector_err.numel() else 0.0
         metrics[name] = {
             "training_points": train.tolist(),
             "limits": limits.tolist(),
             "bisector_starts": starts[on].tolist(),
             "bisector_limits": limits[on].tolist(),
             "bisector_expected": expected[on].tolist(),
-            "max_bisector_error": max_bisector,
-            "max_generic_distance": max_generic,
+            "max_bisector_error": float(bisector_err.max()) if bisector_err.numel() else 0.0,
+            "max_generic_distance": float(generic.max()) if generic.numel() else 0.0,
         }
-        ok &= max_generic < p["tolerance"] and max_bisector < p["tolerance"]
-        notes.append(f"{name}: {int(on.sum())} bisector starts end within {max_bisector:.1e} "
-                     f"of the averages, the other starts within {max_generic:.1e} of a "
-                     "training point")
-    ctx.save(fig, "structured_points")
-    return Outcome.judged(metrics, ok, "; ".join(notes))
+        arrays[f"{name}_trajectory"] = res.trajectory.cpu()
+        arrays[f"{name}_on_bisector"] = on
+    return Recorded(metrics, arrays)
+
+
+def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
+    ok, notes = True, []
+    for name in _sets():
+        m = metrics[name]
+        ok &= m["max_generic_distance"] < params["tolerance"] and m[
+            "max_bisector_error"] < params["tolerance"]
+        notes.append(f"{name}: {len(m['bisector_starts'])} bisector starts end within "
+                     f"{m['max_bisector_error']:.1e} of the averages, the other starts within "
+                     f"{m['max_generic_distance']:.1e} of a training point")
+    return Verdict.of(CLAIM, ok, "; ".join(notes))
+
+
+def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
+    fig, ax = plots.figure(1, 2, size=4.8)
+    for i, name in enumerate(_sets()):
+        m = rec.metrics[name]
+        traj, on = rec.array(f"{name}_trajectory"), rec.array(f"{name}_on_bisector")
+        lim = torch.tensor(m["bisector_limits"]).reshape(-1, 2)
+        a = ax[0, i]
+        plots.voronoi(a, torch.tensor(m["training_points"]), lim=params["half_width"] + 0.2)
+        plots.trajectories(a, traj[~on], color="C0", lw=0.5)
+        plots.trajectories(a, traj[on], color="C3", lw=1.2)
+        a.scatter(lim[:, 0], lim[:, 1], color="C3", s=40, marker="o", zorder=6,
+                  label="bisector limits")
+        a.set_title(f"{name} points: {int(on.sum())} bisector starts")
+        a.legend(fontsize=7, loc="lower left")
+    return {"structured_points": fig}
 
 
 EXPERIMENT = Experiment(
     name="structured-points",
     summary="Two points (+-1,0) and four points (+-1,0),(0,+-1); 80 starts on the boundary of "
             "[-2.1, 2.1]^2 integrated to s = 100.",
-    claim="Starts on a bisector converge to the average of the equidistant points (origin; "
-          "(+-1/2, +-1/2)); all others converge to a training point.",
+    claim=CLAIM,
     defaults={"schedule": "VE", "s_end": 100.0, "rtol": 1e-7, "atol": 1e-7, "half_width": 2.1,
               "per_side": 21, "n_record": 300, "tolerance": 1e-4},
     quick={"s_end": 40.0, "n_record": 100},
-    run=run,
+    compute=compute, record=record, judge=judge, draw=draw,
 )

@@ -1,7 +1,6 @@
 """Closed-form scores of the empirical Gaussian mixture and its regularizations.
 
-A score is any callable ``score(x, t) -> Tensor`` with ``x`` of shape ``(batch, *data_shape)``
-and ``t`` a float or a ``(batch,)`` tensor. The closed-form scores below share one kernel
+The closed-form scores below share one kernel
 (:func:`diffmem.mixture.gaussian_mixture`) over the training set ``x_0^1..x_0^N``:
 
     w_n(x, t) = softmax_n( -|x - m(t) x_0^n|^2 / (2 sigma(t)^2) )
@@ -14,7 +13,6 @@ by the transformed-time sampler), ``denoiser(x, t) = x + sigma^2 s`` and ``weigh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -23,16 +21,12 @@ from torch import Tensor
 from diffmem._checks import (
     batch_like,
     fail,
-    finite_tensor,
     nonnegative,
-    positive,
     positive_int,
     training_set,
 )
 from diffmem.mixture import Mixture, gaussian_mixture
 from diffmem.schedules import Schedule, TimeLike
-
-Score = Callable[[Tensor, TimeLike], Tensor]
 
 
 class ClosedFormScore:
@@ -96,7 +90,8 @@ class ClosedFormScore:
         if self.singular_at_zero and bool((sigma2 == 0).any()):
             raise fail(
                 "t", "t > 0 (this score is singular at t = 0, where sigma(t) = 0; integrate "
-                "in transformed time with sample_ode_transformed or stop at t_end > 0)", "t = 0"
+                "in transformed time with sample_ode(..., variable='s') or stop at t_end > 0)",
+                "t = 0"
             )
 
     def mixture(self, x: Tensor, t: TimeLike, return_weights: bool = False, *,
@@ -282,160 +277,3 @@ class ThresholdScore(ClosedFormScore):
     def _sigma2_score(self, xf: Tensor, tt: Tensor, m: Tensor, sigma2: Tensor,
                       mix: Mixture) -> Tensor:
         return self._weight_factor(mix)[:, None] * _residual(xf, m, mix)
-
-
-__all__ = [
-    "ClosedFormScore",
-    "ConditionalEmpiricalScore",
-    "EmpiricalScore",
-    "Score",
-    "ThresholdScore",
-    "TikhonovScore",
-]
-
-
-CONDITIONAL_MODES = ("labels", "kernel", "inverse")
-
-
-class ConditionalEmpiricalScore:
-    """Conditional closed-form scores ``score(x, t, y)`` for pairs ``(x_0^n, y^n)``: the
-    mixture of :class:`EmpiricalScore` with each training point weighted by ``pi_n(y)``,
-
-        w_n(x, t | y) ∝ pi_n(y) exp(-|x - m x_0^n|^2 / (2 sigma^2)),
-
-    in three modes:
-
-    * ``'labels'``: ``pi_n = 1`` where ``y^n == y`` (every component), else 0 — the exact
-      empirical minimizer at a training label;
-    * ``'kernel'``: ``pi_n = exp(-|y - y^n|^2 / (2 h^2))`` (Gaussian kernel of bandwidth
-      ``h``); ``h -> 0`` recovers the exact minimizer at the training ``y``;
-    * ``'inverse'``: ``y = A x + eta``, ``eta ~ N(0, diag(noise_std^2))``: ``pi_n`` is the
-      likelihood ``exp(-|(y - A x_0^n) / noise_std|^2 / 2)``, so the weights are Bayes'
-      posterior over the empirical prior. ``operator`` is a ``(p, d)`` matrix or a callable
-      mapping a batch ``(N, *data_shape)`` to observations ``(N, ...)`` (a mask, a blur).
-
-    ``c`` gives the Tikhonov variant ``(D - x) / (sigma^2 + c)`` and ``tau`` the threshold
-    variant ``min(1, p~/tau) s`` with ``p~ = sum_n pi_n exp(...)`` (``pi`` scaled to a maximum
-    of 1), all through the same mixture kernel. ``y`` is ``(B, *y_shape)`` (one per sample) or
-    a single ``y`` (broadcast).
-    """
-
-    def __init__(
-        self,
-        train_x: Tensor,
-        train_y: Tensor | None,
-        schedule: Schedule,
-        *,
-        mode: str = "labels",
-        bandwidth: float | None = None,
-        operator: Tensor | Callable[[Tensor], Tensor] | None = None,
-        noise_std: float | Tensor | None = None,
-        c: float | None = None,
-        tau: float | None = None,
-        chunk_size: int = 4096,
-    ) -> None:
-        if mode not in CONDITIONAL_MODES:
-            raise fail("mode", f"one of {CONDITIONAL_MODES}", repr(mode))
-        if c is not None and tau is not None:
-            raise fail("tau", "c or tau, not both", f"c={c}, tau={tau}")
-        if c is not None:
-            self.base: ClosedFormScore = TikhonovScore(train_x, schedule, c, chunk_size=chunk_size)
-        elif tau is not None:
-            self.base = ThresholdScore(train_x, schedule, tau, chunk_size=chunk_size)
-        else:
-            self.base = EmpiricalScore(train_x, schedule, chunk_size=chunk_size)
-        self.mode, self.schedule = mode, schedule
-        N = self.base.n_train
-        flat_x = self.base.train.reshape(N, -1)
-        self.scale: Tensor | None = None
-        if mode == "inverse":
-            if operator is None:
-                raise fail("operator", "a (p, d) matrix or a callable for mode='inverse'", None)
-            if isinstance(operator, Tensor):
-                if operator.dim() != 2 or operator.shape[1] != flat_x.shape[1]:
-                    raise fail("operator", f"a matrix with {flat_x.shape[1]} columns "
-                               "(the data dimension)", f"shape {tuple(operator.shape)}")
-                self.operator: Callable[[Tensor], Tensor] = lambda v: (
-                    v.reshape(v.shape[0], -1) @ operator.to(v).T)
-            elif callable(operator):
-                self.operator = operator
-            else:
-                raise fail("operator", "a matrix or a callable", type(operator).__name__)
-            anchors = self.operator(self.base.train).reshape(N, -1)
-            if noise_std is None:
-                raise fail("noise_std", "the observation noise standard deviation (> 0)", None)
-            std = torch.as_tensor(noise_std, dtype=torch.float64)
-            if bool((std <= 0).any()) or std.dim() > 1 or (
-                    std.dim() == 1 and std.shape[0] != anchors.shape[1]):
-                raise fail("noise_std", f"a positive number or {anchors.shape[1]} positive "
-                           "values", noise_std)
-            self.scale = std
-            self.y_shape: tuple[int, ...] | None = None
-        else:
-            if train_y is None:
-                raise fail("train_y", f"the training conditions for mode={mode!r}", None)
-            if not isinstance(train_y, Tensor) or train_y.shape[0] != N:
-                raise fail("train_y", f"a tensor with one condition per training point ({N})",
-                           tuple(train_y.shape) if isinstance(train_y, Tensor) else train_y)
-            anchors = train_y.reshape(N, -1)
-            self.y_shape = tuple(train_y.shape[1:])
-            if mode == "kernel":
-                if bandwidth is None:
-                    raise fail("bandwidth", "a bandwidth h > 0 for mode='kernel'", None)
-                self.scale = torch.tensor(positive("bandwidth", bandwidth), dtype=torch.float64)
-                anchors = anchors.to(torch.float64)
-        if mode != "labels":
-            finite_tensor("train_y" if mode == "kernel" else "operator(train_x)", anchors)
-        self.anchors = anchors
-        self.bandwidth = bandwidth
-
-    def _rows(self, y: Tensor, B: int) -> Tensor:
-        """``y`` as ``(B, q)``: per-sample rows, or one ``y`` broadcast."""
-        if not isinstance(y, Tensor):
-            raise fail("y", "a tensor of conditions", type(y).__name__)
-        q = self.anchors.shape[1]
-        if y.dim() >= 1 and y.shape[0] == B and y[0].numel() == q:
-            return y.reshape(B, q)
-        if y.numel() == q:
-            return y.reshape(1, q).expand(B, q)
-        expected = f"({B}, *{self.y_shape})" if self.y_shape is not None else f"({B}, {q})"
-        raise fail("y", f"shape {expected} or a single condition of {q} values",
-                   f"shape {tuple(y.shape)}")
-
-    def log_prior(self, y: Tensor, B: int) -> Tensor:
-        """``log pi_n(y_b)`` shifted so that each row's maximum is 0, ``(B, N)``."""
-        rows = self._rows(y, B)
-        anchors = self.anchors.to(rows.device)
-        if self.mode == "labels":
-            match = (rows[:, None, :] == anchors[None, :, :].to(rows.dtype)).all(-1)
-            missing = ~match.any(1)
-            if bool(missing.any()):
-                raise fail("y", "labels present in the training set",
-                           f"{int(missing.sum())} unseen labels, e.g. {rows[missing][0].tolist()}")
-            return torch.where(match, 0.0, -math.inf).to(torch.float64)
-        if self.mode == "inverse":
-            finite_rows = rows.to(torch.float64)
-            if not bool(torch.isfinite(finite_rows).all()):
-                raise fail("y", "finite observations", "NaN or inf")
-        assert self.scale is not None
-        scale = self.scale.to(rows.device)
-        d = torch.cdist(rows.to(torch.float64) / scale, anchors.to(torch.float64) / scale,
-                        compute_mode="donot_use_mm_for_euclid_dist")
-        lp = -0.5 * d * d
-        return lp - lp.max(1, keepdim=True).values
-
-    def __call__(self, x: Tensor, t: TimeLike, y: Tensor) -> Tensor:
-        """The conditional score ``s(x, t | y)``."""
-        return self.base(x, t, log_prior=self.log_prior(y, x.shape[0]))
-
-    def sigma2_score(self, x: Tensor, t: TimeLike, y: Tensor) -> Tensor:
-        """``sigma^2 s(x, t | y)``."""
-        return self.base.sigma2_score(x, t, log_prior=self.log_prior(y, x.shape[0]))
-
-    def denoiser(self, x: Tensor, t: TimeLike, y: Tensor) -> Tensor:
-        """``D(x, t | y) = x + sigma^2 s(x, t | y)``."""
-        return self.base.denoiser(x, t, log_prior=self.log_prior(y, x.shape[0]))
-
-    def weights(self, x: Tensor, t: TimeLike, y: Tensor) -> Tensor:
-        """Posterior weights ``w_n(x, t | y)``, ``(B, N)``."""
-        return self.base.weights(x, t, log_prior=self.log_prior(y, x.shape[0]))
