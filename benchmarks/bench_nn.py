@@ -23,7 +23,7 @@ LAMBDAS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
 
 def run(lambdas: list[float], steps: int, manual: bool = True) -> float:
     cfg = TrainConfig(lambdas=lambdas, parameterizations=["score"] * len(lambdas), steps=steps,
-                      ema_decay=0.99, mlp={"width": 256, "depth": 2})
+                      ema_half_life=69.0, mlp={"width": 256, "depth": 2})
     start = time.perf_counter()
     train_dsm(data.paper_points(), schedules.VP(), cfg, progress=False,
               manual_gradients=manual)

@@ -191,3 +191,114 @@ def test_cli_reproduce_writes_report(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert page.count("data:image/png;base64,") >= 3
     assert "Verdict" in page and "Paper's claim" in page
+
+
+def _unet_metrics(curves):
+    return {"values": [100, 200, 300], "sizes": {
+        c: {"exact_match": f, "first_step_half_memorized": next(
+            (s for s, v in zip([100, 200, 300], f, strict=True) if v >= 0.5), None)}
+        for c, f in curves.items()}}
+
+
+@pytest.mark.parametrize(("curves", "statuses"), [
+    ({"4": [0.1, 0.6, 0.9], "8": [0.6, 0.9, 1.0]}, ["confirmed", "confirmed"]),
+    ({"4": [0.6, 0.9, 0.9], "8": [0.1, 0.6, 1.0]}, ["confirmed", "not_reproduced"]),
+    ({"4": [0.6, 0.9, 0.2], "8": [0.6, 0.9, 1.0]}, ["not_reproduced", "confirmed"]),
+    ({"4": [0.0, 0.1, 0.2], "8": [0.6, 0.9, 1.0]}, ["inconclusive", "inconclusive"]),
+])
+def test_squares_unet_judges_its_two_claims_apart(curves, statuses):
+    exp = get_experiment("squares-unet")
+    verdict = exp.judge(_unet_metrics(curves), dict(exp.defaults))
+    assert [c.status for c in verdict.claims] == statuses
+    worst = ("not_reproduced" if "not_reproduced" in statuses else
+             "inconclusive" if "inconclusive" in statuses else "confirmed")
+    assert verdict.status == worst
+    assert all(str(v) in verdict.text for v in curves["4"][-1:])
+
+
+def test_figures_are_drawn_from_the_recorded_values_only(quick_runs):
+    """Every figure of a run can be redrawn from metrics.json and arrays.npz alone."""
+    import numpy as np
+
+    from diffmem.experiments.base import Recorded
+
+    for name in ["trajectories", "transformed-time", "structured-points", "threshold-sweep"]:
+        exp = get_experiment(name)
+        folder = quick_runs / name
+        metrics = load(quick_runs, name)
+        with np.load(folder / "arrays.npz") as arrays:
+            rec = Recorded(metrics, dict(arrays))
+        params = load(quick_runs, name, "config")["params"]
+        figures = exp.draw(rec, params)
+        assert sorted(f"{k}.png" for k in figures) == sorted(
+            load(quick_runs, name, "config")["figures"])
+        assert exp.judge(metrics, params).as_json()["verdict"] == metrics["verdict"]
+
+
+def test_rerun_replaces_stale_outputs_and_checkpoints(tmp_path):
+    exp = get_experiment("tikhonov-sweep")
+    params = resolve_params(exp, quick=True, overrides=["n_samples=20"])
+    folder = tmp_path / exp.name
+    folder.mkdir()
+    (folder / "old_figure.png").write_bytes(b"stale")
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "step_000000010.pt").write_bytes(b"stale")
+    (folder / ".metrics.json.x1.tmp").write_bytes(b"partial")
+    rec = run_experiment(exp, tmp_path, params, progress=False)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(["metrics.json", "config.json", "arrays.npz", *rec.figures])
+    for p in folder.iterdir():  # shareable: 0644 under the usual umask
+        assert p.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_second_writer_is_refused_and_failed_run_leaves_nothing(tmp_path, monkeypatch):
+    from diffmem.experiments.base import FolderLock
+
+    exp = get_experiment("tikhonov-sweep")
+    params = resolve_params(exp, quick=True, overrides=["n_samples=20"])
+    (tmp_path / exp.name).mkdir()
+    with FolderLock(tmp_path / exp.name), pytest.raises(ConfigError, match="locked by running "
+                                                                            "process"):
+        run_experiment(exp, tmp_path, params, progress=False)
+    (tmp_path / exp.name).rmdir()
+    # a lock left by a process that is gone is taken over
+    (tmp_path / exp.name).mkdir()
+    (tmp_path / exp.name / ".lock").write_text("999999999")
+    run_experiment(exp, tmp_path, params, progress=False)
+    assert not (tmp_path / exp.name / ".lock").exists()
+    # a run that fails before writing leaves no folder behind
+    bad = resolve_params(exp, quick=True, overrides=["values=-1"])
+    with pytest.raises(ValueError, match="c: expected a finite number >= 0"):
+        run_experiment(exp, tmp_path / "fresh", bad, progress=False)
+    assert not (tmp_path / "fresh" / exp.name).exists()
+
+
+def test_cli_user_errors_exit_2_with_a_message(tmp_path):
+    runner = CliRunner()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (["run", "tikhonov-sweep", "--quick", "--out", str(a_file)],
+         "--out: expected a folder, received"),
+        (["run", "tikhonov-sweep", "--quick", "--out", str(a_file / "sub")],
+         "--out: expected a folder that can be created"),
+        (["run", "tikhonov-sweep", "--quick", "--device", "foo", "--out", str(tmp_path)],
+         "--device: expected 'cpu' or an available CUDA device"),
+        (["run", "tikhonov-sweep", "--quick", "--device", "mps", "--out", str(tmp_path)],
+         "--device: expected 'cpu' or an available CUDA device"),
+        (["run", "tikhonov-sweep", "--quick", "--set", "n_samples=-5", "--out", str(tmp_path)],
+         "n_samples: expected a count >= 1, received '-5'"),
+        (["reproduce", "--quick", "--only", "nope", "--out", str(tmp_path)],
+         "experiment: expected one of"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert f"Error: {message}" in res.output, (args, res.output)
+        assert "Traceback" not in res.output

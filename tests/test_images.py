@@ -184,3 +184,18 @@ def test_edm_training_ema_is_the_running_average_of_the_raw_weights():
     assert torch.equal(weights(2, ema_half_life=0.0), w2)
     with pytest.raises(ValueError, match="ema_half_life"):
         train_edm(EDMDenoiser(UNet(2)), sq, 2, progress=False, ema_half_life=-1.0)
+
+
+def test_unet_seeds_its_weights_and_leaves_the_global_rng_alone():
+    from diffmem.unet import UNet
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = UNet(4, seed=5), UNet(4, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    c = UNet(4, generator=torch.Generator().manual_seed(1))
+    d = UNet(4, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters(), strict=True))
+    assert not torch.equal(a.stem.weight, c.stem.weight)
+    assert torch.equal(torch.get_rng_state(), before)

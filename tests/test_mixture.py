@@ -1,10 +1,9 @@
 """The mixture kernel's phases reproduce the recorded outputs of the single-function kernel
 they were split from (``tests/mixture_cases.py``)."""
 
+import mixture_cases as mc
 import pytest
 import torch
-
-import mixture_cases as mc
 
 REFERENCE = torch.load(mc.REFERENCE, weights_only=True)
 

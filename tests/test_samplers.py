@@ -193,3 +193,58 @@ def test_integration_variables_agree(paper_points, sch):
     fast = sample_ode(sch, score, x, t_end=1e-6)
     slow = sample_ode(sch, score, x, t_end=1e-6, variable="t")
     assert fast.stats["score_evals"] < slow.stats["score_evals"]
+
+
+def test_score_of_another_schedule_is_refused(paper_points):
+    ve_score = EmpiricalScore(paper_points, VE())
+    x = noise(VP(), 3)
+    for sampler in (sample_ode, sample_sde):
+        with pytest.raises(ValueError, match=r"schedule: expected the score's own schedule "
+                                             r"VE\(a=10.0\), received VP\(beta_min=0.001, "
+                                             r"beta_max=3.0\)"):
+            sampler(VP(), ve_score, x)
+    # equal parameters are the same schedule, whichever object carries them
+    assert sample_ode(VE(), ve_score, noise(VE(), 3), t_end=1e-3).samples.shape == (3, 2)
+    with pytest.raises(ValueError, match=r"received VE\(a=5.0\)"):
+        sample_ode(VE(a=5.0), ve_score, x)
+
+
+def test_transformed_alias_is_sample_ode_in_s(paper_points):
+    sch = VP()
+    score = EmpiricalScore(paper_points, sch)
+    x = noise(sch, 10, seed=4)
+    a = sample_ode_transformed(sch, score, x, s_end=12.0, return_trajectory=True, n_record=7)
+    b = sample_ode(sch, score, x, s_end=12.0, return_trajectory=True, n_record=7)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.trajectory, b.trajectory)
+    assert torch.allclose(b.s_times, torch.linspace(float(sch.s(1.0)), 12.0, 7,
+                                                    dtype=torch.float64))
+    # t_end and the s it maps to end at the same point
+    t_end = float(sch.t_of_s(torch.tensor(12.0, dtype=torch.float64)))
+    c = sample_ode(sch, score, x, t_end=t_end, variable="s")
+    assert torch.allclose(c.samples, b.samples, atol=1e-9)
+    with pytest.raises(ValueError, match="s_end: expected exactly one of s_end or t_end"):
+        sample_ode(sch, score, x, t_end=1e-3, s_end=12.0)
+    with pytest.raises(ValueError, match="variable: expected 's' or 'auto' with s_end"):
+        sample_ode(sch, score, x, s_end=12.0, variable="t")
+
+
+def test_samplers_stop_on_non_finite_or_misshapen_scores(paper_points):
+    sch = VE()
+    x = noise(sch, 6)
+
+    def nan_below(x, t):
+        out = -x / sch.sigma2(t)[:, None]
+        out[:2] = torch.where(t[:2, None] < 0.5, float("nan"), out[:2])
+        return out
+
+    for call in (lambda s: sample_ode(sch, s, x, t_end=1e-3),
+                 lambda s: sample_ode(sch, s, x, t_end=1e-3, method="heun", steps=10),
+                 lambda s: sample_ode(sch, s, x, t_end=1e-3, method="euler", steps=10),
+                 lambda s: sample_sde(sch, s, x, steps=10)):
+        with pytest.raises(ValueError, match=r"score: expected finite values, received "
+                                             r"non-finite values for [12] of 6 samples at "
+                                             r"t = 0\.[34]\d*"):
+            call(nan_below)
+    with pytest.raises(ValueError, match=r"score: expected a tensor of the shape of x, "
+                                         r"\(6, 2\), received shape \(6, 3\)"):
+        sample_ode(sch, lambda x, t: torch.zeros(6, 3, dtype=x.dtype), x)

@@ -126,7 +126,10 @@ def parameterization(name: str) -> Parameterization:
 
 
 def _stacked(params: Sequence[Parameterization], method: str, sigma: Tensor) -> Tensor:
-    """``getattr(param_k, method)(sigma[k])`` for every model ``k``, stacked."""
+    """``getattr(param_k, method)(sigma[k])`` for every model ``k``, stacked (one call on the
+    whole stack when all models share a parameterization: the same values, elementwise)."""
+    if all(p is params[0] for p in params):
+        return getattr(params[0], method)(sigma)
     return torch.stack([getattr(p, method)(sigma[k]) for k, p in enumerate(params)])
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -365,6 +368,31 @@ def checkpoint_steps(steps: int, every: int | None = None, n_log: int | None = N
     return sorted(s for s in out if 1 <= s <= steps)
 
 
+def _noisy_batch(flat: Tensor, cond: Tensor | None, K: int, batch_size: int | None,
+                 t_min: float, schedule: Schedule, gen: torch.Generator
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """One DSM batch per model: ``x_0`` (all training points in order, or ``batch_size``
+    drawn with replacement, with their conditions ``y``), ``t ~ U(t_min, T)``,
+    ``z ~ N(0, I)`` and ``x_t = m(t) x_0 + sigma(t) z``. Returns ``x_t``, ``t``, ``z``,
+    ``sigma`` and ``y``."""
+    N, d = flat.shape
+    dev = flat.device
+    if batch_size is None:
+        B = N
+        x0 = flat.expand(K, N, d)
+        y0 = None if cond is None else cond.expand(K, N, cond.shape[1])
+    else:
+        B = batch_size
+        idx = torch.randint(0, N, (K, B), generator=gen, device=dev)
+        x0 = flat[idx]
+        y0 = None if cond is None else cond[idx]
+    t = t_min + (schedule.T - t_min) * torch.rand(K, B, generator=gen, device=dev)
+    z = torch.randn(K, B, d, generator=gen, device=dev)
+    co = schedule.coefficients(t)
+    sigma = co["sigma2"].sqrt()
+    return co["m"][..., None] * x0 + sigma[..., None] * z, t, z, sigma, y0
+
+
 def train_dsm(
     train: Tensor,
     schedule: Schedule,
@@ -441,22 +469,10 @@ def train_dsm(
     marks = set(checkpoints) | {config.steps}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
                desc="DSM training", disable=not progress, leave=False)
-    sch_T = schedule.T
     manual = mlp_cfg.activation == "relu" and manual_gradients
-    B = N if config.batch_size is None else config.batch_size
     for step in bar:
-        if config.batch_size is None:
-            x0 = flat.expand(K, N, d)
-            y0 = None if cond is None else cond.expand(K, N, cond.shape[1])
-        else:
-            idx = torch.randint(0, N, (K, B), generator=gen, device=dev)
-            x0 = flat[idx]
-            y0 = None if cond is None else cond[idx]
-        t = config.t_min + (sch_T - config.t_min) * torch.rand(K, B, generator=gen, device=dev)
-        z = torch.randn(K, B, d, generator=gen, device=dev)
-        co = schedule.coefficients(t)
-        sigma = co["sigma2"].sqrt()
-        x_t = co["m"][..., None] * x0 + sigma[..., None] * z
+        x_t, t, z, sigma, y0 = _noisy_batch(flat, cond, K, config.batch_size, config.t_min,
+                                            schedule, gen)
         weight = lambdas if penalty is None else lambdas * penalty(t).to(lambdas)
         if manual:
             with torch.no_grad():

@@ -332,7 +332,7 @@ class FolderLock:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid and _alive(pid):
                     raise ConfigError(
                         f"--out: expected an experiment folder no other run is writing, "
                         f"received {self.path.parent} (locked by running process {pid}; "

@@ -317,8 +317,10 @@ SQUARES_UNET = Experiment(
     defaults={"resolution": 32, "channels": [4, 8, 16], "steps": 3000, "every": 500,
               "n_samples": 50, "batch_size": 2, "lr": 1e-3,
               "ema_half_life": half_life_from_decay(0.99), "sample_steps": 40, "show": 8},
-    quick={"resolution": 16, "channels": [4, 8], "steps": 300, "every": 150,
-           "n_samples": 10, "show": 4},
+    # Quick: every width memorizes in about a minute on 2 CPU cores (measured at 16x16 with
+    # lr 3e-3 and a 40-step EMA half-life: >= 0.6 exact copies at step 800 for seeds 0-3).
+    quick={"resolution": 16, "channels": [4, 8], "steps": 800, "every": 200, "lr": 3e-3,
+           "ema_half_life": 40.0, "n_samples": 10, "show": 4},
     compute=compute_squares_unet, record=record_squares_unet, judge=judge_squares_unet,
     draw=draw_squares_unet,
 )
