@@ -86,7 +86,7 @@ def test_loader_error_paths(tmp_path):
         images.load_images(tmp_path / "missing.npy")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no .png files"):
+    with pytest.raises(ValueError, match="no PNG/JPEG files"):
         images.load_images(empty)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -97,7 +97,7 @@ def test_loader_error_paths(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="readable PNG images"):
+    with pytest.raises(ValueError, match="readable PNG/JPEG images"):
         images.load_images(broken)
     np.savez(tmp_path / "two.npz", a=np.zeros((1, 2, 2)), b=np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match="key: expected one of the arrays"):
@@ -157,7 +157,8 @@ def test_unet_training_reduces_loss_and_experiment_quick(tmp_path):
     losses = train_edm(EDMDenoiser(UNet(4)), sq, 200, progress=False).losses
     assert sum(losses[-50:]) < sum(losses[:50])
     exp = get_experiment("squares-unet")
-    run_experiment(exp, tmp_path, resolve_params(exp, quick=True), progress=False)
+    params = resolve_params(exp, quick=True, overrides=["steps=300", "every=150"])
+    run_experiment(exp, tmp_path, params, progress=False)
     m = json.loads((tmp_path / "squares-unet" / "metrics.json").read_text())
     assert m["values"] == [150, 300] and set(m["sizes"]) == {"4", "8"}
     for size in m["sizes"].values():
@@ -199,3 +200,34 @@ def test_unet_seeds_its_weights_and_leaves_the_global_rng_alone():
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters(), strict=True))
     assert not torch.equal(a.stem.weight, c.stem.weight)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_loader_scales_by_bit_depth_not_by_the_image(tmp_path):
+    """A dark 8-bit PNG (maximum 1) is 1/255, a 16-bit PNG is divided by 65535, bilevel and
+    palette images map to [0, 1], JPEG reads as 8-bit, and --resize makes sizes agree."""
+    folder = tmp_path / "mixed_depths"
+    folder.mkdir()
+    dark = np.ones((4, 4), np.uint8)
+    Image.fromarray(dark).save(folder / "a_dark.png")
+    deep = np.full((4, 4), 60000, np.uint16)
+    Image.fromarray(deep).save(folder / "b_16bit.png")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).convert("1").save(folder / "c_bilevel.png")
+    loaded = images.load_images(folder)
+    assert loaded.shape == (3, 1, 4, 4)
+    assert torch.allclose(loaded[0], torch.full((1, 4, 4), 1 / 255, dtype=torch.float64))
+    assert torch.allclose(loaded[1], torch.full((1, 4, 4), 60000 / 65535, dtype=torch.float64))
+    assert torch.equal(loaded[2], torch.ones(1, 4, 4, dtype=torch.float64))
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    Image.fromarray(np.full((6, 6, 3), 200, np.uint8)).save(rgb / "a.jpg", quality=100)
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([200, 200, 200] * 256)
+    palette.save(rgb / "b.png")
+    with pytest.raises(ValueError, match=r"images of one size \(3, 6, 6\).*b.png of size "
+                                         r"\(3, 8, 8\)"):
+        images.load_images(rgb)
+    both = images.load_images(rgb, resize=(4, 4))
+    assert both.shape == (2, 3, 4, 4)
+    assert torch.allclose(both, torch.full_like(both, 200 / 255), atol=2 / 255)
+    with pytest.raises(ValueError, match="resize: expected a size"):
+        images.load_images(rgb, resize=(0, 4))

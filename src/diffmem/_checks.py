@@ -24,27 +24,48 @@ def finite_tensor(name: str, value: Tensor) -> Tensor:
     return value
 
 
+def _number(name: str, value: object, expected: str) -> float:
+    """``value`` as a float, or the standard error when it is not a real number."""
+    if isinstance(value, bool | str | bytes):
+        raise fail(name, expected, repr(value))
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise fail(name, expected, repr(value)) from err
+
+
 def nonnegative(name: str, value: float) -> float:
     """Require a finite real number >= 0."""
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise fail(name, "a finite number >= 0", value)
-    return value
+    number = _number(name, value, "a finite number >= 0")
+    if not math.isfinite(number) or number < 0:
+        raise fail(name, "a finite number >= 0", number)
+    return number
 
 
 def positive(name: str, value: float) -> float:
     """Require a finite real number > 0."""
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise fail(name, "a finite number > 0", value)
-    return value
+    number = _number(name, value, "a finite number > 0")
+    if not math.isfinite(number) or number <= 0:
+        raise fail(name, "a finite number > 0", number)
+    return number
+
+
+def _integer(name: str, value: object, low: int) -> int:
+    expected = f"an integer >= {low}"
+    number = _number(name, value, expected)
+    if not math.isfinite(number) or int(number) != number or number < low:
+        raise fail(name, expected, value)
+    return int(number)
 
 
 def positive_int(name: str, value: int) -> int:
     """Require an integer >= 1."""
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise fail(name, "an integer >= 1", value)
-    return int(value)
+    return _integer(name, value, 1)
+
+
+def nonnegative_int(name: str, value: int) -> int:
+    """Require an integer >= 0."""
+    return _integer(name, value, 0)
 
 
 def training_set(name: str, train: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffmem._checks import fail, positive, positive_int
+from diffmem._checks import fail, finite_tensor, positive, positive_int
 from diffmem.schedules import EDM
 from diffmem.scores.base import HasDenoiser, HasSchedule
 
@@ -86,13 +86,25 @@ def edm_sample(
     ``d = (x - D(x, hat_sigma)) / hat_sigma`` to ``sigma_{i+1}``, and, unless
     ``sigma_{i+1} = 0``, corrects with the slope at the new point (Heun).
     """
+    finite_tensor("x_T", x_T)
     sig = karras_sigmas() if sigmas is None else sigmas.to(torch.float64)
     n = sig.shape[0] - 1
     x = x_T
     B = x.shape[0]
+    if B == 0:
+        return x_T.clone()
 
     def den(v: Tensor, s: float) -> Tensor:
-        return denoiser(v, torch.full((B,), s, dtype=v.dtype, device=v.device))
+        out = denoiser(v, torch.full((B,), s, dtype=v.dtype, device=v.device))
+        if not isinstance(out, Tensor) or out.shape != v.shape:
+            raise fail("denoiser", f"a tensor of the shape of x, {tuple(v.shape)}",
+                       f"shape {tuple(out.shape)}" if isinstance(out, Tensor)
+                       else type(out).__name__)
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out.reshape(B, -1)).all(1)).sum())
+            raise fail("denoiser", "finite values",
+                       f"non-finite values for {bad} of {B} samples at sigma = {s:.6g}")
+        return out
 
     with torch.no_grad():
         for i in range(n):

@@ -63,31 +63,79 @@ def _as_nchw(array: np.ndarray, source: str) -> Tensor:
     return out
 
 
-def load_images(path: str | Path, key: str | None = None) -> Tensor:
+#: Image files the loader reads from a folder.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Largest value of each Pillow mode's integers: pixels are divided by it.
+_MODE_MAX = {"1": 1.0, "L": 255.0, "LA": 255.0, "RGB": 255.0, "RGBA": 255.0, "CMYK": 255.0,
+             "YCbCr": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0,
+             "I;16N": 65535.0}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as floats in ``[0, 1]``, shape ``(C, H, W)``: each pixel divided by the
+    largest value of the file's bit depth (255 for 8-bit, 65535 for 16-bit, 1 for bilevel),
+    whatever the image's own values; palette images are expanded to RGB(A)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                mode = im.mode
+            if mode == "I" and im.format == "PNG":  # 16-bit PNG read by older Pillow
+                mode = "I;16"
+            if mode not in _MODE_MAX:
+                raise fail("path", "8-bit, 16-bit or bilevel images (grey, RGB, RGBA)",
+                           f"{path} (Pillow mode {im.mode})")
+            a = np.asarray(im, dtype=np.float64) / _MODE_MAX[mode]
+    except (UnidentifiedImageError, OSError) as err:
+        raise fail("path", "readable PNG/JPEG images", f"{path} ({err})") from err
+    return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
+
+
+def _resized(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(C, H, W)`` resampled to ``size`` (bilinear with antialiasing)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))[None]
+    out = torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out[0].clamp(0, 1).numpy()
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files of a folder, sorted by name."""
+    return sorted(f for f in Path(folder).iterdir()
+                  if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_images(path: str | Path, key: str | None = None,
+                resize: tuple[int, int] | None = None) -> Tensor:
     """Load a user's images: a ``.npy`` array, a ``.npz`` archive (``key``, or its only
-    array), or a folder of ``.png`` files (sorted by name; grey or colour, all one size;
-    8-bit values are scaled to ``[0, 1]``). Raises ``ValueError`` for a missing or unreadable
-    file, an empty folder, mixed sizes or non-finite values."""
+    array), or a folder of PNG/JPEG files (sorted by name; grey or colour; each scaled to
+    ``[0, 1]`` by its bit depth, :func:`read_image`). A folder's images must share one size,
+    unless ``resize = (H, W)`` resamples them. Raises ``ValueError`` for a missing or
+    unreadable file, an empty folder, mixed sizes (naming the first odd file) or
+    non-finite values."""
     p = Path(path)
     if not p.exists():
-        raise fail("path", "an existing .npy/.npz file or a folder of .png files", str(p))
+        raise fail("path", "an existing .npy/.npz file or a folder of PNG/JPEG files", str(p))
+    if resize is not None:
+        if len(resize) != 2 or any(isinstance(v, bool) or int(v) != v or v < 1
+                                   for v in resize):
+            raise fail("resize", "a size (H, W) of two integers >= 1", resize)
+        resize = (int(resize[0]), int(resize[1]))
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
+        files = image_files(p)
         if not files:
-            raise fail("path", "a folder holding .png files", f"{p} (no .png files)")
-        from PIL import Image, UnidentifiedImageError
-
+            raise fail("path", "a folder holding PNG/JPEG files", f"{p} (no PNG/JPEG files)")
         arrays = []
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    a = np.asarray(im, dtype=np.float64)
-            except (UnidentifiedImageError, OSError) as err:
-                raise fail("path", "readable PNG images", f"{f} ({err})") from err
-            a = a / 255.0 if a.max() > 1 else a
-            a = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
+            a = read_image(f)
+            if resize is not None:
+                a = _resized(a, resize)
             if arrays and a.shape != arrays[0].shape:
-                raise fail("path", f"images of one size {arrays[0].shape}",
+                raise fail("path", f"images of one size {arrays[0].shape} (or --resize H,W)",
                            f"{f} of size {a.shape}")
             arrays.append(a)
         return _as_nchw(np.stack(arrays), str(p))
@@ -107,7 +155,7 @@ def load_images(path: str | Path, key: str | None = None) -> Tensor:
         if isinstance(err, ValueError) and str(err).startswith(("key:", "images:")):
             raise
         raise fail("path", "a readable .npy/.npz file", f"{p} ({err})") from err
-    raise fail("path", "a .npy or .npz file or a folder of .png files", str(p))
+    raise fail("path", "a .npy or .npz file or a folder of PNG/JPEG files", str(p))
 
 
 def exact_match_fraction(samples: Tensor, train: Tensor, threshold: float = 0.5) -> float:

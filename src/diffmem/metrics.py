@@ -11,43 +11,77 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffmem._checks import fail, finite_tensor, positive, positive_int, training_set
-from diffmem.mixture import knn
+from diffmem.centres import TrainingData, as_centres
+from diffmem.mixture import knn as _knn
 
 
-def _pair(samples: Tensor, train: Tensor) -> tuple[Tensor, Tensor]:
-    training_set("train", train)
-    finite_tensor("samples", samples)
-    if samples.dim() < 1 or tuple(samples.shape[1:]) != tuple(train.shape[1:]):
-        raise fail("samples", f"shape (batch, *{tuple(train.shape[1:])}) like train",
+def _samples(samples: Tensor, data_shape: tuple[int, ...]) -> Tensor:
+    """``samples`` checked: a finite floating tensor ``(batch, *data_shape)``."""
+    if not isinstance(samples, Tensor):
+        raise fail("samples", f"a torch.Tensor of shape (batch, *{data_shape})",
+                   type(samples).__name__)
+    if samples.dim() < 1 or tuple(samples.shape[1:]) != tuple(data_shape):
+        raise fail("samples", f"shape (batch, *{tuple(data_shape)}) like train",
                    f"shape {tuple(samples.shape)}")
-    dtype = torch.promote_types(samples.dtype, train.dtype)
-    return (samples.reshape(samples.shape[0], -1).to(dtype),
-            train.reshape(train.shape[0], -1).to(dtype=dtype, device=samples.device))
+    return finite_tensor("samples", samples)
 
 
-def nearest(samples: Tensor, train: Tensor) -> tuple[Tensor, Tensor]:
+def knn(samples: Tensor, train: TrainingData, k: int = 1, *, process_group: Any = None,
+        storage: str | None = None, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest training points of each sample, exactly: Euclidean distances
+    ``(batch, k)`` (data units, ascending; ties by index) and their indices ``(batch, k)``
+    into the whole training set. ``train`` is a tensor ``(N, *data_shape)``, a numpy array or
+    memory-map, a ``.npy`` path, a list of shards or a :class:`diffmem.centres.Centres`
+    (streamed in chunks; memory ``O(chunk x batch)``); with ``process_group`` each process
+    passes its block and every process gets the full result."""
+    k = positive_int("k", k)
+    if isinstance(train, Tensor) and process_group is None and storage is None:
+        training_set("train", train)
+        x = _samples(samples, tuple(train.shape[1:]))
+        dtype = torch.promote_types(x.dtype, train.dtype)
+        y = train.reshape(train.shape[0], -1).to(dtype=dtype, device=x.device)
+        xf = x.flatten(1).to(dtype)
+        d2, idx = _knn(xf, y, k=k, chunk_size=chunk_size)
+        return d2.sqrt(), idx
+    centres = as_centres(train, process_group=process_group, storage=storage)
+    x = _samples(samples, centres.data_shape)
+    dtype = torch.promote_types(x.dtype, centres.source_dtype)
+    dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    d2, idx = _knn(x.flatten(1).to(dtype), centres, k=k, chunk_size=chunk_size)
+    return d2.sqrt(), idx
+
+
+def nearest(samples: Tensor, train: TrainingData, **source: Any) -> tuple[Tensor, Tensor]:
     """Index ``(batch,)`` and Euclidean distance ``(batch,)`` of each sample's nearest
-    training point (data units)."""
-    x, y = _pair(samples, train)
-    d2, idx = knn(x, y, k=1)
-    return idx[:, 0], d2[:, 0].sqrt()
+    training point (data units); ``train`` and ``source`` (``process_group``, ``storage``) as
+    in :func:`knn`. An empty batch gives empty results."""
+    dist, idx = knn(samples, train, 1, **source)
+    return idx[:, 0], dist[:, 0]
 
 
-def fraction_within(samples: Tensor, train: Tensor,
-                    deltas: float | Iterable[float]) -> dict[float, float]:
+def _some(samples: Tensor) -> None:
+    """A fraction of no samples is undefined."""
+    if isinstance(samples, Tensor) and samples.dim() >= 1 and samples.shape[0] == 0:
+        raise fail("samples", "at least one sample", "an empty batch")
+
+
+def fraction_within(samples: Tensor, train: TrainingData,
+                    deltas: float | Iterable[float], **source: Any) -> dict[float, float]:
     """The paper's memorization metric: for each tolerance ``delta`` (data units), the
     fraction of samples whose nearest training point is closer than ``delta``
-    (``|x - x_0^n| < delta``)."""
+    (``|x - x_0^n| < delta``). ``train`` and ``source`` as in :func:`knn`."""
     deltas = [deltas] if isinstance(deltas, int | float) else list(deltas)
     if not deltas:
         raise fail("deltas", "at least one tolerance", "an empty list")
     deltas = [positive("deltas", d) for d in deltas]
-    _, dist = nearest(samples, train)
+    _some(samples)
+    _, dist = nearest(samples, train, **source)
     return {d: float((dist < d).to(torch.float64).mean()) for d in deltas}
 
 
@@ -79,7 +113,8 @@ def paired_fraction(samples: Tensor, target: Tensor, delta: float) -> float:
     (the training sample paired with a condition): ``mean_b [|x_b - target| < delta]``."""
     delta = positive("delta", delta)
     finite_tensor("samples", samples)
-    flat = samples.reshape(samples.shape[0], -1)
+    _some(samples)
+    flat = samples.flatten(1)
     dist = (flat - target.reshape(1, -1).to(flat)).norm(dim=1)
     return float((dist < delta).to(torch.float64).mean())
 
@@ -110,12 +145,14 @@ def decay_reference(rate: Tensor, distances: Tensor) -> Tensor:
     return rate * float(distances.median() / rate.median())
 
 
-def hit_counts(samples: Tensor, train: Tensor, delta: float) -> Tensor:
+def hit_counts(samples: Tensor, train: TrainingData, delta: float, **source: Any) -> Tensor:
     """Number of samples within ``delta`` (data units) of each training point, counting each
-    sample once, at its nearest training point; shape ``(N,)``."""
+    sample once, at its nearest training point; shape ``(N,)`` (all processes' points)."""
     delta = positive("delta", delta)
-    idx, dist = nearest(samples, train)
-    counts = torch.zeros(train.shape[0], dtype=torch.long)
+    src = train if isinstance(train, Tensor) and not source else as_centres(train, **source)
+    idx, dist = nearest(samples, src)
+    counts = torch.zeros(src.shape[0] if isinstance(src, Tensor) else src.n_total,
+                         dtype=torch.long)
     return counts.index_add_(0, idx[dist < delta].cpu(), torch.ones_like(idx[dist < delta].cpu()))
 
 
@@ -132,20 +169,21 @@ class NNRatio:
     ratios: Tensor
 
 
-def nn_ratio(samples: Tensor, train: Tensor, threshold: float = 1 / 3, bootstrap: int = 1000,
-             level: float = 0.95, seed: int = 0) -> NNRatio:
+def nn_ratio(samples: Tensor, train: TrainingData, threshold: float = 1 / 3,
+             bootstrap: int = 1000, level: float = 0.95, seed: int = 0,
+             **source: Any) -> NNRatio:
     """Nearest-neighbour ratio test: a sample counts as a copy when the distance to its
     nearest training point is below ``threshold`` times the distance to the second nearest
     (``d1 / d2 < threshold``, dimensionless). Needs at least 2 training points."""
     threshold = positive("threshold", threshold)
     bootstrap = positive_int("bootstrap", bootstrap)
+    level = positive("level", level)
     if not 0 < level < 1:
         raise fail("level", "a confidence level in (0, 1)", level)
-    x, y = _pair(samples, train)
-    if y.shape[0] < 2:
-        raise fail("train", "at least 2 training points for d1/d2", y.shape[0])
-    d2, _ = knn(x, y, k=2)
-    d = d2.sqrt()
+    _some(samples)
+    d, _ = knn(samples, train, 2, **source)
+    if d.shape[1] < 2:
+        raise fail("train", "at least 2 training points for d1/d2", d.shape[1])
     ratios = torch.where(d[:, 1] > 0, d[:, 0] / d[:, 1], torch.zeros_like(d[:, 0]))
     copies = (ratios < threshold).to(torch.float64).cpu()
     gen = torch.Generator().manual_seed(seed)

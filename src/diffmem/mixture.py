@@ -10,9 +10,11 @@ and returns ``log_norm_b = log sum_n exp(l_bn)``, the weighted centre
 
 Numerics:
 
-* The centres are streamed in chunks with a running-max log-sum-exp, so memory beyond the
-  inputs is ``O(B x chunk)`` whatever ``N`` is, and results do not depend on the chunk size
-  (up to round-off).
+* The centres are streamed in chunks with a running-max log-sum-exp: per row the running
+  maximum ``M``, ``S = sum exp(l - M)`` and ``V = sum exp(l - M) y``. Memory beyond the inputs
+  is ``O(B x chunk)`` whatever ``N`` is, and results do not depend on the chunk size (up to
+  round-off). Weights are ``exp(l - M) / S`` (not ``exp(l - log_norm)``, which loses the
+  ``log S`` of equal far-away centres to round-off).
 * Small problems use exact differences ``x - m y``. Large ones use matrix products
   ``|x|^2 - 2 m x.y + m^2 |y|^2``, whose absolute error ``e`` (about ``eps (|x| + m|y|)^2``) turns
   into a logit error ``e / (2 sigma^2)``. Rows where that exceeds ``10 sqrt(eps)`` and is well
@@ -22,17 +24,33 @@ Numerics:
   those alone. They come from a shortlist of the 16 best centres kept during the first pass
   when it covers that window (the usual case at small ``sigma``), else from a second
   streamed pass.
-* ``sigma = 0`` rows (the ``t = 0`` limit) get the one-hot weight of the exactly nearest centre
-  among those with a finite prior; their ``log_norm`` is reported as 0.
+* The ``sigma -> 0`` limit: rows with ``sigma^2`` below the dtype's smallest normal number
+  (``t = 0``, or a ``sigma^2`` that underflowed) and rows whose every logit underflows to
+  ``-inf`` get the limit of the softmax: equal (prior-weighted) weights on the centres at
+  exactly the smallest distance, 0 elsewhere. Their ``log_norm`` is the limit of
+  ``log sum_n pi_n exp(-|x - m y_n|^2 / 2 sigma^2)``: ``log sum pi_n`` over centres at
+  distance 0, else ``-inf``.
+* Each row needs at least one centre with a finite prior (callers check ``log_prior``).
+
+The centres come from a :class:`diffmem.centres.Centres` (in memory, memory-mapped, shards,
+half-precision storage) or a plain tensor. With a ``torch.distributed`` process group each
+process holds a block of the centres; the per-block ``(M, S, V)`` merge exactly
+(``M = max_p M_p``, ``S = sum_p S_p e^(M_p - M)``, ``V`` likewise), the ``sigma -> 0``
+nearest centres by a minimum, the weights by gathering, and every process returns the full
+result. Every decision that leads to a collective is taken from merged values, so all
+processes run the same collectives.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from diffmem.centres import Centres, all_gather, all_reduce
 
 #: Elements of a ``(rows, centres, d)`` difference tensor above which matrix products are used.
 DIRECT_BUDGET = 2**22
@@ -50,6 +68,32 @@ class Mixture:
     log_norm: Tensor
     mean: Tensor
     weights: Tensor | None = None
+
+
+class _TensorCentres:
+    """A plain tensor of centres as the kernel's source: used as given (already centred by
+    ``offset`` when one is given), in one process."""
+
+    group = None
+    start = 0
+
+    def __init__(self, y: Tensor, sqnorm: Tensor | None, offset: Tensor | None) -> None:
+        self.y = y
+        self.yy = y.pow(2).sum(1) if sqnorm is None else sqnorm
+        self.n = self.n_total = y.shape[0]
+        self.offset = offset
+
+    def chunk(self, lo: int, hi: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        return self.y[lo:hi], self.yy[lo:hi]
+
+    def take(self, index: Tensor, like: Tensor) -> Tensor:
+        return self.y[index]
+
+    def r_max(self, like: Tensor) -> Tensor:
+        return self.yy.max().sqrt()
+
+
+Source = Any  # Centres | _TensorCentres
 
 
 def _approx_sqdist(x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, m: Tensor) -> Tensor:
@@ -132,6 +176,7 @@ class _LogSumExp:
         return shift
 
     def add_dense(self, logits: Tensor, centres: Tensor) -> None:
+        """Add every row's logits ``(rows, n)`` with the centres ``(n, d)``."""
         chunk_max = logits.amax(dim=1)
         if self.empty:  # first chunk: nothing to rescale
             self.empty = False
@@ -147,6 +192,7 @@ class _LogSumExp:
         self.vec.add_(p @ centres)
 
     def add_pairs(self, rows: Tensor, logits: Tensor, centres: Tensor) -> None:
+        """Add one logit per pair (``rows[i]``, ``logits[i]``, ``centres[i]``)."""
         if self.empty:
             self._start()
         chunk_max = torch.full_like(self.max, -math.inf).scatter_reduce(
@@ -157,33 +203,23 @@ class _LogSumExp:
         self.sum.index_add_(0, rows, p)
         self.vec.index_add_(0, rows, p[:, None] * centres)
 
-    def result(self) -> tuple[Tensor, Tensor]:
+    def state(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(max, sum, vec)`` (the empty accumulator: ``-inf``, 0, 0)."""
         if self.empty:
             self._start()
-        return self.max + torch.log(self.sum), self.vec / self.sum[:, None]
+        return self.max, self.sum, self.vec
 
-
-class _ArgMin:
-    """Streaming exact nearest centre (first index on ties) for the ``sigma = 0`` rows."""
-
-    def __init__(self, rows: int, like: Tensor) -> None:
-        self.best = torch.full((rows,), math.inf, dtype=like.dtype, device=like.device)
-        self.index = torch.zeros(rows, dtype=torch.long, device=like.device)
-
-    def add_dense(self, dist: Tensor, offset: int) -> None:
-        value, idx = dist.min(dim=1)
-        better = value < self.best
-        self.best = torch.where(better, value, self.best)
-        self.index = torch.where(better, idx + offset, self.index)
-
-    def add_pairs(self, rows: Tensor, dist: Tensor, cols: Tensor) -> None:
-        # Process pairs in column order so that ties keep the first index.
-        order = torch.argsort(cols, stable=True)
-        for r, dd, c in zip(rows[order].tolist(), dist[order].tolist(), cols[order].tolist(),
-                            strict=True):
-            if dd < float(self.best[r]):
-                self.best[r] = dd
-                self.index[r] = c
+    def merge(self, group: Any) -> None:
+        """Merge the per-process accumulators of a group exactly: every process ends with
+        ``max = max_p max_p``, ``sum = sum_p sum_p e^(max_p - max)``, ``vec`` likewise."""
+        if group is None:
+            return
+        mx, sm, vec = self.state()
+        glob = all_reduce(mx.clone(), group, "max")
+        factor = torch.exp(mx - _finite_or_zero(glob))
+        self.sum = all_reduce(sm * factor, group)
+        self.vec = all_reduce(vec * factor[:, None], group)
+        self.max = glob
 
 
 def _prior_chunk(log_prior: Tensor | None, lo: int, hi: int, rows: Tensor | None) -> Tensor | None:
@@ -195,24 +231,32 @@ def _prior_chunk(log_prior: Tensor | None, lo: int, hi: int, rows: Tensor | None
     return part
 
 
+def _prior_at(log_prior: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor | None:
+    """``log_prior`` at (query row, local centre) pairs."""
+    if log_prior is None:
+        return None
+    return log_prior[rows, cols] if log_prior.dim() == 2 else log_prior[cols]
+
+
 @dataclass
 class _Queries:
     """Per-query constants: ``x`` (shifted by ``m c`` when the centres are centred), ``m``,
-    ``1 / (2 sigma^2)`` (1/2 on ``sigma = 0`` rows) and the ``sigma = 0`` mask."""
+    ``1 / (2 sigma^2)`` (1/2 on limit rows) and the rows in the ``sigma -> 0`` limit
+    (``sigma^2`` below the smallest normal number of the dtype, 0 included)."""
 
     x: Tensor
     m: Tensor
     inv2s2: Tensor
-    zero: Tensor
-    any_zero: bool
+    limit: Tensor
+    any_limit: bool
 
     @classmethod
     def build(cls, x: Tensor, m: Tensor, sigma2: Tensor, offset: Tensor | None) -> _Queries:
         if offset is not None:
-            x = x - m[:, None] * offset[None, :]
-        zero = sigma2 == 0
-        return cls(x=x, m=m, inv2s2=0.5 / sigma2.masked_fill(zero, 1.0), zero=zero,
-                   any_zero=bool(zero.any()))
+            x = x - m[:, None] * offset.to(dtype=x.dtype, device=x.device)[None, :]
+        limit = sigma2 < torch.finfo(sigma2.dtype).tiny
+        return cls(x=x, m=m, inv2s2=0.5 / sigma2.masked_fill(limit, 1.0), limit=limit,
+                   any_limit=bool(limit.any()))
 
 
 @dataclass
@@ -220,66 +264,67 @@ class _Plan:
     """How the centres are streamed: ``direct`` (exact differences) or by matrix products,
     ``step`` centres at a time. On the matrix-product path, ``err`` bounds each row's
     distance error, ``maybe`` marks rows that may need exact distances and ``keep_top``
-    says whether a shortlist is kept for them."""
+    says whether a shortlist is kept for them. Decided from global sizes, so every process
+    of a group decides alike."""
 
     direct: bool
     step: int
-    sqnorm: Tensor
     keep_top: bool = False
     xx: Tensor | None = None
-    r_max: Tensor | None = None
     err: Tensor | None = None
     maybe: Tensor | None = None
+    r_max: Tensor | None = None
 
     @classmethod
-    def build(cls, q: _Queries, centres: Tensor, sqnorm: Tensor | None, chunk_size: int,
-              force_matmul: bool) -> _Plan:
+    def build(cls, q: _Queries, src: Source, chunk_size: int, force_matmul: bool) -> _Plan:
         B, d = q.x.shape
-        N = centres.shape[0]
-        if sqnorm is None:
-            sqnorm = centres.pow(2).sum(1)
-        direct = not force_matmul and B * min(N, chunk_size) * d <= DIRECT_BUDGET
+        direct = not force_matmul and B * min(src.n_total, chunk_size) * d <= DIRECT_BUDGET
         step = chunk_size if not direct else max(1, min(chunk_size,
                                                         DIRECT_BUDGET // max(1, B * d)))
-        plan = cls(direct=direct, step=step, sqnorm=sqnorm)
+        plan = cls(direct=direct, step=step)
         if not direct:
             plan.xx = q.x.pow(2).sum(1)
-            plan.r_max = sqnorm.max().sqrt()
+            plan.r_max = src.r_max(q.x)
             plan.err = _matmul_error(q.x, plan.r_max, q.m)
-            plan.maybe = q.zero | (plan.err * q.inv2s2 > refine_tolerance(q.x.dtype))
+            plan.maybe = ~q.limit & (plan.err * q.inv2s2 > refine_tolerance(q.x.dtype))
             plan.keep_top = bool(plan.maybe.any())
         return plan
+
+    def sqdist(self, q: _Queries, rows: Tensor | None, y: Tensor, yy: Tensor) -> Tensor:
+        """Squared distances of query ``rows`` (all when ``None``) to a chunk: exact on the
+        direct path, by matrix products otherwise."""
+        x, m = (q.x, q.m) if rows is None else (q.x[rows], q.m[rows])
+        if self.direct:
+            return _direct_sqdist(x, y, m)
+        assert self.xx is not None
+        return _approx_sqdist(x, self.xx if rows is None else self.xx[rows], y, yy, m)
 
 
 @dataclass
 class _FirstPass:
-    """What the first streamed pass leaves: the running log-sum-exp, the nearest centre of
-    ``sigma = 0`` rows (direct path), each row's smallest admissible squared distance
-    ``dmin`` (when needed), the shortlist of the ``k`` largest logits and the raw logits
-    when the weights were asked for."""
+    """What the first streamed pass leaves: the running log-sum-exp, each row's smallest
+    admissible squared distance ``dmin`` (when refinement may need it), the shortlist of the
+    ``k`` largest logits and the raw logits when the weights were asked for."""
 
     acc: _LogSumExp
-    nearest: _ArgMin | None
     dmin: Tensor | None
     top_logit: Tensor | None
     top_index: Tensor | None
     logits: Tensor | None
 
 
-def _stream_first_pass(q: _Queries, centres: Tensor, plan: _Plan, log_prior: Tensor | None,
+def _stream_first_pass(q: _Queries, src: Source, plan: _Plan, log_prior: Tensor | None,
                        return_weights: bool) -> _FirstPass:
     """One pass over the centres in chunks of ``plan.step``: accumulate ``max``,
-    ``sum exp`` and ``sum exp y`` of the logits per row, and (as needed) ``dmin``, the
-    nearest centre of ``sigma = 0`` rows, a running shortlist and the logits themselves."""
+    ``sum exp`` and ``sum exp y`` of the logits per row, and (as needed) ``dmin``, a running
+    shortlist and the logits themselves."""
     x, m, inv2s2 = q.x, q.m, q.inv2s2
     B, d = x.shape
-    N = centres.shape[0]
+    N = src.n
     neg_inv2s2 = -inv2s2
     acc = _LogSumExp(B, d, x)
-    nearest = _ArgMin(B, x) if q.any_zero else None
     logits_all = torch.empty(B, N, dtype=x.dtype, device=x.device) if return_weights else None
-    need_dmin = plan.keep_top or (plan.direct and q.any_zero)
-    dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device) if need_dmin else None
+    dmin = torch.full((B,), math.inf, dtype=x.dtype, device=x.device) if plan.keep_top else None
     k = min(SHORTLIST, N)
     top_logit = top_index = None
     if plan.keep_top:
@@ -292,23 +337,18 @@ def _stream_first_pass(q: _Queries, centres: Tensor, plan: _Plan, log_prior: Ten
         col_scale = m * m * inv2s2
     for lo in range(0, N, plan.step):
         hi = min(N, lo + plan.step)
-        y = centres[lo:hi]
+        y, yy = src.chunk(lo, hi, x)
         if plan.direct:
-            dist = _direct_sqdist(x, y, m)
-            logits = dist * neg_inv2s2[:, None]
+            logits = _direct_sqdist(x, y, m) * neg_inv2s2[:, None]
         else:
-            logits = torch.addr(x_scaled @ y.T, col_scale, plan.sqnorm[lo:hi], alpha=-1)
+            logits = torch.addr(x_scaled @ y.T, col_scale, yy, alpha=-1)
             logits.sub_(row_term).clamp_max_(0.0)
-            dist = None
         prior = _prior_chunk(log_prior, lo, hi, None)
         if dmin is not None:
-            if dist is None:
-                dist = -logits / inv2s2[:, None]
+            dist = -logits / inv2s2[:, None]
             if prior is not None:
                 dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
             dmin = torch.minimum(dmin, dist.min(dim=1).values)
-            if nearest is not None and plan.direct:
-                nearest.add_dense(dist, lo)
         if prior is not None:
             logits = logits + prior
         acc.add_dense(logits, y)
@@ -319,129 +359,158 @@ def _stream_first_pass(q: _Queries, centres: Tensor, plan: _Plan, log_prior: Ten
             top_logit, top_index = top.values, torch.gather(cat_i, 1, top.indices)
         if logits_all is not None:
             logits_all[:, lo:hi] = logits
-    return _FirstPass(acc=acc, nearest=nearest, dmin=dmin, top_logit=top_logit,
-                      top_index=top_index, logits=logits_all)
+    acc.merge(src.group)
+    if dmin is not None:
+        all_reduce(dmin, src.group, "min")
+    return _FirstPass(acc=acc, dmin=dmin, top_logit=top_logit, top_index=top_index,
+                      logits=logits_all)
 
 
 def _rows_to_refine(q: _Queries, plan: _Plan, first: _FirstPass) -> tuple[Tensor, Tensor]:
     """Rows whose matrix-product logit error exceeds the tolerance and is well above what
-    exact differences in this dtype would give (``eps |x - m y|^2``), plus every
-    ``sigma = 0`` row; and each row's logit floor ``lim = max - 40 - 2 err / (2 sigma^2)``
-    (centres below it carry a relative weight under ``e^-40``)."""
+    exact differences in this dtype would give (``eps |x - m y|^2``), and each row's logit
+    floor ``lim = max - 40 - 2 err / (2 sigma^2)`` (centres below it carry a relative weight
+    under ``e^-40``)."""
     assert plan.err is not None and plan.maybe is not None and plan.r_max is not None
     assert first.dmin is not None
     err = plan.err
     intrinsic = err / (q.x.norm(dim=1) + q.m.abs() * plan.r_max).pow(2) * first.dmin
-    refine = q.zero | (plan.maybe & (err > 16 * intrinsic))
+    refine = plan.maybe & (err > 16 * intrinsic) & ~q.limit
     lim = first.acc.max - LOGIT_WINDOW - 2 * err * q.inv2s2
     return refine, lim
 
 
-def _refine_from_shortlist(q: _Queries, centres: Tensor, first: _FirstPass, refine: Tensor,
-                           lim: Tensor, log_prior: Tensor | None, log_norm: Tensor,
-                           mean: Tensor) -> Tensor:
-    """Finish, from the shortlist alone, the refined rows whose whole window lies in it
-    (the usual case at small ``sigma``): exact logits of the ``k`` candidates replace the
-    row's ``log_norm``, ``mean`` and logits in place. Returns the rows still to refine."""
+def _refine_rows(q: _Queries, src: Source, plan: _Plan, first: _FirstPass, rows: Tensor,
+                 lim: Tensor, log_prior: Tensor | None) -> _LogSumExp:
+    """Exact log-sum-exp of the refined ``rows`` over this process's centres inside each
+    row's window (``logit >= lim``): from the shortlist where it covers the window (the
+    usual case at small ``sigma``), else from a second streamed pass. The logits of those
+    rows are replaced by the exact ones (``-inf`` outside the window)."""
     assert first.top_logit is not None and first.top_index is not None
+    assert plan.err is not None
     x, m, inv2s2 = q.x, q.m, q.inv2s2
     d = x.shape[1]
-    N = centres.shape[0]
+    N = src.n
     k = min(SHORTLIST, N)
-    short = refine & ~q.zero & ((k == N) | (first.top_logit[:, -1] < lim))
-    if bool(short.any()):
-        rows = torch.nonzero(short).squeeze(1)
-        block = max(1, DIRECT_BUDGET // (k * d))
-        for i in range(0, rows.shape[0], block):
-            r = rows[i : i + block]
-            cand = first.top_index[r]
-            diff = x[r, None, :] - m[r, None, None] * centres[cand]
-            exact_logit = -torch.einsum("bkd,bkd->bk", diff, diff) * inv2s2[r, None]
-            if log_prior is not None:
-                exact_logit = exact_logit + (torch.gather(log_prior[r], 1, cand)
-                                             if log_prior.dim() == 2 else log_prior[cand])
-            log_norm[r] = torch.logsumexp(exact_logit, dim=1)
-            w = torch.exp(exact_logit - log_norm[r, None])
-            mean[r] = torch.einsum("bk,bkd->bd", w, centres[cand])
-            if first.logits is not None:
-                first.logits[r] = -math.inf
-                first.logits[r[:, None], cand] = exact_logit
-    return refine & ~short
-
-
-def _refine_by_second_pass(q: _Queries, centres: Tensor, plan: _Plan, first: _FirstPass,
-                           refine: Tensor, lim: Tensor, log_prior: Tensor | None,
-                           log_norm: Tensor, mean: Tensor) -> None:
-    """A second streamed pass for the remaining refined rows: the centres inside each row's
-    window (``logit >= lim``; for ``sigma = 0`` rows, squared distance within ``2 err`` of
-    ``dmin``) get exact distances, and the row's ``log_norm``, ``mean``, logits and (for
-    ``sigma = 0``) nearest centre are recomputed from them alone, in place."""
-    assert plan.err is not None and plan.xx is not None and first.dmin is not None
-    x, m, inv2s2 = q.x, q.m, q.inv2s2
-    d = x.shape[1]
-    N = centres.shape[0]
-    rows_all = torch.nonzero(refine).squeeze(1)
-    xr, mr = x[rows_all], m[rows_all]
-    zr = q.zero[rows_all]
-    lim_r = torch.where(zr, first.dmin[rows_all] + 2 * plan.err[rows_all], lim[rows_all])
-    sub = _LogSumExp(rows_all.shape[0], d, x)
-    sub_near = _ArgMin(rows_all.shape[0], x) if q.any_zero else None
+    sub = _LogSumExp(rows.shape[0], d, x)
     if first.logits is not None:
-        first.logits[rows_all] = -math.inf
-    for lo in range(0, N, plan.step):
-        hi = min(N, lo + plan.step)
-        y = centres[lo:hi]
-        dist = _approx_sqdist(xr, plan.xx[rows_all], y, plan.sqnorm[lo:hi], mr)
-        logit = -dist * inv2s2[rows_all, None]
-        prior = _prior_chunk(log_prior, lo, hi, rows_all)
+        first.logits[rows] = -math.inf
+    covered = (k == N) | (first.top_logit[rows, -1] < lim[rows]) if k else \
+        torch.ones_like(rows, dtype=torch.bool)
+    pos = torch.arange(rows.shape[0], device=x.device)
+    short = pos[covered]
+    block = max(1, DIRECT_BUDGET // max(1, k * d))
+    for i in range(0, short.shape[0] if k else 0, block):
+        s = short[i : i + block]
+        r = rows[s]
+        cand = first.top_index[r]
+        yc = src.take(cand, x)
+        diff = x[r, None, :] - m[r, None, None] * yc
+        exact_logit = -torch.einsum("bkd,bkd->bk", diff, diff) * inv2s2[r, None]
+        if log_prior is not None:
+            exact_logit = exact_logit + (torch.gather(log_prior[r], 1, cand)
+                                         if log_prior.dim() == 2 else log_prior[cand])
+        sub.add_pairs(s.repeat_interleave(k), exact_logit.reshape(-1), yc.reshape(-1, d))
+        if first.logits is not None:
+            first.logits[r[:, None], cand] = exact_logit
+    rest = pos[~covered]
+    if rest.numel():
+        _second_pass(q, src, plan, first, rows, rest, lim, log_prior, sub)
+    return sub
+
+
+def _second_pass(q: _Queries, src: Source, plan: _Plan, first: _FirstPass, rows: Tensor,
+                 which: Tensor, lim: Tensor, log_prior: Tensor | None, sub: _LogSumExp) -> None:
+    """A second streamed pass for ``rows[which]``: the centres inside each row's window
+    (approximate ``logit >= lim``) get exact distances and enter the accumulator ``sub``."""
+    assert plan.xx is not None
+    r_all = rows[which]
+    xr, mr, inv = q.x[r_all], q.m[r_all], q.inv2s2[r_all]
+    for lo, y, yy in _chunks(src, plan.step, q.x):
+        dist = _approx_sqdist(xr, plan.xx[r_all], y, yy, mr)
+        logit = -dist * inv[:, None]
+        prior = _prior_chunk(log_prior, lo, lo + y.shape[0], r_all)
         if prior is not None:
             logit = logit + prior
-        keep = torch.where(zr[:, None], dist <= lim_r[:, None], logit >= lim_r[:, None])
+        keep = logit >= lim[r_all][:, None]
         if prior is not None:
             keep &= torch.isfinite(prior)
         r, c = torch.nonzero(keep, as_tuple=True)
         if r.numel() == 0:
             continue
-        exact = _pair_sqdist(xr, y, mr, r, c)
-        pos = ~zr[r]
-        exact_logit = -exact * inv2s2[rows_all][r]
+        exact_logit = -_pair_sqdist(xr, y, mr, r, c) * inv[r]
         if prior is not None:
             exact_logit = exact_logit + (prior[r, c] if prior.dim() == 2 else prior[c])
-        sub.add_pairs(r[pos], exact_logit[pos], y[c[pos]])
-        if sub_near is not None:
-            sub_near.add_pairs(r[~pos], exact[~pos], c[~pos] + lo)
+        sub.add_pairs(which[r], exact_logit, y[c])
         if first.logits is not None:
-            first.logits[rows_all[r], c + lo] = exact_logit
-    sub_log_norm, sub_mean = sub.result()
-    pos_rows = ~zr
-    log_norm[rows_all[pos_rows]] = sub_log_norm[pos_rows]
-    mean[rows_all[pos_rows]] = sub_mean[pos_rows]
-    if sub_near is not None and first.nearest is not None:
-        first.nearest.index[rows_all] = sub_near.index
+            first.logits[r_all[r], c + lo] = exact_logit
 
 
-def _finish(q: _Queries, centres: Tensor, first: _FirstPass, log_norm: Tensor, mean: Tensor,
-            offset: Tensor | None) -> Mixture:
-    """Normalise the logits into weights, give ``sigma = 0`` rows their one-hot nearest
-    centre (``log_norm`` 0) and undo the centring of the centres."""
-    weights = None
-    if first.logits is not None:
-        weights = _exp(first.logits - log_norm[:, None])
-    if first.nearest is not None:
-        zero = q.zero
-        mean[zero] = centres[first.nearest.index[zero]]
-        log_norm[zero] = 0.0
-        if weights is not None:
-            weights[zero] = 0.0
-            weights[zero, first.nearest.index[zero]] = 1.0
-    if offset is not None:
-        mean = mean + offset[None, :]
-    return Mixture(log_norm=log_norm, mean=mean, weights=weights)
+def _chunks(src: Source, step: int, like: Tensor) -> Any:
+    for lo in range(0, src.n, step):
+        y, yy = src.chunk(lo, min(src.n, lo + step), like)
+        yield lo, y, yy
+
+
+def _nearest_limit(q: _Queries, src: Source, plan: _Plan, rows: Tensor,
+                   log_prior: Tensor | None) -> tuple[_LogSumExp, Tensor, list[tuple]]:
+    """The ``sigma -> 0`` limit for ``rows``: the exact smallest admissible distance of each
+    row (over every process) and a log-sum-exp of the priors (0 without) of the centres at
+    exactly that distance. Returns the accumulator, the exact minimum squared distances and
+    the tied ``(row position, local centre, prior logit)`` triples (for the weights)."""
+    x, m = q.x[rows], q.m[rows]
+    R, d = x.shape
+    exact_path = plan.direct
+    err = torch.zeros(R, dtype=x.dtype, device=x.device)
+    xx = x.pow(2).sum(1)
+    if not exact_path:
+        err = _matmul_error(x, src.r_max(q.x), m)
+    approx_min = torch.full((R,), math.inf, dtype=x.dtype, device=x.device)
+    for lo, y, yy in _chunks(src, plan.step, q.x):
+        dist = _direct_sqdist(x, y, m) if exact_path else _approx_sqdist(x, xx, y, yy, m)
+        prior = _prior_chunk(log_prior, lo, lo + y.shape[0], rows)
+        if prior is not None:
+            dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
+        approx_min = torch.minimum(approx_min, dist.min(dim=1).values)
+    all_reduce(approx_min, src.group, "min")
+    window = approx_min + 2 * err
+    found: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
+    exact_min = torch.full((R,), math.inf, dtype=x.dtype, device=x.device)
+    for lo, y, yy in _chunks(src, plan.step, q.x):
+        dist = _direct_sqdist(x, y, m) if exact_path else _approx_sqdist(x, xx, y, yy, m)
+        prior = _prior_chunk(log_prior, lo, lo + y.shape[0], rows)
+        keep = dist <= window[:, None]
+        if prior is not None:
+            keep &= torch.isfinite(prior)
+        r, c = torch.nonzero(keep, as_tuple=True)
+        if r.numel() == 0:
+            continue
+        exact = dist[r, c] if exact_path else _pair_sqdist(x, y, m, r, c)
+        exact_min.scatter_reduce_(0, r, exact, reduce="amin")
+        found.append((r, c + lo, exact, y[c], None if prior is None else (
+            prior[r, c] if prior.dim() == 2 else prior[c])))
+    all_reduce(exact_min, src.group, "min")
+    acc = _LogSumExp(R, d, x)
+    ties: list[tuple] = []
+    for r, c, exact, yc, prior in found:
+        tie = exact == exact_min[r]
+        logit = torch.zeros_like(exact) if prior is None else prior
+        acc.add_pairs(r[tie], logit[tie], yc[tie])
+        ties.append((r[tie], c[tie], logit[tie]))
+    acc.merge(src.group)
+    return acc, exact_min, ties
+
+
+def _weights(first: _FirstPass, mx: Tensor, sm: Tensor, group: Any) -> Tensor:
+    """Normalised weights ``exp(l - max) / sum`` of every centre, gathered over the group."""
+    assert first.logits is not None
+    w = _exp(first.logits - _finite_or_zero(mx)[:, None]) / sm[:, None]
+    return all_gather(w, group, dim=1)
 
 
 def gaussian_mixture(
     x: Tensor,
-    centres: Tensor,
+    centres: Tensor | Centres,
     m: Tensor,
     sigma2: Tensor,
     *,
@@ -455,50 +524,105 @@ def gaussian_mixture(
     """Evaluate ``l_bn = log_prior_bn - |x_b - m_b y_n|^2 / (2 sigma_b^2)`` and return
     ``log sum_n exp(l_bn)``, ``sum_n softmax_n(l_bn) y_n`` and optionally the weights.
 
-    The phases: :func:`_stream_first_pass` (streamed log-sum-exp, shortlist), then on the
-    matrix-product path :func:`_rows_to_refine`, :func:`_refine_from_shortlist` and
-    :func:`_refine_by_second_pass`, and :func:`_finish`.
+    The phases: :func:`_stream_first_pass` (streamed log-sum-exp, shortlist, merged over the
+    process group), on the matrix-product path :func:`_rows_to_refine` and
+    :func:`_refine_rows` (shortlist or :func:`_second_pass`), the ``sigma -> 0`` limit rows
+    by :func:`_nearest_limit`, and the weights.
 
     Args:
         x: queries, ``(B, d)``.
-        centres: training points ``y_n``, ``(N, d)``, same dtype and device as ``x``.
+        centres: a :class:`diffmem.centres.Centres` (centred, streamed, possibly split over
+            processes), or the training points ``y_n`` as a ``(N, d)`` tensor of ``x``'s
+            dtype and device.
         m: mean scale per query, ``(B,)``.
         sigma2: variance per query, ``(B,)``, ``>= 0``.
-        log_prior: optional log prior weights, ``(N,)`` or ``(B, N)`` (``-inf`` excludes).
-        centres_sqnorm: optional cached ``|y_n|^2``.
-        offset: optional ``(d,)`` vector ``c`` when ``centres`` holds ``y_n - c`` (centring
-            the training set shrinks ``|y|`` and so the matrix-product round-off); the
-            queries are shifted by ``m c`` and ``mean`` is returned for the true ``y_n``.
+        log_prior: optional log prior weights over this process's centres, ``(N,)`` or
+            ``(B, N)`` (``-inf`` excludes; each row needs a finite entry).
+        centres_sqnorm: optional cached ``|y_n|^2`` (tensor centres).
+        offset: optional ``(d,)`` vector ``c`` when tensor ``centres`` hold ``y_n - c``
+            (a :class:`Centres` carries its own); the queries are shifted by ``m c`` and
+            ``mean`` is returned for the true ``y_n``.
         chunk_size: centres processed at once.
-        return_weights: also return the ``(B, N)`` weights.
+        return_weights: also return the ``(B, N)`` weights (every process's centres).
         force_matmul: use the matrix-product path even for small problems (for tests).
     """
-    q = _Queries.build(x, m, sigma2, offset)
-    plan = _Plan.build(q, centres, centres_sqnorm, chunk_size, force_matmul)
-    first = _stream_first_pass(q, centres, plan, log_prior, return_weights)
-    log_norm, mean = first.acc.result()
+    src = centres if isinstance(centres, Centres) else _TensorCentres(centres, centres_sqnorm,
+                                                                      offset)
+    q = _Queries.build(x, m, sigma2, src.offset)
+    plan = _Plan.build(q, src, chunk_size, force_matmul)
+    first = _stream_first_pass(q, src, plan, log_prior, return_weights)
+    mx, sm, vec = first.acc.state()
+    # rows in the sigma -> 0 limit, and rows whose every logit underflowed
+    underflow = torch.isneginf(mx)
+    any_limit = q.any_limit or bool(underflow.any())
+    limit = q.limit | underflow if any_limit else q.limit
     if plan.keep_top:
         refine, lim = _rows_to_refine(q, plan, first)
-        refine = _refine_from_shortlist(q, centres, first, refine, lim, log_prior, log_norm,
-                                         mean)
+        refine &= ~limit
         if bool(refine.any()):
-            _refine_by_second_pass(q, centres, plan, first, refine, lim, log_prior, log_norm,
-                                   mean)
-    return _finish(q, centres, first, log_norm, mean, offset)
+            rows = torch.nonzero(refine).squeeze(1)
+            sub = _refine_rows(q, src, plan, first, rows, lim, log_prior)
+            sub.merge(src.group)
+            s_max, s_sum, s_vec = sub.state()
+            mx[rows], sm[rows], vec[rows] = s_max, s_sum, s_vec
+    log_norm = mx + torch.log(sm)
+    if any_limit:
+        rows = torch.nonzero(limit).squeeze(1)
+        near, dist0, ties = _nearest_limit(q, src, plan, rows, log_prior)
+        n_max, n_sum, n_vec = near.state()
+        mx[rows], sm[rows], vec[rows] = n_max, n_sum, n_vec
+        log_norm[rows] = torch.where(dist0 == 0, n_max + torch.log(n_sum),
+                                     torch.full_like(n_max, -math.inf))
+        if first.logits is not None:
+            first.logits[rows] = -math.inf
+            for r, c, logit in ties:
+                first.logits[rows[r], c] = logit
+    mean = vec / sm[:, None]
+    if src.offset is not None:
+        mean = mean + src.offset.to(dtype=mean.dtype, device=mean.device)[None, :]
+    weights = _weights(first, mx, sm, src.group) if return_weights else None
+    return Mixture(log_norm=log_norm, mean=mean, weights=weights)
 
 
-def knn(x: Tensor, y: Tensor, k: int = 1, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """Exact ``k`` nearest rows of ``y`` (``(N, d)``) for each row of ``x`` (``(B, d)``).
+def knn(x: Tensor, y: Tensor | Centres, k: int = 1,
+        chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """Exact ``k`` nearest rows of ``y`` (``(N, d)``, or a :class:`Centres`, possibly split
+    over processes) for each row of ``x`` (``(B, d)``).
 
-    Returns ``(squared_distances, indices)``, both ``(B, k)``, sorted ascending. Large problems
-    shortlist candidates with matrix products and recompute their distances exactly; a row
-    whose shortlist cannot be certified is recomputed from exact differences.
+    Returns ``(squared_distances, indices)``, both ``(B, k)`` (global indices), sorted
+    ascending (ties by index). Large problems shortlist candidates with matrix products and
+    recompute their distances exactly; a row whose shortlist cannot be certified is
+    recomputed from exact differences. With a process group each process finds its block's
+    ``k`` nearest, and the blocks' candidates are merged.
     """
+    if isinstance(y, Centres):
+        src: Source = y
+        xs = x - y.offset.to(dtype=x.dtype, device=x.device)[None, :]
+    else:
+        centre = y.mean(0, keepdim=True)  # distances are translation invariant; centring
+        src = _TensorCentres(y - centre, None, None)  # cuts the matrix-product round-off
+        xs = x - centre
+    B, d = xs.shape
+    k_total = min(k, src.n_total)
+    best_d, best_i = _knn_block(xs, src, min(k_total, src.n), chunk_size)
+    best_i = best_i + src.start
+    if src.group is not None:
+        best_d = all_gather(best_d, src.group, dim=1)
+        best_i = all_gather(best_i, src.group, dim=1)
+        by_index = torch.argsort(best_i, dim=1, stable=True)
+        best_d, best_i = torch.gather(best_d, 1, by_index), torch.gather(best_i, 1, by_index)
+        order = torch.argsort(best_d, dim=1, stable=True)[:, :k_total]
+        best_d, best_i = torch.gather(best_d, 1, order), torch.gather(best_i, 1, order)
+    return best_d, best_i
+
+
+def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Exact ``k`` nearest of this process's centres (local indices)."""
     B, d = x.shape
-    N = y.shape[0]
-    k = min(k, N)
-    centre = y.mean(0, keepdim=True)  # distances are translation invariant; centring cuts
-    x, y = x - centre, y - centre  # the round-off of the matrix-product shortlist
+    N = src.n
+    if k == 0 or B == 0:
+        return (torch.empty(B, k, dtype=x.dtype, device=x.device),
+                torch.empty(B, k, dtype=torch.long, device=x.device))
     ones = torch.ones(B, dtype=x.dtype, device=x.device)
     direct = B * min(N, chunk_size) * d <= DIRECT_BUDGET
 
@@ -508,12 +632,9 @@ def knn(x: Tensor, y: Tensor, k: int = 1, chunk_size: int = 4096) -> tuple[Tenso
         best_i = torch.empty(rows, 0, dtype=torch.long, device=x.device)
         step = max(1, min(chunk_size, DIRECT_BUDGET // max(1, rows * d))) if exact else chunk_size
         xq2 = xq.pow(2).sum(1)
-        for lo in range(0, N, step):
-            yc = y[lo : lo + step]
+        for lo, yc, yy in _chunks(src, step, x):
             one = ones[:rows]
-            dist = _direct_sqdist(xq, yc, one) if exact else _approx_sqdist(
-                xq, xq2, yc, yc.pow(2).sum(1), one
-            )
+            dist = _direct_sqdist(xq, yc, one) if exact else _approx_sqdist(xq, xq2, yc, yy, one)
             idx = torch.arange(lo, lo + yc.shape[0], device=x.device).expand(rows, -1)
             cat_d, cat_i = torch.cat([best_d, dist], 1), torch.cat([best_i, idx], 1)
             top = torch.topk(cat_d, min(kk, cat_d.shape[1]), dim=1, largest=False, sorted=True)
@@ -524,11 +645,11 @@ def knn(x: Tensor, y: Tensor, k: int = 1, chunk_size: int = 4096) -> tuple[Tenso
         return stream(x, True, k)
     extra = min(N, k + 8)
     approx_d, cand = stream(x, False, extra)
-    exact = (x[:, None, :] - y[cand]).pow(2).sum(-1)
+    exact = (x[:, None, :] - src.take(cand, x)).pow(2).sum(-1)
     order = torch.argsort(exact, dim=1, stable=True)[:, :k]
     best_d, best_i = torch.gather(exact, 1, order), torch.gather(cand, 1, order)
     if extra < N:
-        err = _matmul_error(x, y.pow(2).sum(1).max().sqrt(), ones)
+        err = _matmul_error(x, src.r_max(x), ones)
         unsure = best_d[:, -1] + 2 * err > approx_d[:, -1]
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).squeeze(1)

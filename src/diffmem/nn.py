@@ -28,8 +28,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffmem._checks import fail, nonnegative, positive, positive_int, training_set
-from diffmem.schedules import Schedule, TimeLike, expand_as_batch
+from diffmem._checks import (
+    fail,
+    finite_tensor,
+    nonnegative,
+    positive,
+    positive_int,
+    training_set,
+)
+from diffmem.schedules import Schedule, TimeLike, expand_as_batch, time_tensor
 from diffmem.training import (
     EMA,
     Checkpoints,
@@ -507,21 +514,43 @@ def train_dsm(
 
 class NetworkScore:
     """Model ``k`` of a :class:`ScoreMLP` as a score ``score(x, t)`` (``score(x, t, y)`` for a
-    conditional model) usable by every sampler: ``x`` ``(B, *data_shape)``, ``t`` a float or
-    ``(B,)``, ``y`` ``(B, cond_dim)``."""
+    conditional model) usable by every sampler: ``x`` ``(B, *data_shape)`` with
+    ``prod(data_shape)`` the model's dimension, ``t`` a float or ``(B,)``, ``y``
+    ``(B, cond_dim)``. Inputs are checked (``ValueError`` naming the argument); an empty batch
+    gives an empty result. The noise parameterization's score ``net / sigma`` is singular at
+    ``t = 0`` and raises there (its ``sigma2_score`` is finite)."""
 
     def __init__(self, model: ScoreMLP, schedule: Schedule, k: int = 0) -> None:
-        if not 0 <= k < model.n_models:
+        if not isinstance(model, ScoreMLP):
+            raise fail("model", "a diffmem.nn.ScoreMLP", type(model).__name__)
+        if not isinstance(schedule, Schedule):
+            raise fail("schedule", "a diffmem.schedules.Schedule", type(schedule).__name__)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < model.n_models:
             raise fail("k", f"a model index in [0, {model.n_models})", k)
         self.model, self.schedule, self.k = model, schedule, k
 
     def _raw(self, x: Tensor, t: TimeLike, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        dim = self.model.config.dim
+        if not isinstance(x, Tensor) or x.dim() < 2 or math.prod(x.shape[1:]) != dim:
+            raise fail("x", f"a tensor (batch, ...) with {dim} values per sample",
+                       f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
+        if not x.is_floating_point():
+            raise fail("x", "a floating-point tensor", x.dtype)
+        finite_tensor("x", x)
         B = x.shape[0]
-        tt = t if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
+        tt = time_tensor(t)
+        if tt.dim() > 1 or (tt.dim() == 1 and tt.shape[0] != B):
+            raise fail("t", f"a float or a tensor of shape () or ({B},)",
+                       f"shape {tuple(tt.shape)}")
         tt = tt.to(device=x.device, dtype=torch.float32).expand(B)
         sigma = self.schedule.sigma(tt)
-        flat = x.reshape(B, -1).to(torch.float32)
-        yy = None if y is None else y.reshape(B, -1).to(flat)[None]
+        flat = x.reshape(B, dim).to(torch.float32)
+        if y is not None:
+            if not isinstance(y, Tensor) or y.shape[0] != B:
+                raise fail("y", f"a tensor with one condition per sample ({B})",
+                           tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__)
+            finite_tensor("y", y.to(torch.float64))
+        yy = None if y is None else y.reshape(B, self.model.config.cond_dim).to(flat)[None]
         out = self.model(flat[None], tt[None], slice(self.k, self.k + 1), y=yy)[0]
         return out, sigma
 
@@ -533,6 +562,10 @@ class NetworkScore:
     def __call__(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
         """The score ``s(x, t)`` of model ``k`` (:meth:`Parameterization.to_score`)."""
         out, sigma = self._raw(x, t, y)
+        if isinstance(self.parameterization, NoiseParameterization) and bool(
+                (sigma == 0).any()):
+            raise fail("t", "t > 0 (the noise parameterization's score net / sigma is "
+                       "singular at t = 0; use sigma2_score or stop at t_end > 0)", "t = 0")
         return self.parameterization.to_score(out, sigma).reshape(x.shape).to(x.dtype)
 
     @torch.no_grad()

@@ -74,6 +74,12 @@ def _check_x(x_T: Tensor) -> Tensor:
     return x_T
 
 
+def _empty(x_T: Tensor, method: str) -> SampleResult:
+    """The result for an empty batch: no samples, no score evaluations."""
+    return SampleResult(samples=x_T.clone(), stats={"method": method, "score_evals": 0,
+                                                    "steps_max": 0})
+
+
 def _check_t_end(schedule: Schedule, t_end: float) -> float:
     t_end = float(t_end)
     if not math.isfinite(t_end) or not 0 <= t_end < schedule.T:
@@ -185,8 +191,8 @@ def _checked(fn: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
             raise fail(name, f"a tensor of the shape of x, {tuple(x.shape)}",
                        f"shape {tuple(out.shape)}" if isinstance(out, Tensor)
                        else type(out).__name__)
-        bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
-        if bool(bad.any()):
+        if not bool(torch.isfinite(out).all()):
+            bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
             tt = t.reshape(-1)
             at = float(tt[bad][0] if tt.numel() == bad.numel() else tt[0])
             raise fail(name, "finite values",
@@ -291,7 +297,8 @@ def sample_ode(
     Args:
         schedule: the forward SDE (the score's own, when it carries one).
         score: ``score(x, t)``, ``t`` a ``(batch,)`` tensor.
-        x_T: initial states at ``t = T``, ``(batch, *data_shape)``.
+        x_T: initial states at ``t = T``, ``(batch, *data_shape)`` (an empty batch returns
+            an empty result without evaluating the score).
         t_end: final time, ``0 <= t_end < T`` (0 only for scores finite there; default
             1e-6 unless ``s_end`` is given).
         method: ``'rk45'`` (adaptive, per-sample step control), ``'heun'`` or ``'euler'``.
@@ -314,6 +321,8 @@ def sample_ode(
     """
     _check_x(x_T)
     check_schedule(schedule, score)
+    if return_trajectory and t_eval is None and s_eval is None:
+        positive_int("n_record", n_record)
     if variable not in ("auto", "t", "s"):
         raise fail("variable", "'auto', 't' or 's'", repr(variable))
     s_start = schedule.s_T
@@ -345,6 +354,8 @@ def sample_ode(
             rec_t = _record_points(schedule.T, t_end, n_record, log=True)
     shape = tuple(x_T.shape[1:])
     B = x_T.shape[0]
+    if B == 0:
+        return _empty(x_T, method)
     if use_s:
         if rec_s is None and rec_t is not None:
             rec_s = schedule.s(rec_t.to(torch.float64))
@@ -413,6 +424,8 @@ def sample_sde(
         raise fail("grid", "'uniform' or 'geometric'", repr(grid))
     x = x_T
     B = x.shape[0]
+    if B == 0:
+        return _empty(x_T, "euler-maruyama")
     s = _conditioned(score, cond, B)
     assert s is not None
     rows = torch.arange(B, device=x.device)

@@ -12,20 +12,30 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem._checks import fail, finite_tensor, positive
+from diffmem._checks import fail, finite_tensor, nonnegative_int, positive
 
 TimeLike = float | Tensor
 
 
+def time_tensor(t: TimeLike, name: str = "t") -> Tensor:
+    """``t`` as a tensor: a Python or numpy number becomes a float64 scalar, an integer or
+    boolean tensor float64; anything else raises ``ValueError`` naming ``name``."""
+    if isinstance(t, Tensor):
+        if t.is_complex():
+            raise fail(name, "real times", f"a {t.dtype} tensor")
+        return t if t.is_floating_point() else t.to(torch.float64)
+    if isinstance(t, bool) or not isinstance(t, int | float | np.integer | np.floating):
+        raise fail(name, "a number or a tensor of times", type(t).__name__)
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
 def _time(t: TimeLike, T: float, name: str = "t") -> Tensor:
     """Convert ``t`` to a tensor (float64 for Python numbers) and check ``0 <= t <= T``."""
-    if not isinstance(t, Tensor):
-        t = torch.tensor(float(t), dtype=torch.float64)
-    elif not t.is_floating_point():
-        t = t.to(torch.float64)
+    t = time_tensor(t, name)
     # One fused test (NaN fails both comparisons); the details only on failure.
     if not bool(((t >= 0) & (t <= T * (1 + 1e-9))).all()):
         finite_tensor(name, t)
@@ -143,8 +153,13 @@ class Schedule(ABC):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """Initial noise ``x(T) = sigma(T) z`` with ``z ~ N(0, I)``, shape ``(n, *shape)``."""
+        """Initial noise ``x(T) = sigma(T) z`` with ``z ~ N(0, I)``, shape ``(n, *shape)``
+        (``n = 0`` gives an empty batch)."""
+        n = nonnegative_int("n", n)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not shape or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                            for v in shape):
+            raise fail("shape", "a data shape of integers >= 1", shape)
         if generator is not None and device is not None and str(generator.device) != str(
             torch.device(device)
         ):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffmem._checks import fail, finite_tensor, positive
+from diffmem.centres import SCAN_ROWS, TrainingData, all_reduce
 from diffmem.schedules import Schedule, TimeLike
 from diffmem.scores.empirical import ClosedFormScore, EmpiricalScore, ThresholdScore, TikhonovScore
 
@@ -42,7 +44,7 @@ class ConditionalEmpiricalScore:
 
     def __init__(
         self,
-        train_x: Tensor,
+        train_x: TrainingData,
         train_y: Tensor | None,
         schedule: Schedule,
         *,
@@ -53,27 +55,29 @@ class ConditionalEmpiricalScore:
         c: float | None = None,
         tau: float | None = None,
         chunk_size: int = 4096,
+        **source: Any,
     ) -> None:
         if mode not in CONDITIONAL_MODES:
             raise fail("mode", f"one of {CONDITIONAL_MODES}", repr(mode))
         if c is not None and tau is not None:
             raise fail("tau", "c or tau, not both", f"c={c}, tau={tau}")
         if c is not None:
-            self.base: ClosedFormScore = TikhonovScore(train_x, schedule, c, chunk_size=chunk_size)
+            self.base: ClosedFormScore = TikhonovScore(train_x, schedule, c,
+                                                       chunk_size=chunk_size, **source)
         elif tau is not None:
-            self.base = ThresholdScore(train_x, schedule, tau, chunk_size=chunk_size)
+            self.base = ThresholdScore(train_x, schedule, tau, chunk_size=chunk_size, **source)
         else:
-            self.base = EmpiricalScore(train_x, schedule, chunk_size=chunk_size)
+            self.base = EmpiricalScore(train_x, schedule, chunk_size=chunk_size, **source)
         self.mode, self.schedule = mode, schedule
-        N = self.base.n_train
-        flat_x = self.base.train.reshape(N, -1)
+        centres = self.base.centres
+        N, d = centres.n, centres.d
         self.scale: Tensor | None = None
         if mode == "inverse":
             if operator is None:
                 raise fail("operator", "a (p, d) matrix or a callable for mode='inverse'", None)
             if isinstance(operator, Tensor):
-                if operator.dim() != 2 or operator.shape[1] != flat_x.shape[1]:
-                    raise fail("operator", f"a matrix with {flat_x.shape[1]} columns "
+                if operator.dim() != 2 or operator.shape[1] != d:
+                    raise fail("operator", f"a matrix with {d} columns "
                                "(the data dimension)", f"shape {tuple(operator.shape)}")
                 self.operator: Callable[[Tensor], Tensor] = lambda v: (
                     v.reshape(v.shape[0], -1) @ operator.to(v).T)
@@ -81,14 +85,21 @@ class ConditionalEmpiricalScore:
                 self.operator = operator
             else:
                 raise fail("operator", "a matrix or a callable", type(operator).__name__)
-            anchors = self.operator(self.base.train).reshape(N, -1)
+            blocks = list(centres.raw_chunks(SCAN_ROWS, centres.source_dtype)) or [
+                torch.zeros(0, *centres.data_shape, dtype=centres.source_dtype)]
+            anchors = torch.cat([self.operator(rows).reshape(rows.shape[0], -1)
+                                 for rows in blocks])
             if noise_std is None:
                 raise fail("noise_std", "the observation noise standard deviation (> 0)", None)
-            std = torch.as_tensor(noise_std, dtype=torch.float64)
-            if bool((std <= 0).any()) or std.dim() > 1 or (
-                    std.dim() == 1 and std.shape[0] != anchors.shape[1]):
-                raise fail("noise_std", f"a positive number or {anchors.shape[1]} positive "
-                           "values", noise_std)
+            try:
+                std = torch.as_tensor(noise_std, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise fail("noise_std", "a positive number or a vector of them",
+                           repr(noise_std)) from err
+            if (std.dim() > 1 or (std.dim() == 1 and std.shape[0] != anchors.shape[1])
+                    or not bool(torch.isfinite(std).all()) or bool((std <= 0).any())):
+                raise fail("noise_std", f"a finite positive number or {anchors.shape[1]} "
+                           "finite positive values", noise_std)
             self.scale = std
             self.y_shape: tuple[int, ...] | None = None
         else:
@@ -104,8 +115,8 @@ class ConditionalEmpiricalScore:
                     raise fail("bandwidth", "a bandwidth h > 0 for mode='kernel'", None)
                 self.scale = torch.tensor(positive("bandwidth", bandwidth), dtype=torch.float64)
                 anchors = anchors.to(torch.float64)
-        if mode != "labels":
-            finite_tensor("train_y" if mode == "kernel" else "operator(train_x)", anchors)
+        if mode != "labels" or anchors.is_floating_point():
+            finite_tensor("train_y" if mode != "inverse" else "operator(train_x)", anchors)
         self.anchors = anchors
         self.bandwidth = bandwidth
 
@@ -123,26 +134,29 @@ class ConditionalEmpiricalScore:
                    f"shape {tuple(y.shape)}")
 
     def log_prior(self, y: Tensor, B: int) -> Tensor:
-        """``log pi_n(y_b)`` shifted so that each row's maximum is 0, ``(B, N)``."""
+        """``log pi_n(y_b)`` over this process's training points, shifted so that each row's
+        maximum over every process is 0, ``(B, N)``."""
         rows = self._rows(y, B)
+        group = self.base.centres.group
+        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+            raise fail("y", "finite conditions", "NaN or inf")
         anchors = self.anchors.to(rows.device)
         if self.mode == "labels":
             match = (rows[:, None, :] == anchors[None, :, :].to(rows.dtype)).all(-1)
-            missing = ~match.any(1)
+            found = all_reduce(match.any(1).to(torch.float64), group)
+            missing = found == 0
             if bool(missing.any()):
                 raise fail("y", "labels present in the training set",
                            f"{int(missing.sum())} unseen labels, e.g. {rows[missing][0].tolist()}")
             return torch.where(match, 0.0, -math.inf).to(torch.float64)
-        if self.mode == "inverse":
-            finite_rows = rows.to(torch.float64)
-            if not bool(torch.isfinite(finite_rows).all()):
-                raise fail("y", "finite observations", "NaN or inf")
         assert self.scale is not None
         scale = self.scale.to(rows.device)
         d = torch.cdist(rows.to(torch.float64) / scale, anchors.to(torch.float64) / scale,
                         compute_mode="donot_use_mm_for_euclid_dist")
         lp = -0.5 * d * d
-        return lp - lp.max(1, keepdim=True).values
+        top = lp.max(1).values if lp.shape[1] else torch.full((B,), -math.inf,
+                                                               dtype=torch.float64)
+        return lp - all_reduce(top, group, "max")[:, None]
 
     def __call__(self, x: Tensor, t: TimeLike, y: Tensor) -> Tensor:
         """The conditional score ``s(x, t | y)``."""
