@@ -68,14 +68,15 @@ def nonnegative_int(name: str, value: int) -> int:
     return _integer(name, value, 0)
 
 
-def training_set(name: str, train: Tensor) -> Tensor:
-    """Require a non-empty, finite, floating training set of shape ``(N, *data_shape)``."""
+def training_set(name: str, train: Tensor, allow_empty: bool = False) -> Tensor:
+    """Require a non-empty (unless ``allow_empty``: a process's block of a training set split
+    over processes may be empty), finite, floating training set ``(N, *data_shape)``."""
     if not isinstance(train, Tensor):
         raise fail(name, "a torch.Tensor of shape (N, *data_shape)", type(train).__name__)
     if train.dim() < 2:
         raise fail(name, "a tensor of shape (N, *data_shape) with at least 2 dimensions",
                    f"shape {tuple(train.shape)}")
-    if train.shape[0] == 0:
+    if train.shape[0] == 0 and not allow_empty:
         raise fail(name, "at least one training point", "an empty set (N = 0)")
     if not train.is_floating_point():
         raise fail(name, "a floating-point tensor", train.dtype)

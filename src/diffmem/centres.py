@@ -23,6 +23,7 @@ and reduced by the same operations.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,15 @@ def _backend_tensor(t: Tensor, group: Any) -> Tensor:
     return t
 
 
+def _from_numpy(a: np.ndarray) -> Tensor:
+    """A tensor viewing ``a`` (a read-only memory-map is only ever read through it)."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
 def _as_arrays(data: TrainingData) -> list[Any] | None:
     """Numpy arrays (memory-maps for paths) of a streamed source, or ``None`` for a tensor."""
     if isinstance(data, Tensor):
@@ -156,7 +166,7 @@ class Centres:
             if data.dim() < 2:
                 raise fail(name, "a tensor of shape (N, *data_shape) with at least 2 "
                            "dimensions", f"shape {tuple(data.shape)}")
-            flat = data.reshape(data.shape[0], -1)
+            flat = data.flatten(1)
             self._tensor: Tensor | None = flat if self.storage is None else flat.to(self.storage)
             self.data_shape = tuple(data.shape[1:])
             self.n = flat.shape[0]
@@ -177,7 +187,11 @@ class Centres:
         if self.n_total == 0:
             raise fail(name, "at least one training point", "an empty set (N = 0)")
         self.offset = self._scan_mean(name)
+        self._sqnorm64, norm_max = self._scan_norms()
+        self._norm_max = all_reduce(norm_max, self.group, "max")
         self._cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._raw: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._sqnorm: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._r_max: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     # --- reading --------------------------------------------------------------------------
@@ -186,8 +200,9 @@ class Centres:
         """True when chunks are converted as they are read (disk or compact storage)."""
         return self._arrays is not None or self.storage is not None
 
-    def _rows(self, lo: int, hi: int) -> Tensor:
-        """Rows ``lo:hi`` of this block as stored (flattened, no conversion)."""
+    def _rows(self, lo: int, hi: int, copy: bool = True) -> Tensor:
+        """Rows ``lo:hi`` of this block as stored (flattened, no conversion); a memory-map is
+        copied unless ``copy`` is False (then the tensor views the read-only map)."""
         if self._tensor is not None:
             return self._tensor[lo:hi]
         assert self._arrays is not None
@@ -196,8 +211,9 @@ class Centres:
             a_lo, a_hi = int(self._bounds[k]), int(self._bounds[k + 1])
             if a_hi <= lo or a_lo >= hi:
                 continue
-            block = np.asarray(a[max(lo, a_lo) - a_lo: min(hi, a_hi) - a_lo])
-            parts.append(torch.from_numpy(block.reshape(block.shape[0], -1)))
+            view = a[max(lo, a_lo) - a_lo: min(hi, a_hi) - a_lo]
+            block = np.array(view) if copy or not view.flags.c_contiguous else np.asarray(view)
+            parts.append(_from_numpy(block.reshape(block.shape[0], self.d)))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out if self.storage is None else out.to(self.storage)
 
@@ -216,6 +232,18 @@ class Centres:
             raise fail(name, "finite values (no NaN or inf)", "non-finite entries")
         all_reduce(total, self.group)
         return total / self.n_total
+
+    def _scan_norms(self) -> tuple[Tensor, Tensor]:
+        """``|y_n - c|^2`` of every row (float64, ``(n,)``) and the largest ``|y_n|`` (the
+        norm that bounds the round-off of matrix products on the uncentred rows)."""
+        sq = torch.empty(self.n, dtype=torch.float64)
+        top = torch.zeros(1, dtype=torch.float64)
+        for lo in range(0, self.n, SCAN_ROWS):
+            hi = min(self.n, lo + SCAN_ROWS)
+            rows = self._rows(lo, hi).to(torch.float64).cpu()
+            sq[lo:hi] = (rows - self.offset).pow(2).sum(1)
+            top = torch.maximum(top, rows.norm(dim=1).max(0, keepdim=True).values)
+        return sq, top
 
     def centred(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
         """The whole block centred, in ``like``'s dtype and device, with its squared norms
@@ -247,11 +275,42 @@ class Centres:
             y, yy = self.chunk(lo, min(self.n, lo + step), like)
             yield lo, y, yy
 
+    @property
+    def raw_shift(self) -> Tensor:
+        """``c``: the uncentred rows of :meth:`raw_chunk` are ``y_n = (y_n - c) + c``."""
+        return self.offset
+
+    def raw_chunk(self, lo: int, hi: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Uncentred rows ``lo:hi`` in ``like``'s dtype and device without a copy where the
+        storage allows (an in-memory tensor of that dtype, a float memory-map of it), and
+        the squared norms of the centred rows ``|y_n - c|^2`` (computed once, in float64)."""
+        key = (like.dtype, like.device)
+        if key not in self._sqnorm:
+            self._sqnorm[key] = self._sqnorm64.to(dtype=like.dtype, device=like.device)
+        if not self.streamed:
+            assert self._tensor is not None
+            if key not in self._raw:
+                self._raw[key] = self._tensor.to(dtype=like.dtype, device=like.device)
+            rows = self._raw[key][lo:hi]
+        else:
+            rows = self._rows(lo, hi, copy=False).to(dtype=like.dtype, device=like.device)
+        return rows, self._sqnorm[key][lo:hi]
+
     def take(self, index: Tensor, like: Tensor) -> Tensor:
         """Centred rows at local ``index`` (any shape), shape ``(*index.shape, d)``."""
         cached = self.centred(like)
         if cached is not None:
             return cached[0][index]
+        return self.take_raw(index, like) - self.offset.to(dtype=like.dtype,
+                                                           device=like.device)
+
+    def take_raw(self, index: Tensor, like: Tensor) -> Tensor:
+        """Uncentred rows at local ``index`` (any shape), shape ``(*index.shape, d)``."""
+        if self._tensor is not None and not self.streamed:
+            key = (like.dtype, like.device)
+            if key not in self._raw:
+                self._raw[key] = self._tensor.to(dtype=like.dtype, device=like.device)
+            return self._raw[key][index.to(like.device)]
         flat = index.reshape(-1).cpu()
         uniq, inverse = torch.unique(flat, return_inverse=True)
         if self._tensor is not None:
@@ -263,13 +322,12 @@ class Centres:
                 a_lo, a_hi = int(self._bounds[k]), int(self._bounds[k + 1])
                 sel = uniq[(uniq >= a_lo) & (uniq < a_hi)] - a_lo
                 if sel.numel():
-                    block = np.asarray(a[sel.numpy()])
-                    parts.append(torch.from_numpy(block.reshape(block.shape[0], -1)))
+                    block = np.array(a[sel.numpy()])
+                    parts.append(torch.from_numpy(block.reshape(block.shape[0], self.d)))
             rows = torch.cat(parts)
             rows = rows if self.storage is None else rows.to(self.storage)
-        rows = rows.to(device=like.device)
-        y = rows.to(like.dtype) - self.offset.to(device=like.device, dtype=like.dtype)
-        return y[inverse.to(like.device)].reshape(*index.shape, self.d)
+        rows = rows.to(device=like.device, dtype=like.dtype)
+        return rows[inverse.to(like.device)].reshape(*index.shape, self.d)
 
     def r_max(self, like: Tensor) -> Tensor:
         """The largest norm of a centred training point, over every process, in ``like``'s
@@ -287,7 +345,11 @@ class Centres:
             self._r_max[key] = all_reduce(top.reshape(1), self.group, "max")[0].sqrt()
         return self._r_max[key]
 
-    def raw_chunks(self, step: int, dtype: torch.dtype = torch.float64) -> Iterator[Tensor]:
+    def raw_norm_max(self, like: Tensor) -> Tensor:
+        """The largest norm of an uncentred training point, over every process."""
+        return self._norm_max[0].to(dtype=like.dtype, device=like.device)
+
+    def stored_chunks(self, step: int, dtype: torch.dtype = torch.float64) -> Iterator[Tensor]:
         """This block's rows as stored (uncentred) in chunks ``(rows, *data_shape)``."""
         for lo in range(0, self.n, step):
             hi = min(self.n, lo + step)

@@ -1,9 +1,17 @@
-"""Command line: ``diffmem list``, ``diffmem run NAME`` and ``diffmem reproduce``."""
+"""Command line: ``diffmem list``, ``diffmem run NAME`` and ``diffmem reproduce``.
+
+Launched by ``torchrun --nproc-per-node P -m diffmem ...`` (``WORLD_SIZE > 1``), the commands
+join the torch.distributed group (gloo on the CPU, NCCL with ``--device cuda``, one GPU per
+process) and the closed-form experiments split their training set over it; process 0 prints
+and writes.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -24,6 +32,34 @@ DEVICE = typer.Option("cpu", "--device", help="Torch device: cpu or cuda.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 RESUME = typer.Option(False, "--resume", help="Continue network training from the latest "
                       "checkpoint in OUT/NAME/checkpoints (same configuration required).")
+
+
+def process_group(device: str) -> tuple[Any, str]:
+    """The torch.distributed group of a ``torchrun`` launch (``WORLD_SIZE > 1``), initialised
+    here, and the device this process uses (``cuda:LOCAL_RANK`` for ``--device cuda``);
+    ``(None, device)`` otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, device
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.group.WORLD, device
+
+
+def _leader(group: Any) -> bool:
+    """Whether this process prints and writes (process 0, or the only one)."""
+    if group is None:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank(group) == 0
 
 
 def _fail(message: str) -> None:
@@ -66,14 +102,16 @@ def run(
 ) -> None:
     """Run one experiment and write OUT/NAME/metrics.json, config.json and figures."""
     try:
+        group, device = process_group(device)
         exp = get_experiment(name)
         params = resolve_params(exp, quick=quick, config_file=config, overrides=set_)
         rec = run_experiment(exp, out, params, seed=seed, device=device, progress=progress,
-                             resume=resume)
+                             resume=resume, process_group=group)
     except ValueError as err:  # ConfigError and the library's input errors
         _fail(str(err))
         return
-    _echo_record(rec)
+    if _leader(group):
+        _echo_record(rec)
 
 
 @app.command("reproduce")
@@ -91,6 +129,7 @@ def reproduce(
     from diffmem.report import claim_counts, counts_text, write_report
 
     try:
+        group, device = process_group(device)
         names = list(REGISTRY) if only is None else [n.strip() for n in only.split(",") if n]
         exps = [get_experiment(n) for n in names]
         start = time.perf_counter()
@@ -98,12 +137,15 @@ def reproduce(
         for exp in exps:
             params = resolve_params(exp, quick=quick)
             rec = run_experiment(exp, out, params, seed=seed, device=device, progress=progress,
-                                 resume=resume)
-            _echo_record(rec)
+                                 resume=resume, process_group=group)
+            if _leader(group):
+                _echo_record(rec)
             records.append(rec)
         total = time.perf_counter() - start
     except ValueError as err:  # ConfigError and the library's input errors
         _fail(str(err))
+        return
+    if not _leader(group):
         return
     write_report(out, records, dict(REGISTRY), quick=quick, seed=seed, total_s=total)
     typer.echo(f"Claims: {counts_text(claim_counts(records))} ({len(records)} experiments, "

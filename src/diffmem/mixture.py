@@ -92,13 +92,24 @@ class _TensorCentres:
     def r_max(self, like: Tensor) -> Tensor:
         return self.yy.max().sqrt()
 
+    raw_shift = None
+    raw_chunk = chunk
+    take_raw = take
+    raw_norm_max = r_max
+
 
 Source = Any  # Centres | _TensorCentres
 
 
-def _approx_sqdist(x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, m: Tensor) -> Tensor:
-    """``|x_b - m_b y_n|^2`` by one matrix product (absolute error ~ eps (|x| + m|y|)^2)."""
-    d = xx[:, None] - (2 * m)[:, None] * (x @ y.T) + (m * m)[:, None] * yy[None, :]
+def _approx_sqdist(x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, m: Tensor,
+                   xs: Tensor | None = None) -> Tensor:
+    """``|x_b - m_b y_n|^2`` by one matrix product (absolute error ~ eps (|x| + m|y|)^2).
+    With ``xs = x s`` the rows ``y`` are ``y_c + s`` and ``yy = |y_c|^2``: the distance to
+    ``y_c`` is ``|x|^2 - 2 m (x.y - x.s) + m^2 |y_c|^2``."""
+    cross = x @ y.T
+    if xs is not None:
+        cross.sub_(xs[:, None])
+    d = xx[:, None] - (2 * m)[:, None] * cross + (m * m)[:, None] * yy[None, :]
     return d.clamp_min_(0)
 
 
@@ -113,13 +124,16 @@ def _direct_sqdist(x: Tensor, y: Tensor, m: Tensor) -> Tensor:
     return (x[:, None, :] - m[:, None, None] * y[None, :, :]).square_().sum(-1)
 
 
-def _pair_sqdist(x: Tensor, y: Tensor, m: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Exact ``|x_r - m_r y_c|^2`` for index pairs ``(rows[i], cols[i])``, in bounded blocks."""
+def _pair_sqdist(x: Tensor, y: Tensor, m: Tensor, rows: Tensor, cols: Tensor,
+                 shift: Tensor | None = None) -> Tensor:
+    """Exact ``|x_r - m_r (y_c - shift)|^2`` for index pairs ``(rows[i], cols[i])``, in
+    bounded blocks."""
     out = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
     block = max(1, DIRECT_BUDGET // max(1, x.shape[1]))
     for i in range(0, rows.shape[0], block):
         r, c = rows[i : i + block], cols[i : i + block]
-        out[i : i + block] = (x[r] - m[r, None] * y[c]).pow(2).sum(-1)
+        yc = y[c] if shift is None else y[c] - shift
+        out[i : i + block] = (x[r] - m[r, None] * yc).pow(2).sum(-1)
     return out
 
 
@@ -231,11 +245,9 @@ def _prior_chunk(log_prior: Tensor | None, lo: int, hi: int, rows: Tensor | None
     return part
 
 
-def _prior_at(log_prior: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor | None:
-    """``log_prior`` at (query row, local centre) pairs."""
-    if log_prior is None:
-        return None
-    return log_prior[rows, cols] if log_prior.dim() == 2 else log_prior[cols]
+def _prior_at(prior: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """A prior chunk (``(n,)`` or ``(rows, n)``) at (row, column) pairs."""
+    return prior[rows, cols] if prior.dim() == 2 else prior[cols]
 
 
 @dataclass
@@ -274,6 +286,8 @@ class _Plan:
     err: Tensor | None = None
     maybe: Tensor | None = None
     r_max: Tensor | None = None
+    shift: Tensor | None = None
+    xs: Tensor | None = None
 
     @classmethod
     def build(cls, q: _Queries, src: Source, chunk_size: int, force_matmul: bool) -> _Plan:
@@ -284,20 +298,42 @@ class _Plan:
         plan = cls(direct=direct, step=step)
         if not direct:
             plan.xx = q.x.pow(2).sum(1)
-            plan.r_max = src.r_max(q.x)
+            if src.raw_shift is not None:  # stream the rows uncentred: no pass to centre them
+                plan.shift = src.raw_shift.to(dtype=q.x.dtype, device=q.x.device)
+                plan.xs = q.x @ plan.shift
+            plan.r_max = src.raw_norm_max(q.x)
             plan.err = _matmul_error(q.x, plan.r_max, q.m)
             plan.maybe = ~q.limit & (plan.err * q.inv2s2 > refine_tolerance(q.x.dtype))
             plan.keep_top = bool(plan.maybe.any())
         return plan
 
-    def sqdist(self, q: _Queries, rows: Tensor | None, y: Tensor, yy: Tensor) -> Tensor:
-        """Squared distances of query ``rows`` (all when ``None``) to a chunk: exact on the
-        direct path, by matrix products otherwise."""
-        x, m = (q.x, q.m) if rows is None else (q.x[rows], q.m[rows])
+    def rows(self, src: Source, lo: int, hi: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``lo:hi`` as this path streams them (centred on the direct path; uncentred,
+        ``y_c + shift``, on the matrix-product path) and their centred squared norms."""
+        return src.chunk(lo, hi, like) if self.direct else src.raw_chunk(lo, hi, like)
+
+    def chunks(self, src: Source, like: Tensor) -> Any:
+        for lo in range(0, src.n, self.step):
+            y, yy = self.rows(src, lo, min(src.n, lo + self.step), like)
+            yield lo, y, yy
+
+    def take(self, src: Source, index: Tensor, like: Tensor) -> Tensor:
+        """Rows at ``index`` as this path streams them."""
+        return src.take(index, like) if self.direct else src.take_raw(index, like)
+
+    def centred(self, rows: Tensor) -> Tensor:
+        """Streamed rows as centred rows ``y_c``."""
+        return rows if self.shift is None else rows - self.shift
+
+    def sqdist(self, q: _Queries, rows: Tensor, y: Tensor, yy: Tensor) -> Tensor:
+        """Squared distances of query ``rows`` to streamed rows: exact on the direct path,
+        by matrix products otherwise."""
+        x, m = q.x[rows], q.m[rows]
         if self.direct:
             return _direct_sqdist(x, y, m)
         assert self.xx is not None
-        return _approx_sqdist(x, self.xx if rows is None else self.xx[rows], y, yy, m)
+        return _approx_sqdist(x, self.xx[rows], y, yy, m,
+                              None if self.xs is None else self.xs[rows])
 
 
 @dataclass
@@ -334,10 +370,12 @@ def _stream_first_pass(q: _Queries, src: Source, plan: _Plan, log_prior: Tensor 
         assert plan.xx is not None
         x_scaled = x * (2 * m * inv2s2)[:, None]
         row_term = (plan.xx * inv2s2)[:, None]
+        if plan.shift is not None:  # x.y_c = x.(y_c + s) - x.s
+            row_term = row_term + (x_scaled @ plan.shift)[:, None]
         col_scale = m * m * inv2s2
     for lo in range(0, N, plan.step):
         hi = min(N, lo + plan.step)
-        y, yy = src.chunk(lo, hi, x)
+        y, yy = plan.rows(src, lo, hi, x)
         if plan.direct:
             logits = _direct_sqdist(x, y, m) * neg_inv2s2[:, None]
         else:
@@ -404,8 +442,8 @@ def _refine_rows(q: _Queries, src: Source, plan: _Plan, first: _FirstPass, rows:
         s = short[i : i + block]
         r = rows[s]
         cand = first.top_index[r]
-        yc = src.take(cand, x)
-        diff = x[r, None, :] - m[r, None, None] * yc
+        yc = plan.take(src, cand, x)
+        diff = x[r, None, :] - m[r, None, None] * plan.centred(yc)
         exact_logit = -torch.einsum("bkd,bkd->bk", diff, diff) * inv2s2[r, None]
         if log_prior is not None:
             exact_logit = exact_logit + (torch.gather(log_prior[r], 1, cand)
@@ -426,8 +464,8 @@ def _second_pass(q: _Queries, src: Source, plan: _Plan, first: _FirstPass, rows:
     assert plan.xx is not None
     r_all = rows[which]
     xr, mr, inv = q.x[r_all], q.m[r_all], q.inv2s2[r_all]
-    for lo, y, yy in _chunks(src, plan.step, q.x):
-        dist = _approx_sqdist(xr, plan.xx[r_all], y, yy, mr)
+    for lo, y, yy in plan.chunks(src, q.x):
+        dist = plan.sqdist(q, r_all, y, yy)
         logit = -dist * inv[:, None]
         prior = _prior_chunk(log_prior, lo, lo + y.shape[0], r_all)
         if prior is not None:
@@ -438,18 +476,12 @@ def _second_pass(q: _Queries, src: Source, plan: _Plan, first: _FirstPass, rows:
         r, c = torch.nonzero(keep, as_tuple=True)
         if r.numel() == 0:
             continue
-        exact_logit = -_pair_sqdist(xr, y, mr, r, c) * inv[r]
+        exact_logit = -_pair_sqdist(xr, y, mr, r, c, plan.shift) * inv[r]
         if prior is not None:
-            exact_logit = exact_logit + (prior[r, c] if prior.dim() == 2 else prior[c])
+            exact_logit = exact_logit + _prior_at(prior, r, c)
         sub.add_pairs(which[r], exact_logit, y[c])
         if first.logits is not None:
             first.logits[r_all[r], c + lo] = exact_logit
-
-
-def _chunks(src: Source, step: int, like: Tensor) -> Any:
-    for lo in range(0, src.n, step):
-        y, yy = src.chunk(lo, min(src.n, lo + step), like)
-        yield lo, y, yy
 
 
 def _nearest_limit(q: _Queries, src: Source, plan: _Plan, rows: Tensor,
@@ -460,35 +492,33 @@ def _nearest_limit(q: _Queries, src: Source, plan: _Plan, rows: Tensor,
     the tied ``(row position, local centre, prior logit)`` triples (for the weights)."""
     x, m = q.x[rows], q.m[rows]
     R, d = x.shape
-    exact_path = plan.direct
     err = torch.zeros(R, dtype=x.dtype, device=x.device)
-    xx = x.pow(2).sum(1)
-    if not exact_path:
-        err = _matmul_error(x, src.r_max(q.x), m)
-    approx_min = torch.full((R,), math.inf, dtype=x.dtype, device=x.device)
-    for lo, y, yy in _chunks(src, plan.step, q.x):
-        dist = _direct_sqdist(x, y, m) if exact_path else _approx_sqdist(x, xx, y, yy, m)
+    if not plan.direct:
+        err = _matmul_error(x, src.raw_norm_max(q.x), m)
+
+    def distances(lo: int, y: Tensor, yy: Tensor) -> tuple[Tensor, Tensor | None]:
         prior = _prior_chunk(log_prior, lo, lo + y.shape[0], rows)
+        dist = plan.sqdist(q, rows, y, yy)
         if prior is not None:
             dist = torch.where(torch.isfinite(prior), dist, torch.full_like(dist, math.inf))
-        approx_min = torch.minimum(approx_min, dist.min(dim=1).values)
+        return dist, prior
+
+    approx_min = torch.full((R,), math.inf, dtype=x.dtype, device=x.device)
+    for lo, y, yy in plan.chunks(src, q.x):
+        approx_min = torch.minimum(approx_min, distances(lo, y, yy)[0].min(dim=1).values)
     all_reduce(approx_min, src.group, "min")
     window = approx_min + 2 * err
     found: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
     exact_min = torch.full((R,), math.inf, dtype=x.dtype, device=x.device)
-    for lo, y, yy in _chunks(src, plan.step, q.x):
-        dist = _direct_sqdist(x, y, m) if exact_path else _approx_sqdist(x, xx, y, yy, m)
-        prior = _prior_chunk(log_prior, lo, lo + y.shape[0], rows)
-        keep = dist <= window[:, None]
-        if prior is not None:
-            keep &= torch.isfinite(prior)
-        r, c = torch.nonzero(keep, as_tuple=True)
+    for lo, y, yy in plan.chunks(src, q.x):
+        dist, prior = distances(lo, y, yy)
+        r, c = torch.nonzero(dist <= window[:, None], as_tuple=True)
         if r.numel() == 0:
             continue
-        exact = dist[r, c] if exact_path else _pair_sqdist(x, y, m, r, c)
+        exact = dist[r, c] if plan.direct else _pair_sqdist(x, y, m, r, c, plan.shift)
         exact_min.scatter_reduce_(0, r, exact, reduce="amin")
-        found.append((r, c + lo, exact, y[c], None if prior is None else (
-            prior[r, c] if prior.dim() == 2 else prior[c])))
+        found.append((r, c + lo, exact, y[c], _prior_at(prior, r, c) if prior is not None
+                      else None))
     all_reduce(exact_min, src.group, "min")
     acc = _LogSumExp(R, d, x)
     ties: list[tuple] = []
@@ -578,7 +608,7 @@ def gaussian_mixture(
             for r, c, logit in ties:
                 first.logits[rows[r], c] = logit
     mean = vec / sm[:, None]
-    if src.offset is not None:
+    if src.offset is not None and plan.shift is None:  # centred rows: add the centre back
         mean = mean + src.offset.to(dtype=mean.dtype, device=mean.device)[None, :]
     weights = _weights(first, mx, sm, src.group) if return_weights else None
     return Mixture(log_norm=log_norm, mean=mean, weights=weights)
@@ -617,7 +647,8 @@ def knn(x: Tensor, y: Tensor | Centres, k: int = 1,
 
 
 def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Exact ``k`` nearest of this process's centres (local indices)."""
+    """Exact ``k`` nearest of this process's centres (local indices); ``x`` is centred like
+    the source's centred rows."""
     B, d = x.shape
     N = src.n
     if k == 0 or B == 0:
@@ -625,6 +656,7 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor,
                 torch.empty(B, k, dtype=torch.long, device=x.device))
     ones = torch.ones(B, dtype=x.dtype, device=x.device)
     direct = B * min(N, chunk_size) * d <= DIRECT_BUDGET
+    shift = None if src.raw_shift is None else src.raw_shift.to(dtype=x.dtype, device=x.device)
 
     def stream(xq: Tensor, exact: bool, kk: int) -> tuple[Tensor, Tensor]:
         rows = xq.shape[0]
@@ -632,10 +664,17 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor,
         best_i = torch.empty(rows, 0, dtype=torch.long, device=x.device)
         step = max(1, min(chunk_size, DIRECT_BUDGET // max(1, rows * d))) if exact else chunk_size
         xq2 = xq.pow(2).sum(1)
-        for lo, yc, yy in _chunks(src, step, x):
-            one = ones[:rows]
-            dist = _direct_sqdist(xq, yc, one) if exact else _approx_sqdist(xq, xq2, yc, yy, one)
-            idx = torch.arange(lo, lo + yc.shape[0], device=x.device).expand(rows, -1)
+        xs = None if shift is None else xq @ shift
+        one = ones[:rows]
+        for lo in range(0, N, step):
+            hi = min(N, lo + step)
+            if exact:
+                yc, _ = src.chunk(lo, hi, x)
+                dist = _direct_sqdist(xq, yc, one)
+            else:  # uncentred rows, centred by the rank-1 correction x.s
+                y, yy = src.raw_chunk(lo, hi, x)
+                dist = _approx_sqdist(xq, xq2, y, yy, one, xs)
+            idx = torch.arange(lo, hi, device=x.device).expand(rows, -1)
             cat_d, cat_i = torch.cat([best_d, dist], 1), torch.cat([best_i, idx], 1)
             top = torch.topk(cat_d, min(kk, cat_d.shape[1]), dim=1, largest=False, sorted=True)
             best_d, best_i = top.values, torch.gather(cat_i, 1, top.indices)
@@ -649,7 +688,7 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor,
     order = torch.argsort(exact, dim=1, stable=True)[:, :k]
     best_d, best_i = torch.gather(exact, 1, order), torch.gather(cand, 1, order)
     if extra < N:
-        err = _matmul_error(x, src.r_max(x), ones)
+        err = _matmul_error(x, src.raw_norm_max(x), ones)
         unsure = best_d[:, -1] + 2 * err > approx_d[:, -1]
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).squeeze(1)

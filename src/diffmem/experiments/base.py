@@ -141,6 +141,21 @@ class Context:
     seed: int
     progress: bool = True
     resume: bool = False
+    process_group: Any = None
+
+    def closed_form(self, make: Callable[..., Any], train: torch.Tensor, *args: Any,
+                    **kw: Any) -> Any:
+        """``make(train, *args, **kw)`` (a closed-form score class or factory); under a
+        process group with this process's contiguous block of ``train`` and the group."""
+        if self.process_group is None:
+            return make(train, *args, **kw)
+        import torch.distributed as dist
+
+        from diffmem.centres import shard_rows
+
+        lo, hi = shard_rows(train.shape[0], dist.get_world_size(self.process_group),
+                            dist.get_rank(self.process_group))
+        return make(train[lo:hi], *args, process_group=self.process_group, **kw)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded with ``seed + offset`` (noise is drawn on the CPU and moved,
@@ -171,6 +186,8 @@ class Experiment:
     record: Callable[[Context, Any], Recorded]
     judge: Callable[[Mapping[str, Any], Mapping[str, Any]], Verdict]
     draw: Callable[[Recorded, Mapping[str, Any]], dict[str, Any]]
+    #: Whether the closed-form scores may be split over a torch.distributed process group.
+    distributed: bool = False
 
 
 @dataclass
@@ -377,6 +394,14 @@ def _write_arrays(path: Path, arrays: Mapping[str, Any]) -> None:
 OUTPUT_FILES = ("metrics.json", "config.json", "arrays.npz")
 
 
+def _rank(group: Any) -> int:
+    if group is None:
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
 def run_experiment(
     exp: Experiment,
     out_dir: Path,
@@ -385,6 +410,7 @@ def run_experiment(
     device: str = "cpu",
     progress: bool = True,
     resume: bool = False,
+    process_group: Any = None,
 ) -> Record:
     """Run ``exp``'s four steps with resolved ``params`` and write ``out_dir/NAME/``:
     ``metrics.json`` (with ``status``, ``verdict`` and the judged ``claims``),
@@ -394,8 +420,16 @@ def run_experiment(
     for the previous results, which it replaces at the end (their figures included); with
     ``resume``, experiments that checkpoint (the network ones) continue from
     ``out_dir/NAME/checkpoints*``. Temporary files of interrupted writes are removed first.
+    With a ``process_group`` (closed-form experiments only) every process computes with its
+    block of the training set and process 0 writes the outputs.
     """
     dev = check_device(device)
+    if process_group is not None and not exp.distributed:
+        raise ConfigError(f"--nproc-per-node: expected 1 process for {exp.name!r} (only the "
+                          "closed-form experiments split their training set over processes), "
+                          "received a group of several")
+    if _rank(process_group) != 0:
+        return _follow(exp, out_dir, params, seed, dev, resume, process_group)
     folder = prepare_out(out_dir) / exp.name
     created = not folder.exists()
     folder.mkdir(exist_ok=True)
@@ -409,7 +443,7 @@ def run_experiment(
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
         ctx = Context(name=exp.name, params=params, out=folder, device=dev, seed=seed,
-                      progress=progress, resume=resume)
+                      progress=progress, resume=resume, process_group=process_group)
         start = time.perf_counter()
         try:
             raw = exp.compute(ctx)
@@ -439,3 +473,17 @@ def run_experiment(
         _clean_folder(folder, keep=written)
     return Record(name=exp.name, verdict=verdict, metrics=jsonable(metrics), params=params,
                   figures=names, elapsed_s=elapsed, folder=folder)
+
+
+def _follow(exp: Experiment, out_dir: Path, params: dict[str, Any], seed: int,
+            dev: torch.device, resume: bool, group: Any) -> Record:
+    """What a process other than 0 of a group does: compute (its part of every collective)
+    and record, without writing or drawing."""
+    ctx = Context(name=exp.name, params=params, out=Path(out_dir) / exp.name, device=dev,
+                  seed=seed, progress=False, resume=resume, process_group=group)
+    start = time.perf_counter()
+    recorded = exp.record(ctx, exp.compute(ctx))
+    verdict = exp.judge(recorded.metrics, params)
+    return Record(name=exp.name, verdict=verdict, metrics=jsonable(recorded.metrics),
+                  params=params, figures=[], elapsed_s=time.perf_counter() - start,
+                  folder=ctx.out)

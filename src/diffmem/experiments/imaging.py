@@ -68,8 +68,8 @@ def compute_squares(ctx: Context) -> dict[str, Any]:
     sigmas = karras_sigmas(p["steps"], p["sigma_min"], p["sigma_max"], p["rho"])
     x_T = ctx.noise(p["n_samples"], tuple(train.shape[1:]), p["sigma_max"],
                     offset=SQUARES_SEED)
-    methods = {"empirical": EmpiricalScore(train, sch),
-               f"Tikhonov c = {p['c']:g}": TikhonovScore(train, sch, p["c"])}
+    methods = {"empirical": ctx.closed_form(EmpiricalScore, train, sch),
+               f"Tikhonov c = {p['c']:g}": ctx.closed_form(TikhonovScore, train, sch, p["c"])}
     gen = ctx.generator()
     samples = {name: edm_sample(closed_form_denoiser(score), x_T, sigmas, s_churn=p["churn"],
                                 generator=gen)
@@ -289,6 +289,7 @@ SQUARES_CLOSED_FORM = Experiment(
               "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": 0.0, "show": 8},
     quick={"resolution": 32, "n_samples": 20},
     compute=compute_squares, record=record_squares, judge=judge_squares, draw=draw_squares,
+    distributed=True,
 )
 
 DIGITS = Experiment(

@@ -43,7 +43,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     starts = data.square_boundary(p["half_width"], p["per_side"])
     out: dict[str, Any] = {"starts": starts}
     for name, train in ctx.bar(_sets().items(), "point sets"):
-        out[name] = sample_ode(sch, EmpiricalScore(train.to(ctx.device), sch),
+        out[name] = sample_ode(sch, ctx.closed_form(EmpiricalScore, train.to(ctx.device), sch),
                                starts.to(ctx.device), s_end=p["s_end"], rtol=p["rtol"],
                                atol=p["atol"], return_trajectory=True, n_record=p["n_record"])
     return out
@@ -112,5 +112,5 @@ EXPERIMENT = Experiment(
     defaults={"schedule": "VE", "s_end": 100.0, "rtol": 1e-7, "atol": 1e-7, "half_width": 2.1,
               "per_side": 21, "n_record": 300, "tolerance": 1e-4},
     quick={"s_end": 40.0, "n_record": 100},
-    compute=compute, record=record, judge=judge, draw=draw,
+    compute=compute, record=record, judge=judge, draw=draw, distributed=True,
 )

@@ -46,8 +46,9 @@ def _compute(ctx: Context, parameter: str,
     train = data.paper_points().to(ctx.device)
     sch = get_schedule(p["schedule"])
     x_T = ctx.noise(p["n_samples"], (2,), float(sch.sigma(sch.T)))
-    samples = sweep_samples(ctx, sch, p["values"], lambda v: make(train, sch, v), x_T,
-                            p["t_end"], f"{parameter} sweep")
+    samples = sweep_samples(ctx, sch, p["values"],
+                            lambda v: ctx.closed_form(make, train, sch, v), x_T, p["t_end"],
+                            f"{parameter} sweep")
     return {"train": train, "schedule": sch, "samples": samples}
 
 
@@ -95,7 +96,8 @@ def compute_threshold(ctx: Context) -> dict[str, Any]:
     sch, train = raw["schedule"], raw["train"]
     x_T = ctx.noise(p["n_trajectories"], (2,), float(sch.sigma(sch.T)),
                     offset=TRAJECTORIES_SEED)
-    raw["traced"] = trace(sch, ThresholdScore(train, sch, p["trace_tau"]), x_T, p["t_end"],
+    raw["traced"] = trace(sch, ctx.closed_form(ThresholdScore, train, sch, p["trace_tau"]),
+                          x_T, p["t_end"],
                           p["rtol"], p["atol"], p["n_record"])
     return raw
 
@@ -128,6 +130,7 @@ TIKHONOV = Experiment(
     record=lambda ctx, raw: _record(ctx, raw, "c"),
     judge=lambda metrics, params: _judge(TIKHONOV_CLAIM, metrics, params),
     draw=_draw,
+    distributed=True,
 )
 
 THRESHOLD = Experiment(
@@ -144,4 +147,5 @@ THRESHOLD = Experiment(
     record=record_threshold,
     judge=lambda metrics, params: _judge(THRESHOLD_CLAIM, metrics, params),
     draw=draw_threshold,
+    distributed=True,
 )

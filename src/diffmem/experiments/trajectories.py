@@ -42,7 +42,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"train": train}
     for i, name in enumerate(ctx.bar(p["schedules"], "schedules")):
         sch = get_schedule(name)
-        score = EmpiricalScore(train, sch)
+        score = ctx.closed_form(EmpiricalScore, train, sch)
         sigma_T = float(sch.sigma(sch.T))
         x_traj = ctx.noise(p["n_trajectories"], (2,), sigma_T, offset=TRAJECTORIES_SEED + i)
         traced = trace(sch, score, x_traj, p["t_end"], p["rtol"], p["atol"], p["n_record"])
@@ -115,5 +115,5 @@ EXPERIMENT = Experiment(
               "t_end": 1e-6, "rtol": 1e-5, "atol": 1e-5, "n_record": 200,
               "fit_sigma_max": 0.1, "deltas": [1e-2]},
     quick={"n_trajectories": 8, "n_samples": 200, "n_record": 120},
-    compute=compute, record=record, judge=judge, draw=draw,
+    compute=compute, record=record, judge=judge, draw=draw, distributed=True,
 )

@@ -34,9 +34,9 @@ def compute(ctx: Context) -> dict[str, Any]:
         sch = get_schedule(name)
         x_T = ctx.noise(p["n_trajectories"], (2,), float(sch.sigma(sch.T)),
                         offset=TRAJECTORIES_SEED + i)
-        out[name] = sample_ode(sch, EmpiricalScore(train, sch), x_T, s_end=p["s_end"],
-                               rtol=p["rtol"], atol=p["atol"], return_trajectory=True,
-                               n_record=p["n_record"])
+        score = ctx.closed_form(EmpiricalScore, train, sch)
+        out[name] = sample_ode(sch, score, x_T, s_end=p["s_end"], rtol=p["rtol"],
+                               atol=p["atol"], return_trajectory=True, n_record=p["n_record"])
     return out
 
 
@@ -96,5 +96,5 @@ EXPERIMENT = Experiment(
     defaults={"schedules": ["VE", "VP"], "n_trajectories": 30, "s_end": 25.0, "rtol": 1e-8,
               "atol": 1e-10, "n_record": 250, "fit_s_min": 3.0, "fit_s_margin": 10.0},
     quick={"n_trajectories": 8, "n_record": 120},
-    compute=compute, record=record, judge=judge, draw=draw,
+    compute=compute, record=record, judge=judge, draw=draw, distributed=True,
 )

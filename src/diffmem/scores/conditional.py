@@ -80,14 +80,14 @@ class ConditionalEmpiricalScore:
                     raise fail("operator", f"a matrix with {d} columns "
                                "(the data dimension)", f"shape {tuple(operator.shape)}")
                 self.operator: Callable[[Tensor], Tensor] = lambda v: (
-                    v.reshape(v.shape[0], -1) @ operator.to(v).T)
+                    v.flatten(1) @ operator.to(v).T)
             elif callable(operator):
                 self.operator = operator
             else:
                 raise fail("operator", "a matrix or a callable", type(operator).__name__)
-            blocks = list(centres.raw_chunks(SCAN_ROWS, centres.source_dtype)) or [
+            blocks = list(centres.stored_chunks(SCAN_ROWS, centres.source_dtype)) or [
                 torch.zeros(0, *centres.data_shape, dtype=centres.source_dtype)]
-            anchors = torch.cat([self.operator(rows).reshape(rows.shape[0], -1)
+            anchors = torch.cat([self.operator(rows).flatten(1)
                                  for rows in blocks])
             if noise_std is None:
                 raise fail("noise_std", "the observation noise standard deviation (> 0)", None)
@@ -108,7 +108,7 @@ class ConditionalEmpiricalScore:
             if not isinstance(train_y, Tensor) or train_y.shape[0] != N:
                 raise fail("train_y", f"a tensor with one condition per training point ({N})",
                            tuple(train_y.shape) if isinstance(train_y, Tensor) else train_y)
-            anchors = train_y.reshape(N, -1)
+            anchors = train_y.reshape(N, math.prod(train_y.shape[1:]))
             self.y_shape = tuple(train_y.shape[1:])
             if mode == "kernel":
                 if bandwidth is None:

@@ -56,7 +56,7 @@ class ClosedFormScore:
             self.centres = train
         else:
             if isinstance(train, Tensor):
-                training_set("train", train)
+                training_set("train", train, allow_empty=process_group is not None)
             self.centres = Centres(train, storage=storage, process_group=process_group)
         self.schedule = schedule
         self.chunk_size = positive_int("chunk_size", chunk_size)
@@ -111,8 +111,9 @@ class ClosedFormScore:
                        f"shape {tuple(log_prior.shape)}")
         if bool(torch.isnan(log_prior).any()) or bool((log_prior == math.inf).any()):
             raise fail("log_prior", "finite values or -inf (no NaN, no +inf)", "NaN or +inf")
-        rows = torch.isfinite(log_prior).to(torch.float64).reshape(-1, N).sum(1)
-        all_reduce(rows, self.centres.group)
+        finite = torch.isfinite(log_prior).to(torch.float64).sum(-1)
+        rows = all_reduce(finite.expand(B).clone() if finite.dim() == 0 else finite,
+                          self.centres.group)
         if bool((rows == 0).any()):
             raise fail("log_prior", "at least one finite entry per row (a training point to "
                        "weight)", f"{int((rows == 0).sum())} rows that exclude every point")

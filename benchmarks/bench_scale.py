@@ -1,0 +1,219 @@
+"""Scale benchmarks, measured side by side in one run (CI does not run this).
+
+    python benchmarks/bench_scale.py            # all parts (about 10 minutes on 2 cores)
+    python benchmarks/bench_scale.py --quick    # smaller sizes, for a smoke test
+    python benchmarks/bench_scale.py --parts b  # one part
+
+A. Cost against N (d = 64, 256 queries, a memory-mapped float32 training set): time per score
+   evaluation and its ratio to the smallest N per point (linear in N means a flat ratio), and
+   peak resident memory above the inputs, measured in a fresh process (VmHWM; Linux).
+B. CIFAR-10-sized closed-form sampling: N = 20,000 and 50,000 images of d = 3,072, 64
+   samples, EDM Heun with 18 levels (35 denoiser calls): the time, and the fraction of the
+   rate of the two matrix products each denoiser call needs at minimum (distances ``x Y^T``
+   and the weighted mean ``W Y``, timed on the same shapes in the same process): fraction =
+   35 t(products) / t(sampling). Training set in memory (float32, float64 against float64
+   products), memory-mapped from a .npy file, stored in float16/bfloat16 (with the error it
+   adds to the samples), and split over 2 processes (torchrun, gloo, 1 thread each) against
+   1 process with 2 threads.
+On a GPU (``--device cuda``) part B runs on it, float32 and with TF32 matrix products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmem.edm import closed_form_denoiser, edm_sample, karras_sigmas
+from diffmem.schedules import EDM, VE
+from diffmem.scores import EmpiricalScore
+
+HERE = Path(__file__).resolve()
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def peak_extra(path: str, queries: int, t: float) -> int:
+    """Peak resident memory of one score evaluation above what the process held before it,
+    with the training set memory-mapped from ``path`` (a fresh process)."""
+    code = (
+        f"import sys, torch, pathlib; sys.path.insert(0, {str(HERE.parent)!r});"
+        "from bench_scale import _status; from diffmem.scores import EmpiricalScore;"
+        f"from diffmem.schedules import VE; sc = EmpiricalScore({path!r}, VE());"
+        f"x = torch.rand({queries}, 64); sc(x, {t!r});"  # warm-up: allocator
+        "pathlib.Path('/proc/self/clear_refs').write_text('5'); before = _status('VmRSS:');"
+        f"sc(x, {t!r}); print(_status('VmHWM:') - before)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return int(out.stdout.strip() or -1)
+
+
+def part_a(quick: bool, folder: Path) -> None:
+    sizes = [1_000, 10_000, 100_000] if quick else [1_000, 10_000, 100_000, 1_000_000]
+    print("\nA. score evaluation against N (d = 64, 256 queries, memory-mapped float32, t = 0.3)")
+    print(f"{'N':>9} {'ms/eval':>9} {'ns per point':>13} {'ratio to smallest':>18} "
+          f"{'peak extra MB':>14} {'file MB':>8}")
+    gen = np.random.default_rng(0)
+    first = None
+    for n in sizes:
+        path = folder / f"a_{n}.npy"
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 64))
+        for lo in range(0, n, 100_000):
+            hi = min(n, lo + 100_000)
+            arr[lo:hi] = gen.random((hi - lo, 64), dtype=np.float32)
+        arr.flush()
+        del arr
+        score = EmpiricalScore(str(path), VE())
+        x = torch.rand(256, 64, generator=torch.Generator().manual_seed(1))
+        score(x, 0.3)
+        reps = 5 if n <= 100_000 else 2
+        start = time.perf_counter()
+        for _ in range(reps):
+            score(x, 0.3)
+        per = (time.perf_counter() - start) / reps
+        per_point = per / n * 1e9
+        first = first or per_point
+        peak = peak_extra(str(path), 256, 0.3)
+        print(f"{n:>9} {1e3 * per:>9.1f} {per_point:>13.1f} {per_point / first:>18.2f} "
+              f"{peak / 2**20:>14.1f} {path.stat().st_size / 2**20:>8.0f}")
+
+
+def two_products(x: torch.Tensor, y: torch.Tensor, repeat: int = 3) -> float:
+    """Median time of ``w = x y^T`` and ``w y``: what a denoiser call needs at minimum."""
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        w = x @ y.T
+        _ = w @ y
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def sample(train: object, x_T: torch.Tensor, **kw: object) -> tuple[torch.Tensor, float, int]:
+    """EDM Heun, 18 levels, with the empirical denoiser: samples, seconds, denoiser calls."""
+    score = EmpiricalScore(train, EDM(), **kw)
+    den = closed_form_denoiser(score)
+    calls = [0]
+
+    def counted(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return den(x, s)
+
+    sigmas = karras_sigmas(18).to(x_T.device)
+    edm_sample(counted, x_T[:2], karras_sigmas(2))  # warm-up (centring, r_max, allocator)
+    calls[0] = 0
+    start = time.perf_counter()
+    out = edm_sample(counted, x_T, sigmas)
+    if x_T.is_cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start, calls[0]
+
+
+def worker(path: str, n: int, result: str) -> None:
+    """One process of the sharded run (started by torchrun): its block of the memory-map."""
+    import torch.distributed as dist
+
+    from diffmem.centres import shard_rows
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lo, hi = shard_rows(n, world, rank)
+    block = np.load(path, mmap_mode="r")[lo:hi]
+    x_T = 80 * torch.randn(64, 3072, generator=torch.Generator().manual_seed(2))
+    out, sec, calls = sample(block, x_T, process_group=dist.group.WORLD)
+    if rank == 0:
+        torch.save({"samples": out, "seconds": sec, "calls": calls}, result)
+    dist.destroy_process_group()
+
+
+def part_b(quick: bool, folder: Path, device: str) -> None:
+    sizes = [2_000, 5_000] if quick else [20_000, 50_000]
+    d, B = 3072, 64
+    print(f"\nB. CIFAR-10-sized closed-form sampling (d = {d}, {B} samples, EDM Heun, "
+          f"18 levels), {torch.get_num_threads()} threads, device {device}")
+    print(f"{'N':>7} {'path':<32} {'seconds':>8} {'calls':>6} {'products s':>11} "
+          f"{'fraction':>9} {'max |x - x_mem|':>16}")
+    dev = torch.device(device)
+    for n in sizes:
+        gen = torch.Generator().manual_seed(0)
+        train = torch.rand(n, d, generator=gen)
+        path = folder / f"b_{n}.npy"
+        np.save(path, train.numpy())
+        x_T = (80 * torch.randn(B, d, generator=torch.Generator().manual_seed(2))).to(dev)
+        y32 = train.to(dev)
+        probe = x_T / 80 + 0.5
+        t32 = two_products(probe, y32)
+        runs = [("in memory, float32", train.to(dev), x_T, t32, {})]
+        if dev.type == "cuda":
+            runs.append(("in memory, TF32 products", train.to(dev), x_T, None, {}))
+        else:
+            runs.append(("memory-mapped .npy, float32", str(path), x_T, t32, {}))
+        runs += [("in memory, float16 storage", train.to(dev), x_T, t32, {"storage": "float16"}),
+                 ("in memory, bfloat16 storage", train.to(dev), x_T, t32,
+                  {"storage": "bfloat16"})]
+        t64 = two_products(probe.double(), y32.double())
+        runs.append(("in memory, float64", train.double().to(dev), x_T.double(), t64, {}))
+        reference = None
+        seconds: dict[str, float] = {}
+        for label, data, x0, t_prod, kw in runs:
+            torch.backends.cuda.matmul.allow_tf32 = "TF32" in label
+            if "TF32" in label:
+                t_prod = two_products(probe, y32)
+            out, sec, calls = sample(data, x0, **kw)
+            seconds[label] = sec
+            reference = out if reference is None else reference
+            err = float((out.double() - reference.double()).abs().max())
+            print(f"{n:>7} {label:<32} {sec:>8.2f} {calls:>6} {calls * t_prod:>11.2f} "
+                  f"{calls * t_prod / sec:>9.2f} {err:>16.2e}", flush=True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        if dev.type == "cpu":
+            result = folder / f"sharded_{n}.pt"
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node=2", str(HERE), "--worker", str(path), str(n),
+                   str(result)]
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            got = torch.load(result, weights_only=True)
+            err = float((got["samples"].double() - reference.double()).abs().max())
+            sec = got["seconds"]
+            print(f"{n:>7} {'2 processes x 1 thread (gloo)':<32} {sec:>8.2f} "
+                  f"{got['calls']:>6} {got['calls'] * t32:>11.2f} "
+                  f"{got['calls'] * t32 / sec:>9.2f} {err:>16.2e}   (speed-up of 2 "
+                  f"processes over 1: {seconds['in memory, float32'] / sec:.2f}x)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="ab")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), args.worker[2])
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("DIFFMEM_BENCH_DIR")) as tmp:
+        folder = Path(tmp)
+        if "a" in args.parts:
+            part_a(args.quick, folder)
+        if "b" in args.parts:
+            part_b(args.quick, folder, args.device)
+
+
+if __name__ == "__main__":
+    main()
