@@ -72,3 +72,33 @@ def test_torchrun_cli_splits_closed_form_experiments(tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0
     assert "--nproc-per-node: expected 1 process for 'nn-width'" in refused.stderr
+
+
+def test_torchrun_audit_equals_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m diffmem audit`` splits the training set and writes
+    the one-process audit."""
+    import json
+
+    import numpy as np
+
+    gen = np.random.default_rng(0)
+    train = gen.random((101, 6))
+    samples = np.concatenate([train[:20] + 1e-4, gen.random((20, 6))])
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "samples.npy", samples)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["-m", "diffmem", "audit", str(tmp_path / "samples.npy"), "--train",
+            str(tmp_path / "train.npy"), "--no-progress", "--bootstrap", "100"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "audit.json").read_text()) for d in ("one", "two"))
+    for key in ("fraction_within", "nn_ratio", "calibrated_l2"):
+        assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    assert a["duplicates"] == b["duplicates"] and a["n_train"] == b["n_train"] == 101
+    rows = [(tmp_path / d / "per_sample.csv").read_text().splitlines() for d in ("one", "two")]
+    assert [r.split(",")[:2] for r in rows[0]] == [r.split(",")[:2] for r in rows[1]]

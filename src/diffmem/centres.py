@@ -186,13 +186,10 @@ class Centres:
         self.n_total = int(sum(self.sizes))
         if self.n_total == 0:
             raise fail(name, "at least one training point", "an empty set (N = 0)")
-        self.offset = self._scan_mean(name)
-        self._sqnorm64, norm_max = self._scan_norms()
-        self._norm_max = all_reduce(norm_max, self.group, "max")
+        self.offset, self._sqnorm64, self._norm_bound = self._scan(name)
         self._cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         self._raw: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._sqnorm: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._r_max: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     # --- reading --------------------------------------------------------------------------
     @property
@@ -217,33 +214,39 @@ class Centres:
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out if self.storage is None else out.to(self.storage)
 
-    def _scan_mean(self, name: str) -> Tensor:
-        """Global mean of the training set in float64 (one pass; checks every value is
-        finite)."""
+    def _scan(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Two passes with matrix products (elementwise passes are several times slower):
+        the global mean ``c`` (column sums), every value checked finite, the squared norms
+        of the centred rows ``|y_n - c|^2 = |y_n|^2 - 2 y_n.c + |c|^2`` (float64, from sums
+        in the data's precision) and the norm that bounds the round-off of matrix products
+        on the uncentred rows, ``max |y_n| + |c|``."""
+        work = torch.float64 if self.source_dtype == torch.float64 else torch.float32
         total = torch.zeros(self.d, dtype=torch.float64)
-        bad = torch.zeros(1, dtype=torch.float64)
-        for lo in range(0, self.n, SCAN_ROWS):
-            rows = self._rows(lo, min(self.n, lo + SCAN_ROWS))
-            if not bool(torch.isfinite(rows).all()):
-                bad += 1
-            total += rows.sum(0, dtype=torch.float64).cpu()
-        all_reduce(bad, self.group)
-        if float(bad) > 0:
-            raise fail(name, "finite values (no NaN or inf)", "non-finite entries")
-        all_reduce(total, self.group)
-        return total / self.n_total
-
-    def _scan_norms(self) -> tuple[Tensor, Tensor]:
-        """``|y_n - c|^2`` of every row (float64, ``(n,)``) and the largest ``|y_n|`` (the
-        norm that bounds the round-off of matrix products on the uncentred rows)."""
         sq = torch.empty(self.n, dtype=torch.float64)
+        for lo in range(0, self.n, SCAN_ROWS):
+            hi = min(self.n, lo + SCAN_ROWS)
+            rows = self._rows(lo, hi, copy=False).to(work)
+            sums = torch.ones(hi - lo, dtype=work, device=rows.device) @ rows
+            norms = torch.einsum("ij,ij->i", rows, rows)
+            if not bool(torch.isfinite(sums).all() and torch.isfinite(norms).all()):
+                if not bool(torch.isfinite(rows).all()):
+                    raise fail(name, "finite values (no NaN or inf)", "non-finite entries")
+                raise fail(name, f"values whose squares are finite in {work}",
+                           "values too large")
+            total += sums.to(torch.float64).cpu()
+            sq[lo:hi] = norms.to(torch.float64).cpu()
+        all_reduce(total, self.group)
+        mean = total / self.n_total
         top = torch.zeros(1, dtype=torch.float64)
         for lo in range(0, self.n, SCAN_ROWS):
             hi = min(self.n, lo + SCAN_ROWS)
-            rows = self._rows(lo, hi).to(torch.float64).cpu()
-            sq[lo:hi] = (rows - self.offset).pow(2).sum(1)
-            top = torch.maximum(top, rows.norm(dim=1).max(0, keepdim=True).values)
-        return sq, top
+            rows = self._rows(lo, hi, copy=False).to(work)
+            cross = (rows @ mean.to(dtype=work, device=rows.device)).to(torch.float64).cpu()
+            top = torch.maximum(top, sq[lo:hi].max(0, keepdim=True).values)
+            sq[lo:hi] += float(mean @ mean) - 2 * cross
+        sq.clamp_min_(0)
+        bound = all_reduce(top.sqrt(), self.group, "max") + mean.norm()
+        return mean, sq, bound
 
     def centred(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
         """The whole block centred, in ``like``'s dtype and device, with its squared norms
@@ -329,25 +332,14 @@ class Centres:
         rows = rows.to(device=like.device, dtype=like.dtype)
         return rows[inverse.to(like.device)].reshape(*index.shape, self.d)
 
-    def r_max(self, like: Tensor) -> Tensor:
-        """The largest norm of a centred training point, over every process, in ``like``'s
-        dtype (computed once per dtype and device)."""
-        key = (like.dtype, like.device)
-        if key not in self._r_max:
-            cached = self.centred(like)
-            if cached is not None:
-                top = cached[1].max() if self.n else torch.zeros((), dtype=like.dtype,
-                                                                device=like.device)
-            else:
-                top = torch.zeros((), dtype=like.dtype, device=like.device)
-                for _, _, yy in self.chunks(SCAN_ROWS, like):
-                    top = torch.maximum(top, yy.max())
-            self._r_max[key] = all_reduce(top.reshape(1), self.group, "max")[0].sqrt()
-        return self._r_max[key]
-
     def raw_norm_max(self, like: Tensor) -> Tensor:
-        """The largest norm of an uncentred training point, over every process."""
-        return self._norm_max[0].to(dtype=like.dtype, device=like.device)
+        """``max |y_n| + |c|`` over every process: the norm in the round-off bound of
+        matrix products on uncentred rows with the precomputed centred norms."""
+        return self._norm_bound[0].to(dtype=like.dtype, device=like.device)
+
+    def read(self, lo: int, hi: int) -> Tensor:
+        """Rows ``lo:hi`` of this block as stored (uncentred), ``(rows, *data_shape)``."""
+        return self._rows(lo, hi).reshape(hi - lo, *self.data_shape)
 
     def stored_chunks(self, step: int, dtype: torch.dtype = torch.float64) -> Iterator[Tensor]:
         """This block's rows as stored (uncentred) in chunks ``(rows, *data_shape)``."""

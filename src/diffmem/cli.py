@@ -8,6 +8,7 @@ and writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -150,6 +151,109 @@ def reproduce(
     write_report(out, records, dict(REGISTRY), quick=quick, seed=seed, total_s=total)
     typer.echo(f"Claims: {counts_text(claim_counts(records))} ({len(records)} experiments, "
                f"{total:.1f} s). Report: {out / 'index.html'}")
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"--resize: expected H,W (two integers), received {text!r}") from err
+    if h < 1 or w < 1:
+        raise ValueError(f"--resize: expected H,W of integers >= 1, received {text!r}")
+    return h, w
+
+
+@app.command("audit")
+def audit_command(
+    samples: Path = typer.Argument(  # noqa: B008
+        ..., help="Samples: a .npy file (memory-mapped), a .npz archive (--key) or a "
+                  "folder of PNG/JPEG images."),
+    train: list[Path] = typer.Option(  # noqa: B008
+        ..., "--train", help="Training set, in the same forms (repeat for .npy shards)."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),  # noqa: B008
+    delta: list[float] = typer.Option(  # noqa: B008
+        [], "--delta", help="Tolerance of the paper's metric, in data (or feature) units; "
+                            "repeatable (default 0.01, 0.1, 1)."),
+    key: str | None = typer.Option(None, "--key", help="Array of a SAMPLES .npz archive."),
+    train_key: str | None = typer.Option(None, "--train-key",
+                                         help="Array of a TRAIN .npz archive."),
+    resize: str | None = typer.Option(None, "--resize",
+                                      help="H,W: resample images of mixed sizes."),
+    features: Path | None = typer.Option(  # noqa: B008
+        None, "--features", help="TorchScript module mapping a batch of images to vectors "
+                                 "(a local file; features are cached in OUT/features)."),
+    index: str = typer.Option("exact", "--index", help="exact, faiss-flat or faiss-ivf."),
+    ratio_threshold: float = typer.Option(1 / 3, "--ratio-threshold",
+                                          help="Copies by d1/d2 below this."),
+    calibrated_threshold: float = typer.Option(
+        0.5, "--calibrated-threshold", help="Copies by Carlini et al.'s calibrated distance "
+                                            "below this."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
+    seed: int = SEED,
+    device: str = DEVICE,
+    progress: bool = PROGRESS,
+) -> None:
+    """Audit SAMPLES against a training set: nearest training items, the paper's fraction
+    within delta, nn-ratio and calibrated-l2 copies, exact matches (binary images),
+    duplicates; writes OUT/audit.json, OUT/per_sample.csv and OUT/index.html."""
+    import torch.distributed as dist
+
+    from diffmem.audit import DEFAULT_DELTAS, Rows, audit, open_input
+    from diffmem.centres import Centres, shard_rows
+    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.report import write_audit_report
+
+    try:
+        group, device = process_group(device)
+        check_device(device)
+        deltas = list(delta) or list(DEFAULT_DELTAS)
+        for d in deltas:
+            if not d > 0 or d != d or d == float("inf"):
+                raise ValueError(f"--delta: expected a finite number > 0, received {d}")
+        size = _parse_size(resize)
+        sample_data = open_input(samples, key, size, "SAMPLES")
+        train_data = [open_input(t, train_key, size, "--train") for t in train]
+        if len(train_data) > 1 and not all(isinstance(t, str) for t in train_data):
+            raise ValueError("--train: expected one data set, or several .npy shards, "
+                             f"received {[str(t) for t in train]}")
+        whole = train_data if len(train_data) > 1 else train_data[0]
+        block = whole
+        if group is not None:  # this process's contiguous block of the training set
+            full = Centres(whole)
+            lo, hi = shard_rows(full.n_total, dist.get_world_size(group),
+                                dist.get_rank(group))
+            block = full.read(lo, hi)
+        folder = prepare_out(out)
+        cache = folder / "features"
+        if group is not None:  # each process caches the features of its own block
+            cache = cache / f"rank{dist.get_rank(group)}of{dist.get_world_size(group)}"
+        with FolderLock(folder) if _leader(group) else contextlib.nullcontext():
+            result = audit(sample_data, block, deltas=deltas, ratio_threshold=ratio_threshold,
+                           calibrated_threshold=calibrated_threshold, features=features,
+                           index=index, bootstrap=bootstrap, seed=seed, device=device,
+                           progress=progress and _leader(group), feature_cache=cache,
+                           process_group=group)
+            if _leader(group):
+                write_audit_report(folder, result, Rows(sample_data), Rows(Centres(whole)),
+                                   {"samples": str(samples), "train": [str(t) for t in train],
+                                    "features": None if features is None else str(features),
+                                    "seed": seed})
+    except ValueError as err:  # the library's and the command line's input errors
+        _fail(str(err))
+        return
+    if _leader(group):
+        nn, cal = result.nn_ratio, result.calibrated_l2
+        typer.echo(f"{result.n_samples} samples against {result.n_train} training items: "
+                   f"nn-ratio copies {nn['fraction']:.3f} [{nn['ci_low']:.3f}, "
+                   f"{nn['ci_high']:.3f}], calibrated-l2 copies {cal['fraction']:.3f}, "
+                   "within delta " + ", ".join(f"{k}: {v:.3f}" for k, v in
+                                                result.fraction_within.items())
+                   + (f", exact matches {result.exact_match:.3f}"
+                      if result.exact_match is not None else ""))
+        typer.echo(f"      -> {folder / 'audit.json'}, {folder / 'per_sample.csv'}, "
+                   f"{folder / 'index.html'}")
 
 
 def main() -> None:  # pragma: no cover

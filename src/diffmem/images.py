@@ -5,6 +5,7 @@ exact-match memorization metric for binary images. Images are float tensors
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,16 +111,16 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def load_images(path: str | Path, key: str | None = None,
-                resize: tuple[int, int] | None = None) -> Tensor:
+                resize: tuple[int, int] | None = None, name: str = "path") -> Tensor:
     """Load a user's images: a ``.npy`` array, a ``.npz`` archive (``key``, or its only
     array), or a folder of PNG/JPEG files (sorted by name; grey or colour; each scaled to
     ``[0, 1]`` by its bit depth, :func:`read_image`). A folder's images must share one size,
-    unless ``resize = (H, W)`` resamples them. Raises ``ValueError`` for a missing or
-    unreadable file, an empty folder, mixed sizes (naming the first odd file) or
+    unless ``resize = (H, W)`` resamples them. Raises ``ValueError`` (naming ``name``) for a
+    missing or unreadable file, an empty folder, mixed sizes (naming the first odd file) or
     non-finite values."""
     p = Path(path)
     if not p.exists():
-        raise fail("path", "an existing .npy/.npz file or a folder of PNG/JPEG files", str(p))
+        raise fail(name, "an existing .npy/.npz file or a folder of PNG/JPEG files", str(p))
     if resize is not None:
         if len(resize) != 2 or any(isinstance(v, bool) or int(v) != v or v < 1
                                    for v in resize):
@@ -128,43 +129,89 @@ def load_images(path: str | Path, key: str | None = None,
     if p.is_dir():
         files = image_files(p)
         if not files:
-            raise fail("path", "a folder holding PNG/JPEG files", f"{p} (no PNG/JPEG files)")
+            raise fail(name, "a folder holding PNG/JPEG files", f"{p} (no PNG/JPEG files)")
         arrays = []
         for f in files:
-            a = read_image(f)
+            try:
+                a = read_image(f)
+            except ValueError as err:
+                raise ValueError(str(err).replace("path:", f"{name}:", 1)) from err
             if resize is not None:
                 a = _resized(a, resize)
             if arrays and a.shape != arrays[0].shape:
-                raise fail("path", f"images of one size {arrays[0].shape} (or --resize H,W)",
+                raise fail(name, f"images of one size {arrays[0].shape} (or --resize H,W)",
                            f"{f} of size {a.shape}")
             arrays.append(a)
         return _as_nchw(np.stack(arrays), str(p))
+    return _as_nchw(load_array(p, key, name), str(p))
+
+
+def load_array(path: str | Path, key: str | None = None, name: str = "path") -> np.ndarray:
+    """The array of a ``.npy`` file or of a ``.npz`` archive (``key``, or its only array)."""
+    p = Path(path)
     try:
         if p.suffix == ".npy":
-            return _as_nchw(np.load(p, allow_pickle=False), str(p))
+            return np.load(p, allow_pickle=False)
         if p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as archive:
                 names = list(archive.keys())
                 if key is None and len(names) != 1:
                     raise fail("key", f"one of the arrays {names}", None)
-                name = key if key is not None else names[0]
-                if name not in names:
+                chosen = key if key is not None else names[0]
+                if chosen not in names:
                     raise fail("key", f"one of the arrays {names}", repr(key))
-                return _as_nchw(archive[name], str(p))
+                return archive[chosen]
     except (OSError, ValueError) as err:
-        if isinstance(err, ValueError) and str(err).startswith(("key:", "images:")):
+        if isinstance(err, ValueError) and str(err).startswith("key:"):
             raise
-        raise fail("path", "a readable .npy/.npz file", f"{p} ({err})") from err
-    raise fail("path", "a .npy or .npz file or a folder of PNG/JPEG files", str(p))
+        raise fail(name, "a readable .npy/.npz file", f"{p} ({err})") from err
+    raise fail(name, "a .npy or .npz file or a folder of PNG/JPEG files", str(p))
 
 
-def exact_match_fraction(samples: Tensor, train: Tensor, threshold: float = 0.5) -> float:
+def _binary_rows(rows: Tensor, threshold: float) -> list[bytes]:
+    """Each row thresholded at ``threshold`` and packed into bytes (a hashable key)."""
+    bits = (rows.flatten(1) > threshold).cpu().numpy()
+    return [r.tobytes() for r in np.packbits(bits, axis=1)]
+
+
+def exact_matches(samples: Tensor, train: Any, threshold: float = 0.5,
+                  chunk: int = 65536) -> Tensor:
+    """Per sample: whether it equals some training image after thresholding every pixel at
+    ``threshold`` (boolean ``(batch,)``). ``train`` is a tensor or anything
+    :class:`diffmem.centres.Centres` streams (memory-map, path, shards): its thresholded
+    rows are hashed chunk by chunk, so memory stays ``O(N / 8)`` bytes."""
+    from diffmem.centres import as_centres
+
+    if isinstance(train, Tensor):
+        if tuple(samples.shape[1:]) != tuple(train.shape[1:]):
+            raise fail("samples", f"images of shape {tuple(train.shape[1:])} like train",
+                       f"shape {tuple(samples.shape)}")
+        chunks: Any = (train[i : i + chunk] for i in range(0, train.shape[0], chunk))
+    else:
+        centres = as_centres(train)
+        if tuple(samples.shape[1:]) != tuple(centres.data_shape):
+            raise fail("samples", f"images of shape {centres.data_shape} like train",
+                       f"shape {tuple(samples.shape)}")
+        chunks = centres.stored_chunks(chunk, torch.float32)
+    seen: set[bytes] = set()
+    for rows in chunks:
+        seen.update(_binary_rows(rows, threshold))
+    return torch.tensor([key in seen for key in _binary_rows(samples, threshold)],
+                        dtype=torch.bool)
+
+
+def exact_match_fraction(samples: Tensor, train: Any, threshold: float = 0.5) -> float:
     """The paper's image metric: threshold every pixel at ``threshold``, then the fraction of
-    samples exactly equal to some (thresholded) training image."""
-    if samples.shape[1:] != train.shape[1:]:
-        raise fail("samples", f"images of shape {tuple(train.shape[1:])} like train",
-                   f"shape {tuple(samples.shape)}")
-    s = (samples.reshape(samples.shape[0], -1) > threshold)
-    t = (train.reshape(train.shape[0], -1) > threshold).to(s.device)
-    match = (s[:, None, :] == t[None, :, :]).all(-1).any(1)
-    return float(match.double().mean())
+    samples exactly equal to some (thresholded) training image (:func:`exact_matches`)."""
+    if samples.shape[0] == 0:
+        raise fail("samples", "at least one sample", "an empty batch")
+    return float(exact_matches(samples, train, threshold).double().mean())
+
+
+def is_binary(data: Any, chunk: int = 65536) -> bool:
+    """Whether every value of a training set is 0 or 1 (images made of two levels)."""
+    from diffmem.centres import as_centres
+
+    rows = (data[i : i + chunk] for i in range(0, data.shape[0], chunk)) if isinstance(
+        data, Tensor) else as_centres(data).stored_chunks(chunk, torch.float32)
+    return all(bool(((r == 0) | (r == 1)).all()) for r in rows)

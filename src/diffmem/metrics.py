@@ -33,13 +33,16 @@ def _samples(samples: Tensor, data_shape: tuple[int, ...]) -> Tensor:
 
 
 def knn(samples: Tensor, train: TrainingData, k: int = 1, *, process_group: Any = None,
-        storage: str | None = None, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+        storage: str | None = None, chunk_size: int = 4096,
+        exact: int | None = None) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest training points of each sample, exactly: Euclidean distances
     ``(batch, k)`` (data units, ascending; ties by index) and their indices ``(batch, k)``
     into the whole training set. ``train`` is a tensor ``(N, *data_shape)``, a numpy array or
     memory-map, a ``.npy`` path, a list of shards or a :class:`diffmem.centres.Centres`
     (streamed in chunks; memory ``O(chunk x batch)``); with ``process_group`` each process
-    passes its block and every process gets the full result."""
+    passes its block and every process gets the full result. ``exact = m < k`` certifies
+    only the first ``m`` (the rest carry matrix-product round-off; see
+    :func:`diffmem.mixture.knn`)."""
     k = positive_int("k", k)
     if isinstance(train, Tensor) and process_group is None and storage is None:
         training_set("train", train)
@@ -47,13 +50,13 @@ def knn(samples: Tensor, train: TrainingData, k: int = 1, *, process_group: Any 
         dtype = torch.promote_types(x.dtype, train.dtype)
         y = train.reshape(train.shape[0], -1).to(dtype=dtype, device=x.device)
         xf = x.flatten(1).to(dtype)
-        d2, idx = _knn(xf, y, k=k, chunk_size=chunk_size)
+        d2, idx = _knn(xf, y, k=k, chunk_size=chunk_size, exact=exact)
         return d2.sqrt(), idx
     centres = as_centres(train, process_group=process_group, storage=storage)
     x = _samples(samples, centres.data_shape)
     dtype = torch.promote_types(x.dtype, centres.source_dtype)
     dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    d2, idx = _knn(x.flatten(1).to(dtype), centres, k=k, chunk_size=chunk_size)
+    d2, idx = _knn(x.flatten(1).to(dtype), centres, k=k, chunk_size=chunk_size, exact=exact)
     return d2.sqrt(), idx
 
 
@@ -71,18 +74,31 @@ def _some(samples: Tensor) -> None:
         raise fail("samples", "at least one sample", "an empty batch")
 
 
+def _deltas(deltas: float | Iterable[float]) -> list[float]:
+    deltas = [deltas] if isinstance(deltas, int | float) else list(deltas)
+    if not deltas:
+        raise fail("deltas", "at least one tolerance", "an empty list")
+    return [positive("deltas", d) for d in deltas]
+
+
+def within(distances: Tensor, deltas: float | Iterable[float]) -> dict[float, float]:
+    """For each tolerance ``delta`` (the distances' units), the fraction of ``distances``
+    below it: ``mean [d < delta]``."""
+    deltas = _deltas(deltas)
+    if distances.numel() == 0:
+        raise fail("samples", "at least one sample", "an empty batch")
+    return {d: float((distances < d).to(torch.float64).mean()) for d in deltas}
+
+
 def fraction_within(samples: Tensor, train: TrainingData,
                     deltas: float | Iterable[float], **source: Any) -> dict[float, float]:
     """The paper's memorization metric: for each tolerance ``delta`` (data units), the
     fraction of samples whose nearest training point is closer than ``delta``
     (``|x - x_0^n| < delta``). ``train`` and ``source`` as in :func:`knn`."""
-    deltas = [deltas] if isinstance(deltas, int | float) else list(deltas)
-    if not deltas:
-        raise fail("deltas", "at least one tolerance", "an empty list")
-    deltas = [positive("deltas", d) for d in deltas]
+    deltas = _deltas(deltas)
     _some(samples)
     _, dist = nearest(samples, train, **source)
-    return {d: float((dist < d).to(torch.float64).mean()) for d in deltas}
+    return within(dist, deltas)
 
 
 def delta_key(delta: float) -> str:
@@ -175,24 +191,64 @@ def nn_ratio(samples: Tensor, train: TrainingData, threshold: float = 1 / 3,
     """Nearest-neighbour ratio test: a sample counts as a copy when the distance to its
     nearest training point is below ``threshold`` times the distance to the second nearest
     (``d1 / d2 < threshold``, dimensionless). Needs at least 2 training points."""
-    threshold = positive("threshold", threshold)
-    bootstrap = positive_int("bootstrap", bootstrap)
-    level = positive("level", level)
-    if not 0 < level < 1:
-        raise fail("level", "a confidence level in (0, 1)", level)
     _some(samples)
     d, _ = knn(samples, train, 2, **source)
     if d.shape[1] < 2:
         raise fail("train", "at least 2 training points for d1/d2", d.shape[1])
-    ratios = torch.where(d[:, 1] > 0, d[:, 0] / d[:, 1], torch.zeros_like(d[:, 0]))
-    copies = (ratios < threshold).to(torch.float64).cpu()
+    return ratio_test(d[:, 0], d[:, 1], threshold, bootstrap, level, seed)
+
+
+def distance_ratios(d1: Tensor, d2: Tensor) -> Tensor:
+    """``d1 / d2`` per sample (dimensionless), 0 where ``d2 = 0`` (a copy of a duplicated
+    training point)."""
+    return torch.where(d2 > 0, d1 / d2.clamp_min(torch.finfo(d2.dtype).tiny),
+                       torch.zeros_like(d1))
+
+
+def bootstrap_interval(flags: Tensor, bootstrap: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval at ``level`` of the mean of 0/1 ``flags``."""
+    bootstrap = positive_int("bootstrap", bootstrap)
+    level = positive("level", level)
+    if not 0 < level < 1:
+        raise fail("level", "a confidence level in (0, 1)", level)
+    values = flags.to(torch.float64).cpu()
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, copies.shape[0], (bootstrap, copies.shape[0]), generator=gen)
-    boot = copies[idx].mean(1)
-    alpha = (1 - level) / 2
-    lo, hi = torch.quantile(boot, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
-    return NNRatio(fraction=float(copies.mean()), ci_low=float(lo), ci_high=float(hi),
+    idx = torch.randint(0, values.shape[0], (bootstrap, values.shape[0]), generator=gen)
+    boot = values[idx].mean(1)
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(boot, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def ratio_test(d1: Tensor, d2: Tensor, threshold: float = 1 / 3, bootstrap: int = 1000,
+               level: float = 0.95, seed: int = 0) -> NNRatio:
+    """The nn-ratio test on given nearest and second-nearest distances: copies are the
+    samples with ``d1 / d2 < threshold``; their fraction with a bootstrap interval."""
+    threshold = positive("threshold", threshold)
+    if d1.numel() == 0:
+        raise fail("samples", "at least one sample", "an empty batch")
+    ratios = distance_ratios(d1, d2)
+    copies = ratios < threshold
+    lo, hi = bootstrap_interval(copies, bootstrap, level, seed)
+    return NNRatio(fraction=float(copies.to(torch.float64).mean()), ci_low=lo, ci_high=hi,
                    level=level, ratios=ratios)
+
+
+def calibrated_l2(distances: Tensor, alpha: float = 0.5, n: int = 50) -> Tensor:
+    """Carlini et al. (2023)'s calibrated distance per sample (dimensionless):
+    ``d1 / (alpha * mean of the distances to the n nearest training points)``, from the
+    sorted nearest distances ``(batch, k >= n)``; 0 where that mean is 0. A copy scores
+    near 0, a novel sample as far from its nearest point as from the others near
+    ``1 / alpha``."""
+    alpha = positive("alpha", alpha)
+    n = positive_int("n", n)
+    if distances.dim() != 2 or distances.shape[1] < min(n, 1):
+        raise fail("distances", f"sorted nearest distances (batch, >= {n})",
+                   f"shape {tuple(distances.shape)}")
+    scale = alpha * distances[:, :n].mean(1)
+    return torch.where(scale > 0, distances[:, 0] / scale.clamp_min(torch.finfo(
+        distances.dtype).tiny), torch.zeros_like(scale))
 
 
 def convergence_slopes(trajectory: Tensor, final: Tensor, abscissa: Tensor,

@@ -614,16 +614,18 @@ def gaussian_mixture(
     return Mixture(log_norm=log_norm, mean=mean, weights=weights)
 
 
-def knn(x: Tensor, y: Tensor | Centres, k: int = 1,
-        chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+def knn(x: Tensor, y: Tensor | Centres, k: int = 1, chunk_size: int = 4096,
+        exact: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact ``k`` nearest rows of ``y`` (``(N, d)``, or a :class:`Centres`, possibly split
     over processes) for each row of ``x`` (``(B, d)``).
 
     Returns ``(squared_distances, indices)``, both ``(B, k)`` (global indices), sorted
     ascending (ties by index). Large problems shortlist candidates with matrix products and
     recompute their distances exactly; a row whose shortlist cannot be certified is
-    recomputed from exact differences. With a process group each process finds its block's
-    ``k`` nearest, and the blocks' candidates are merged.
+    recomputed from exact differences. With ``exact = m < k`` only the first ``m`` are
+    certified exact and the rest keep matrix-product distances (cheaper for large ``k``).
+    With a process group each process finds its block's ``k`` nearest, and the blocks'
+    candidates are merged.
     """
     if isinstance(y, Centres):
         src: Source = y
@@ -634,7 +636,7 @@ def knn(x: Tensor, y: Tensor | Centres, k: int = 1,
         xs = x - centre
     B, d = xs.shape
     k_total = min(k, src.n_total)
-    best_d, best_i = _knn_block(xs, src, min(k_total, src.n), chunk_size)
+    best_d, best_i = _knn_block(xs, src, min(k_total, src.n), chunk_size, exact)
     best_i = best_i + src.start
     if src.group is not None:
         best_d = all_gather(best_d, src.group, dim=1)
@@ -646,51 +648,75 @@ def knn(x: Tensor, y: Tensor | Centres, k: int = 1,
     return best_d, best_i
 
 
-def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Exact ``k`` nearest of this process's centres (local indices); ``x`` is centred like
-    the source's centred rows."""
+def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
+               exact: int | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest of this process's centres (local indices), the first ``exact``
+    (all by default) certified exact; ``x`` is centred like the source's centred rows.
+
+    Small problems stream exact differences. Large ones keep, per row, the ``k + 8`` best
+    candidates by matrix-product distance; the ``exact + 8`` best of them get exact
+    distances (gathered once at the end) and the ``exact`` best exact ones are certified
+    against the matrix-product error bound (a row that cannot be certified is recomputed
+    from exact differences). Positions beyond ``exact`` keep their matrix-product distances
+    (absolute error below the bound of :func:`_matmul_error`)."""
     B, d = x.shape
     N = src.n
+    exact = k if exact is None else min(exact, k)
     if k == 0 or B == 0:
         return (torch.empty(B, k, dtype=x.dtype, device=x.device),
                 torch.empty(B, k, dtype=torch.long, device=x.device))
     ones = torch.ones(B, dtype=x.dtype, device=x.device)
-    direct = B * min(N, chunk_size) * d <= DIRECT_BUDGET
+    if B * min(N, chunk_size) * d <= DIRECT_BUDGET:
+        return _knn_exact(x, src, k, chunk_size)
     shift = None if src.raw_shift is None else src.raw_shift.to(dtype=x.dtype, device=x.device)
-
-    def stream(xq: Tensor, exact: bool, kk: int) -> tuple[Tensor, Tensor]:
-        rows = xq.shape[0]
-        best_d = torch.empty(rows, 0, dtype=x.dtype, device=x.device)
-        best_i = torch.empty(rows, 0, dtype=torch.long, device=x.device)
-        step = max(1, min(chunk_size, DIRECT_BUDGET // max(1, rows * d))) if exact else chunk_size
-        xq2 = xq.pow(2).sum(1)
-        xs = None if shift is None else xq @ shift
-        one = ones[:rows]
-        for lo in range(0, N, step):
-            hi = min(N, lo + step)
-            if exact:
-                yc, _ = src.chunk(lo, hi, x)
-                dist = _direct_sqdist(xq, yc, one)
-            else:  # uncentred rows, centred by the rank-1 correction x.s
-                y, yy = src.raw_chunk(lo, hi, x)
-                dist = _approx_sqdist(xq, xq2, y, yy, one, xs)
-            idx = torch.arange(lo, hi, device=x.device).expand(rows, -1)
-            cat_d, cat_i = torch.cat([best_d, dist], 1), torch.cat([best_i, idx], 1)
-            top = torch.topk(cat_d, min(kk, cat_d.shape[1]), dim=1, largest=False, sorted=True)
-            best_d, best_i = top.values, torch.gather(cat_i, 1, top.indices)
-        return best_d, best_i
-
-    if direct:
-        return stream(x, True, k)
-    extra = min(N, k + 8)
-    approx_d, cand = stream(x, False, extra)
-    exact = (x[:, None, :] - src.take(cand, x)).pow(2).sum(-1)
-    order = torch.argsort(exact, dim=1, stable=True)[:, :k]
-    best_d, best_i = torch.gather(exact, 1, order), torch.gather(cand, 1, order)
-    if extra < N:
+    keep = min(N, k + 8)
+    # rank by |y_c|^2 - 2 x.y (one fused matrix product per chunk); the row constant
+    # |x|^2 + 2 x.s (s the rows' shift) is added to the kept values only
+    row = x.pow(2).sum(1) if shift is None else x.pow(2).sum(1) + 2 * (x @ shift)
+    best_a = torch.empty(B, 0, dtype=x.dtype, device=x.device)
+    best_i = torch.empty(B, 0, dtype=torch.long, device=x.device)
+    for lo in range(0, N, chunk_size):
+        hi = min(N, lo + chunk_size)
+        y, yy = src.raw_chunk(lo, hi, x)  # uncentred rows
+        partial = torch.addmm(yy[None, :], x, y.T, alpha=-2)
+        part = torch.topk(partial, min(keep, hi - lo), dim=1, largest=False, sorted=True)
+        cat_a = torch.cat([best_a, part.values], 1)
+        cat_i = torch.cat([best_i, part.indices + lo], 1)
+        top = torch.topk(cat_a, min(keep, cat_a.shape[1]), dim=1, largest=False, sorted=True)
+        best_a, best_i = top.values, torch.gather(cat_i, 1, top.indices)
+    best_a = (best_a + row[:, None]).clamp_min_(0)
+    window = min(keep, exact + 8)
+    cand = torch.sort(best_i[:, :window], dim=1).values  # by index: ties keep index order
+    exact_d = torch.empty(B, window, dtype=x.dtype, device=x.device)
+    block = max(1, DIRECT_BUDGET // (window * d))  # bounded (rows, candidates, d)
+    for lo in range(0, B, block):
+        rows = slice(lo, lo + block)
+        exact_d[rows] = (x[rows, None, :] - src.take(cand[rows], x)).pow(2).sum(-1)
+    order = torch.argsort(exact_d, dim=1, stable=True)
+    best_d = torch.cat([torch.gather(exact_d, 1, order), best_a[:, window:]], 1)[:, :k]
+    best_idx = torch.cat([torch.gather(cand, 1, order), best_i[:, window:]], 1)[:, :k]
+    if window < N:
         err = _matmul_error(x, src.raw_norm_max(x), ones)
-        unsure = best_d[:, -1] + 2 * err > approx_d[:, -1]
+        unsure = best_d[:, exact - 1] + 2 * err > best_a[:, window - 1]
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).squeeze(1)
-            best_d[rows], best_i[rows] = stream(x[rows], True, k)
+            best_d[rows], best_idx[rows] = _knn_exact(x[rows], src, k, chunk_size)
+    return best_d, best_idx
+
+
+def _knn_exact(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest from exact differences, streamed in bounded chunks."""
+    rows, d = x.shape
+    best_d = torch.empty(rows, 0, dtype=x.dtype, device=x.device)
+    best_i = torch.empty(rows, 0, dtype=torch.long, device=x.device)
+    step = max(1, min(chunk_size, DIRECT_BUDGET // max(1, rows * d)))
+    one = torch.ones(rows, dtype=x.dtype, device=x.device)
+    for lo in range(0, src.n, step):
+        hi = min(src.n, lo + step)
+        yc, _ = src.chunk(lo, hi, x)
+        dist = _direct_sqdist(x, yc, one)
+        idx = torch.arange(lo, hi, device=x.device).expand(rows, -1)
+        cat_d, cat_i = torch.cat([best_d, dist], 1), torch.cat([best_i, idx], 1)
+        top = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False, sorted=True)
+        best_d, best_i = top.values, torch.gather(cat_i, 1, top.indices)
     return best_d, best_i

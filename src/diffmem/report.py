@@ -127,3 +127,200 @@ def write_report(out_dir: Path, records: Sequence[Record], experiments: dict[str
                      "figures": r.figures}
             for r in records},
     })
+
+
+# --- the audit's page ----------------------------------------------------------------------
+#: Sample/nearest pairs shown in the audit gallery.
+GALLERY = 24
+
+
+def _image_png(img: Any, size: int = 72) -> bytes:
+    """An image ``(H, W)`` or ``(C, H, W)`` with values in [0, 1] as PNG bytes, enlarged
+    (nearest neighbour) to about ``size`` pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img, dtype=np.float64)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else np.moveaxis(a[:3], 0, -1)
+    a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+    im = Image.fromarray(a)
+    scale = max(1, size // max(a.shape[0], a.shape[1]))
+    im = im.resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _figure_png(fig: Any) -> str:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _histograms(result: Any) -> str:
+    """d1, d1/d2 and the calibrated distance, with the thresholds drawn."""
+    import numpy as np
+
+    from diffmem import plots
+
+    fig, ax = plots.figure(1, 3, size=3.6)
+    d1 = result.d1.numpy()
+    positive = d1[d1 > 0]
+    if positive.size:
+        bins = np.logspace(np.log10(positive.min()), np.log10(max(positive.max(),
+                                                                  positive.min() * 1.01)), 40)
+        ax[0, 0].hist(positive, bins=bins, color="C0")
+        ax[0, 0].set_xscale("log")
+    ax[0, 0].set_title(f"d1 ({int((d1 == 0).sum())} exactly 0)", fontsize=9)
+    ax[0, 0].set_xlabel("distance to the nearest training item")
+    for key, thr_key, a, label in (("ratio", "nn_ratio", ax[0, 1], "d1 / d2"),
+                                   ("calibrated", "calibrated_l2", ax[0, 2],
+                                    "calibrated distance")):
+        values = getattr(result, key).numpy()
+        a.hist(values, bins=40, color="C1")
+        thr = getattr(result, thr_key)["threshold"]
+        a.axvline(thr, color="C3", lw=1.5, label=f"threshold {thr:.3g}")
+        a.set_xlabel(label)
+        a.legend(fontsize=8)
+    return _figure_png(fig)
+
+
+def _scatter(result: Any, samples: Any, train: Any) -> str:
+    """Vectors: a 2-D PCA of the training set with the samples over it (copies by the
+    nn-ratio test in red)."""
+    import torch
+
+    from diffmem import plots
+
+    n_train = min(train.n, 5000)
+    pick = torch.linspace(0, train.n - 1, n_train).round().long().tolist()
+    t = train.take(pick).reshape(n_train, -1).double()
+    s = samples.take(list(range(min(samples.n, 5000)))).reshape(-1, t.shape[1]).double()
+    centre = t.mean(0)
+    _, _, v = torch.pca_lowrank(t - centre, q=min(2, t.shape[1]), center=False)
+    pt, ps = (t - centre) @ v, (s - centre) @ v
+    if pt.shape[1] == 1:
+        pt, ps = torch.cat([pt, 0 * pt], 1), torch.cat([ps, 0 * ps], 1)
+    copies = result.copies["nn_ratio"][: ps.shape[0]].numpy()
+    fig, ax = plots.figure(1, 1, size=5.0)
+    a = ax[0, 0]
+    a.scatter(ps[~copies, 0].numpy(), ps[~copies, 1].numpy(), s=8, color="C0",
+              label="samples", zorder=1)
+    a.scatter(ps[copies, 0].numpy(), ps[copies, 1].numpy(), s=30, color="C3",
+              label="copies (nn ratio)", zorder=2)
+    a.scatter(pt[:, 0].numpy(), pt[:, 1].numpy(), s=18, color="k", marker="x",
+              linewidths=0.8, label="training", zorder=3)
+    a.set_title("samples over the training set (first two principal components)", fontsize=9)
+    a.legend(fontsize=8)
+    return _figure_png(fig)
+
+
+def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
+                       inputs: dict[str, Any]) -> None:
+    """``out_dir/audit.json``, ``per_sample.csv`` and ``index.html`` (one offline page: the
+    numbers, histograms with thresholds, and the most copy-like samples beside their nearest
+    training items, or a 2-D PCA scatter for vectors). ``samples`` and ``train`` are
+    :class:`diffmem.audit.Rows` of the data (not the features)."""
+    import csv
+    import io
+
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "audit.json", {**result.to_json(), "inputs": inputs})
+    rows = list(result.per_sample())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out_dir / "per_sample.csv", buf.getvalue().encode())
+    summary = [
+        ("samples / training items / dimension",
+         f"{result.n_samples} / {result.n_train} / {result.dim}"),
+        ("distances in", "feature space " + html.escape(str(result.features))
+         if result.features else "data space"),
+        ("neighbour search", html.escape(result.index)),
+        ("nn-ratio copies (d1/d2 < "
+         f"{result.nn_ratio['threshold']:.3g})",
+         f"{result.nn_ratio['fraction']:.3f} [{result.nn_ratio['ci_low']:.3f}, "
+         f"{result.nn_ratio['ci_high']:.3f}] ({result.nn_ratio['level']:.0%} interval)"),
+        (f"calibrated-l2 copies (< {result.calibrated_l2['threshold']:.3g}, alpha "
+         f"{result.calibrated_l2['alpha']:g}, n {result.calibrated_l2['n']})",
+         f"{result.calibrated_l2['fraction']:.3f}"),
+        ("fraction within delta", ", ".join(f"{k}: {v:.3f}"
+                                            for k, v in result.fraction_within.items())),
+        ("distinct training items copied (coverage)",
+         f"{result.duplicates['distinct_train_items']} "
+         f"({result.duplicates['coverage']:.3%} of the training set)"),
+    ]
+    if result.rms_per_coordinate:
+        summary.append(("delta as per-pixel RMS", ", ".join(
+            f"{k}: {v:.4g}" for k, v in result.rms_per_coordinate.items())))
+    if result.exact_match is not None:
+        summary.append(("exact matches (pixels at 0.5)", f"{result.exact_match:.3f}"))
+    if result.cosine_summary:
+        summary.append(("mean cosine similarity to the nearest item",
+                        f"{result.cosine_summary['nearest_mean']:.4f}"))
+    if result.recall:
+        summary.append(("IVF recall against exact search", html.escape(json.dumps(
+            result.recall))))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffmem audit</title>"
+             f"<style>{_STYLE}.pair{{display:inline-block;margin:6px;text-align:center;"
+             "font-size:.75em;border:1px solid #ddd;padding:4px}.pair img{border:0;margin:0 2px}"
+             "</style></head><body><h1>diffmem audit: do these samples copy the training "
+             "data?</h1>",
+             f"<p>Samples: <code>{html.escape(str(inputs.get('samples')))}</code>; training "
+             f"set: <code>{html.escape(str(inputs.get('train')))}</code>. Distances are "
+             "Euclidean (data or feature units); ratios are dimensionless.</p>",
+             "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
+             + "</table>",
+             f"<h2>Distributions</h2><img alt='histograms' src='data:image/png;base64,"
+             f"{_histograms(result)}'>"]
+    images = len(result.data_shape) >= 2
+    order = result.ratio.argsort()[:GALLERY].tolist()
+    if images:
+        parts.append(f"<h2>The {len(order)} most copy-like samples beside their nearest "
+                     "training items</h2><p>Sorted by d1/d2; red frame: a copy by the "
+                     "nn-ratio test.</p><div>")
+        near = train.take([int(result.nearest[i]) for i in order])
+        shown = samples.take(order)
+        for j, i in enumerate(order):
+            frame = "#c62828" if bool(result.copies["nn_ratio"][i]) else "#ddd"
+            parts.append(
+                f"<div class='pair' style='border-color:{frame}'>"
+                f"<img alt='sample {i}' src='{_uri(_image_png(shown[j]))}'>"
+                f"<img alt='training item {int(result.nearest[i])}' "
+                f"src='{_uri(_image_png(near[j]))}'><br>sample {i} | train "
+                f"{int(result.nearest[i])}<br>d1 {float(result.d1[i]):.3g}, d1/d2 "
+                f"{float(result.ratio[i]):.3f}, cal. {float(result.calibrated[i]):.3f}</div>")
+        parts.append("</div>")
+        most = result.duplicates["most_copied"]
+        if most:
+            items = train.take([m["train_index"] for m in most])
+            parts.append("<h2>Most-copied training items</h2><div>")
+            for m, img in zip(most, items, strict=True):
+                parts.append(f"<div class='pair'><img alt='training item {m['train_index']}'"
+                             f" src='{_uri(_image_png(img))}'><br>item {m['train_index']}: "
+                             f"{m['copies']} copies</div>")
+            parts.append("</div>")
+    else:
+        parts.append("<h2>Samples over the training set</h2><img alt='PCA scatter' "
+                     f"src='data:image/png;base64,{_scatter(result, samples, train)}'>")
+        parts.append("<h2>The most copy-like samples</h2>" + _table([
+            (f"sample {i}", f"nearest training item {int(result.nearest[i])}, d1 "
+             f"{float(result.d1[i]):.4g}, d1/d2 {float(result.ratio[i]):.4f}, calibrated "
+             f"{float(result.calibrated[i]):.4f}") for i in order]))
+    parts.append("<p>Files: <code>audit.json</code> (every figure above with its units), "
+                 "<code>per_sample.csv</code> (one row per sample).</p></body></html>")
+    atomic_write_bytes(out_dir / "index.html", "\n".join(parts).encode())
