@@ -68,3 +68,37 @@ def test_metrics_bad_input():
         nn_ratio(copies, train[:1])
     with pytest.raises(ValueError, match="samples: expected finite"):
         nearest(torch.full((2, 2), float("nan")), train)
+
+
+def test_energy_distance_and_mmd_known_values():
+    import math
+
+    from diffmem.metrics import energy_distance, frechet_distance, mmd
+
+    gen = torch.Generator().manual_seed(1)
+    n = 6000  # sampling error of the statistics about 0.015 (energy) and 0.005 (MMD)
+    a = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    shift = 1.5
+    c = torch.randn(n, 1, generator=gen, dtype=torch.float64) + shift
+    assert abs(energy_distance(a, b)) < 0.01
+    # X - Y ~ N(shift, 2): E|X - Y| = s sqrt(2/pi) exp(-mu^2 / 2s^2) + mu (1 - 2 Phi(-mu/s))
+    s = math.sqrt(2)
+    phi = 0.5 * (1 + math.erf(-shift / s / math.sqrt(2)))
+    e_xy = s * math.sqrt(2 / math.pi) * math.exp(-shift**2 / (2 * s * s)) + shift * (1 - 2 * phi)
+    expected = 2 * e_xy - 4 / math.sqrt(math.pi)
+    assert energy_distance(a, c) == pytest.approx(expected, abs=0.05)
+    bw = 1.0
+    k_same = math.sqrt(bw**2 / (bw**2 + 2))
+    expected_mmd = 2 * k_same * (1 - math.exp(-shift**2 / (2 * (bw**2 + 2))))
+    assert mmd(a, c, bandwidth=bw) == pytest.approx(expected_mmd, abs=0.02)
+    assert abs(mmd(a, b, bandwidth=bw)) < 0.005
+    # random within-set pairs (incomplete U-statistics) agree with the exact means
+    assert energy_distance(a, c, pairs=200_000) == pytest.approx(energy_distance(a, c),
+                                                                 abs=0.01)
+    # Frechet distance of Gaussians N(0, I) and N(m, 4 I) in 2-D: |m|^2 + 2 (1 + 4 - 2 * 2)
+    x = torch.randn(20000, 2, generator=gen, dtype=torch.float64)
+    y = 2 * torch.randn(20000, 2, generator=gen, dtype=torch.float64) + torch.tensor([1.0, 2.0])
+    assert frechet_distance(x, y) == pytest.approx(5 + 2 * (1 + 4 - 4), abs=0.15)
+    with pytest.raises(ValueError, match="y: expected points of dimension 1"):
+        energy_distance(a, torch.zeros(3, 2))

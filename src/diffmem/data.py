@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -46,3 +48,53 @@ def square_boundary(half_width: float = 2.1, per_side: int = 21,
     sides = [torch.stack([u, -hh], 1), torch.stack([hh, u], 1),
              torch.stack([-u, hh], 1), torch.stack([-hh, -u], 1)]
     return torch.cat(sides)
+
+
+class GaussianTruth:
+    """The standard normal ``N(0, I_d)``: the law the paper's 20 points are drawn from."""
+
+    name = "gaussian"
+
+    def __init__(self, dim: int = 2) -> None:
+        self.dim = positive_int("dim", dim)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+
+    def log_density(self, x: Tensor) -> Tensor:
+        """``log N(x; 0, I)`` per row (nats)."""
+        return -0.5 * (x * x).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
+
+
+class RingTruth:
+    """``modes`` Gaussians of standard deviation ``std`` with means equally spaced on a
+    circle of radius ``radius``, equal weights: a law with structure, where blurring the
+    training points and averaging them (barycentres) differ."""
+
+    name = "ring"
+
+    def __init__(self, modes: int = 8, radius: float = 2.0, std: float = 0.15) -> None:
+        self.modes = positive_int("modes", modes)
+        self.radius = positive("radius", radius)
+        self.std = positive("std", std)
+        angle = 2 * math.pi * torch.arange(self.modes, dtype=torch.float64) / self.modes
+        self.means = self.radius * torch.stack([angle.cos(), angle.sin()], 1)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        k = torch.randint(0, self.modes, (n,), generator=generator)
+        return self.means[k] + self.std * torch.randn(n, 2, generator=generator,
+                                                      dtype=torch.float64)
+
+    def log_density(self, x: Tensor) -> Tensor:
+        """``log (1/M) sum_k N(x; mu_k, std^2 I)`` per row (nats)."""
+        sq = ((x[:, None, :] - self.means[None].to(x)) ** 2).sum(-1)
+        return (torch.logsumexp(-sq / (2 * self.std**2), 1) - math.log(self.modes)
+                - math.log(2 * math.pi * self.std**2))
+
+
+def truth(name: str) -> GaussianTruth | RingTruth:
+    """A known law by name: ``'gaussian'`` or ``'ring'``."""
+    table = {"gaussian": GaussianTruth, "ring": RingTruth}
+    if name not in table:
+        raise ValueError(f"truth: expected one of {sorted(table)}, received {name!r}")
+    return table[name]()

@@ -39,15 +39,22 @@ def digits() -> Tensor:
     return torch.tensor(load_digits().images / 16.0, dtype=torch.float64)[:, None]
 
 
-def digit_split(n_train: int = 1500) -> tuple[Tensor, Tensor]:
+def digit_split(n_train: int = 1500, labels: bool = False) -> Any:
     """The digits flattened to ``(N, 64)``, shuffled with seed 0 and split into the first
-    ``n_train`` (training) and the rest (held out)."""
+    ``n_train`` (training) and the rest (held out); with ``labels``, also their classes:
+    ``((train, held), (train_labels, held_labels))``."""
+    from sklearn.datasets import load_digits
+
     n_train = positive_int("n_train", n_train)
     flat = digits().reshape(-1, 64)
     if n_train >= flat.shape[0]:
         raise fail("n_train", f"fewer than the {flat.shape[0]} digits", n_train)
-    flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))]
-    return flat[:n_train], flat[n_train:]
+    order = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))
+    flat = flat[order]
+    if not labels:
+        return flat[:n_train], flat[n_train:]
+    target = torch.as_tensor(load_digits().target)[order]
+    return (flat[:n_train], flat[n_train:]), (target[:n_train], target[n_train:])
 
 
 def _as_nchw(array: np.ndarray, source: str) -> Tensor:

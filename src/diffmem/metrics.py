@@ -270,3 +270,142 @@ def convergence_slopes(trajectory: Tensor, final: Tensor, abscissa: Tensor,
     ys = torch.log(dist[:, mask].clamp_min(1e-300))
     design = torch.stack([xs, torch.ones_like(xs)], 1)
     return torch.linalg.lstsq(design, ys.T).solution[0]
+
+
+# --- distance to the true distribution -----------------------------------------------------
+def _flat64(name: str, v: Tensor) -> Tensor:
+    if not isinstance(v, Tensor) or v.dim() < 1 or v.shape[0] == 0:
+        raise fail(name, "a non-empty tensor (n, *shape)",
+                   tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__)
+    return finite_tensor(name, v.flatten(1).to(torch.float64))
+
+
+def _mean_pairwise(a: Tensor, b: Tensor, fn: Any, block: int = 512) -> float:
+    """``mean_{i, j} fn(|a_i - b_j|)`` over all pairs, in blocks (small enough to stay in
+    cache)."""
+    total = 0.0
+    for i in range(0, a.shape[0], block):
+        for j in range(0, b.shape[0], 8 * block):
+            total += float(fn(torch.cdist(a[i : i + block], b[j : j + 8 * block])).sum())
+    return total / (a.shape[0] * b.shape[0])
+
+
+def _mean_within(a: Tensor, fn: Any, pairs: int, seed: int) -> float:
+    """``mean_{i != j} fn(|a_i - a_j|)``: exact for up to ``pairs`` pairs, else over
+    ``pairs`` random pairs with ``i != j`` (an unbiased incomplete U-statistic)."""
+    n = a.shape[0]
+    if n < 2:
+        raise fail("samples", "at least 2 points for a within-set mean", n)
+    if n * (n - 1) <= pairs:
+        total = _mean_pairwise(a, a, fn) * n * n - n * float(fn(torch.zeros(1,
+                                                                        dtype=a.dtype)))
+        return total / (n * (n - 1))
+    gen = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, n, (pairs,), generator=gen)
+    j = (i + torch.randint(1, n, (pairs,), generator=gen)) % n  # uniform over j != i
+    return float(fn((a[i] - a[j]).norm(dim=1)).mean())
+
+
+def energy_distance(x: Tensor, y: Tensor, pairs: int = 4_000_000, seed: int = 0,
+                    y_within: float | None = None, x_empirical: bool = False) -> float:
+    """Energy distance between two samples (data units):
+    ``2 E|X - Y| - E|X - X'| - E|Y - Y'|``, with unbiased within-sample means (pairs
+    ``i != j``; beyond ``pairs`` pairs, over that many random pairs). 0 in expectation when
+    the two laws are equal, positive otherwise. ``y_within`` passes a precomputed
+    ``E|Y - Y'|`` (:func:`within_mean_distance`) for a reference used many times;
+    ``x_empirical`` takes the points of ``x`` as the law itself (their empirical measure, as
+    a sampler that reproduces a training set exactly): ``E|X - X'|`` then includes the
+    pairs ``i = j``."""
+    a, b = _flat64("x", x), _flat64("y", y)
+    if a.shape[1] != b.shape[1]:
+        raise fail("y", f"points of dimension {a.shape[1]} like x", b.shape[1])
+    cross = _mean_pairwise(a, b, lambda d: d)
+    if y_within is None:
+        y_within = within_mean_distance(b, pairs, seed + 1)
+    x_within = _mean_pairwise(a, a, lambda d: d) if x_empirical else _mean_within(
+        a, lambda d: d, pairs, seed)
+    return 2 * cross - x_within - y_within
+
+
+def within_mean_distance(y: Tensor, pairs: int = 4_000_000, seed: int = 1) -> float:
+    """``E|Y - Y'|`` over pairs ``i != j`` of one sample (data units), as in
+    :func:`energy_distance`."""
+    return _mean_within(_flat64("y", y), lambda d: d, pairs, seed)
+
+
+def median_bandwidth(x: Tensor, y: Tensor, n: int = 2000, seed: int = 0) -> float:
+    """The median heuristic: the median distance between points of the pooled sample (a
+    random subsample of ``n``), in data units."""
+    pooled = torch.cat([_flat64("x", x), _flat64("y", y)])
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(pooled.shape[0], generator=gen)[:n]
+    d = torch.cdist(pooled[pick], pooled[pick])
+    upper = d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)]
+    return float(upper.median()) if upper.numel() else 1.0
+
+
+def _gaussian_kernel(s: float) -> Any:
+    def kernel(d: Tensor) -> Tensor:
+        return torch.exp(-d * d / (2 * s * s))
+
+    return kernel
+
+
+def mmd(x: Tensor, y: Tensor, bandwidth: float | None = None, pairs: int = 4_000_000,
+        seed: int = 0, x_empirical: bool = False, y_within: float | None = None) -> float:
+    """Squared maximum mean discrepancy with the Gaussian kernel
+    ``k(a, b) = exp(-|a - b|^2 / (2 s^2))`` (dimensionless; ``s`` the median heuristic by
+    default): ``E k(X, X') + E k(Y, Y') - 2 E k(X, Y)``, unbiased (within-sample pairs
+    ``i != j``); ``x_empirical`` and ``y_within`` (here :func:`within_mean_kernel`) as in
+    :func:`energy_distance`."""
+    s = median_bandwidth(x, y, seed=seed) if bandwidth is None else positive("bandwidth",
+                                                                              bandwidth)
+    a, b = _flat64("x", x), _flat64("y", y)
+    if a.shape[1] != b.shape[1]:
+        raise fail("y", f"points of dimension {a.shape[1]} like x", b.shape[1])
+    kernel = _gaussian_kernel(s)
+    x_within = _mean_pairwise(a, a, kernel) if x_empirical else _mean_within(a, kernel, pairs,
+                                                                            seed)
+    if y_within is None:
+        y_within = _mean_within(b, kernel, pairs, seed + 1)
+    return x_within + y_within - 2 * _mean_pairwise(a, b, kernel)
+
+
+def within_mean_kernel(y: Tensor, bandwidth: float, pairs: int = 4_000_000,
+                       seed: int = 1) -> float:
+    """``E k(Y, Y')`` over pairs ``i != j`` of one sample, as in :func:`mmd`."""
+    return _mean_within(_flat64("y", y), _gaussian_kernel(positive("bandwidth", bandwidth)),
+                        pairs, seed)
+
+
+def mean_log_density(samples: Tensor, log_density: Any) -> float:
+    """The mean of a known ``log_density`` over the samples (nats): how typical the samples
+    are of the true law."""
+    values = log_density(_flat64("samples", samples))
+    return float(finite_tensor("log_density(samples)", values).mean())
+
+
+def test_train_ratio(samples: Tensor, train: TrainingData, test: TrainingData) -> Tensor:
+    """Per sample, the distance to the nearest held-out point over the distance to the
+    nearest training point (dimensionless): about 1 for samples as close to unseen data as
+    to the training set, large for copies of training points."""
+    _, d_train = nearest(samples, train)
+    _, d_test = nearest(samples, test)
+    return d_test / d_train.clamp_min(torch.finfo(d_train.dtype).tiny)
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of feature vectors (squared
+    feature units): ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, the FID formula
+    (with ``tr (S_a S_b)^(1/2)`` from the eigenvalues of ``S_a^(1/2) S_b S_a^(1/2)``)."""
+    fa, fb = _flat64("a", a), _flat64("b", b)
+    if fa.shape[0] < 2 or fb.shape[0] < 2:
+        raise fail("a", "at least 2 feature vectors per set", (fa.shape[0], fb.shape[0]))
+    mu_a, mu_b = fa.mean(0), fb.mean(0)
+    cov_a, cov_b = torch.cov(fa.T).reshape(fa.shape[1], -1), torch.cov(fb.T).reshape(
+        fb.shape[1], -1)
+    evals, evecs = torch.linalg.eigh(cov_a)
+    root_a = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b)
+                 - 2 * cross)

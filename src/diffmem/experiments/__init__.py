@@ -8,6 +8,7 @@ from diffmem.experiments import (
     networks,
     structured,
     sweeps,
+    tradeoff,
     trajectories,
     transformed_time,
 )
@@ -29,6 +30,8 @@ REGISTRY: dict[str, Experiment] = {
         imaging.SQUARES_CLOSED_FORM,
         imaging.SQUARES_UNET,
         imaging.DIGITS,
+        tradeoff.TRADEOFF_2D,
+        tradeoff.TRADEOFF_DIGITS,
     ]
 }
 

@@ -4,7 +4,9 @@
   samplers use (:class:`HasSchedule`, :class:`HasSigma2Score`, :class:`HasDenoiser`);
 * :mod:`diffmem.scores.empirical`: the empirical Gaussian mixture and its Tikhonov and
   threshold regularizations, all through the one mixture kernel;
-* :mod:`diffmem.scores.conditional`: conditional scores ``s(x, t, y)``.
+* :mod:`diffmem.scores.conditional`: conditional scores ``s(x, t, y)``;
+* :mod:`diffmem.scores.smoothed`: the kernel density estimate's score, the smoothed
+  (input-averaged) empirical score and the Gaussian (linear) score.
 """
 
 from diffmem.scores.base import (
@@ -21,16 +23,20 @@ from diffmem.scores.empirical import (
     ThresholdScore,
     TikhonovScore,
 )
+from diffmem.scores.smoothed import GaussianScore, KDEScore, SmoothedScore
 
 __all__ = [
     "CONDITIONAL_MODES",
     "ClosedFormScore",
     "ConditionalEmpiricalScore",
     "EmpiricalScore",
+    "GaussianScore",
     "HasDenoiser",
     "HasSchedule",
     "HasSigma2Score",
+    "KDEScore",
     "Score",
+    "SmoothedScore",
     "ThresholdScore",
     "TikhonovScore",
     "check_schedule",

@@ -73,12 +73,18 @@ class ClosedFormScore:
         for a streamed training set)."""
         return self.centres.to_tensor(self.centres.source_dtype)
 
+    def _variance(self, m: Tensor, sigma2: Tensor) -> Tensor:
+        """The variance of each mixture component at ``(m, sigma^2)`` (``sigma^2`` here;
+        a kernel density estimate adds ``m^2 h^2``)."""
+        return sigma2
+
     def _kernel(self, xf: Tensor, m: Tensor, sigma2: Tensor, return_weights: bool,
                 log_prior: Tensor | None = None) -> Mixture:
         if log_prior is not None:
             log_prior = log_prior.to(dtype=xf.dtype, device=xf.device)
-        return gaussian_mixture(xf, self.centres, m, sigma2, log_prior=log_prior,
-                                chunk_size=self.chunk_size, return_weights=return_weights)
+        return gaussian_mixture(xf, self.centres, m, self._variance(m, sigma2),
+                                log_prior=log_prior, chunk_size=self.chunk_size,
+                                return_weights=return_weights)
 
     def _prepare(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Validate and flatten: returns ``x`` as ``(B, d)``, ``t``, ``m`` and ``sigma^2`` as
