@@ -196,7 +196,8 @@ def test_cli_reproduce_writes_report(tmp_path):
 def _unet_metrics(curves):
     return {"values": [100, 200, 300], "sizes": {
         c: {"exact_match": f, "first_step_half_memorized": next(
-            (s for s, v in zip([100, 200, 300], f, strict=True) if v >= 0.5), None)}
+            (s for s, v in zip([100, 200, 300], f, strict=True) if v >= 0.5), None),
+            "follows_empirical_down_to_sigma": 0.0217 if c == "8" else None}
         for c, f in curves.items()}}
 
 
@@ -214,6 +215,7 @@ def test_squares_unet_judges_its_two_claims_apart(curves, statuses):
              "inconclusive" if "inconclusive" in statuses else "confirmed")
     assert verdict.status == worst
     assert all(str(v) in verdict.text for v in curves["4"][-1:])
+    assert "width 4: none of the grid, width 8: sigma = 0.0217" in verdict.text
 
 
 def test_figures_are_drawn_from_the_recorded_values_only(quick_runs):

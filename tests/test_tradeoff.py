@@ -20,12 +20,13 @@ def test_tradeoff_2d_quick(tmp_path):
     params = resolve_params(exp, quick=True, overrides=[
         "truths=gaussian", "n_samples=120", "reference_n=5000", "c_values=1e-3,0.3",
         "tau_values=1e-2,3.0", "h_values=0.01,0.5", "lam_values=0.05,1.0",
-        "smoothed_draws=8", "network_steps=200", "network_lambdas=0.0,0.1"])
+        "smoothed_draws=8", "network_steps=200", "network_ema_half_life=10",
+        "network_lambdas=0.0,0.1"])
     rec = run_experiment(exp, tmp_path, params, progress=False)
     m = load(tmp_path, "tradeoff-2d")["truths"]["gaussian"]
     regs = m["regularizers"]
     assert set(regs) == REGULARIZERS | {"network"}
-    for name, r in regs.items():
+    for r in regs.values():
         assert set(r["memorized"]) == {"0.01", "0.1"}
         assert len(r["energy_distance"]) == len(r["values"]) == len(r["mmd"])
     assert regs["empirical"]["memorized"]["0.01"] == [1.0]  # the end points

@@ -167,9 +167,9 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
 
 @app.command("audit")
 def audit_command(
-    samples: Path = typer.Argument(  # noqa: B008
-        ..., help="Samples: a .npy file (memory-mapped), a .npz archive (--key) or a "
-                  "folder of PNG/JPEG images."),
+    samples: Path | None = typer.Argument(  # noqa: B008
+        None, help="Samples: a .npy file (memory-mapped), a .npz archive (--key) or a "
+                   "folder of PNG/JPEG images (or --model to draw them)."),
     train: list[Path] = typer.Option(  # noqa: B008
         ..., "--train", help="Training set, in the same forms (repeat for .npy shards)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),  # noqa: B008
@@ -191,13 +191,32 @@ def audit_command(
         0.5, "--calibrated-threshold", help="Copies by Carlini et al.'s calibrated distance "
                                             "below this."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
+    model: str | None = typer.Option(  # noqa: B008
+        None, "--model", help="Draw the samples from a model: a local diffusers folder, a "
+                              "diffmem checkpoint (.pt) or module:function / file.py:function."),
+    n_samples: int = typer.Option(1000, "--n-samples", help="Samples to draw with --model."),
+    sampler: str = typer.Option("ode", "--sampler", help="ode (probability flow) or edm "
+                                                         "(Heun) for --model."),
+    steps: int = typer.Option(18, "--steps", help="Noise levels of the edm sampler."),
+    scheduler: Path | None = typer.Option(  # noqa: B008
+        None, "--scheduler", help="Scheduler config of a bare UNet2DModel folder."),
+    schedule: str = typer.Option("VP", "--schedule", help="VE, VP or EDM: the schedule of "
+                                                          "a callable --model."),
+    model_kind: str = typer.Option("score", "--model-kind", help="score or denoiser: what a "
+                                                                 "callable --model returns."),
+    model_index: int = typer.Option(0, "--model-index", help="Model of a checkpoint's stack."),
+    held_out: Path | None = typer.Option(  # noqa: B008
+        None, "--held-out", help="Held-out data for the denoiser comparison of --model."),
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
-    """Audit SAMPLES against a training set: nearest training items, the paper's fraction
-    within delta, nn-ratio and calibrated-l2 copies, exact matches (binary images),
-    duplicates; writes OUT/audit.json, OUT/per_sample.csv and OUT/index.html."""
+    """Audit SAMPLES (or samples drawn from --model) against a training set: nearest
+    training items, the paper's fraction within delta, nn-ratio and calibrated-l2 copies,
+    exact matches (binary images), duplicates; writes OUT/audit.json, OUT/per_sample.csv and
+    OUT/index.html. With --model, also OUT/samples.npy (resumable: samples already drawn are
+    kept) and OUT/denoiser_gap.json, how far the model's denoiser is from the memorizing
+    empirical one at each noise level."""
     import torch.distributed as dist
 
     from diffmem.audit import DEFAULT_DELTAS, Rows, audit, open_input
@@ -213,19 +232,45 @@ def audit_command(
             if not d > 0 or d != d or d == float("inf"):
                 raise ValueError(f"--delta: expected a finite number > 0, received {d}")
         size = _parse_size(resize)
-        sample_data = open_input(samples, key, size, "SAMPLES")
+        if (samples is None) == (model is None):
+            raise ValueError("SAMPLES: expected samples or --model (one of them), received "
+                             + ("neither" if samples is None else "both"))
         train_data = [open_input(t, train_key, size, "--train") for t in train]
         if len(train_data) > 1 and not all(isinstance(t, str) for t in train_data):
             raise ValueError("--train: expected one data set, or several .npy shards, "
                              f"received {[str(t) for t in train]}")
         whole = train_data if len(train_data) > 1 else train_data[0]
+        folder = prepare_out(out)
+        gap = None
+        if model is not None:
+            from diffmem.audit import denoiser_gap
+            from diffmem.models import load_model, sample_model
+
+            shape = Centres(whole).data_shape
+            loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
+                                schedule=schedule, kind=model_kind, data_shape=shape,
+                                index=model_index, device=device)
+            if tuple(loaded.data_shape) != tuple(shape):
+                raise ValueError(f"--model: expected a model of the training data's shape "
+                                 f"{tuple(shape)}, received one of shape "
+                                 f"{tuple(loaded.data_shape)}")
+            if _leader(group):
+                with FolderLock(folder):
+                    sample_model(loaded, n_samples, folder / "samples.npy", sampler=sampler,
+                                 steps=steps, seed=seed, device=device, progress=progress)
+                    gap = denoiser_gap(loaded, whole, held=None if held_out is None else
+                                       open_input(held_out, None, size, "--held-out"),
+                                       seed=seed)
+            if group is not None:
+                dist.barrier(group)
+            samples = folder / "samples.npy"
+        sample_data = open_input(samples, key, size, "SAMPLES")
         block = whole
         if group is not None:  # this process's contiguous block of the training set
             full = Centres(whole)
             lo, hi = shard_rows(full.n_total, dist.get_world_size(group),
                                 dist.get_rank(group))
             block = full.read(lo, hi)
-        folder = prepare_out(out)
         cache = folder / "features"
         if group is not None:  # each process caches the features of its own block
             cache = cache / f"rank{dist.get_rank(group)}of{dist.get_world_size(group)}"
@@ -238,8 +283,9 @@ def audit_command(
             if _leader(group):
                 write_audit_report(folder, result, Rows(sample_data), Rows(Centres(whole)),
                                    {"samples": str(samples), "train": [str(t) for t in train],
+                                    "model": model, "sampler": sampler if model else None,
                                     "features": None if features is None else str(features),
-                                    "seed": seed})
+                                    "seed": seed}, gap=gap)
     except ValueError as err:  # the library's and the command line's input errors
         _fail(str(err))
         return
@@ -252,6 +298,13 @@ def audit_command(
                                                 result.fraction_within.items())
                    + (f", exact matches {result.exact_match:.3f}"
                       if result.exact_match is not None else ""))
+        if gap is not None:
+            from diffmem.audit import follows_down_to
+
+            level = follows_down_to(gap)
+            typer.echo("the model's denoiser is within 0.1 of the empirical (memorizing) one "
+                       + (f"from sigma(T) down to sigma = {level:.3g}" if level is not None
+                          else "at no level of the grid") + f" ({folder / 'denoiser_gap.json'})")
         typer.echo(f"      -> {folder / 'audit.json'}, {folder / 'per_sample.csv'}, "
                    f"{folder / 'index.html'}")
 

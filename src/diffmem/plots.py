@@ -197,3 +197,26 @@ def image_table(panels: Sequence[Sequence[tuple[str, Any]]], size: float = 0.9) 
             if i == 0:
                 a.set_title(title, fontsize=6)
     return fig
+
+
+def denoiser_gap_figure(gaps: Mapping[str, Mapping[str, Any]], title: str) -> Any:
+    """``E |D_model - D_e|^2 / E |D_e - x|^2`` against ``sigma`` for several models (one
+    colour each; solid: noisy training points, dashed: noisy held-out points)."""
+    fig, ax = figure(1, 1, size=5.0)
+    a = ax[0, 0]
+    floor = 1e-6  # the plot's floor on a log axis (a gap of exactly 0 is drawn there)
+    for i, (label, gap) in enumerate(gaps.items()):
+        a.plot(gap["sigma"], np.maximum(gap["train"]["empirical"], floor), "-",
+               color=f"C{i % 10}", lw=1.3, label=f"{label} (training points)")
+        if "held" in gap:
+            a.plot(gap["sigma"], np.maximum(gap["held"]["empirical"], floor), "--",
+                   color=f"C{i % 10}", lw=1, label=f"{label} (held-out points)")
+    a.axhline(1.0, color="0.6", lw=0.8, ls=":")
+    a.axhline(0.1, color="C3", lw=0.8, ls=":")
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel(r"noise level $\sigma$")
+    a.set_ylabel(r"$E|D - D_e|^2 / E|D_e - x|^2$")
+    a.set_title(title, fontsize=9)
+    a.legend(fontsize=6)
+    return fig

@@ -173,6 +173,7 @@ def _uri(png: bytes) -> str:
 def _histograms(result: Any) -> str:
     """d1, d1/d2 and the calibrated distance, with the thresholds drawn."""
     import numpy as np
+    from matplotlib.ticker import NullFormatter
 
     from diffmem import plots
 
@@ -184,6 +185,7 @@ def _histograms(result: Any) -> str:
                                                                   positive.min() * 1.01)), 40)
         ax[0, 0].hist(positive, bins=bins, color="C0")
         ax[0, 0].set_xscale("log")
+        ax[0, 0].xaxis.set_minor_formatter(NullFormatter())  # labels on decades only
     ax[0, 0].set_title(f"d1 ({int((d1 == 0).sum())} exactly 0)", fontsize=9)
     ax[0, 0].set_xlabel("distance to the nearest training item")
     for key, thr_key, a, label in (("ratio", "nn_ratio", ax[0, 1], "d1 / d2"),
@@ -229,7 +231,7 @@ def _scatter(result: Any, samples: Any, train: Any) -> str:
 
 
 def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
-                       inputs: dict[str, Any]) -> None:
+                       inputs: dict[str, Any], gap: dict[str, Any] | None = None) -> None:
     """``out_dir/audit.json``, ``per_sample.csv`` and ``index.html`` (one offline page: the
     numbers, histograms with thresholds, and the most copy-like samples beside their nearest
     training items, or a 2-D PCA scatter for vectors). ``samples`` and ``train`` are
@@ -321,6 +323,27 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
             (f"sample {i}", f"nearest training item {int(result.nearest[i])}, d1 "
              f"{float(result.d1[i]):.4g}, d1/d2 {float(result.ratio[i]):.4f}, calibrated "
              f"{float(result.calibrated[i]):.4f}") for i in order]))
+    if gap is not None:
+        from diffmem import plots
+        from diffmem.audit import follows_down_to
+
+        atomic_write_json(out_dir / "denoiser_gap.json", gap)
+        level = follows_down_to(gap)
+        fig = plots.denoiser_gap_figure({"model": gap}, "the model's denoiser against the "
+                                                        "empirical (memorizing) one")
+        parts.append("<h2>How far is the model from the memorizing score?</h2><p>"
+                     "E|D_model - D_e|^2 / E|D_e - x|^2 at each noise level, for noisy "
+                     "training points" + (" and noisy held-out points" if "held" in gap
+                                          else "") + ": near 0 the model denoises like the "
+                     "empirical score, i.e. returns training points. At large noise every "
+                     "good denoiser agrees with it; what tells is how far down the model "
+                     "follows it. "
+                     + ("It stays within 0.1 of it from the top of the grid down to sigma = "
+                        + f"{level:.3g}." if level is not None else "It is not within 0.1 "
+                        "of it even at the largest level of the grid.") + "</p>"
+                     f"<img alt='denoiser gap' src='data:image/png;base64,{_figure_png(fig)}'>")
     parts.append("<p>Files: <code>audit.json</code> (every figure above with its units), "
-                 "<code>per_sample.csv</code> (one row per sample).</p></body></html>")
+                 "<code>per_sample.csv</code> (one row per sample)"
+                 + (", <code>samples.npy</code>, <code>denoiser_gap.json</code>"
+                    if gap is not None else "") + ".</p></body></html>")
     atomic_write_bytes(out_dir / "index.html", "\n".join(parts).encode())

@@ -220,7 +220,9 @@ def train_edm(
             store.save(step, {"model": den.state_dict(),
                               "ema": None if ema is None else ema.model.state_dict(),
                               "optimizer": opt.state_dict(), "rng": gen.get_state(),
-                              "losses": result.losses, "evaluations": result.evaluations})
+                              "losses": result.losses, "evaluations": result.evaluations,
+                              "architecture": den.net.architecture(),
+                              "data_shape": list(data.shape[1:])})
     if ema is not None:
         den.load_state_dict(ema.model.state_dict())
     return result

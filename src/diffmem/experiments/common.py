@@ -4,7 +4,7 @@ sweeps, the one network-training helper, and the orderings the verdicts test."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,3 +145,10 @@ def by_value(values: Sequence[float], fracs: Sequence[float]) -> tuple[list[floa
 def cpu(t: Tensor) -> Tensor:
     """A tensor on the CPU (for recorded arrays)."""
     return t.detach().cpu() if isinstance(t, torch.Tensor) else t
+
+
+def gap_text(levels: Mapping[str, float | None]) -> str:
+    """The noise levels down to which each denoiser follows the empirical one."""
+    return "denoisers within 0.1 of the empirical one from sigma(T) down to " + ", ".join(
+        f"{label}: {'none of the grid' if v is None else f'sigma = {v:.3g}'}"
+        for label, v in levels.items())

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from diffmem import images, plots
+from diffmem.audit import denoiser_gap, follows_down_to
 from diffmem.edm import closed_form_denoiser, edm_sample, karras_sigmas
 from diffmem.experiments.base import (
     CONFIRMED,
@@ -31,8 +32,9 @@ from diffmem.experiments.base import (
     Recorded,
     Verdict,
 )
-from diffmem.experiments.common import network_score
+from diffmem.experiments.common import gap_text, network_score
 from diffmem.metrics import fraction_within, nearest, nn_ratio, rms_per_coordinate
+from diffmem.models import ModelScore
 from diffmem.samplers import sample_ode
 from diffmem.schedules import EDM, get_schedule
 from diffmem.scores import EmpiricalScore, TikhonovScore
@@ -205,9 +207,13 @@ def compute_squares_unet(ctx: Context) -> dict[str, Any]:
                             progress=ctx.progress, ema_half_life=p["ema_half_life"] or None,
                             checkpoint_dir=ctx.out / f"checkpoints_c{c}", resume=ctx.resume)
         train_s = time.perf_counter() - start - sum(sampling)
+        model = ModelScore(lambda x, t, den=den: den(x, t), EDM(), tuple(train.shape[1:]),
+                           "denoiser", name=f"U-Net {c}")
         runs[str(c)] = {"trained": trained, "n_parameters": den.net.n_parameters(),
                         "steps_per_s": trained.steps_run / train_s if train_s > 0 else None,
-                        "sampling_s": sum(sampling) / len(sampling) if sampling else None}
+                        "sampling_s": sum(sampling) / len(sampling) if sampling else None,
+                        "gap": denoiser_gap(model, train.cpu(), n_points=p["gap_points"],
+                                            seed=ctx.seed)}
     return {"marks": marks, "runs": runs}
 
 
@@ -226,7 +232,9 @@ def record_squares_unet(ctx: Context, raw: dict[str, Any]) -> Recorded:
             "first_step_half_memorized": next(
                 (s for s, f in zip(marks, fracs, strict=True) if f >= MEMORIZED), None),
             "final_loss_mean_100": sum(losses[-100:]) / min(100, len(losses)),
-            "train_steps_per_s": run["steps_per_s"], "sampling_s_per_eval": run["sampling_s"]}
+            "train_steps_per_s": run["steps_per_s"], "sampling_s_per_eval": run["sampling_s"],
+            "denoiser_gap": run["gap"],
+            "follows_empirical_down_to_sigma": follows_down_to(run["gap"])}
     largest = raw["runs"][str(p["channels"][-1])]["trained"].evaluations
     arrays = {f"shown_{s}": largest[s]["shown"] for s in marks}
     return Recorded(metrics, arrays)
@@ -250,6 +258,8 @@ def judge_squares_unet(metrics: Mapping[str, Any], params: Mapping[str, Any]) ->
                     f"{finals})")
     else:
         eventual = (CONFIRMED, f"every width memorizes: final exact-match fractions {finals}")
+    eventual = (eventual[0], eventual[1] + "; final " + gap_text(
+        {f"width {c}": m["follows_empirical_down_to_sigma"] for c, m in sizes.items()}))
     if len(reached) < len(sizes):
         sooner = (INCONCLUSIVE, f"first step with half the samples copies: {firsts}; not "
                   "every width memorized, so the order cannot be judged")
@@ -277,7 +287,10 @@ def draw_squares_unet(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any
     ax[0, 0].legend(fontsize=7)
     rows = [(f"step {s}", rec.array(f"shown_{s}").clip(0, 1)) for s in marks]
     return {"exact_match_vs_steps": fig,
-            "samples_over_training": plots.image_rows(rows, params["show"], size=0.9)}
+            "samples_over_training": plots.image_rows(rows, params["show"], size=0.9),
+            "denoiser_gap": plots.denoiser_gap_figure(
+                {f"{c} channels": sz["denoiser_gap"] for c, sz in m["sizes"].items()},
+                "final U-Net denoisers against the empirical one")}
 
 
 SQUARES_CLOSED_FORM = Experiment(
@@ -317,7 +330,8 @@ SQUARES_UNET = Experiment(
     claim=f"{EVENTUAL_CLAIM} {SOONER_CLAIM}",
     defaults={"resolution": 32, "channels": [4, 8, 16], "steps": 3000, "every": 500,
               "n_samples": 50, "batch_size": 2, "lr": 1e-3,
-              "ema_half_life": half_life_from_decay(0.99), "sample_steps": 40, "show": 8},
+              "ema_half_life": half_life_from_decay(0.99), "sample_steps": 40, "show": 8,
+              "gap_points": 64},
     # Quick: every width memorizes in about a minute on 2 CPU cores (measured at 16x16 with
     # lr 3e-3 and a 40-step EMA half-life: >= 0.6 exact copies at step 800 for seeds 0-3).
     quick={"resolution": 16, "channels": [4, 8], "steps": 800, "every": 200, "lr": 3e-3,

@@ -15,19 +15,21 @@ import torch
 from torch import Tensor
 
 from diffmem import data, plots
+from diffmem.audit import denoiser_gap, follows_down_to
 from diffmem.experiments.base import Context, Experiment, Recorded, Verdict
-from diffmem.experiments.common import by_value, decreasing, train_networks
+from diffmem.experiments.common import by_value, decreasing, gap_text, train_networks
 from diffmem.metrics import delta_key, fraction_sweep
 from diffmem.nn import NetworkScore, ScoreMLP, checkpoint_steps
 from diffmem.samplers import sample_ode
 from diffmem.schedules import get_schedule
-from diffmem.scores import EmpiricalScore, TikhonovScore
+from diffmem.scores import EmpiricalScore, ThresholdScore, TikhonovScore
 from diffmem.training import half_life_from_decay
 
 DELTAS = [1e-2, 5e-2, 1e-1, 5e-1]
 COMMON = {"schedule": "VP", "width": 256, "depth": 2, "lr": 1e-3,
           "ema_half_life": half_life_from_decay(0.9999), "n_samples": 1000, "t_end": 1e-3,
-          "deltas": DELTAS, "rtol": 1e-5, "atol": 1e-5, "verdict_delta": 1e-2}
+          "deltas": DELTAS, "rtol": 1e-5, "atol": 1e-5, "verdict_delta": 1e-2,
+          "gap_points": 256}
 #: Quick runs are too short to memorize at 1e-2; their verdict reads the 0.1 tolerance.
 QUICK = {"n_samples": 200, "verdict_delta": 0.1}
 #: Seed offset of the initial noise shared by every network's samples.
@@ -68,6 +70,38 @@ def _train(ctx: Context, lambdas: Sequence[float], parameterizations: Sequence[s
                           batch_size=None, quiet_ema=not p["use_ema"], **kw)
 
 
+#: Seed offset of the held-out draws of the truth N(0, I) for the denoiser comparison.
+HELD_SEED = 450
+#: Closed forms a network's denoiser is compared with (besides the empirical one).
+REFERENCE_C, REFERENCE_TAU = (1e-3, 1e-2, 1e-1), (1e-2, 1e-1, 1.0)
+
+
+def _gap(ctx: Context, score: Any) -> dict[str, Any]:
+    """How far a network's denoiser is from the empirical, Tikhonov and threshold ones at
+    each noise level (:func:`diffmem.audit.denoiser_gap`), on noisy training points and on
+    noisy fresh draws of the truth N(0, I)."""
+    sch = get_schedule(ctx.params["schedule"])
+    train = data.paper_points()
+    held = ctx.generator(HELD_SEED)
+    references = {**{f"tikhonov c={c:g}": TikhonovScore(train, sch, c) for c in REFERENCE_C},
+                  **{f"threshold tau={t:g}": ThresholdScore(train, sch, t)
+                     for t in REFERENCE_TAU}}
+    return denoiser_gap(score, train, held=torch.randn(200, 2, generator=held,
+                                                        dtype=torch.float64),
+                        references=references, n_points=ctx.params["gap_points"],
+                        seed=ctx.seed)
+
+
+def _gap_summary(gaps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per model: the noise level down to which its denoiser stays within 0.1 of the
+    empirical one on training points, and the closed form it is nearest at the smallest
+    and the largest level."""
+    return {label: {"follows_empirical_down_to_sigma": follows_down_to(g),
+                    "closest_at_smallest_sigma": g["closest"]["train"][0],
+                    "closest_at_largest_sigma": g["closest"]["train"][-1]}
+            for label, g in gaps.items()}
+
+
 def _verdict_key(params: Mapping[str, Any]) -> str:
     key = delta_key(params["verdict_delta"])
     if key not in {delta_key(d) for d in params["deltas"]}:
@@ -86,8 +120,11 @@ def compute_tikhonov(ctx: Context) -> dict[str, Any]:
     model = trained.ema if p["use_ema"] else trained.model
     x_T = _noise(ctx)
     samples = [_sample(ctx, model, k, x_T) for k in ctx.bar(range(len(lambdas)), "sampling")]
+    sch = get_schedule(p["schedule"])
+    gaps = {f"lambda={lam:g}": _gap(ctx, NetworkScore(model, sch, k))
+            for k, lam in enumerate(lambdas)}
     return {"trained": trained, "model": model, "samples": samples,
-            "score_norm": _score_norms(ctx, model, lambdas)}
+            "score_norm": _score_norms(ctx, model, lambdas), "gaps": gaps}
 
 
 def _score_norms(ctx: Context, model: ScoreMLP, lambdas: Sequence[float]) -> dict[str, Any]:
@@ -117,7 +154,8 @@ def record_tikhonov(ctx: Context, raw: dict[str, Any]) -> Recorded:
                "fraction_within": fraction_sweep(raw["samples"], train, p["deltas"]),
                "steps": p["steps"], "weights": "ema" if p["use_ema"] else "raw",
                "final_losses": trained.history[-1][1] if trained.history else [],
-               "score_norm": raw["score_norm"]}
+               "score_norm": raw["score_norm"], "denoiser_gap": raw["gaps"],
+               "denoiser_gap_summary": _gap_summary(raw["gaps"])}
     arrays = {f"samples_{k}": s.cpu() for k, s in enumerate(raw["samples"])}
     return Recorded(metrics, {"train": train.cpu(), **arrays})
 
@@ -129,6 +167,8 @@ def judge_tikhonov(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Ver
     finding = (f"fraction within {params['verdict_delta']} is {fracs[0]:.3f} at lambda = "
                f"{values[0]:g} and {fracs[-1]:.3f} at lambda = {values[-1]:g} after "
                f"{params['steps']} steps")
+    finding += "; " + gap_text({k: v["follows_empirical_down_to_sigma"]
+                                 for k, v in metrics["denoiser_gap_summary"].items()})
     return Verdict.of(TIKHONOV_CLAIM, ok, finding, judgeable=max(fracs) >= MIN_SIGNAL)
 
 
@@ -160,6 +200,8 @@ def draw_tikhonov(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
             rec.array("train"), [rec.array(f"samples_{k}") for k in range(len(lambdas))],
             [f"lambda = {v:g}" for v in lambdas]),
         "score_norm_vs_t": fig,
+        "denoiser_gap": plots.denoiser_gap_figure(
+            m["denoiser_gap"], "learned denoisers against the empirical one"),
     }
 
 
@@ -173,11 +215,18 @@ def compute_early(ctx: Context) -> dict[str, Any]:
     train = data.paper_points().to(ctx.device)
     x_T = _noise(ctx)
 
-    def evaluate(step: int, model: ScoreMLP, ema: ScoreMLP) -> dict[str, list[float]]:
-        """Samples of both parameterizations at this checkpoint, as fractions per delta."""
+    sch = get_schedule(p["schedule"])
+
+    def evaluate(step: int, model: ScoreMLP, ema: ScoreMLP) -> dict[str, Any]:
+        """Samples of both parameterizations at this checkpoint, as fractions per delta,
+        and their denoisers' gap to the empirical one."""
         net = ema if p["use_ema"] else model
-        return {name: fraction_sweep([_sample(ctx, net, k, x_T)], train, p["deltas"])
-                for k, name in enumerate(EARLY_PARAMS)}
+        out: dict[str, Any] = {name: fraction_sweep([_sample(ctx, net, k, x_T)], train,
+                                                    p["deltas"])
+                               for k, name in enumerate(EARLY_PARAMS)}
+        out["gap"] = {name: _gap(ctx, NetworkScore(net, sch, k))
+                      for k, name in enumerate(EARLY_PARAMS)}
+        return out
 
     trained = _train(ctx, [0.0, 0.0], EARLY_PARAMS, p["width"],
                      marks=checkpoint_steps(p["steps"], every=p["every"]), callback=evaluate)
@@ -189,9 +238,12 @@ def record_early(ctx: Context, raw: dict[str, Any]) -> Recorded:
     steps = sorted(raw["evaluations"])
     curves = {name: {key: [raw["evaluations"][s][name][key][0] for s in steps]
                      for key in map(delta_key, p["deltas"])} for name in EARLY_PARAMS}
+    gaps = {f"{name}, step {s}": raw["evaluations"][s]["gap"][name]
+            for name in EARLY_PARAMS for s in steps}
     metrics = {"parameter": "steps", "values": steps, "n_samples": p["n_samples"],
                "weights": "ema" if p["use_ema"] else "raw",
-               **{n: {"fraction_within": curves[n]} for n in EARLY_PARAMS}}
+               **{n: {"fraction_within": curves[n]} for n in EARLY_PARAMS},
+               "denoiser_gap": gaps, "denoiser_gap_summary": _gap_summary(gaps)}
     return Recorded(metrics)
 
 
@@ -206,14 +258,21 @@ def judge_early(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdic
                + f" over {steps[0]}..{steps[-1]} steps; the noise parameterization "
                + ("memorizes at least as fast" if faster else "memorizes more slowly"))
     signal = max(max(c) for c in curves.values()) >= MIN_SIGNAL
-    return Verdict.of(EARLY_CLAIM, grew and faster, finding, judgeable=signal)
+    ends = {k: v["follows_empirical_down_to_sigma"]
+            for k, v in metrics["denoiser_gap_summary"].items()
+            if k.endswith((f"step {steps[0]}", f"step {steps[-1]}"))}
+    return Verdict.of(EARLY_CLAIM, grew and faster, finding + "; " + gap_text(ends),
+                      judgeable=signal)
 
 
 def draw_early(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
     m = rec.metrics
     return {"fraction_vs_steps": plots.fraction_figure(
         m["values"], {f"{n} parameterization": m[n]["fraction_within"] for n in EARLY_PARAMS},
-        "training steps", logx=False)}
+        "training steps", logx=False),
+        "denoiser_gap": plots.denoiser_gap_figure(
+            {k: v for k, v in m["denoiser_gap"].items() if k.startswith("score")},
+            "score parameterization: denoiser against the empirical one, per checkpoint")}
 
 
 # --- nn-width -------------------------------------------------------------------------------

@@ -1,0 +1,414 @@
+"""Trained models as diffmem scores: local diffusers models, diffmem's own checkpoints, and any
+Python callable; and sampling them, in resumable batches, for the audit.
+
+A loaded model is a :class:`ModelScore`: a score ``s(x, t)`` on a diffmem schedule (every
+sampler takes it) that also gives its denoiser ``D(x, t) = x + sigma(t)^2 s(x, t)``.
+
+**diffusers.** A pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) as
+``DDPMPipeline.save_pretrained`` writes it, or a ``UNet2DModel`` folder with a scheduler
+config. The scheduler's ``K = num_train_timesteps`` betas (``beta_schedule`` ``linear``,
+``scaled_linear`` or ``squaredcos_cap_v2``, or ``trained_betas``) give
+``abar_k = prod_{i <= k} (1 - beta_i)``, and :class:`DiscreteVP` makes them a VP schedule
+on ``t in [0, 1]``: ``t = (k + 1) / K`` is timestep ``k`` (``m^2 = abar_k``,
+``sigma^2 = 1 - abar_k``), ``log abar`` is interpolated linearly in between (``abar = 1`` at
+``t = 0``), and the network receives the fractional timestep ``K t - 1``. Its output becomes a
+score by its ``prediction_type``:
+
+* ``epsilon``: ``eps = net``, ``s = -eps / sigma``;
+* ``v_prediction``: ``v = m eps - sigma x_0``, so ``eps = m v + sigma x`` and
+  ``s = -(m v + sigma x) / sigma``;
+* ``sample``: ``x_0 = net``, ``s = (m x_0 - x) / sigma^2``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffmem._checks import fail, positive_int
+from diffmem.edm import edm_sample, karras_sigmas
+from diffmem.io import atomic_write_json
+from diffmem.samplers import sample_ode
+from diffmem.schedules import EDM, Schedule, TimeLike, get_schedule, time_tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+# --- the discrete schedules of diffusers, as a VP schedule --------------------------------
+def discrete_alphas_cumprod(config: dict[str, Any]) -> Tensor:
+    """``abar_k = prod_{i <= k} (1 - beta_i)`` (float64, ``(K,)``) from a diffusers scheduler
+    config, as diffusers computes its betas."""
+    try:
+        K = positive_int("num_train_timesteps", config.get("num_train_timesteps", 1000))
+    except ValueError as err:
+        raise fail("scheduler", "a positive num_train_timesteps",
+                   config.get("num_train_timesteps")) from err
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = torch.tensor(trained, dtype=torch.float64)
+    else:
+        kind = config.get("beta_schedule", "linear")
+        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        if kind == "linear":
+            betas = torch.linspace(start, end, K, dtype=torch.float64)
+        elif kind == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, K, dtype=torch.float64) ** 2
+        elif kind == "squaredcos_cap_v2":
+            def abar(u: float) -> float:
+                return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = torch.tensor([min(1 - abar((i + 1) / K) / abar(i / K), 0.999)
+                                  for i in range(K)], dtype=torch.float64)
+        else:
+            raise fail("scheduler", f"beta_schedule one of {BETA_SCHEDULES} (or trained_betas)",
+                       repr(kind))
+    if config.get("rescale_betas_zero_snr"):
+        raise fail("scheduler", "rescale_betas_zero_snr false (a zero final signal has no "
+                   "finite noise level to start from)", "true")
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise fail("scheduler", "betas in (0, 1)", f"range [{float(betas.min())}, "
+                   f"{float(betas.max())}]")
+    return torch.cumprod(1 - betas, 0)
+
+
+class DiscreteVP(Schedule):
+    """A diffusers noise schedule as a diffmem VP schedule on ``[0, 1]``: ``log m^2 =
+    log abar`` piecewise linear through ``(0, 0)`` and ``((k + 1)/K, log abar_k)``,
+    ``sigma^2 = 1 - m^2``; ``timestep(t) = K t - 1`` is the network's timestep."""
+
+    name = "VP"
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.K = int(abar.shape[0])
+        self._grid = torch.linspace(0, 1, self.K + 1, dtype=torch.float64)
+        self._log = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(abar)])
+        self._slope = torch.diff(self._log) * self.K
+
+    def params(self) -> dict[str, Any]:
+        return {"K": self.K, "abar_last": float(torch.exp(self._log[-1]))}
+
+    def _segment(self, t: Tensor) -> Tensor:
+        return (t * self.K).floor().clamp(0, self.K - 1).long()
+
+    def _log_abar(self, t: Tensor) -> Tensor:
+        k = self._segment(t)
+        log, slope = self._log.to(t.device), self._slope.to(t.device)
+        return (log[k] + slope[k] * (t.to(torch.float64) - self._grid.to(t.device)[k])).to(t.dtype)
+
+    def _log_m(self, t: Tensor) -> Tensor:
+        return 0.5 * self._log_abar(t)
+
+    def _dlog_m(self, t: Tensor) -> Tensor:
+        return (0.5 * self._slope.to(t.device)[self._segment(t)]).to(t.dtype)
+
+    def _sigma2(self, t: Tensor) -> Tensor:
+        return -torch.expm1(self._log_abar(t))
+
+    def _dsigma2(self, t: Tensor) -> Tensor:
+        return -torch.exp(self._log_abar(t)) * 2 * self._dlog_m(t)
+
+    def _t_of_sigma2(self, sigma2: Tensor) -> Tensor:
+        target = torch.log1p(-sigma2.to(torch.float64))
+        log = self._log.to(sigma2.device)
+        k = (torch.searchsorted(-log, -target, right=True) - 1).clamp(0, self.K - 1)
+        slope = self._slope.to(sigma2.device)[k]
+        t = self._grid.to(sigma2.device)[k] + (target - log[k]) / slope
+        return t.to(sigma2.dtype)
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The network's (fractional) timestep at ``t``: ``K t - 1``."""
+        return self.K * t - 1
+
+
+# --- scores of models ----------------------------------------------------------------------
+class ModelScore:
+    """A trained model as a diffmem score on ``schedule``: ``fn(x, t) -> s`` (``kind``
+    ``'score'``) or ``fn(x, t) -> D`` (``kind='denoiser'``, ``D = x + sigma^2 s``), applied
+    in batches. Outputs are checked (shape of ``x``, finite)."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], schedule: Schedule,
+                 data_shape: tuple[int, ...], kind: str = "score", name: str = "model",
+                 batch: int = 256) -> None:
+        if kind not in ("score", "denoiser"):
+            raise fail("kind", "'score' or 'denoiser'", repr(kind))
+        self.fn, self.schedule, self.kind, self.name = fn, schedule, kind, name
+        self.data_shape = tuple(data_shape)
+        self.batch = positive_int("batch", batch)
+
+    def _out(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.data_shape:
+            raise fail("x", f"a tensor (batch, *{self.data_shape}) for {self.name}",
+                       f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
+        tt = time_tensor(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        parts = []
+        with torch.no_grad():
+            for lo in range(0, x.shape[0], self.batch):
+                out = self.fn(x[lo : lo + self.batch], tt[lo : lo + self.batch])
+                if not isinstance(out, Tensor) or out.shape != x[lo : lo + self.batch].shape:
+                    raise fail(self.name, f"outputs of the shape of x, "
+                               f"{tuple(x[lo : lo + self.batch].shape)}",
+                               f"shape {tuple(out.shape)}" if isinstance(out, Tensor)
+                               else type(out).__name__)
+                parts.append(out.to(x.dtype))
+        out = torch.cat(parts) if parts else torch.empty_like(x)
+        if not bool(torch.isfinite(out).all()):
+            raise fail(self.name, "finite outputs", "NaN or inf")
+        return out, self.schedule.sigma2(tt).to(x.dtype)
+
+    def __call__(self, x: Tensor, t: TimeLike) -> Tensor:
+        """The score ``s(x, t)``."""
+        out, s2 = self._out(x, t)
+        if self.kind == "score":
+            return out
+        return (out - x) / s2.reshape(-1, *[1] * (x.dim() - 1))
+
+    def sigma2_score(self, x: Tensor, t: TimeLike) -> Tensor:
+        """``sigma(t)^2 s(x, t)``."""
+        out, s2 = self._out(x, t)
+        if self.kind == "denoiser":
+            return out - x
+        return s2.reshape(-1, *[1] * (x.dim() - 1)) * out
+
+    def denoiser(self, x: Tensor, t: TimeLike) -> Tensor:
+        """``D(x, t) = x + sigma(t)^2 s(x, t)``."""
+        return x + self.sigma2_score(x, t)
+
+
+def network_output_to_score(out: Tensor, x: Tensor, m: Tensor, sigma: Tensor,
+                            prediction_type: str) -> Tensor:
+    """A diffusers network's output as a score (``m``, ``sigma`` per sample): ``epsilon``
+    ``s = -out / sigma``; ``v_prediction`` ``s = -(m out + sigma x) / sigma``; ``sample``
+    ``s = (m out - x) / sigma^2``."""
+    shape = (-1, *[1] * (x.dim() - 1))
+    m, sigma = m.reshape(shape).to(x), sigma.reshape(shape).to(x)
+    if prediction_type == "epsilon":
+        return -out / sigma
+    if prediction_type == "v_prediction":
+        return -(m * out + sigma * x) / sigma
+    if prediction_type == "sample":
+        return (m * out - x) / (sigma * sigma)
+    raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction_type))
+
+
+def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
+                   device: str | torch.device = "cpu") -> ModelScore:
+    """A local diffusers model as a score on its :class:`DiscreteVP` schedule: a pipeline
+    folder, or a ``UNet2DModel`` folder with ``scheduler`` (a scheduler folder or its
+    ``scheduler_config.json``). Nothing is downloaded."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as err:
+        raise fail("--model", "diffusers installed (pip install 'diffmem[diffusers]')",
+                   str(path)) from err
+    folder = Path(path)
+    if not folder.is_dir():
+        raise fail("--model", "a diffusers model folder", str(folder))
+    unet_dir = folder / "unet" if (folder / "model_index.json").is_file() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise fail("--model", "a diffusers pipeline folder (model_index.json, unet/, "
+                   "scheduler/) or a UNet2DModel folder (config.json)", str(folder))
+    if scheduler is None:
+        scheduler = folder / "scheduler"
+    sched = Path(scheduler)
+    if sched.is_dir():
+        sched = sched / "scheduler_config.json"
+    if not sched.is_file():
+        raise fail("--scheduler", "a diffusers scheduler config (scheduler_config.json or "
+                   "its folder)", str(sched))
+    try:
+        config = json.loads(sched.read_text())
+    except (OSError, ValueError) as err:
+        raise fail("--scheduler", "a readable JSON scheduler config", f"{sched} ({err})") from err
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction))
+    schedule = DiscreteVP(discrete_alphas_cumprod(config))
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise fail("--model", "a loadable UNet2DModel", f"{unet_dir} ({err})") from err
+    unet = unet.to(device).eval()
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    data_shape = (unet.config.in_channels, *size)
+
+    def score(x: Tensor, t: Tensor) -> Tensor:
+        m2 = torch.exp(schedule._log_abar(t.to(torch.float64)))
+        out = unet(x.to(torch.float32), schedule.timestep(t.to(torch.float32))).sample
+        return network_output_to_score(out.to(x.dtype), x, m2.sqrt(), (1 - m2).sqrt(),
+                                       prediction)
+
+    return ModelScore(score, schedule, data_shape, "score", name=f"diffusers {unet_dir.name}")
+
+
+def load_checkpoint_model(path: str | Path, index: int = 0,
+                          device: str | torch.device = "cpu") -> ModelScore:
+    """A diffmem checkpoint as a score: a score-MLP stack (``train_dsm``; model ``index``,
+    EMA weights) or an EDM U-Net (``train_edm``; EMA weights when kept)."""
+    from diffmem.nn import MLPConfig, NetworkScore, ScoreMLP
+    from diffmem.training import load_checkpoint
+
+    state = load_checkpoint(Path(path), device)
+    if "architecture" in state:  # an EDM U-Net
+        from diffmem.unet import EDMDenoiser, UNet
+
+        arch = state["architecture"]
+        den = EDMDenoiser(UNet(int(arch["channels"]), int(arch["image_channels"])))
+        den.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        den = den.to(device).eval()
+        shape = tuple(int(v) for v in state.get("data_shape", [arch["image_channels"], 32, 32]))
+        return ModelScore(lambda x, t: den(x, t), EDM(), shape, "denoiser",
+                          name=f"U-Net {Path(path).name}")
+    cfg = state.get("config")
+    if not isinstance(cfg, dict) or "parameterizations" not in cfg:
+        raise fail("--model", "a diffmem checkpoint (train_dsm or train_edm)", str(path))
+    weights = state["ema"]
+    dim = int(weights["weights.0"].shape[1]) - int(cfg["mlp"].get("n_fourier", 8))
+    out_dim = int(weights[f"weights.{len([k for k in weights if k.startswith('weights.')]) - 1}"]
+                  .shape[2])
+    mlp = ScoreMLP(MLPConfig(dim=out_dim, cond_dim=dim - out_dim, **cfg["mlp"]),
+                   cfg["parameterizations"])
+    mlp.load_state_dict(weights)
+    if not 0 <= index < mlp.n_models:
+        raise fail("--model-index", f"a model of the stack, 0..{mlp.n_models - 1}", index)
+    schedule = get_schedule(cfg.get("schedule", "VP"))
+    net = NetworkScore(mlp.to(device), schedule, index)
+    return ModelScore(lambda x, t: net(x, t), schedule, (out_dim,), "score",
+                      name=f"score MLP {Path(path).name}[{index}]")
+
+
+def load_callable(spec: str, schedule: str, kind: str, data_shape: tuple[int, ...]) -> ModelScore:
+    """``package.module:function`` or ``path/to/file.py:function``: a function ``fn(x, t)``
+    returning the score (``kind='score'``) or the denoiser ``D(x, t)`` (``'denoiser'``; on
+    the EDM schedule ``t`` is the noise level ``sigma``) on ``schedule`` (VE, VP or EDM)."""
+    if ":" not in spec:
+        raise fail("--model", "package.module:function or path/to/file.py:function", spec)
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            file = Path(where)
+            if not file.is_file():
+                raise fail("--model", "an existing Python file", str(file))
+            module_spec = importlib.util.spec_from_file_location(file.stem, file)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[file.stem] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except Exception as err:  # the user's code: say what happened
+        raise fail("--model", f"an importable module {where!r}",
+                   f"{type(err).__name__}: {err}") from err
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise fail("--model", f"a callable named {name!r} in {where}",
+                   "nothing callable by that name")
+    return ModelScore(fn, get_schedule(schedule), data_shape, kind, name=spec)
+
+
+def load_model(spec: str, *, scheduler: str | None = None, schedule: str = "VP",
+               kind: str = "score", data_shape: tuple[int, ...] | None = None,
+               index: int = 0, device: str | torch.device = "cpu") -> ModelScore:
+    """A model named on the command line: a diffusers folder, a diffmem checkpoint
+    (``.pt``) or a Python callable (``module:function``, ``file.py:function``)."""
+    path = Path(spec)
+    if path.is_dir():
+        return load_diffusers(path, scheduler, device)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise fail("--model", "an existing checkpoint file", str(path))
+        return load_checkpoint_model(path, index, device)
+    if data_shape is None:
+        raise fail("--model", "a training set to take the data shape from", spec)
+    return load_callable(spec, schedule, kind, data_shape)
+
+
+# --- sampling, in resumable batches --------------------------------------------------------
+def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
+                 steps: int = 18, seed: int = 0, batch: int = 64, t_end: float | None = None,
+                 device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
+    """``n`` samples of ``model`` written to ``out`` (a ``.npy`` file) batch by batch with a
+    progress record beside it (``out.progress.json``): a run interrupted and started again
+    with the same arguments continues after the last finished batch, drawing nothing twice
+    (the noise of batch ``i`` comes from ``seed + i``). ``sampler`` is ``'ode'``
+    (probability-flow ODE, adaptive, to ``t_end``, then one denoising step ``x_0 = D(x,
+    t_end) / m(t_end)``, as a DDIM sampler's last step) or ``'edm'`` (EDM's Heun with
+    ``steps`` levels in the variance-exploding parameterization ``x / m``, to noise 0)."""
+    n, batch, steps = positive_int("n_samples", n), positive_int("batch", batch), \
+        positive_int("steps", steps)
+    if sampler not in ("ode", "edm"):
+        raise fail("--sampler", "'ode' or 'edm'", repr(sampler))
+    sch = model.schedule
+    key = {"model": model.name, "schedule": repr(sch), "sampler": sampler, "steps": steps,
+           "seed": seed, "batch": batch, "n": n, "shape": list(model.data_shape),
+           "t_end": t_end}
+    record = Path(str(out) + ".progress.json")
+    done = 0
+    if out.is_file() and record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("key") == key:
+            done = int(saved.get("done", 0))
+    if done == 0 or not out.is_file():
+        arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
+                                        shape=(n, *model.data_shape))
+        done = 0
+    else:
+        arr = np.load(out, mmap_mode="r+")
+    end = (1 / sch.K if isinstance(sch, DiscreteVP) else 1e-3 * sch.T) if t_end is None else t_end
+    bar = tqdm(total=n, initial=done, disable=not progress, desc=f"sampling {model.name}")
+    for lo in range(done, n, batch):
+        hi = min(n, lo + batch)
+        gen = torch.Generator().manual_seed(seed + lo // batch)
+        z = torch.randn(hi - lo, *model.data_shape, generator=gen, dtype=torch.float32)
+        if sampler == "ode":
+            x_T = (float(sch.sigma(sch.T)) * z).to(device)
+            x = sample_ode(sch, model, x_T, t_end=end, rtol=1e-4, atol=1e-4).samples
+            x = model.denoiser(x, end) / sch.m(end).to(x)  # the last step: E[x_0 | x]
+        else:
+            x = _edm_in_ve(model, z.to(device), steps, end)
+        arr[lo:hi] = x.detach().cpu().numpy()
+        arr.flush()
+        atomic_write_json(record, {"key": key, "done": hi})
+        bar.update(hi - lo)
+    bar.close()
+    return arr
+
+
+def _edm_in_ve(model: ModelScore, z: Tensor, steps: int, t_end: float) -> Tensor:
+    """EDM's Heun sampler for any schedule, in the variance-exploding coordinates
+    ``y = x / m`` with noise level ``sigma_ve = sigma / m``: ``D_ve(y, sigma_ve) =
+    D(m y, t) / m`` at the ``t`` with ``sigma(t) / m(t) = sigma_ve`` (for VP schedules,
+    ``sigma^2 = 1 - m^2``: ``sigma^2 = sigma_ve^2 / (1 + sigma_ve^2)``; else ``m = 1``)."""
+    sch = model.schedule
+
+    def t_of(sigma_ve: Tensor) -> Tensor:
+        s2 = sigma_ve.to(torch.float64) ** 2
+        sigma2 = s2 / (1 + s2) if sch.name == "VP" else s2
+        return sch.t_of_s(-0.5 * torch.log(sigma2))
+
+    def den(y: Tensor, sigma_ve: Tensor) -> Tensor:
+        t = t_of(sigma_ve)
+        m = sch.m(t).to(y.dtype).reshape(-1, *[1] * (y.dim() - 1))
+        return model.denoiser(m * y, t.to(y.dtype)) / m
+
+    lo = float(sch.sigma(t_end) / sch.m(t_end))
+    hi = float(sch.sigma(sch.T) / sch.m(sch.T))
+    return edm_sample(den, hi * z.to(torch.float64), karras_sigmas(steps, lo, hi))
