@@ -64,6 +64,12 @@ def test_exact_match_metric_on_constructed_images():
     flipped[:, 0, 0, 0] = 1 - flipped[:, 0, 0, 0]
     samples = torch.cat([noisy, flipped, torch.zeros(1, 1, 16, 16, dtype=torch.float64)])
     assert images.exact_match_fraction(samples, sq) == pytest.approx(2 / 5)
+    expected = torch.tensor([True, True, False, False, False])
+    assert torch.equal(images.exact_matches(samples, sq), expected)
+    # batches given one by one (the audit's way) give the same answer in one scan of train
+    assert torch.equal(images.exact_matches(iter(samples.split(2)), sq), expected)
+    with pytest.raises(ValueError, match="samples: expected images of shape"):
+        images.exact_matches(iter([samples[:2], samples[:2, :, :8]]), sq)
 
 
 def test_loader_reads_npy_npz_and_png(tmp_path):

@@ -295,7 +295,7 @@ def _faiss_search(samples: Rows | Tensor, train: Centres, k: int, batch: int, ki
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = min(nlist, 16)
         info.update(nlist=nlist, nprobe=index.nprobe)
-    for rows in train.stored_chunks(65536, torch.float32):
+    for rows in train.stored_chunks(dtype=torch.float32):
         index.add(np.ascontiguousarray(rows.reshape(rows.shape[0], d).numpy()))
     rows_in = samples if isinstance(samples, Rows) else None
     n = rows_in.n if rows_in is not None else samples.shape[0]
@@ -440,47 +440,11 @@ def audit(
                    f"shape ({rows.n}, *{rows.data_shape})")
     if centres.n_total < 2:
         raise fail("train", "at least 2 training points (for d1 / d2)", centres.n_total)
-    binary = float(all_reduce(torch.tensor([float(centres.n == 0 or is_binary(centres))]),
-                              process_group, "min")) == 1.0
-    feature_name = None
-    space_rows: Rows | Tensor = rows
-    space_train = centres
-    if features is not None:
-        module = features
-        digest = ""
-        if isinstance(features, str | Path):
-            module = load_features(features, dev)
-            feature_name, digest = str(features), _file_digest(Path(features))
-        else:
-            feature_name = type(features).__name__
-        if not callable(module):
-            raise fail("features", "a callable or a TorchScript file", type(module).__name__)
-
-        def cached(role: str) -> Path | None:
-            return None if feature_cache is None or not digest else \
-                Path(feature_cache) / f"{role}.npy"
-
-        train_vec = embed(Rows(centres, "train"), module, batch_size, dev, progress,
-                          cached("train"), f"{digest}:{_identity(train)}")
-        sample_vec = embed(rows, module, batch_size, dev, progress, cached("samples"),
-                           f"{digest}:{_identity(samples)}")
-        if train_vec.shape[1] != sample_vec.shape[1]:
-            raise fail("features", "vectors of one length", f"{train_vec.shape[1]} and "
-                       f"{sample_vec.shape[1]}")
-        space_rows, space_train = sample_vec, Centres(train_vec, process_group=process_group)
+    space_rows, space_train, feature_name = _feature_space(
+        rows, centres, features, batch_size, dev, progress, feature_cache, (samples, train))
     k = min(centres.n_total, max(2, calibrated_n))
-    recall = None
-    search: dict[str, Any] = {"k": k}
-    if index == "exact":
-        dist, idx = _exact_search(space_rows, space_train, k, batch_size, chunk_size, progress)
-        search["method"] = ("exact: streamed matrix products; the two nearest re-ranked and "
-                            "certified exact, the rest of the k within the product bound")
-    else:
-        dist, idx, info = _faiss_search(space_rows, space_train, k, batch_size, index, seed,
-                                        progress)
-        search.update(info)
-        if index == "faiss-ivf":
-            recall = _recall(space_rows, space_train, idx, k, seed, chunk_size)
+    dist, idx, search, recall = _nearest(space_rows, space_train, k, index, batch_size,
+                                         chunk_size, seed, progress)
     d1, d2 = dist[:, 0], dist[:, 1]
     ratio = distance_ratios(d1, d2)
     calibrated = calibrated_l2(dist, calibrated_alpha, min(calibrated_n, k))
@@ -488,39 +452,25 @@ def audit(
     copies = {f"within_{delta_key(d)}": d1 < d for d in deltas}
     copies["nn_ratio"] = ratio < ratio_threshold
     copies["calibrated_l2"] = calibrated < calibrated_threshold
-    exact = None
-    if binary:
-        local = torch.cat([exact_matches(x, centres) if centres.n else
-                           torch.zeros(x.shape[0], dtype=torch.bool)
-                           for _, x in rows.batches(batch_size)])
-        matches = all_reduce(local.to(torch.float64), process_group, "max") > 0
-        copies["exact_match"] = matches
-        exact = float(matches.to(torch.float64).mean())
-    counts = torch.zeros(centres.n_total, dtype=torch.long)
-    hit = idx[:, 0][copies["nn_ratio"]]
-    counts.index_add_(0, hit, torch.ones_like(hit))
-    top = torch.argsort(counts, descending=True, stable=True)[:TOP_COPIED]
+    exact = _exact_matches(rows, centres, batch_size, process_group)
+    if exact is not None:
+        copies["exact_match"] = exact
     cal_lo, cal_hi = bootstrap_interval(copies["calibrated_l2"], bootstrap, seed=seed)
     dim = int(math.prod(rows.data_shape))
-    images = len(rows.data_shape) >= 2
     result = AuditResult(
         n_samples=rows.n, n_train=centres.n_total, dim=dim, data_shape=rows.data_shape,
         features=feature_name, index=index,
         fraction_within={delta_key(d): f for d, f in within(d1, deltas).items()},
         rms_per_coordinate=({delta_key(d): float(rms_per_coordinate(d, dim)) for d in deltas}
-                            if images and features is None else None),
+                            if len(rows.data_shape) >= 2 and features is None else None),
         nn_ratio={"threshold": ratio_threshold, "fraction": test.fraction,
                   "ci_low": test.ci_low, "ci_high": test.ci_high, "level": test.level},
         calibrated_l2={"alpha": calibrated_alpha, "n": min(calibrated_n, k),
                        "threshold": calibrated_threshold,
                        "fraction": float(copies["calibrated_l2"].to(torch.float64).mean()),
                        "ci_low": cal_lo, "ci_high": cal_hi},
-        exact_match=exact,
-        duplicates={"criterion": "nn_ratio", "copied_samples": int(copies["nn_ratio"].sum()),
-                    "distinct_train_items": int((counts > 0).sum()),
-                    "coverage": float((counts > 0).to(torch.float64).mean()),
-                    "most_copied": [{"train_index": int(i), "copies": int(counts[i])}
-                                    for i in top if counts[i] > 0]},
+        exact_match=None if exact is None else float(exact.to(torch.float64).mean()),
+        duplicates=_duplicates(idx[:, 0], copies["nn_ratio"], centres.n_total),
         quantiles={"d1": _quantiles(d1), "ratio": _quantiles(ratio),
                    "calibrated": _quantiles(calibrated)},
         nearest=idx[:, 0], d1=d1, d2=d2, ratio=ratio, calibrated=calibrated, copies=copies,
@@ -532,6 +482,83 @@ def audit(
         result.cosine = cos
         result.cosine_summary = {"nearest_mean": float(cos.mean()), "quantiles": _quantiles(cos)}
     return result
+
+
+def _feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
+                   dev: torch.device, progress: bool, feature_cache: Path | None,
+                   sources: tuple[Any, Any]) -> tuple[Rows | Tensor, Centres, str | None]:
+    """The space the distances are measured in: the data itself, or the vectors of a feature
+    module (cached per module file and data set, ``sources`` = (samples, train) as given,
+    in ``feature_cache``)."""
+    if features is None:
+        return rows, centres, None
+    module, digest = features, ""
+    if isinstance(features, str | Path):
+        module = load_features(features, dev)
+        feature_name, digest = str(features), _file_digest(Path(features))
+    else:
+        feature_name = type(features).__name__
+    if not callable(module):
+        raise fail("features", "a callable or a TorchScript file", type(module).__name__)
+
+    def cached(role: str) -> Path | None:
+        return None if feature_cache is None or not digest else \
+            Path(feature_cache) / f"{role}.npy"
+
+    train_vec = embed(Rows(centres, "train"), module, batch_size, dev, progress,
+                      cached("train"), f"{digest}:{_identity(sources[1])}")
+    sample_vec = embed(rows, module, batch_size, dev, progress, cached("samples"),
+                       f"{digest}:{_identity(sources[0])}")
+    if train_vec.shape[1] != sample_vec.shape[1]:
+        raise fail("features", "vectors of one length", f"{train_vec.shape[1]} and "
+                   f"{sample_vec.shape[1]}")
+    return sample_vec, Centres(train_vec, process_group=centres.group), feature_name
+
+
+def _nearest(space_rows: Rows | Tensor, space_train: Centres, k: int, index: str,
+             batch_size: int, chunk_size: int, seed: int, progress: bool
+             ) -> tuple[Tensor, Tensor, dict[str, Any], float | None]:
+    """The ``k`` nearest training points of every sample (distances, indices), how they were
+    found, and the IVF's measured recall (``None`` for the other indexes)."""
+    search: dict[str, Any] = {"k": k}
+    if index == "exact":
+        dist, idx = _exact_search(space_rows, space_train, k, batch_size, chunk_size, progress)
+        search["method"] = ("exact: streamed matrix products; the two nearest re-ranked and "
+                            "certified exact, the rest of the k within the product bound")
+        return dist, idx, search, None
+    dist, idx, info = _faiss_search(space_rows, space_train, k, batch_size, index, seed,
+                                    progress)
+    search.update(info)
+    recall = (_recall(space_rows, space_train, idx, k, seed, chunk_size)
+              if index == "faiss-ivf" else None)
+    return dist, idx, search, recall
+
+
+def _exact_matches(rows: Rows, centres: Centres, batch_size: int,
+                   process_group: Any) -> Tensor | None:
+    """For binary training images: whether each sample, thresholded at 0.5, equals a
+    training image (``None`` when the training set is not binary)."""
+    binary = float(all_reduce(torch.tensor([float(centres.n == 0 or is_binary(centres))]),
+                              process_group, "min")) == 1.0
+    if not binary:
+        return None
+    local = (exact_matches((x for _, x in rows.batches(batch_size)), centres) if centres.n
+             else torch.zeros(rows.n, dtype=torch.bool))
+    return all_reduce(local.to(torch.float64), process_group, "max") > 0
+
+
+def _duplicates(nearest: Tensor, copied: Tensor, n_train: int) -> dict[str, Any]:
+    """Copies per training item by ``copied`` samples: how many items, the coverage and the
+    :data:`TOP_COPIED` most copied."""
+    counts = torch.zeros(n_train, dtype=torch.long)
+    hit = nearest[copied]
+    counts.index_add_(0, hit, torch.ones_like(hit))
+    top = torch.argsort(counts, descending=True, stable=True)[:TOP_COPIED]
+    return {"criterion": "nn_ratio", "copied_samples": int(copied.sum()),
+            "distinct_train_items": int((counts > 0).sum()),
+            "coverage": float((counts > 0).to(torch.float64).mean()),
+            "most_copied": [{"train_index": int(i), "copies": int(counts[i])}
+                            for i in top if counts[i] > 0]}
 
 
 def _recall(samples: Rows | Tensor, train: Centres, found: Tensor, k: int, seed: int,

@@ -34,8 +34,17 @@ from torch import Tensor
 
 from diffmem._checks import fail, positive_int
 
-#: Rows per chunk when a source is read for its mean, finiteness and norms.
-SCAN_ROWS = 65536
+#: Values (rows x coordinates) per chunk when a source is read whole, for its mean,
+#: finiteness, norms, covariance or a copy test: 2^22 (32 MB in float64) whatever the
+#: dimension, so that a scan's memory does not grow with the rows' size.
+SCAN_VALUES = 1 << 22
+
+
+def scan_rows(row_size: int) -> int:
+    """Rows per scanning chunk of rows of ``row_size`` values: ``max(1, 2^22 // row_size)``."""
+    return max(1, SCAN_VALUES // max(1, int(row_size)))
+
+
 #: Storage dtypes that may hold a training set (computation is float32 or float64).
 STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64}
@@ -223,8 +232,9 @@ class Centres:
         work = torch.float64 if self.source_dtype == torch.float64 else torch.float32
         total = torch.zeros(self.d, dtype=torch.float64)
         sq = torch.empty(self.n, dtype=torch.float64)
-        for lo in range(0, self.n, SCAN_ROWS):
-            hi = min(self.n, lo + SCAN_ROWS)
+        step = scan_rows(self.d)
+        for lo in range(0, self.n, step):
+            hi = min(self.n, lo + step)
             rows = self._rows(lo, hi, copy=False).to(work)
             sums = torch.ones(hi - lo, dtype=work, device=rows.device) @ rows
             norms = torch.einsum("ij,ij->i", rows, rows)
@@ -238,8 +248,8 @@ class Centres:
         all_reduce(total, self.group)
         mean = total / self.n_total
         top = torch.zeros(1, dtype=torch.float64)
-        for lo in range(0, self.n, SCAN_ROWS):
-            hi = min(self.n, lo + SCAN_ROWS)
+        for lo in range(0, self.n, step):
+            hi = min(self.n, lo + step)
             rows = self._rows(lo, hi, copy=False).to(work)
             cross = (rows @ mean.to(dtype=work, device=rows.device)).to(torch.float64).cpu()
             top = torch.maximum(top, sq[lo:hi].max(0, keepdim=True).values)
@@ -341,8 +351,11 @@ class Centres:
         """Rows ``lo:hi`` of this block as stored (uncentred), ``(rows, *data_shape)``."""
         return self._rows(lo, hi).reshape(hi - lo, *self.data_shape)
 
-    def stored_chunks(self, step: int, dtype: torch.dtype = torch.float64) -> Iterator[Tensor]:
-        """This block's rows as stored (uncentred) in chunks ``(rows, *data_shape)``."""
+    def stored_chunks(self, step: int | None = None,
+                      dtype: torch.dtype = torch.float64) -> Iterator[Tensor]:
+        """This block's rows as stored (uncentred) in chunks ``(rows, *data_shape)`` of
+        ``step`` rows (default :func:`scan_rows`: a bounded number of values)."""
+        step = scan_rows(self.d) if step is None else step
         for lo in range(0, self.n, step):
             hi = min(self.n, lo + step)
             yield self._rows(lo, hi).to(dtype).reshape(hi - lo, *self.data_shape)

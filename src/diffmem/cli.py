@@ -243,26 +243,13 @@ def audit_command(
         folder = prepare_out(out)
         gap = None
         if model is not None:
-            from diffmem.audit import denoiser_gap
-            from diffmem.models import load_model, sample_model
-
-            shape = Centres(whole).data_shape
-            loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
-                                schedule=schedule, kind=model_kind, data_shape=shape,
-                                index=model_index, device=device)
-            if tuple(loaded.data_shape) != tuple(shape):
-                raise ValueError(f"--model: expected a model of the training data's shape "
-                                 f"{tuple(shape)}, received one of shape "
-                                 f"{tuple(loaded.data_shape)}")
-            if _leader(group):
-                with FolderLock(folder):
-                    sample_model(loaded, n_samples, folder / "samples.npy", sampler=sampler,
-                                 steps=steps, seed=seed, device=device, progress=progress)
-                    gap = denoiser_gap(loaded, whole, held=None if held_out is None else
-                                       open_input(held_out, None, size, "--held-out"),
-                                       seed=seed)
-            if group is not None:
-                dist.barrier(group)
+            gap = _draw_from_model(
+                model, whole, folder, group, dict(
+                    scheduler=scheduler, schedule=schedule, kind=model_kind,
+                    index=model_index, device=device),
+                dict(n=n_samples, sampler=sampler, steps=steps, seed=seed, device=device,
+                     progress=progress),
+                None if held_out is None else open_input(held_out, None, size, "--held-out"))
             samples = folder / "samples.npy"
         sample_data = open_input(samples, key, size, "SAMPLES")
         block = whole
@@ -290,23 +277,59 @@ def audit_command(
         _fail(str(err))
         return
     if _leader(group):
-        nn, cal = result.nn_ratio, result.calibrated_l2
-        typer.echo(f"{result.n_samples} samples against {result.n_train} training items: "
-                   f"nn-ratio copies {nn['fraction']:.3f} [{nn['ci_low']:.3f}, "
-                   f"{nn['ci_high']:.3f}], calibrated-l2 copies {cal['fraction']:.3f}, "
-                   "within delta " + ", ".join(f"{k}: {v:.3f}" for k, v in
-                                                result.fraction_within.items())
-                   + (f", exact matches {result.exact_match:.3f}"
-                      if result.exact_match is not None else ""))
-        if gap is not None:
-            from diffmem.audit import follows_down_to
+        _echo_audit(result, gap, folder)
 
-            level = follows_down_to(gap)
-            typer.echo("the model's denoiser is within 0.1 of the empirical (memorizing) one "
-                       + (f"from sigma(T) down to sigma = {level:.3g}" if level is not None
-                          else "at no level of the grid") + f" ({folder / 'denoiser_gap.json'})")
-        typer.echo(f"      -> {folder / 'audit.json'}, {folder / 'per_sample.csv'}, "
-                   f"{folder / 'index.html'}")
+
+def _draw_from_model(model: str, train: Any, folder: Path, group: Any,
+                     load: dict[str, Any], draw: dict[str, Any],
+                     held: Any) -> dict[str, Any] | None:
+    """Load ``--model``, draw its samples into ``folder/samples.npy`` (resumable) and measure
+    its denoiser against the closed forms; process 0 does the work and returns the denoiser
+    gap, the others wait and return None."""
+    import torch.distributed as dist
+
+    from diffmem.audit import denoiser_gap
+    from diffmem.centres import Centres
+    from diffmem.experiments.base import FolderLock
+    from diffmem.models import load_model, sample_model
+
+    shape = Centres(train).data_shape
+    scheduler = load.pop("scheduler")
+    loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
+                        data_shape=shape, **load)
+    if tuple(loaded.data_shape) != tuple(shape):
+        raise ValueError(f"--model: expected a model of the training data's shape "
+                         f"{tuple(shape)}, received one of shape {tuple(loaded.data_shape)}")
+    gap = None
+    if _leader(group):
+        with FolderLock(folder):
+            n = draw.pop("n")
+            sample_model(loaded, n, folder / "samples.npy", **draw)
+            gap = denoiser_gap(loaded, train, held=held, seed=draw["seed"])
+    if group is not None:
+        dist.barrier(group)
+    return gap
+
+
+def _echo_audit(result: Any, gap: dict[str, Any] | None, folder: Path) -> None:
+    """The audit's one-line summary and where its files are."""
+    nn, cal = result.nn_ratio, result.calibrated_l2
+    typer.echo(f"{result.n_samples} samples against {result.n_train} training items: "
+               f"nn-ratio copies {nn['fraction']:.3f} [{nn['ci_low']:.3f}, "
+               f"{nn['ci_high']:.3f}], calibrated-l2 copies {cal['fraction']:.3f}, "
+               "within delta " + ", ".join(f"{k}: {v:.3f}" for k, v in
+                                            result.fraction_within.items())
+               + (f", exact matches {result.exact_match:.3f}"
+                  if result.exact_match is not None else ""))
+    if gap is not None:
+        from diffmem.audit import follows_down_to
+
+        level = follows_down_to(gap)
+        typer.echo("the model's denoiser is within 0.1 of the empirical (memorizing) one "
+                   + (f"from sigma(T) down to sigma = {level:.3g}" if level is not None
+                      else "at no level of the grid") + f" ({folder / 'denoiser_gap.json'})")
+    typer.echo(f"      -> {folder / 'audit.json'}, {folder / 'per_sample.csv'}, "
+               f"{folder / 'index.html'}")
 
 
 def main() -> None:  # pragma: no cover

@@ -4,6 +4,8 @@ exact-match memorization metric for binary images. Images are float tensors
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -181,30 +183,37 @@ def _binary_rows(rows: Tensor, threshold: float) -> list[bytes]:
     return [r.tobytes() for r in np.packbits(bits, axis=1)]
 
 
-def exact_matches(samples: Tensor, train: Any, threshold: float = 0.5,
-                  chunk: int = 65536) -> Tensor:
+def exact_matches(samples: Tensor | Iterable[Tensor], train: Any,
+                  threshold: float = 0.5) -> Tensor:
     """Per sample: whether it equals some training image after thresholding every pixel at
-    ``threshold`` (boolean ``(batch,)``). ``train`` is a tensor or anything
+    ``threshold`` (boolean ``(batch,)``). ``samples`` is a tensor or an iterable of batches
+    (read once, after the training set). ``train`` is a tensor or anything
     :class:`diffmem.centres.Centres` streams (memory-map, path, shards): its thresholded
-    rows are hashed chunk by chunk, so memory stays ``O(N / 8)`` bytes."""
+    rows are hashed chunk by chunk, in one pass, so memory stays ``O(N / 8)`` bytes."""
     from diffmem.centres import as_centres
 
     if isinstance(train, Tensor):
-        if tuple(samples.shape[1:]) != tuple(train.shape[1:]):
-            raise fail("samples", f"images of shape {tuple(train.shape[1:])} like train",
-                       f"shape {tuple(samples.shape)}")
-        chunks: Any = (train[i : i + chunk] for i in range(0, train.shape[0], chunk))
+        shape, chunks = tuple(train.shape[1:]), _tensor_chunks(train)
     else:
         centres = as_centres(train)
-        if tuple(samples.shape[1:]) != tuple(centres.data_shape):
-            raise fail("samples", f"images of shape {centres.data_shape} like train",
-                       f"shape {tuple(samples.shape)}")
-        chunks = centres.stored_chunks(chunk, torch.float32)
+        shape, chunks = tuple(centres.data_shape), centres.stored_chunks(dtype=torch.float32)
+    batches = [samples] if isinstance(samples, Tensor) else samples
+
+    def checked(batch: Tensor) -> Tensor:
+        if tuple(batch.shape[1:]) != shape:
+            raise fail("samples", f"images of shape {shape} like train",
+                       f"shape {tuple(batch.shape)}")
+        return batch
+
+    if isinstance(samples, Tensor):  # before the scan of the training set
+        checked(samples)
     seen: set[bytes] = set()
     for rows in chunks:
         seen.update(_binary_rows(rows, threshold))
-    return torch.tensor([key in seen for key in _binary_rows(samples, threshold)],
-                        dtype=torch.bool)
+    found: list[bool] = []
+    for batch in batches:
+        found += [key in seen for key in _binary_rows(checked(batch), threshold)]
+    return torch.tensor(found, dtype=torch.bool)
 
 
 def exact_match_fraction(samples: Tensor, train: Any, threshold: float = 0.5) -> float:
@@ -215,10 +224,18 @@ def exact_match_fraction(samples: Tensor, train: Any, threshold: float = 0.5) ->
     return float(exact_matches(samples, train, threshold).double().mean())
 
 
-def is_binary(data: Any, chunk: int = 65536) -> bool:
+def is_binary(data: Any) -> bool:
     """Whether every value of a training set is 0 or 1 (images made of two levels)."""
     from diffmem.centres import as_centres
 
-    rows = (data[i : i + chunk] for i in range(0, data.shape[0], chunk)) if isinstance(
-        data, Tensor) else as_centres(data).stored_chunks(chunk, torch.float32)
+    rows = _tensor_chunks(data) if isinstance(data, Tensor) else \
+        as_centres(data).stored_chunks(dtype=torch.float32)
     return all(bool(((r == 0) | (r == 1)).all()) for r in rows)
+
+
+def _tensor_chunks(data: Tensor) -> Any:
+    """An in-memory set in chunks of a bounded number of values."""
+    from diffmem.centres import scan_rows
+
+    step = scan_rows(int(math.prod(data.shape[1:])))
+    return (data[i : i + step] for i in range(0, data.shape[0], step))

@@ -247,6 +247,35 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out_dir / "per_sample.csv", buf.getvalue().encode())
+    summary = _audit_summary(result)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffmem audit</title>"
+             f"<style>{_STYLE}.pair{{display:inline-block;margin:6px;text-align:center;"
+             "font-size:.75em;border:1px solid #ddd;padding:4px}.pair img{border:0;margin:0 2px}"
+             "</style></head><body><h1>diffmem audit: do these samples copy the training "
+             "data?</h1>",
+             f"<p>Samples: <code>{html.escape(str(inputs.get('samples')))}</code>"
+             + (f" (drawn from <code>{html.escape(str(inputs['model']))}</code> with the "
+                f"{html.escape(str(inputs.get('sampler')))} sampler)"
+                if inputs.get("model") else "") + "; training "
+             f"set: <code>{html.escape(str(inputs.get('train')))}</code>. Distances are "
+             "Euclidean (data or feature units); ratios are dimensionless.</p>",
+             "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
+             + "</table>",
+             f"<h2>Distributions</h2><img alt='histograms' src='data:image/png;base64,"
+             f"{_histograms(result)}'>"]
+    parts += _audit_gallery(result, samples, train)
+    if gap is not None:
+        atomic_write_json(out_dir / "denoiser_gap.json", gap)
+        parts.append(_gap_section(gap))
+    parts.append("<p>Files: <code>audit.json</code> (every figure above with its units), "
+                 "<code>per_sample.csv</code> (one row per sample)"
+                 + (", <code>samples.npy</code>, <code>denoiser_gap.json</code>"
+                    if gap is not None else "") + ".</p></body></html>")
+    atomic_write_bytes(out_dir / "index.html", "\n".join(parts).encode())
+
+
+def _audit_summary(result: Any) -> list[tuple[str, str]]:
+    """The audit page's table of figures (label, value)."""
     summary = [
         ("samples / training items / dimension",
          f"{result.n_samples} / {result.n_train} / {result.dim}"),
@@ -277,18 +306,13 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
     if result.recall:
         summary.append(("IVF recall against exact search", html.escape(json.dumps(
             result.recall))))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffmem audit</title>"
-             f"<style>{_STYLE}.pair{{display:inline-block;margin:6px;text-align:center;"
-             "font-size:.75em;border:1px solid #ddd;padding:4px}.pair img{border:0;margin:0 2px}"
-             "</style></head><body><h1>diffmem audit: do these samples copy the training "
-             "data?</h1>",
-             f"<p>Samples: <code>{html.escape(str(inputs.get('samples')))}</code>; training "
-             f"set: <code>{html.escape(str(inputs.get('train')))}</code>. Distances are "
-             "Euclidean (data or feature units); ratios are dimensionless.</p>",
-             "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
-             + "</table>",
-             f"<h2>Distributions</h2><img alt='histograms' src='data:image/png;base64,"
-             f"{_histograms(result)}'>"]
+    return summary
+
+
+def _audit_gallery(result: Any, samples: Any, train: Any) -> list[str]:
+    """The most copy-like samples beside their nearest training items and the most-copied
+    items (images), or the samples over a PCA of the training set and a table (vectors)."""
+    parts: list[str] = []
     images = len(result.data_shape) >= 2
     order = result.ratio.argsort()[:GALLERY].tolist()
     if images:
@@ -323,27 +347,24 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
             (f"sample {i}", f"nearest training item {int(result.nearest[i])}, d1 "
              f"{float(result.d1[i]):.4g}, d1/d2 {float(result.ratio[i]):.4f}, calibrated "
              f"{float(result.calibrated[i]):.4f}") for i in order]))
-    if gap is not None:
-        from diffmem import plots
-        from diffmem.audit import follows_down_to
+    return parts
 
-        atomic_write_json(out_dir / "denoiser_gap.json", gap)
-        level = follows_down_to(gap)
-        fig = plots.denoiser_gap_figure({"model": gap}, "the model's denoiser against the "
-                                                        "empirical (memorizing) one")
-        parts.append("<h2>How far is the model from the memorizing score?</h2><p>"
-                     "E|D_model - D_e|^2 / E|D_e - x|^2 at each noise level, for noisy "
-                     "training points" + (" and noisy held-out points" if "held" in gap
-                                          else "") + ": near 0 the model denoises like the "
-                     "empirical score, i.e. returns training points. At large noise every "
-                     "good denoiser agrees with it; what tells is how far down the model "
-                     "follows it. "
-                     + ("It stays within 0.1 of it from the top of the grid down to sigma = "
-                        + f"{level:.3g}." if level is not None else "It is not within 0.1 "
-                        "of it even at the largest level of the grid.") + "</p>"
-                     f"<img alt='denoiser gap' src='data:image/png;base64,{_figure_png(fig)}'>")
-    parts.append("<p>Files: <code>audit.json</code> (every figure above with its units), "
-                 "<code>per_sample.csv</code> (one row per sample)"
-                 + (", <code>samples.npy</code>, <code>denoiser_gap.json</code>"
-                    if gap is not None else "") + ".</p></body></html>")
-    atomic_write_bytes(out_dir / "index.html", "\n".join(parts).encode())
+
+def _gap_section(gap: dict[str, Any]) -> str:
+    """The audit page's section on the model's denoiser against the empirical one."""
+    from diffmem import plots
+    from diffmem.audit import follows_down_to
+
+    level = follows_down_to(gap)
+    fig = plots.denoiser_gap_figure({"model": gap}, "the model's denoiser against the "
+                                                    "empirical (memorizing) one")
+    held = " and noisy held-out points" if "held" in gap else ""
+    reach = (f"It stays within 0.1 of it from the top of the grid down to sigma = {level:.3g}."
+             if level is not None else
+             "It is not within 0.1 of it even at the largest level of the grid.")
+    return ("<h2>How far is the model from the memorizing score?</h2><p>E|D_model - D_e|^2 / "
+            f"E|D_e - x|^2 at each noise level, for noisy training points{held}: near 0 the "
+            "model denoises like the empirical score, i.e. returns training points. At large "
+            "noise every good denoiser agrees with it; what tells is how far down the model "
+            f"follows it. {reach}</p><img alt='denoiser gap' "
+            f"src='data:image/png;base64,{_figure_png(fig)}'>")

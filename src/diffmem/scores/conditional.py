@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from diffmem._checks import fail, finite_tensor, positive
-from diffmem.centres import SCAN_ROWS, TrainingData, all_reduce
+from diffmem.centres import TrainingData, all_reduce
 from diffmem.schedules import Schedule, TimeLike
 from diffmem.scores.empirical import ClosedFormScore, EmpiricalScore, ThresholdScore, TikhonovScore
 
@@ -85,7 +85,7 @@ class ConditionalEmpiricalScore:
                 self.operator = operator
             else:
                 raise fail("operator", "a matrix or a callable", type(operator).__name__)
-            blocks = list(centres.stored_chunks(SCAN_ROWS, centres.source_dtype)) or [
+            blocks = list(centres.stored_chunks(dtype=centres.source_dtype)) or [
                 torch.zeros(0, *centres.data_shape, dtype=centres.source_dtype)]
             anchors = torch.cat([self.operator(rows).flatten(1)
                                  for rows in blocks])

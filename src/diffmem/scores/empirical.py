@@ -28,7 +28,7 @@ from diffmem._checks import (
     positive_int,
     training_set,
 )
-from diffmem.centres import SCAN_ROWS, Centres, TrainingData, all_reduce
+from diffmem.centres import Centres, TrainingData, all_reduce, scan_rows
 from diffmem.mixture import Mixture, gaussian_mixture
 from diffmem.schedules import Schedule, TimeLike, time_tensor
 
@@ -292,7 +292,7 @@ class TikhonovScore(ClosedFormScore):
             raise fail("train", "at least 2 points to estimate a covariance", centres.n_total)
         like = torch.empty(0, dtype=torch.float64)
         cov = torch.zeros(centres.d, centres.d, dtype=torch.float64)
-        for _, y, _ in centres.chunks(SCAN_ROWS, like):
+        for _, y, _ in centres.chunks(scan_rows(centres.d), like):
             cov += y.T @ y
         cov = all_reduce(cov, centres.group) / (centres.n_total - 1)
         cov = cov + ridge * torch.trace(cov) / cov.shape[0] * torch.eye(cov.shape[0],

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from diffmem._checks import fail, nonnegative, positive_int
-from diffmem.centres import SCAN_ROWS, TrainingData, all_reduce
+from diffmem.centres import TrainingData, all_reduce, scan_rows
 from diffmem.mixture import Mixture
 from diffmem.schedules import Schedule
 from diffmem.scores.empirical import ClosedFormScore, EmpiricalScore, _residual
@@ -111,7 +111,7 @@ class GaussianScore(ClosedFormScore):
         centres = self.centres
         like = torch.empty(0, dtype=torch.float64)
         cov = torch.zeros(centres.d, centres.d, dtype=torch.float64)
-        for _, y, _ in centres.chunks(SCAN_ROWS, like):
+        for _, y, _ in centres.chunks(scan_rows(centres.d), like):
             cov += y.T @ y
         cov = all_reduce(cov, centres.group) / centres.n_total
         self.mean = centres.offset.clone()
