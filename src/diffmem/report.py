@@ -248,6 +248,8 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
     writer.writerows(rows)
     atomic_write_bytes(out_dir / "per_sample.csv", buf.getvalue().encode())
     summary = _audit_summary(result)
+    given = inputs.get("train")
+    train_names = ", ".join(map(str, given)) if isinstance(given, list | tuple) else str(given)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffmem audit</title>"
              f"<style>{_STYLE}.pair{{display:inline-block;margin:6px;text-align:center;"
              "font-size:.75em;border:1px solid #ddd;padding:4px}.pair img{border:0;margin:0 2px}"
@@ -257,7 +259,7 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
              + (f" (drawn from <code>{html.escape(str(inputs['model']))}</code> with the "
                 f"{html.escape(str(inputs.get('sampler')))} sampler)"
                 if inputs.get("model") else "") + "; training "
-             f"set: <code>{html.escape(str(inputs.get('train')))}</code>. Distances are "
+             f"set: <code>{html.escape(train_names)}</code>. Distances are "
              "Euclidean (data or feature units); ratios are dimensionless.</p>",
              "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
              + "</table>",
