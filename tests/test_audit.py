@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from constructed import line_with_copies
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,12 +19,7 @@ from diffmem.cli import app
 def constructed(seed=0):
     """24 training points on a line, 1 apart; 30 copies within 1e-3 of points 0..2; 10 novel
     points at midpoints of interior neighbours (d1 = d2)."""
-    gen = torch.Generator().manual_seed(seed)
-    train = torch.zeros(24, 3, dtype=torch.float64)
-    train[:, 0] = torch.arange(24)
-    direction = torch.randn(30, 3, generator=gen, dtype=torch.float64)
-    direction /= direction.norm(dim=1, keepdim=True)
-    copies = train[torch.arange(30) % 3] + 1e-3 * direction
+    train, copies = line_with_copies(24, 3, seed=seed)
     novel = (train[5:15] + train[6:16]) / 2
     return train, torch.cat([copies, novel])
 

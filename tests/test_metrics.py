@@ -1,5 +1,6 @@
 import pytest
 import torch
+from constructed import line_with_copies
 
 from diffmem.metrics import fraction_within, hit_counts, nearest, nn_ratio
 
@@ -7,12 +8,7 @@ from diffmem.metrics import fraction_within, hit_counts, nearest, nn_ratio
 def constructed(seed=0):
     """10 training points on a wide grid; 30 copies at distance 1e-3 of points 0..2 and 20
     novel points at the midpoints of neighbours (distance 0.5 from two training points)."""
-    gen = torch.Generator().manual_seed(seed)
-    train = torch.zeros(10, 2, dtype=torch.float64)
-    train[:, 0] = torch.arange(10)
-    direction = torch.randn(30, 2, generator=gen, dtype=torch.float64)
-    direction /= direction.norm(dim=1, keepdim=True)
-    copies = train[torch.arange(30) % 3] + 1e-3 * direction
+    train, copies = line_with_copies(10, 2, seed=seed)
     novel = (train[:-1] + train[1:]).repeat(3, 1)[:20] / 2
     return train, copies, novel
 
