@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffmem._checks import fail, positive, positive_int
-from diffmem.centres import Centres, TrainingData, all_reduce, as_centres
+from diffmem.centres import Centres, TrainingData, all_reduce, as_centres, open_npy
 from diffmem.images import exact_matches, is_binary
 from diffmem.io import atomic_write_bytes
 from diffmem.metrics import (
@@ -92,13 +92,7 @@ class Rows:
             self.data, self.n, self.data_shape = None, data.n, data.data_shape
             return
         if isinstance(data, str | Path):
-            path = Path(data)
-            if not path.is_file():
-                raise fail(name, "an existing .npy file", str(path))
-            try:
-                data = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise fail(name, "a readable .npy file", f"{path} ({err})") from err
+            data = open_npy(data, name)
         if isinstance(data, np.ndarray):
             if data.dtype.kind != "f":
                 raise fail(name, "floating-point values", f"dtype {data.dtype}")
@@ -253,26 +247,20 @@ def _identity(data: Any) -> str:
 
 
 # --- neighbour search --------------------------------------------------------------------
-def _exact_search(samples: Rows | Tensor, train: Centres, k: int, batch: int,
+def _exact_search(samples: Rows, train: Centres, k: int, batch: int,
                   chunk_size: int, progress: bool) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest training points of every sample (streamed over both sets): the two
     nearest certified exact (d1, d2 and which item is nearest), the others with their
     matrix-product distances (they only enter the calibrated distance's mean)."""
-    rows = samples if isinstance(samples, Rows) else None
-    n = rows.n if rows is not None else samples.shape[0]
     dist, idx = [], []
-    bar = tqdm(range(0, n, batch), disable=not progress, desc="nearest neighbours",
-               leave=False)
-    for lo in bar:
-        hi = min(n, lo + batch)
-        x = rows.batch(lo, hi) if rows is not None else samples[lo:hi]
+    for x in _progress_batches(samples, batch, progress, "nearest neighbours"):
         d, i = knn(x, train, k, chunk_size=chunk_size, exact=2)
         dist.append(d.cpu())
         idx.append(i.cpu())
     return torch.cat(dist), torch.cat(idx)
 
 
-def _faiss_search(samples: Rows | Tensor, train: Centres, k: int, batch: int, kind: str,
+def _faiss_search(samples: Rows, train: Centres, k: int, batch: int, kind: str,
                   seed: int, progress: bool) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``k`` nearest by a faiss index (``IndexFlatL2`` or ``IndexIVFFlat`` with
     ``nlist = 4 sqrt(N)`` lists, ``nprobe = 16``); Euclidean distances."""
@@ -297,18 +285,22 @@ def _faiss_search(samples: Rows | Tensor, train: Centres, k: int, batch: int, ki
         info.update(nlist=nlist, nprobe=index.nprobe)
     for rows in train.stored_chunks(dtype=torch.float32):
         index.add(np.ascontiguousarray(rows.reshape(rows.shape[0], d).numpy()))
-    rows_in = samples if isinstance(samples, Rows) else None
-    n = rows_in.n if rows_in is not None else samples.shape[0]
     dist, idx = [], []
-    for lo in tqdm(range(0, n, batch), disable=not progress, desc="faiss search",
-                   leave=False):
-        hi = min(n, lo + batch)
-        x = rows_in.batch(lo, hi) if rows_in is not None else samples[lo:hi]
+    for x in _progress_batches(samples, batch, progress, "faiss search"):
         sq, ii = index.search(np.ascontiguousarray(x.reshape(x.shape[0], d).float().numpy()),
                               k)
         dist.append(torch.from_numpy(np.sqrt(np.maximum(sq, 0)).astype(np.float64)))
         idx.append(torch.from_numpy(ii.astype(np.int64)))
     return torch.cat(dist), torch.cat(idx), info
+
+
+def _progress_batches(rows: Rows, batch: int, progress: bool, desc: str) -> Iterator[Tensor]:
+    """``rows`` in batches of ``batch``, with a progress bar."""
+    bar = tqdm(total=rows.n, disable=not progress, desc=desc, leave=False)
+    for _, x in rows.batches(batch):
+        yield x
+        bar.update(x.shape[0])
+    bar.close()
 
 
 # --- the result --------------------------------------------------------------------------
@@ -476,9 +468,9 @@ def audit(
         nearest=idx[:, 0], d1=d1, d2=d2, ratio=ratio, calibrated=calibrated, copies=copies,
         recall=recall, search=search)
     if features is not None:
-        assert isinstance(space_rows, Tensor)
-        near = space_train.take_raw(idx[:, 0], space_rows)
-        cos = torch.nn.functional.cosine_similarity(space_rows, near, dim=1)
+        vectors = space_rows.data  # the samples' feature vectors, in memory
+        near = space_train.take_raw(idx[:, 0], vectors)
+        cos = torch.nn.functional.cosine_similarity(vectors, near, dim=1)
         result.cosine = cos
         result.cosine_summary = {"nearest_mean": float(cos.mean()), "quantiles": _quantiles(cos)}
     return result
@@ -486,7 +478,7 @@ def audit(
 
 def _feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
                    dev: torch.device, progress: bool, feature_cache: Path | None,
-                   sources: tuple[Any, Any]) -> tuple[Rows | Tensor, Centres, str | None]:
+                   sources: tuple[Any, Any]) -> tuple[Rows, Centres, str | None]:
     """The space the distances are measured in: the data itself, or the vectors of a feature
     module (cached per module file and data set, ``sources`` = (samples, train) as given,
     in ``feature_cache``)."""
@@ -512,10 +504,11 @@ def _feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
     if train_vec.shape[1] != sample_vec.shape[1]:
         raise fail("features", "vectors of one length", f"{train_vec.shape[1]} and "
                    f"{sample_vec.shape[1]}")
-    return sample_vec, Centres(train_vec, process_group=centres.group), feature_name
+    return (Rows(sample_vec, "samples"), Centres(train_vec, process_group=centres.group),
+            feature_name)
 
 
-def _nearest(space_rows: Rows | Tensor, space_train: Centres, k: int, index: str,
+def _nearest(space_rows: Rows, space_train: Centres, k: int, index: str,
              batch_size: int, chunk_size: int, seed: int, progress: bool
              ) -> tuple[Tensor, Tensor, dict[str, Any], float | None]:
     """The ``k`` nearest training points of every sample (distances, indices), how they were
@@ -561,14 +554,13 @@ def _duplicates(nearest: Tensor, copied: Tensor, n_train: int) -> dict[str, Any]
                             for i in top if counts[i] > 0]}
 
 
-def _recall(samples: Rows | Tensor, train: Centres, found: Tensor, k: int, seed: int,
+def _recall(samples: Rows, train: Centres, found: Tensor, k: int, seed: int,
             chunk_size: int) -> dict[str, Any]:
     """Recall of approximate neighbours against exact search on a random subsample:
     ``recall@1`` (the nearest found) and ``recall@k`` (overlap of the ``k`` sets)."""
-    n = samples.n if isinstance(samples, Rows) else samples.shape[0]
     gen = np.random.default_rng(seed)
-    pick = np.sort(gen.choice(n, size=min(n, RECALL_SAMPLES), replace=False))
-    x = samples.take(pick) if isinstance(samples, Rows) else samples[torch.from_numpy(pick)]
+    pick = np.sort(gen.choice(samples.n, size=min(samples.n, RECALL_SAMPLES), replace=False))
+    x = samples.take(pick)
     _, exact = knn(x, train, k, chunk_size=chunk_size)
     approx = found[torch.from_numpy(pick)]
     at1 = (approx[:, 0] == exact[:, 0]).to(torch.float64).mean()
@@ -588,8 +580,9 @@ def _model_denoiser(model: Any, x: Tensor, t: Tensor) -> Tensor:
         return model.denoiser(x, t)
     if isinstance(model, HasSigma2Score):
         return x + model.sigma2_score(x, t)
-    s2 = model.schedule.sigma2(t).to(x).reshape(-1, *[1] * (x.dim() - 1))
-    return x + s2 * model(x, t)
+    from diffmem.schedules import expand_as_batch
+
+    return x + expand_as_batch(model.schedule.sigma2(t).to(x), x) * model(x, t)
 
 
 def denoiser_gap(model: Any, train: TrainingData, *, held: Any = None,

@@ -119,6 +119,17 @@ def _from_numpy(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a)
 
 
+def open_npy(path: str | Path, name: str) -> np.ndarray:
+    """The ``.npy`` file at ``path`` memory-mapped read-only (argument ``name`` in errors)."""
+    p = Path(path)
+    if not p.is_file():
+        raise fail(name, "an existing .npy file", str(p))
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise fail(name, "a readable .npy file", f"{p} ({err})") from err
+
+
 def _as_arrays(data: TrainingData) -> list[Any] | None:
     """Numpy arrays (memory-maps for paths) of a streamed source, or ``None`` for a tensor."""
     if isinstance(data, Tensor):
@@ -130,13 +141,7 @@ def _as_arrays(data: TrainingData) -> list[Any] | None:
     arrays = []
     for item in items:
         if isinstance(item, str | Path):
-            path = Path(item)
-            if not path.is_file():
-                raise fail("train", "an existing .npy file", str(path))
-            try:
-                item = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise fail("train", "a readable .npy file", f"{path} ({err})") from err
+            item = open_npy(item, "train")
         if isinstance(item, Tensor):
             item = item.detach().cpu().numpy()
         if not isinstance(item, np.ndarray):
@@ -301,13 +306,18 @@ class Centres:
         if key not in self._sqnorm:
             self._sqnorm[key] = self._sqnorm64.to(dtype=like.dtype, device=like.device)
         if not self.streamed:
-            assert self._tensor is not None
-            if key not in self._raw:
-                self._raw[key] = self._tensor.to(dtype=like.dtype, device=like.device)
-            rows = self._raw[key][lo:hi]
+            rows = self._raw_tensor(like)[lo:hi]
         else:
             rows = self._rows(lo, hi, copy=False).to(dtype=like.dtype, device=like.device)
         return rows, self._sqnorm[key][lo:hi]
+
+    def _raw_tensor(self, like: Tensor) -> Tensor:
+        """The in-memory block, uncentred, in ``like``'s dtype and device (cached)."""
+        assert self._tensor is not None
+        key = (like.dtype, like.device)
+        if key not in self._raw:
+            self._raw[key] = self._tensor.to(dtype=like.dtype, device=like.device)
+        return self._raw[key]
 
     def take(self, index: Tensor, like: Tensor) -> Tensor:
         """Centred rows at local ``index`` (any shape), shape ``(*index.shape, d)``."""
@@ -319,11 +329,8 @@ class Centres:
 
     def take_raw(self, index: Tensor, like: Tensor) -> Tensor:
         """Uncentred rows at local ``index`` (any shape), shape ``(*index.shape, d)``."""
-        if self._tensor is not None and not self.streamed:
-            key = (like.dtype, like.device)
-            if key not in self._raw:
-                self._raw[key] = self._tensor.to(dtype=like.dtype, device=like.device)
-            return self._raw[key][index.to(like.device)]
+        if not self.streamed:
+            return self._raw_tensor(like)[index.to(like.device)]
         flat = index.reshape(-1).cpu()
         uniq, inverse = torch.unique(flat, return_inverse=True)
         if self._tensor is not None:
