@@ -70,18 +70,24 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
+def figure_png(fig: Any, dpi: int = 110, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out, trimmed to its content when ``tight``,
+    without a software stamp, so the bytes depend on the figure only); the figure is closed."""
     import io
 
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight",
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None,
                 metadata={"Software": None})
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def atomic_save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    atomic_write_bytes(path, figure_png(fig, dpi))
 
 
 def remove_partial_files(folder: Path) -> list[Path]:

@@ -18,7 +18,7 @@ from diffmem.experiments.base import (
     Record,
     versions,
 )
-from diffmem.io import atomic_write_bytes, atomic_write_json, jsonable
+from diffmem.io import atomic_write_bytes, atomic_write_json, figure_png, jsonable
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
@@ -108,8 +108,8 @@ def write_report(out_dir: Path, records: Sequence[Record], experiments: dict[str
             parts.append(f"<p><b>Paper's claim.</b> {html.escape(c.claim)}</p>"
                          f"<div class='{c.status}'><b>Verdict.</b> {html.escape(c.text)}</div>")
         for fig in r.figures:
-            data = base64.b64encode((r.folder / fig).read_bytes()).decode()
-            parts.append(f"<img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'>")
+            png = (r.folder / fig).read_bytes()
+            parts.append(f"<img alt='{html.escape(fig)}' src='{_uri(png)}'>")
         parts.append("<details open><summary>Metrics</summary>"
                      + _table(_scalars(jsonable(r.metrics))) + "</details>")
         parts.append("<details><summary>Parameters</summary>"
@@ -154,16 +154,9 @@ def _image_png(img: Any, size: int = 72) -> bytes:
     return buf.getvalue()
 
 
-def _figure_png(fig: Any) -> str:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+def _figure_uri(fig: Any) -> str:
+    """A matplotlib figure as a ``data:`` URI of its PNG (the figure is closed)."""
+    return _uri(figure_png(fig, dpi=100, tight=False))
 
 
 def _uri(png: bytes) -> str:
@@ -197,7 +190,7 @@ def _histograms(result: Any) -> str:
         a.axvline(thr, color="C3", lw=1.5, label=f"threshold {thr:.3g}")
         a.set_xlabel(label)
         a.legend(fontsize=8)
-    return _figure_png(fig)
+    return _figure_uri(fig)
 
 
 def _scatter(result: Any, samples: Any, train: Any) -> str:
@@ -227,7 +220,7 @@ def _scatter(result: Any, samples: Any, train: Any) -> str:
               linewidths=0.8, label="training", zorder=3)
     a.set_title("samples over the training set (first two principal components)", fontsize=9)
     a.legend(fontsize=8)
-    return _figure_png(fig)
+    return _figure_uri(fig)
 
 
 def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
@@ -263,8 +256,7 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
              "Euclidean (data or feature units); ratios are dimensionless.</p>",
              "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
              + "</table>",
-             f"<h2>Distributions</h2><img alt='histograms' src='data:image/png;base64,"
-             f"{_histograms(result)}'>"]
+             f"<h2>Distributions</h2><img alt='histograms' src='{_histograms(result)}'>"]
     parts += _audit_gallery(result, samples, train)
     if gap is not None:
         atomic_write_json(out_dir / "denoiser_gap.json", gap)
@@ -344,7 +336,7 @@ def _audit_gallery(result: Any, samples: Any, train: Any) -> list[str]:
             parts.append("</div>")
     else:
         parts.append("<h2>Samples over the training set</h2><img alt='PCA scatter' "
-                     f"src='data:image/png;base64,{_scatter(result, samples, train)}'>")
+                     f"src='{_scatter(result, samples, train)}'>")
         parts.append("<h2>The most copy-like samples</h2>" + _table([
             (f"sample {i}", f"nearest training item {int(result.nearest[i])}, d1 "
              f"{float(result.d1[i]):.4g}, d1/d2 {float(result.ratio[i]):.4f}, calibrated "
@@ -369,4 +361,4 @@ def _gap_section(gap: dict[str, Any]) -> str:
             "model denoises like the empirical score, i.e. returns training points. At large "
             "noise every good denoiser agrees with it; what tells is how far down the model "
             f"follows it. {reach}</p><img alt='denoiser gap' "
-            f"src='data:image/png;base64,{_figure_png(fig)}'>")
+            f"src='{_figure_uri(fig)}'>")
