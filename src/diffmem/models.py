@@ -40,7 +40,14 @@ from diffmem._checks import fail, positive_int
 from diffmem.edm import edm_sample, karras_sigmas
 from diffmem.io import atomic_write_json
 from diffmem.samplers import sample_ode
-from diffmem.schedules import EDM, Schedule, TimeLike, get_schedule, time_tensor
+from diffmem.schedules import (
+    EDM,
+    Schedule,
+    TimeLike,
+    expand_as_batch,
+    get_schedule,
+    time_tensor,
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -173,14 +180,14 @@ class ModelScore:
         out, s2 = self._out(x, t)
         if self.kind == "score":
             return out
-        return (out - x) / s2.reshape(-1, *[1] * (x.dim() - 1))
+        return (out - x) / expand_as_batch(s2, x)
 
     def sigma2_score(self, x: Tensor, t: TimeLike) -> Tensor:
         """``sigma(t)^2 s(x, t)``."""
         out, s2 = self._out(x, t)
         if self.kind == "denoiser":
             return out - x
-        return s2.reshape(-1, *[1] * (x.dim() - 1)) * out
+        return expand_as_batch(s2, x) * out
 
     def denoiser(self, x: Tensor, t: TimeLike) -> Tensor:
         """``D(x, t) = x + sigma(t)^2 s(x, t)``."""
@@ -192,8 +199,7 @@ def network_output_to_score(out: Tensor, x: Tensor, m: Tensor, sigma: Tensor,
     """A diffusers network's output as a score (``m``, ``sigma`` per sample): ``epsilon``
     ``s = -out / sigma``; ``v_prediction`` ``s = -(m out + sigma x) / sigma``; ``sample``
     ``s = (m out - x) / sigma^2``."""
-    shape = (-1, *[1] * (x.dim() - 1))
-    m, sigma = m.reshape(shape).to(x), sigma.reshape(shape).to(x)
+    m, sigma = expand_as_batch(m.to(x), x), expand_as_batch(sigma.to(x), x)
     if prediction_type == "epsilon":
         return -out / sigma
     if prediction_type == "v_prediction":
@@ -246,10 +252,10 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
     data_shape = (unet.config.in_channels, *size)
 
     def score(x: Tensor, t: Tensor) -> Tensor:
-        m2 = torch.exp(schedule._log_abar(t.to(torch.float64)))
+        t64 = t.to(torch.float64)
         out = unet(x.to(torch.float32), schedule.timestep(t.to(torch.float32))).sample
-        return network_output_to_score(out.to(x.dtype), x, m2.sqrt(), (1 - m2).sqrt(),
-                                       prediction)
+        return network_output_to_score(out.to(x.dtype), x, schedule.m(t64),
+                                       schedule.sigma(t64), prediction)
 
     return ModelScore(score, schedule, data_shape, "score", name=f"diffusers {unet_dir.name}")
 
@@ -406,7 +412,7 @@ def _edm_in_ve(model: ModelScore, z: Tensor, steps: int, t_end: float) -> Tensor
 
     def den(y: Tensor, sigma_ve: Tensor) -> Tensor:
         t = t_of(sigma_ve)
-        m = sch.m(t).to(y.dtype).reshape(-1, *[1] * (y.dim() - 1))
+        m = expand_as_batch(sch.m(t).to(y.dtype), y)
         return model.denoiser(m * y, t.to(y.dtype)) / m
 
     lo = float(sch.sigma(t_end) / sch.m(t_end))
