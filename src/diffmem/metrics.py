@@ -306,6 +306,22 @@ def _mean_within(a: Tensor, fn: Any, pairs: int, seed: int) -> float:
     return float(fn((a[i] - a[j]).norm(dim=1)).mean())
 
 
+def _two_sample_means(x: Tensor, y: Tensor, fn: Any, pairs: int, seed: int,
+                      x_empirical: bool, y_within: float | None
+                      ) -> tuple[float, float, float]:
+    """``(E fn|X - Y|, E fn|X - X'|, E fn|Y - Y'|)``: the three means of a two-sample
+    discrepancy, within-sample over pairs ``i != j`` (seeds ``seed`` and ``seed + 1`` when
+    subsampled), or over every pair for ``x_empirical``; ``y_within`` if given is used as
+    the third."""
+    a, b = _flat64("x", x), _flat64("y", y)
+    if a.shape[1] != b.shape[1]:
+        raise fail("y", f"points of dimension {a.shape[1]} like x", b.shape[1])
+    x_within = _mean_pairwise(a, a, fn) if x_empirical else _mean_within(a, fn, pairs, seed)
+    if y_within is None:
+        y_within = _mean_within(b, fn, pairs, seed + 1)
+    return _mean_pairwise(a, b, fn), x_within, y_within
+
+
 def energy_distance(x: Tensor, y: Tensor, pairs: int = 4_000_000, seed: int = 0,
                     y_within: float | None = None, x_empirical: bool = False) -> float:
     """Energy distance between two samples (data units):
@@ -316,14 +332,8 @@ def energy_distance(x: Tensor, y: Tensor, pairs: int = 4_000_000, seed: int = 0,
     ``x_empirical`` takes the points of ``x`` as the law itself (their empirical measure, as
     a sampler that reproduces a training set exactly): ``E|X - X'|`` then includes the
     pairs ``i = j``."""
-    a, b = _flat64("x", x), _flat64("y", y)
-    if a.shape[1] != b.shape[1]:
-        raise fail("y", f"points of dimension {a.shape[1]} like x", b.shape[1])
-    cross = _mean_pairwise(a, b, lambda d: d)
-    if y_within is None:
-        y_within = within_mean_distance(b, pairs, seed + 1)
-    x_within = _mean_pairwise(a, a, lambda d: d) if x_empirical else _mean_within(
-        a, lambda d: d, pairs, seed)
+    cross, x_within, y_within = _two_sample_means(x, y, lambda d: d, pairs, seed,
+                                                  x_empirical, y_within)
     return 2 * cross - x_within - y_within
 
 
@@ -360,15 +370,9 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float | None = None, pairs: int = 4_000
     :func:`energy_distance`."""
     s = median_bandwidth(x, y, seed=seed) if bandwidth is None else positive("bandwidth",
                                                                               bandwidth)
-    a, b = _flat64("x", x), _flat64("y", y)
-    if a.shape[1] != b.shape[1]:
-        raise fail("y", f"points of dimension {a.shape[1]} like x", b.shape[1])
-    kernel = _gaussian_kernel(s)
-    x_within = _mean_pairwise(a, a, kernel) if x_empirical else _mean_within(a, kernel, pairs,
-                                                                            seed)
-    if y_within is None:
-        y_within = _mean_within(b, kernel, pairs, seed + 1)
-    return x_within + y_within - 2 * _mean_pairwise(a, b, kernel)
+    cross, x_within, y_within = _two_sample_means(x, y, _gaussian_kernel(s), pairs, seed,
+                                                  x_empirical, y_within)
+    return x_within + y_within - 2 * cross
 
 
 def within_mean_kernel(y: Tensor, bandwidth: float, pairs: int = 4_000_000,
