@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 
+from diffmem._checks import fail, positive
 from diffmem.experiments import REGISTRY, get_experiment
 from diffmem.experiments.base import Record, resolve_params, run_experiment
 
@@ -159,9 +160,9 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(v) for v in text.split(","))
     except ValueError as err:
-        raise ValueError(f"--resize: expected H,W (two integers), received {text!r}") from err
+        raise fail("--resize", "H,W (two integers)", repr(text)) from err
     if h < 1 or w < 1:
-        raise ValueError(f"--resize: expected H,W of integers >= 1, received {text!r}")
+        raise fail("--resize", "H,W of integers >= 1", repr(text))
     return h, w
 
 
@@ -227,18 +228,15 @@ def audit_command(
     try:
         group, device = process_group(device)
         check_device(device)
-        deltas = list(delta) or list(DEFAULT_DELTAS)
-        for d in deltas:
-            if not d > 0 or d != d or d == float("inf"):
-                raise ValueError(f"--delta: expected a finite number > 0, received {d}")
+        deltas = [positive("--delta", d) for d in delta] or list(DEFAULT_DELTAS)
         size = _parse_size(resize)
         if (samples is None) == (model is None):
-            raise ValueError("SAMPLES: expected samples or --model (one of them), received "
-                             + ("neither" if samples is None else "both"))
+            raise fail("SAMPLES", "samples or --model (one of them)",
+                       "neither" if samples is None else "both")
         train_data = [open_input(t, train_key, size, "--train") for t in train]
         if len(train_data) > 1 and not all(isinstance(t, str) for t in train_data):
-            raise ValueError("--train: expected one data set, or several .npy shards, "
-                             f"received {[str(t) for t in train]}")
+            raise fail("--train", "one data set, or several .npy shards",
+                       [str(t) for t in train])
         whole = train_data if len(train_data) > 1 else train_data[0]
         folder = prepare_out(out)
         gap = None
@@ -298,8 +296,8 @@ def _draw_from_model(model: str, train: Any, folder: Path, group: Any,
     loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
                         data_shape=shape, **load)
     if tuple(loaded.data_shape) != tuple(shape):
-        raise ValueError(f"--model: expected a model of the training data's shape "
-                         f"{tuple(shape)}, received one of shape {tuple(loaded.data_shape)}")
+        raise fail("--model", f"a model of the training data's shape {tuple(shape)}",
+                   f"one of shape {tuple(loaded.data_shape)}")
     gap = None
     if _leader(group):
         with FolderLock(folder):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem._checks import positive, positive_int
+from diffmem._checks import fail, positive, positive_int
 
 
 def paper_points(dtype: torch.dtype = torch.float64) -> Tensor:
@@ -41,7 +41,7 @@ def square_boundary(half_width: float = 2.1, per_side: int = 21,
     h = positive("half_width", half_width)
     n = positive_int("per_side", per_side)
     if n < 2:
-        raise ValueError(f"per_side: expected an integer >= 2, received {per_side}")
+        raise fail("per_side", "an integer >= 2", per_side)
     # integer numerators keep the grid exactly symmetric (the midpoint is exactly 0)
     u = (h * (2 * torch.arange(n, dtype=torch.float64) - (n - 1)) / (n - 1)).to(dtype)[:-1]
     hh = torch.full_like(u, h)
@@ -96,5 +96,5 @@ def truth(name: str) -> GaussianTruth | RingTruth:
     """A known law by name: ``'gaussian'`` or ``'ring'``."""
     table = {"gaussian": GaussianTruth, "ring": RingTruth}
     if name not in table:
-        raise ValueError(f"truth: expected one of {sorted(table)}, received {name!r}")
+        raise fail("truth", f"one of {sorted(table)}", repr(name))
     return table[name]()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffmem._checks import fail
 from diffmem.io import (
     atomic_save_figure,
     atomic_write_bytes,
@@ -68,7 +69,7 @@ class Claim:
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
-            raise ValueError(f"status: expected one of {STATUSES}, received {self.status!r}")
+            raise fail("status", f"one of {STATUSES}", repr(self.status))
 
     @property
     def text(self) -> str:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from diffmem import data, plots
+from diffmem._checks import fail
 from diffmem.audit import denoiser_gap, follows_down_to
 from diffmem.experiments.base import Context, Experiment, Recorded, Verdict
 from diffmem.experiments.common import by_value, decreasing, gap_text, train_networks
@@ -105,8 +106,8 @@ def _gap_summary(gaps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 def _verdict_key(params: Mapping[str, Any]) -> str:
     key = delta_key(params["verdict_delta"])
     if key not in {delta_key(d) for d in params["deltas"]}:
-        raise ValueError(f"verdict_delta: expected one of deltas {params['deltas']}, received "
-                         f"{params['verdict_delta']}")
+        raise fail("verdict_delta", f"one of deltas {params['deltas']}",
+                   params["verdict_delta"])
     return key
 
 
