@@ -61,6 +61,26 @@ def test_exact_search_matches_brute_force_float64():
     assert torch.allclose(r.calibrated.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_faiss_shortlist_gives_the_same_certified_neighbours(dtype):
+    """Candidates from faiss's float32 products, certified like torch's: the same exact
+    neighbours, bit for bit, including near-ties (copies 1e-6 apart) and uncentred data."""
+    pytest.importorskip("faiss")
+    from diffmem.metrics import knn
+
+    gen = torch.Generator().manual_seed(4)
+    train = 30 + torch.randn(5000, 16, generator=gen, dtype=dtype)
+    train[100:110] = train[0] + 1e-6 * torch.arange(10, dtype=dtype)[:, None]
+    samples = torch.cat([train[:300] + 1e-5, 30 + torch.randn(300, 16, generator=gen,
+                                                               dtype=dtype)])
+    a = knn(samples, train, 5, chunk_size=1024, shortlist="torch")
+    b = knn(samples, train, 5, chunk_size=1024, shortlist="faiss")
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    if dtype == torch.float64:  # float32 differences cannot resolve 1e-6 at 30
+        brute = torch.cdist(samples, train).topk(5, largest=False)
+        assert torch.equal(b[1], brute.indices)
+
+
 def test_calibrated_threshold_separates_copies_from_novel_digits():
     """The measurement behind the default threshold (see CALIBRATED_THRESHOLD)."""
     train, held = images.digit_split(1500)
@@ -103,6 +123,8 @@ def test_every_input_kind_and_binary_images(tmp_path):
     assert len(csv) == 6 and csv[0].startswith("sample,nearest,d1,d2,ratio,calibrated")
     page = (tmp_path / "out" / "index.html").read_text()
     assert page.count("data:image/png;base64,") >= 10 and "most copy-like" in page
+    counts = re.findall(r"item \d+: (\d+) (copy|copies)</div>", page)
+    assert counts and all((n == "1") == (noun == "copy") for n, noun in counts)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,3 +100,11 @@ def remove_partial_files(folder: Path) -> list[Path]:
             f.unlink()
             removed.append(f)
     return removed
+
+
+def versions() -> dict[str, str]:
+    """Versions of diffmem, torch and Python (recorded beside every result)."""
+    import diffmem
+
+    return {"diffmem": diffmem.__version__, "torch": torch.__version__,
+            "python": sys.version.split()[0]}

@@ -16,9 +16,8 @@ from diffmem.experiments.base import (
     STATUSES,
     Experiment,
     Record,
-    versions,
 )
-from diffmem.io import atomic_write_bytes, atomic_write_json, figure_png, jsonable
+from diffmem.io import atomic_write_bytes, atomic_write_json, figure_png, jsonable, versions
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
@@ -223,6 +222,11 @@ def _scatter(result: Any, samples: Any, train: Any) -> str:
     return _figure_uri(fig)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """``n`` with its noun in the right number: ``1 copy``, ``3 copies``."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
                        inputs: dict[str, Any], gap: dict[str, Any] | None = None) -> None:
     """``out_dir/audit.json``, ``per_sample.csv`` and ``index.html`` (one offline page: the
@@ -332,7 +336,7 @@ def _audit_gallery(result: Any, samples: Any, train: Any) -> list[str]:
             for m, img in zip(most, items, strict=True):
                 parts.append(f"<div class='pair'><img alt='training item {m['train_index']}'"
                              f" src='{_uri(_image_png(img))}'><br>item {m['train_index']}: "
-                             f"{m['copies']} copies</div>")
+                             f"{_count(m['copies'], 'copy', 'copies')}</div>")
             parts.append("</div>")
     else:
         parts.append("<h2>Samples over the training set</h2><img alt='PCA scatter' "

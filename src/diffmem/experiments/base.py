@@ -39,6 +39,7 @@ from diffmem.io import (
     atomic_write_json,
     jsonable,
     remove_partial_files,
+    versions,
 )
 
 if sys.version_info >= (3, 11):
@@ -289,14 +290,6 @@ def resolve_params(
         key, raw = item.split("=", 1)
         apply(key.strip(), raw, "--set")
     return params
-
-
-def versions() -> dict[str, str]:
-    """Versions of diffmem, torch and Python."""
-    import diffmem
-
-    return {"diffmem": diffmem.__version__, "torch": torch.__version__,
-            "python": sys.version.split()[0]}
 
 
 def check_device(device: str) -> torch.device:

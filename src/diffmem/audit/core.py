@@ -1,0 +1,172 @@
+"""Does a model copy its training data? Audit any set of samples against any training set.
+
+:func:`audit` finds, for every sample, its nearest training points (exactly by default, or
+with a faiss index) in data units or in the units of a feature space, and computes, through
+the functions of :mod:`diffmem.metrics` that the experiments use too:
+
+* ``fraction_within``: the paper's metric, the fraction of samples closer than ``delta`` to a
+  training point (data or feature units; for images also as the per-pixel RMS difference
+  ``delta / sqrt(d)``);
+* ``nn_ratio``: copies by ``d1 / d2 < threshold`` (dimensionless; 1/3 as in Gu et al. and
+  Bonnaire et al.), with a bootstrap interval;
+* ``calibrated_l2``: Carlini et al. (2023)'s ``d1 / (alpha * mean distance to the n nearest
+  training points)`` (dimensionless; ``alpha = 0.5``, ``n = 50``); copies below a threshold
+  (:data:`CALIBRATED_THRESHOLD`, chosen by the measurement described there);
+* ``exact_match``: when the training images are binary, the fraction of samples equal to a
+  training image after thresholding at 0.5;
+* ``duplicates``: how many samples land on each training item (copies by the nn-ratio
+  test), the most-copied items and how many distinct items were copied (coverage);
+* quantiles of ``d1``, ``d1 / d2`` and the calibrated distance.
+
+Samples and training sets are tensors, numpy arrays or memory-maps (streamed in batches and
+chunks, never loaded whole), ``.npy`` paths, or (training sets) lists of shards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffmem._checks import fail, positive, positive_int
+from diffmem.audit.features import feature_space
+from diffmem.audit.inputs import Rows
+from diffmem.audit.result import CALIBRATED_THRESHOLD, AuditResult, duplicates, quantiles
+from diffmem.audit.search import INDEXES, nearest
+from diffmem.centres import Centres, TrainingData, all_reduce, as_centres
+from diffmem.images import exact_matches, is_binary
+from diffmem.metrics import (
+    bootstrap_interval,
+    calibrated_l2,
+    delta_key,
+    distance_ratios,
+    ratio_test,
+    rms_per_coordinate,
+    within,
+)
+
+#: Default tolerances of ``fraction_within`` (data or feature units).
+DEFAULT_DELTAS = (0.01, 0.1, 1.0)
+
+
+def audit(
+    samples: Any,
+    train: TrainingData,
+    *,
+    deltas: Sequence[float] = DEFAULT_DELTAS,
+    ratio_threshold: float = 1 / 3,
+    calibrated_alpha: float = 0.5,
+    calibrated_n: int = 50,
+    calibrated_threshold: float = CALIBRATED_THRESHOLD,
+    features: Callable[[Tensor], Tensor] | str | Path | None = None,
+    index: str = "exact",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    chunk_size: int = 4096,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    feature_cache: Path | None = None,
+    process_group: Any = None,
+) -> AuditResult:
+    """Audit ``samples`` ``(n, *data_shape)`` against ``train`` ``(N, *data_shape)``: the
+    nearest training points of every sample and the memorization figures listed in the
+    module's description, each in the units stated in :data:`UNITS`.
+
+    Args:
+        samples: a tensor, numpy array or memory-map, or a ``.npy`` path.
+        train: a tensor, numpy array or memory-map, a ``.npy`` path, or a list of shards.
+        deltas: tolerances of ``fraction_within`` (data or feature units, > 0).
+        ratio_threshold: the nn-ratio test's ``d1 / d2`` threshold.
+        calibrated_alpha, calibrated_n, calibrated_threshold: the calibrated distance
+            (Carlini et al.) and its copy threshold.
+        features: a callable or the path of a TorchScript module mapping a batch of
+            ``data_shape`` arrays to vectors; distances are then measured between vectors,
+            and cosine similarities reported beside them.
+        index: ``'exact'`` (streamed matrix products with exact re-ranking), ``'faiss-flat'``
+            or ``'faiss-ivf'`` (its recall against exact search is measured on a subsample).
+        bootstrap, seed: the nn-ratio interval's resamples and seed (also the IVF's).
+        chunk_size, batch_size: training rows and samples processed at once.
+        feature_cache: a folder in which feature vectors are kept and reused.
+        process_group: a torch.distributed group when each process holds a contiguous block
+            of ``train`` (exact search only); every process returns the full result.
+    """
+    deltas = [positive("deltas", d) for d in deltas]
+    if not deltas:
+        raise fail("deltas", "at least one tolerance", "an empty list")
+    ratio_threshold = positive("ratio_threshold", ratio_threshold)
+    calibrated_alpha = positive("calibrated_alpha", calibrated_alpha)
+    calibrated_n = positive_int("calibrated_n", calibrated_n)
+    calibrated_threshold = positive("calibrated_threshold", calibrated_threshold)
+    if index not in INDEXES:
+        raise fail("index", f"one of {INDEXES}", repr(index))
+    batch_size = positive_int("batch_size", batch_size)
+    dev = torch.device(device)
+    if process_group is not None and index != "exact":
+        raise fail("index", "'exact' when the training set is split over processes", index)
+    rows = Rows(samples, "samples")
+    centres = as_centres(train, process_group=process_group)
+    if rows.data_shape != centres.data_shape:
+        raise fail("samples", f"arrays of shape (n, *{centres.data_shape}) like train",
+                   f"shape ({rows.n}, *{rows.data_shape})")
+    if centres.n_total < 2:
+        raise fail("train", "at least 2 training points (for d1 / d2)", centres.n_total)
+    space_rows, space_train, feature_name = feature_space(
+        rows, centres, features, batch_size, dev, progress, feature_cache, (samples, train))
+    k = min(centres.n_total, max(2, calibrated_n))
+    dist, idx, search, recall = nearest(space_rows, space_train, k, index, batch_size,
+                                         chunk_size, seed, progress)
+    d1, d2 = dist[:, 0], dist[:, 1]
+    ratio = distance_ratios(d1, d2)
+    calibrated = calibrated_l2(dist, calibrated_alpha, min(calibrated_n, k))
+    test = ratio_test(d1, d2, ratio_threshold, bootstrap, seed=seed)
+    copies = {f"within_{delta_key(d)}": d1 < d for d in deltas}
+    copies["nn_ratio"] = ratio < ratio_threshold
+    copies["calibrated_l2"] = calibrated < calibrated_threshold
+    exact = _exact_matches(rows, centres, batch_size, process_group)
+    if exact is not None:
+        copies["exact_match"] = exact
+    cal_lo, cal_hi = bootstrap_interval(copies["calibrated_l2"], bootstrap, seed=seed)
+    dim = int(math.prod(rows.data_shape))
+    result = AuditResult(
+        n_samples=rows.n, n_train=centres.n_total, dim=dim, data_shape=rows.data_shape,
+        features=feature_name, index=index,
+        fraction_within={delta_key(d): f for d, f in within(d1, deltas).items()},
+        rms_per_coordinate=({delta_key(d): float(rms_per_coordinate(d, dim)) for d in deltas}
+                            if len(rows.data_shape) >= 2 and features is None else None),
+        nn_ratio={"threshold": ratio_threshold, "fraction": test.fraction,
+                  "ci_low": test.ci_low, "ci_high": test.ci_high, "level": test.level},
+        calibrated_l2={"alpha": calibrated_alpha, "n": min(calibrated_n, k),
+                       "threshold": calibrated_threshold,
+                       "fraction": float(copies["calibrated_l2"].to(torch.float64).mean()),
+                       "ci_low": cal_lo, "ci_high": cal_hi},
+        exact_match=None if exact is None else float(exact.to(torch.float64).mean()),
+        duplicates=duplicates(idx[:, 0], copies["nn_ratio"], centres.n_total),
+        quantiles={"d1": quantiles(d1), "ratio": quantiles(ratio),
+                   "calibrated": quantiles(calibrated)},
+        nearest=idx[:, 0], d1=d1, d2=d2, ratio=ratio, calibrated=calibrated, copies=copies,
+        recall=recall, search=search)
+    if features is not None:
+        vectors = space_rows.data  # the samples' feature vectors, in memory
+        near = space_train.take_raw(idx[:, 0], vectors)
+        cos = torch.nn.functional.cosine_similarity(vectors, near, dim=1)
+        result.cosine = cos
+        result.cosine_summary = {"nearest_mean": float(cos.mean()), "quantiles": quantiles(cos)}
+    return result
+
+
+def _exact_matches(rows: Rows, centres: Centres, batch_size: int,
+                   process_group: Any) -> Tensor | None:
+    """For binary training images: whether each sample, thresholded at 0.5, equals a
+    training image (``None`` when the training set is not binary)."""
+    binary = float(all_reduce(torch.tensor([float(centres.n == 0 or is_binary(centres))]),
+                              process_group, "min")) == 1.0
+    if not binary:
+        return None
+    local = (exact_matches((x for _, x in rows.batches(batch_size)), centres) if centres.n
+             else torch.zeros(rows.n, dtype=torch.bool))
+    return all_reduce(local.to(torch.float64), process_group, "max") > 0

@@ -1,0 +1,133 @@
+"""Feature spaces: a TorchScript module (a copy-detection descriptor such as SSCD) mapping
+images to vectors, applied in batches with a cache, and the space an audit measures in."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffmem._checks import fail
+from diffmem.audit.inputs import Rows
+from diffmem.centres import Centres
+from diffmem.io import atomic_write_bytes
+
+
+def load_features(path: str | Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """A TorchScript module (``torch.jit.save``) mapping a batch of images to vectors."""
+    p = Path(path)
+    if not p.is_file():
+        raise fail("features", "an existing TorchScript file (torch.jit.save)", str(p))
+    try:
+        with warnings.catch_warnings():  # TorchScript is how copy detectors are published
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(p), map_location=device)
+    except (RuntimeError, ValueError, OSError) as err:
+        raise fail("features", "a TorchScript module file",
+                   f"{p} ({str(err).splitlines()[0][:200]})") from err
+    return module.eval()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def embed(rows: Rows, module: Callable[[Tensor], Tensor], batch: int,
+          device: torch.device, progress: bool, cache: Path | None = None,
+          fingerprint: str = "") -> Tensor:
+    """``module`` applied to every row in batches (float32), checked: one finite vector per
+    row. With ``cache``, the vectors are stored there (``.npy`` beside a ``.json``
+    fingerprint) and reused while the module and the data are unchanged."""
+    if cache is not None:
+        meta = cache.with_suffix(".json")
+        if cache.is_file() and meta.is_file() and json.loads(meta.read_text()).get(
+                "fingerprint") == fingerprint:
+            return torch.from_numpy(np.load(cache))
+    parts = []
+    bar = tqdm(rows.batches(batch), total=math.ceil(rows.n / batch), disable=not progress,
+               desc=f"features of {rows.name}", leave=False)
+    with torch.no_grad():
+        for lo, x in bar:
+            try:
+                out = module(x.to(device=device, dtype=torch.float32))
+            except Exception as err:  # the user's module: report what it raised
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                raise fail("features", f"a module that maps a batch of {rows.name} of shape "
+                           f"{tuple(x.shape)} to vectors",
+                           f"{type(err).__name__}: {(lines or [''])[-1][:200]}") from err
+            if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+                raise fail("features", f"vectors of shape ({x.shape[0]}, f) for a batch of "
+                           f"{x.shape[0]}", f"shape {tuple(out.shape)}" if isinstance(
+                               out, Tensor) else type(out).__name__)
+            if not bool(torch.isfinite(out).all()):
+                raise fail("features", "finite feature vectors",
+                           f"non-finite values for rows {lo}..{lo + x.shape[0] - 1}")
+            parts.append(out.detach().to("cpu", torch.float32))
+    vectors = torch.cat(parts)
+    if cache is not None:
+        buf = io.BytesIO()
+        np.save(buf, vectors.numpy())
+        atomic_write_bytes(cache, buf.getvalue())
+        atomic_write_bytes(cache.with_suffix(".json"),
+                           json.dumps({"fingerprint": fingerprint}).encode())
+    return vectors
+
+
+def _identity(data: Any) -> str:
+    """What identifies a data set for the feature cache: paths with size and time, else a
+    hash of the values."""
+    if isinstance(data, str | Path):
+        st = Path(data).stat()
+        return f"{Path(data).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if isinstance(data, list | tuple):
+        return "|".join(_identity(d) for d in data)
+    if isinstance(data, np.memmap) and data.filename is not None:
+        return _identity(data.filename) + f":{data.shape}"
+    arr = data.detach().cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+
+
+def feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
+                   dev: torch.device, progress: bool, feature_cache: Path | None,
+                   sources: tuple[Any, Any]) -> tuple[Rows, Centres, str | None]:
+    """The space the distances are measured in: the data itself, or the vectors of a feature
+    module (cached per module file and data set, ``sources`` = (samples, train) as given,
+    in ``feature_cache``)."""
+    if features is None:
+        return rows, centres, None
+    module, digest = features, ""
+    if isinstance(features, str | Path):
+        module = load_features(features, dev)
+        feature_name, digest = str(features), _file_digest(Path(features))
+    else:
+        feature_name = type(features).__name__
+    if not callable(module):
+        raise fail("features", "a callable or a TorchScript file", type(module).__name__)
+
+    def cached(role: str) -> Path | None:
+        return None if feature_cache is None or not digest else \
+            Path(feature_cache) / f"{role}.npy"
+
+    train_vec = embed(Rows(centres, "train"), module, batch_size, dev, progress,
+                      cached("train"), f"{digest}:{_identity(sources[1])}")
+    sample_vec = embed(rows, module, batch_size, dev, progress, cached("samples"),
+                       f"{digest}:{_identity(sources[0])}")
+    if train_vec.shape[1] != sample_vec.shape[1]:
+        raise fail("features", "vectors of one length", f"{train_vec.shape[1]} and "
+                   f"{sample_vec.shape[1]}")
+    return (Rows(sample_vec, "samples"), Centres(train_vec, process_group=centres.group),
+            feature_name)
