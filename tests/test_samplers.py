@@ -149,6 +149,10 @@ def test_sampler_bad_input(paper_points):
         sample_ode(sch, score, x, t_end=-1e-3)
     with pytest.raises(ValueError, match="method: expected"):
         sample_ode(sch, score, x, method="rk4")
+    calls = []
+    with pytest.raises(ValueError, match="max_steps: expected"):  # before any integration
+        sample_ode(sch, lambda x, t: calls.append(1) or score(x, t), x, max_steps=0)
+    assert not calls
     with pytest.raises(ValueError, match="x_T: expected finite"):
         sample_ode(sch, score, torch.full((2, 2), float("nan")))
     with pytest.raises(ValueError, match="s_end: expected exactly one"):

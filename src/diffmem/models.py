@@ -140,6 +140,13 @@ class DiscreteVP(Schedule):
         return self.K * t - 1
 
 
+def _load_options() -> dict[str, Any]:
+    """``from_pretrained`` options: local files only, and the low-memory loading only where
+    ``accelerate`` (which it needs) is installed, so diffusers has nothing to warn about."""
+    return {"local_files_only": True,
+            "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+
+
 # --- scores of models ----------------------------------------------------------------------
 class ModelScore:
     """A trained model as a diffmem score on ``schedule``: ``fn(x, t) -> s`` (``kind``
@@ -243,7 +250,7 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
         raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction))
     schedule = DiscreteVP(discrete_alphas_cumprod(config))
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = UNet2DModel.from_pretrained(str(unet_dir), **_load_options())
     except (OSError, ValueError, RuntimeError) as err:
         raise fail("--model", "a loadable UNet2DModel", f"{unet_dir} ({err})") from err
     unet = unet.to(device).eval()

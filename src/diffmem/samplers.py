@@ -325,6 +325,8 @@ def sample_ode(
         positive_int("n_record", n_record)
     if variable not in ("auto", "t", "s"):
         raise fail("variable", "'auto', 't' or 's'", repr(variable))
+    if method.startswith("rk45"):
+        positive_int("max_steps", max_steps)
     s_start = schedule.s_T
     if s_end is not None:
         if t_end is not None:
