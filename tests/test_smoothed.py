@@ -126,3 +126,45 @@ def test_new_scores_validate_and_work_in_float32():
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         assert torch.isfinite(score.sigma2_score(x_T, 0.0)).all()
     assert torch.isfinite(KDEScore(TRAIN, sch, 0.1)(TRAIN, 0.0)).all()
+
+
+@pytest.mark.parametrize("sch", SCHEDULES, ids=lambda s: s.name)
+@pytest.mark.parametrize("t", [1e-12, 1e-15, 0.0])
+def test_closed_forms_near_t0_match_their_analytic_values(sch, t):
+    """No cancellation as sigma -> 0: the Gaussian score against -(m^2 S + sigma^2 I)^-1
+    (x - m mu), KDE (h > 0) against its kernel formula, Tikhonov (c > 0) against
+    (m y_nearest - x) / (sigma^2 + c); all finite at t = 0 and to round-off near it."""
+    from diffmem.scores import TikhonovScore
+
+    x = 2 * torch.randn(30, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    tt = torch.tensor(t, dtype=torch.float64)
+    m, s2 = sch.m(tt), sch.sigma2(tt)
+    mu, cov = TRAIN.mean(0), torch.cov(TRAIN.T, correction=0)
+    expected = {
+        "gaussian": -torch.linalg.solve(m * m * cov + s2 * torch.eye(3, dtype=torch.float64),
+                                        (x - m * mu).T).T,
+    }
+    h = 0.3
+    var = s2 + (m * h) ** 2
+    w = torch.softmax(-torch.cdist(x, m * TRAIN).pow(2) / (2 * var), dim=1)
+    expected["kde"] = (m * w @ TRAIN - x) / var
+    c = 0.05
+    nearest = TRAIN[torch.cdist(x, m * TRAIN).argmin(1)]
+    expected["tikhonov"] = (m * nearest - x) / (s2 + c)
+    got = {"gaussian": GaussianScore(TRAIN, sch)(x, t), "kde": KDEScore(TRAIN, sch, h)(x, t),
+           "tikhonov": TikhonovScore(TRAIN, sch, c=c)(x, t)}
+    for name, ref in expected.items():
+        err = ((got[name] - ref).norm(dim=1) / ref.norm(dim=1)).max()
+        assert err < 1e-12, (name, float(err))
+
+
+def test_gaussian_score_refuses_t0_only_for_a_singular_covariance():
+    flat = torch.cat([TRAIN[:, :2], torch.zeros(15, 1, dtype=torch.float64)], 1)  # rank 2
+    score = GaussianScore(flat, VE())
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"t: expected t > 0: the training set's covariance is "
+                                         r"singular \(rank 2 of 3\)"):
+        score(x, 0.0)
+    assert torch.isfinite(score.sigma2_score(x, 0.0)).all()
+    assert torch.isfinite(score(x, 1e-6)).all()
+    assert torch.isfinite(GaussianScore(TRAIN, VE())(x, 0.0)).all()

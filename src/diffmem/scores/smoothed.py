@@ -100,10 +100,15 @@ class GaussianScore(ClosedFormScore):
     (``Sigma`` with ``1/N``) pushed through the forward process, ``p_t = N(m mu, m^2 Sigma +
     sigma^2 I)``: with ``Sigma = U diag(lam) U^T``,
 
+        s = -U diag(1 / (m^2 lam + sigma^2)) U^T (x - m mu),
         E[x_0 | x] = mu + U diag(m lam / (m^2 lam + sigma^2)) U^T (x - m mu),
-        s = (m E[x_0 | x] - x) / sigma^2,
 
-    the linear denoiser. Singular at ``t = 0`` (``sigma2_score`` is finite there)."""
+    the linear denoiser. The score is computed in the eigenbasis as written, never as
+    ``(m E[x_0 | x] - x) / sigma^2`` (which cancels as ``sigma -> 0``): it is finite wherever
+    every ``m^2 lam_i + sigma^2 > 0``, so at ``t = 0`` for a full-rank covariance (there
+    ``s = -Sigma^-1 (x - mu)``). Eigenvalues below ``d eps lam_max`` (round-off) count as 0;
+    with one of them the covariance is singular and ``t = 0`` is refused, saying so
+    (``sigma2_score`` is finite there: ``-(x - m mu)`` along the null directions)."""
 
     def __init__(self, train: TrainingData, schedule: Schedule, chunk_size: int = 4096,
                  **source: Any) -> None:
@@ -116,7 +121,27 @@ class GaussianScore(ClosedFormScore):
         cov = all_reduce(cov, centres.group) / centres.n_total
         self.mean = centres.offset.clone()
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(cov)
-        self.eigenvalues.clamp_min_(0)
+        floor = centres.d * torch.finfo(torch.float64).eps * float(self.eigenvalues.max())
+        self.eigenvalues[self.eigenvalues <= floor] = 0
+        self.singular_at_zero = bool((self.eigenvalues == 0).any())
+
+    def _check_sigma(self, sigma2: Tensor, t: Tensor) -> None:
+        if self.singular_at_zero and bool((sigma2 < torch.finfo(sigma2.dtype).tiny).any()):
+            at = float(t[sigma2 < torch.finfo(sigma2.dtype).tiny][0])
+            rank = int((self.eigenvalues > 0).sum())
+            raise fail("t", "t > 0: the training set's covariance is singular (rank "
+                       f"{rank} of {self.centres.d}), so the Gaussian score is infinite at "
+                       "sigma(t) = 0 off its support", f"t = {at:g}")
+
+    def _whitened(self, xf: Tensor, m: Tensor, sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``U^T (x - m mu)`` (B, d), ``m^2 lam + sigma^2`` (B, d) and ``U``."""
+        u = self.eigenvectors.to(xf)
+        r = (xf - m[:, None] * self.mean.to(xf)) @ u
+        return r, (m * m)[:, None] * self.eigenvalues.to(xf)[None, :] + sigma2[:, None], u
+
+    def _score(self, xf: Tensor, tt: Tensor, m: Tensor, sigma2: Tensor, mix: Mixture) -> Tensor:
+        r, denom, u = self._whitened(xf, m, sigma2)
+        return -(r / denom) @ u.T
 
     def _kernel(self, xf: Tensor, m: Tensor, sigma2: Tensor, return_weights: bool,
                 log_prior: Tensor | None = None) -> Mixture:
@@ -135,4 +160,7 @@ class GaussianScore(ClosedFormScore):
 
     def _sigma2_score(self, xf: Tensor, tt: Tensor, m: Tensor, sigma2: Tensor,
                       mix: Mixture) -> Tensor:
-        return _residual(xf, m, mix)
+        r, denom, u = self._whitened(xf, m, sigma2)
+        ratio = torch.where(denom > 0, sigma2[:, None] / denom.clamp_min(
+            torch.finfo(xf.dtype).tiny), torch.ones_like(denom))
+        return -(r * ratio) @ u.T
