@@ -34,7 +34,7 @@ def _samples(samples: Tensor, data_shape: tuple[int, ...]) -> Tensor:
 
 def knn(samples: Tensor, train: TrainingData, k: int = 1, *, process_group: Any = None,
         storage: str | None = None, chunk_size: int = 4096,
-        exact: int | None = None) -> tuple[Tensor, Tensor]:
+        exact: int | None = None, shortlist: str = "torch") -> tuple[Tensor, Tensor]:
     """The ``k`` nearest training points of each sample, exactly: Euclidean distances
     ``(batch, k)`` (data units, ascending; ties by index) and their indices ``(batch, k)``
     into the whole training set. ``train`` is a tensor ``(N, *data_shape)``, a numpy array or
@@ -42,7 +42,8 @@ def knn(samples: Tensor, train: TrainingData, k: int = 1, *, process_group: Any 
     (streamed in chunks; memory ``O(chunk x batch)``); with ``process_group`` each process
     passes its block and every process gets the full result. ``exact = m < k`` certifies
     only the first ``m`` (the rest carry matrix-product round-off; see
-    :func:`diffmem.mixture.knn`)."""
+    :func:`diffmem.mixture.knn`). ``shortlist='faiss'`` finds the candidates with faiss's
+    matrix-product kernel (faster on some CPUs; the certified result is the same)."""
     k = positive_int("k", k)
     if isinstance(train, Tensor) and process_group is None and storage is None:
         training_set("train", train)
@@ -50,13 +51,14 @@ def knn(samples: Tensor, train: TrainingData, k: int = 1, *, process_group: Any 
         dtype = torch.promote_types(x.dtype, train.dtype)
         y = train.reshape(train.shape[0], -1).to(dtype=dtype, device=x.device)
         xf = x.flatten(1).to(dtype)
-        d2, idx = _knn(xf, y, k=k, chunk_size=chunk_size, exact=exact)
+        d2, idx = _knn(xf, y, k=k, chunk_size=chunk_size, exact=exact, shortlist=shortlist)
         return d2.sqrt(), idx
     centres = as_centres(train, process_group=process_group, storage=storage)
     x = _samples(samples, centres.data_shape)
     dtype = torch.promote_types(x.dtype, centres.source_dtype)
     dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    d2, idx = _knn(x.flatten(1).to(dtype), centres, k=k, chunk_size=chunk_size, exact=exact)
+    d2, idx = _knn(x.flatten(1).to(dtype), centres, k=k, chunk_size=chunk_size, exact=exact,
+                   shortlist=shortlist)
     return d2.sqrt(), idx
 
 

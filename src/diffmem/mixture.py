@@ -47,6 +47,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -615,7 +616,7 @@ def gaussian_mixture(
 
 
 def knn(x: Tensor, y: Tensor | Centres, k: int = 1, chunk_size: int = 4096,
-        exact: int | None = None) -> tuple[Tensor, Tensor]:
+        exact: int | None = None, shortlist: str = "torch") -> tuple[Tensor, Tensor]:
     """Exact ``k`` nearest rows of ``y`` (``(N, d)``, or a :class:`Centres`, possibly split
     over processes) for each row of ``x`` (``(B, d)``).
 
@@ -625,8 +626,12 @@ def knn(x: Tensor, y: Tensor | Centres, k: int = 1, chunk_size: int = 4096,
     recomputed from exact differences. With ``exact = m < k`` only the first ``m`` are
     certified exact and the rest keep matrix-product distances (cheaper for large ``k``).
     With a process group each process finds its block's ``k`` nearest, and the blocks'
-    candidates are merged.
+    candidates are merged. ``shortlist='faiss'`` finds the candidates with faiss's float32
+    matrix-product kernel (``faiss.knn`` on centred chunks; CPU only) instead of torch's:
+    the certification against the float32 error bound, and so the result, is the same.
     """
+    if shortlist not in ("torch", "faiss"):
+        raise ValueError(f"shortlist: expected 'torch' or 'faiss', received {shortlist!r}")
     if isinstance(y, Centres):
         src: Source = y
         xs = x - y.offset.to(dtype=x.dtype, device=x.device)[None, :]
@@ -636,7 +641,7 @@ def knn(x: Tensor, y: Tensor | Centres, k: int = 1, chunk_size: int = 4096,
         xs = x - centre
     B, d = xs.shape
     k_total = min(k, src.n_total)
-    best_d, best_i = _knn_block(xs, src, min(k_total, src.n), chunk_size, exact)
+    best_d, best_i = _knn_block(xs, src, min(k_total, src.n), chunk_size, exact, shortlist)
     best_i = best_i + src.start
     if src.group is not None:
         best_d = all_gather(best_d, src.group, dim=1)
@@ -649,16 +654,17 @@ def knn(x: Tensor, y: Tensor | Centres, k: int = 1, chunk_size: int = 4096,
 
 
 def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
-               exact: int | None = None) -> tuple[Tensor, Tensor]:
+               exact: int | None = None, shortlist: str = "torch") -> tuple[Tensor, Tensor]:
     """The ``k`` nearest of this process's centres (local indices), the first ``exact``
     (all by default) certified exact; ``x`` is centred like the source's centred rows.
 
     Small problems stream exact differences. Large ones keep, per row, the ``k + 8`` best
-    candidates by matrix-product distance; the ``exact + 8`` best of them get exact
-    distances (gathered once at the end) and the ``exact`` best exact ones are certified
-    against the matrix-product error bound (a row that cannot be certified is recomputed
-    from exact differences). Positions beyond ``exact`` keep their matrix-product distances
-    (absolute error below the bound of :func:`_matmul_error`)."""
+    candidates by matrix-product distance (torch's, or faiss's float32 kernel); the
+    ``exact + 8`` best of them get exact distances (gathered once at the end) and the
+    ``exact`` best exact ones are certified against the matrix-product error bound (a row
+    that cannot be certified is recomputed from exact differences). Positions beyond
+    ``exact`` keep their matrix-product distances (absolute error below the bound of
+    :func:`_matmul_error`)."""
     B, d = x.shape
     N = src.n
     exact = k if exact is None else min(exact, k)
@@ -668,23 +674,13 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
     ones = torch.ones(B, dtype=x.dtype, device=x.device)
     if B * min(N, chunk_size) * d <= DIRECT_BUDGET:
         return _knn_exact(x, src, k, chunk_size)
-    shift = None if src.raw_shift is None else src.raw_shift.to(dtype=x.dtype, device=x.device)
     keep = min(N, k + 8)
-    # rank by |y_c|^2 - 2 x.y (one fused matrix product per chunk); the row constant
-    # |x|^2 + 2 x.s (s the rows' shift) is added to the kept values only
-    row = x.pow(2).sum(1) if shift is None else x.pow(2).sum(1) + 2 * (x @ shift)
-    best_a = torch.empty(B, 0, dtype=x.dtype, device=x.device)
-    best_i = torch.empty(B, 0, dtype=torch.long, device=x.device)
-    for lo in range(0, N, chunk_size):
-        hi = min(N, lo + chunk_size)
-        y, yy = src.raw_chunk(lo, hi, x)  # uncentred rows
-        partial = torch.addmm(yy[None, :], x, y.T, alpha=-2)
-        part = torch.topk(partial, min(keep, hi - lo), dim=1, largest=False, sorted=True)
-        cat_a = torch.cat([best_a, part.values], 1)
-        cat_i = torch.cat([best_i, part.indices + lo], 1)
-        top = torch.topk(cat_a, min(keep, cat_a.shape[1]), dim=1, largest=False, sorted=True)
-        best_a, best_i = top.values, torch.gather(cat_i, 1, top.indices)
-    best_a = (best_a + row[:, None]).clamp_min_(0)
+    if shortlist == "faiss" and x.device.type == "cpu":
+        best_a, best_i = _faiss_shortlist(x, src, keep, chunk_size)
+        bound_x = x.to(torch.float32)  # faiss's products are float32
+    else:
+        best_a, best_i = _torch_shortlist(x, src, keep, chunk_size)
+        bound_x = x
     window = min(keep, exact + 8)
     cand = torch.sort(best_i[:, :window], dim=1).values  # by index: ties keep index order
     exact_d = torch.empty(B, window, dtype=x.dtype, device=x.device)
@@ -696,12 +692,67 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
     best_d = torch.cat([torch.gather(exact_d, 1, order), best_a[:, window:]], 1)[:, :k]
     best_idx = torch.cat([torch.gather(cand, 1, order), best_i[:, window:]], 1)[:, :k]
     if window < N:
-        err = _matmul_error(x, src.raw_norm_max(x), ones)
+        err = _matmul_error(bound_x, src.raw_norm_max(bound_x), ones.to(bound_x)).to(x)
         unsure = best_d[:, exact - 1] + 2 * err > best_a[:, window - 1]
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).squeeze(1)
             best_d[rows], best_idx[rows] = _knn_exact(x[rows], src, k, chunk_size)
     return best_d, best_idx
+
+
+def _torch_shortlist(x: Tensor, src: Source, keep: int,
+                     chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The ``keep`` smallest matrix-product squared distances ``|x - y_n|^2`` of each row
+    (ascending) and their local indices, streamed over the source's chunks."""
+    B, N = x.shape[0], src.n
+    shift = None if src.raw_shift is None else src.raw_shift.to(dtype=x.dtype, device=x.device)
+    # rank by |y_c|^2 - 2 x.y (one fused matrix product per chunk); the row constant
+    # |x|^2 + 2 x.s (s the rows' shift) is added to the kept values only
+    row = x.pow(2).sum(1) if shift is None else x.pow(2).sum(1) + 2 * (x @ shift)
+    best_a = torch.empty(B, 0, dtype=x.dtype, device=x.device)
+    best_i = torch.empty(B, 0, dtype=torch.long, device=x.device)
+    for lo in range(0, N, chunk_size):
+        hi = min(N, lo + chunk_size)
+        y, yy = src.raw_chunk(lo, hi, x)  # uncentred rows
+        partial = torch.addmm(yy[None, :], x, y.T, alpha=-2)
+        best_a, best_i = _merge_smallest(best_a, best_i, partial, lo, keep)
+    return (best_a + row[:, None]).clamp_min_(0), best_i
+
+
+def _faiss_shortlist(x: Tensor, src: Source, keep: int,
+                     chunk_size: int) -> tuple[Tensor, Tensor]:
+    """As :func:`_torch_shortlist`, by ``faiss.knn`` (float32 ``|x|^2 + |y|^2 - 2 x.y``) on
+    centred chunks of at least ``2^24`` values; distances returned in ``x``'s dtype."""
+    import faiss
+
+    B, d = x.shape
+    xq = np.ascontiguousarray(x.to(torch.float32).numpy())
+    like = x.to(torch.float32)
+    step = max(chunk_size, (1 << 24) // max(1, d))
+    best_a = torch.empty(B, 0, dtype=torch.float32)
+    best_i = torch.empty(B, 0, dtype=torch.long)
+    for lo in range(0, src.n, step):
+        hi = min(src.n, lo + step)
+        yc, _ = src.chunk(lo, hi, like)
+        dist, idx = faiss.knn(xq, np.ascontiguousarray(yc.numpy()), min(keep, hi - lo))
+        part = torch.from_numpy(dist)
+        best_a, best_i = _merge_smallest(best_a, best_i, part, lo, keep,
+                                         torch.from_numpy(idx.astype(np.int64)))
+    return best_a.to(x.dtype).clamp_min_(0), best_i
+
+
+def _merge_smallest(best_a: Tensor, best_i: Tensor, values: Tensor, lo: int, keep: int,
+                    index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Merge a chunk's ``values`` (all its columns, or, with ``index``, its own shortlist
+    with local column ``index``) into the running ``keep`` smallest, indices offset by
+    ``lo``."""
+    if index is None:
+        part = torch.topk(values, min(keep, values.shape[1]), dim=1, largest=False, sorted=True)
+        values, index = part.values, part.indices
+    cat_a = torch.cat([best_a, values], 1)
+    cat_i = torch.cat([best_i, index + lo], 1)
+    top = torch.topk(cat_a, min(keep, cat_a.shape[1]), dim=1, largest=False, sorted=True)
+    return top.values, torch.gather(cat_i, 1, top.indices)
 
 
 def _knn_exact(x: Tensor, src: Source, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
