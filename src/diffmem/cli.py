@@ -196,11 +196,36 @@ def audit_command(
         None, "--model", help="Draw the samples from a model: a local diffusers folder, a "
                               "diffmem checkpoint (.pt) or module:function / file.py:function."),
     n_samples: int = typer.Option(1000, "--n-samples", help="Samples to draw with --model."),
-    sampler: str = typer.Option("ode", "--sampler", help="ode (probability flow) or edm "
-                                                         "(Heun) for --model."),
-    steps: int = typer.Option(18, "--steps", help="Noise levels of the edm sampler."),
+    sampler: str = typer.Option("ode", "--sampler", help="ode (probability flow), edm "
+                                "(Heun) or pipeline (a diffusers model's own scheduler)."),
+    steps: int = typer.Option(18, "--steps", help="Noise levels of the edm sampler; "
+                                                  "timesteps of the pipeline sampler."),
     scheduler: Path | None = typer.Option(  # noqa: B008
-        None, "--scheduler", help="Scheduler config of a bare UNet2DModel folder."),
+        None, "--scheduler", help="Scheduler config of a bare UNet folder."),
+    scheduler_class: str | None = typer.Option(
+        None, "--scheduler-class", help="Diffusers scheduler class for --sampler pipeline "
+        "(DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, "
+        "...; default: the saved one)."),
+    eta: float | None = typer.Option(None, "--eta", help="DDIM's eta (--sampler pipeline)."),
+    train_cond: Path | None = typer.Option(  # noqa: B008
+        None, "--train-cond", help="One condition per training item (.npy: integer labels "
+                                   "or vectors)."),
+    conditions: Path | None = typer.Option(  # noqa: B008
+        None, "--conditions", help="Conditions to sample a conditional --model at (.npy; "
+        "embeddings (n, seq, dim) for a cross-attention UNet; default: each distinct "
+        "--train-cond), or with SAMPLES the condition of each sample."),
+    per_condition: int | None = typer.Option(
+        None, "--per-condition", help="Samples per condition (default: --n-samples shared "
+                                      "out)."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", help="Classifier-free guidance weight w: out(null) + w (out(y) - "
+                                 "out(null))."),
+    null_cond: str | None = typer.Option(
+        None, "--null-cond", help="The condition meaning 'no condition': a label, a number "
+                                  "or a .npy file."),
+    cond_bandwidth: float | None = typer.Option(
+        None, "--cond-bandwidth", help="Kernel width in y of the conditional empirical "
+                                       "denoiser for vector conditions (default: exact)."),
     schedule: str = typer.Option("VP", "--schedule", help="VE, VP or EDM: the schedule of "
                                                           "a callable --model."),
     model_kind: str = typer.Option("score", "--model-kind", help="score or denoiser: what a "
@@ -221,7 +246,9 @@ def audit_command(
     import torch.distributed as dist
 
     from diffmem.audit import DEFAULT_DELTAS, Rows, audit, open_input
+    from diffmem.audit.model import load_train_cond, plan_draw, training_shape
     from diffmem.centres import Centres, shard_rows
+    from diffmem.conditions import as_conditions
     from diffmem.experiments.base import FolderLock, check_device, prepare_out
     from diffmem.report import write_audit_report
 
@@ -238,18 +265,28 @@ def audit_command(
             raise fail("--train", "one data set, or several .npy shards",
                        [str(t) for t in train])
         whole = train_data if len(train_data) > 1 else train_data[0]
+        tcond = load_train_cond(train_cond, whole)
+        plan = None
+        if model is not None:  # everything checked before anything is written
+            plan = plan_draw(
+                model, training_shape(whole), n_samples=n_samples, train_cond=tcond,
+                conditions=conditions, per_condition=per_condition, guidance=guidance,
+                null_cond=null_cond, sampler=sampler, steps=steps, seed=seed,
+                scheduler_class=scheduler_class, eta=eta,
+                scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
+                kind=model_kind, index=model_index, device=device)
+            held = None if held_out is None else open_input(held_out, None, size, "--held-out")
         folder = prepare_out(out)
         gap = None
-        if model is not None:
-            gap = _draw_from_model(
-                model, whole, folder, group, dict(
-                    scheduler=scheduler, schedule=schedule, kind=model_kind,
-                    index=model_index, device=device),
-                dict(n=n_samples, sampler=sampler, steps=steps, seed=seed, device=device,
-                     progress=progress),
-                None if held_out is None else open_input(held_out, None, size, "--held-out"))
+        scond = None
+        if plan is not None:
+            gap = _draw_from_model(plan, whole, folder, group, tcond, held, cond_bandwidth,
+                                   device, progress)
             samples = folder / "samples.npy"
+            scond = plan.cond
         sample_data = open_input(samples, key, size, "SAMPLES")
+        if plan is None and conditions is not None:
+            scond = as_conditions(conditions, "--conditions", Rows(sample_data).n)
         block = whole
         if group is not None:  # this process's contiguous block of the training set
             full = Centres(whole)
@@ -264,12 +301,16 @@ def audit_command(
                            calibrated_threshold=calibrated_threshold, features=features,
                            index=index, bootstrap=bootstrap, seed=seed, device=device,
                            progress=progress and _leader(group), feature_cache=cache,
-                           process_group=group)
+                           process_group=group, sample_cond=scond, train_cond=tcond)
             if _leader(group):
                 write_audit_report(folder, result, Rows(sample_data), Rows(Centres(whole)),
                                    {"samples": str(samples), "train": [str(t) for t in train],
                                     "model": model, "sampler": sampler if model else None,
                                     "features": None if features is None else str(features),
+                                    "train_cond": None if train_cond is None
+                                    else str(train_cond),
+                                    "conditions": None if conditions is None
+                                    else str(conditions), "guidance": guidance,
                                     "seed": seed}, gap=gap)
     except ValueError as err:  # the library's and the command line's input errors
         _fail(str(err))
@@ -278,32 +319,23 @@ def audit_command(
         _echo_audit(result, gap, folder)
 
 
-def _draw_from_model(model: str, train: Any, folder: Path, group: Any,
-                     load: dict[str, Any], draw: dict[str, Any],
-                     held: Any) -> dict[str, Any] | None:
-    """Load ``--model``, draw its samples into ``folder/samples.npy`` (resumable) and measure
-    its denoiser against the closed forms; process 0 does the work and returns the denoiser
+def _draw_from_model(plan: Any, train: Any, folder: Path, group: Any, train_cond: Any,
+                     held: Any, bandwidth: float | None, device: str,
+                     progress: bool) -> dict[str, Any] | None:
+    """Draw the model's samples into ``folder/samples.npy`` (resumable) and measure its
+    denoiser against the closed forms; process 0 does the work and returns the denoiser
     gap, the others wait and return None."""
     import torch.distributed as dist
 
-    from diffmem.audit import denoiser_gap
-    from diffmem.centres import Centres
+    from diffmem.audit.model import draw, model_gap
     from diffmem.experiments.base import FolderLock
-    from diffmem.models import load_model, sample_model
 
-    shape = Centres(train).data_shape
-    scheduler = load.pop("scheduler")
-    loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
-                        data_shape=shape, **load)
-    if tuple(loaded.data_shape) != tuple(shape):
-        raise fail("--model", f"a model of the training data's shape {tuple(shape)}",
-                   f"one of shape {tuple(loaded.data_shape)}")
     gap = None
     if _leader(group):
         with FolderLock(folder):
-            n = draw.pop("n")
-            sample_model(loaded, n, folder / "samples.npy", **draw)
-            gap = denoiser_gap(loaded, train, held=held, seed=draw["seed"])
+            draw(plan, folder, device=device, progress=progress)
+            gap = model_gap(plan, train, train_cond=train_cond, held=held,
+                            bandwidth=bandwidth, seed=plan.seed)
     if group is not None:
         dist.barrier(group)
     return gap

@@ -151,29 +151,94 @@ def _load_options() -> dict[str, Any]:
 class ModelScore:
     """A trained model as a diffmem score on ``schedule``: ``fn(x, t) -> s`` (``kind``
     ``'score'``) or ``fn(x, t) -> D`` (``kind='denoiser'``, ``D = x + sigma^2 s``), applied
-    in batches. Outputs are checked (shape of ``x``, finite)."""
+    in batches. Outputs are checked (shape of ``x``, finite).
 
-    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], schedule: Schedule,
+    A conditional model (``conditional=True``) is ``fn(x, t, y)`` with ``y`` the batch's
+    conditions (integer labels ``(batch,)`` or vectors ``(batch, *cond_shape)``); with
+    ``guidance = w`` and a ``null`` condition (the one that means "no condition") its output
+    is classifier-free guided, ``out(y) = out(null) + w (out(y) - out(null))`` (linear in
+    the output, so the same for a score, a denoiser or a noise prediction).
+
+    ``network`` keeps what the diffusers sampler needs (the UNet, its scheduler config and
+    how it takes a condition) when the model is a diffusers one."""
+
+    def __init__(self, fn: Callable[..., Tensor], schedule: Schedule,
                  data_shape: tuple[int, ...], kind: str = "score", name: str = "model",
-                 batch: int = 256) -> None:
+                 batch: int = 256, *, conditional: bool = False,
+                 network: dict[str, Any] | None = None) -> None:
         if kind not in ("score", "denoiser"):
             raise fail("kind", "'score' or 'denoiser'", repr(kind))
         self.fn, self.schedule, self.kind, self.name = fn, schedule, kind, name
         self.data_shape = tuple(data_shape)
         self.batch = positive_int("batch", batch)
+        self.conditional = conditional
+        self.network = network
+        self.guidance: float | None = None
+        self.null: Tensor | None = None
 
-    def _out(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor]:
+    def guided(self, guidance: float | None, null: Tensor | None) -> ModelScore:
+        """Set classifier-free guidance (``None``: none); checks that the model takes
+        ``null``. Returns the model."""
+        if guidance is None:
+            self.guidance, self.null = None, None
+            return self
+        if not self.conditional:
+            raise fail("--guidance", "a conditional model (with --train-cond or --conditions)",
+                       guidance)
+        if not math.isfinite(guidance):
+            raise fail("--guidance", "a finite guidance weight", guidance)
+        if null is None:
+            raise fail("--null-cond", "the condition that means 'no condition', with "
+                       "--guidance", None)
+        self.check_condition(null[None], "--null-cond")
+        self.guidance, self.null = float(guidance), null
+        return self
+
+    def check_condition(self, y: Tensor, name: str) -> None:
+        """Evaluate the model once on ``y`` (a batch of conditions) at mid-time; an error
+        the model raises becomes a ``ValueError`` naming ``name``."""
+        x = torch.zeros(y.shape[0], *self.data_shape)
+        t = torch.full((y.shape[0],), 0.5 * float(self.schedule.T))
+        try:
+            self._apply(x, t, y)
+        except ValueError:
+            raise
+        except Exception as err:  # the user's model: say what it raised
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise fail(name, f"conditions {self.name} can take", f"shape {tuple(y.shape)}, "
+                       f"dtype {y.dtype}: {type(err).__name__}: {(lines or [''])[-1][:200]}"
+                       ) from err
+
+    def _apply(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        """``fn`` on one batch, conditioned (and guided) when the model is conditional."""
+        if not self.conditional:
+            return self.fn(x, t)
+        if y is None:
+            raise fail("y", f"conditions for the conditional model {self.name}", None)
+        if y.shape[0] != x.shape[0]:
+            raise fail("y", f"one condition per sample ({x.shape[0]})", tuple(y.shape))
+        if self.guidance is None:
+            return self.fn(x, t, y)
+        assert self.null is not None
+        null = self.null.to(y.device).expand(x.shape[0], *self.null.shape)
+        both = self.fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y.to(null)]))
+        uncond, cond = both.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+    def _out(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.data_shape:
             raise fail("x", f"a tensor (batch, *{self.data_shape}) for {self.name}",
                        f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
         tt = time_tensor(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        if y is not None and y.dim() >= 1 and y.shape[0] == 1 and x.shape[0] > 1:
+            y = y.expand(x.shape[0], *y.shape[1:])
         parts = []
         with torch.no_grad():
             for lo in range(0, x.shape[0], self.batch):
-                out = self.fn(x[lo : lo + self.batch], tt[lo : lo + self.batch])
-                if not isinstance(out, Tensor) or out.shape != x[lo : lo + self.batch].shape:
-                    raise fail(self.name, f"outputs of the shape of x, "
-                               f"{tuple(x[lo : lo + self.batch].shape)}",
+                rows = slice(lo, lo + self.batch)
+                out = self._apply(x[rows], tt[rows], None if y is None else y[rows])
+                if not isinstance(out, Tensor) or out.shape != x[rows].shape:
+                    raise fail(self.name, f"outputs of the shape of x, {tuple(x[rows].shape)}",
                                f"shape {tuple(out.shape)}" if isinstance(out, Tensor)
                                else type(out).__name__)
                 parts.append(out.to(x.dtype))
@@ -182,23 +247,23 @@ class ModelScore:
             raise fail(self.name, "finite outputs", "NaN or inf")
         return out, self.schedule.sigma2(tt).to(x.dtype)
 
-    def __call__(self, x: Tensor, t: TimeLike) -> Tensor:
-        """The score ``s(x, t)``."""
-        out, s2 = self._out(x, t)
+    def __call__(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
+        """The score ``s(x, t)`` (``s(x, t | y)`` for a conditional model)."""
+        out, s2 = self._out(x, t, y)
         if self.kind == "score":
             return out
         return (out - x) / expand_as_batch(s2, x)
 
-    def sigma2_score(self, x: Tensor, t: TimeLike) -> Tensor:
+    def sigma2_score(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
         """``sigma(t)^2 s(x, t)``."""
-        out, s2 = self._out(x, t)
+        out, s2 = self._out(x, t, y)
         if self.kind == "denoiser":
             return out - x
         return expand_as_batch(s2, x) * out
 
-    def denoiser(self, x: Tensor, t: TimeLike) -> Tensor:
+    def denoiser(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
         """``D(x, t) = x + sigma(t)^2 s(x, t)``."""
-        return x + self.sigma2_score(x, t)
+        return x + self.sigma2_score(x, t, y)
 
 
 def network_output_to_score(out: Tensor, x: Tensor, m: Tensor, sigma: Tensor,
@@ -216,13 +281,38 @@ def network_output_to_score(out: Tensor, x: Tensor, m: Tensor, sigma: Tensor,
     raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction_type))
 
 
+def read_scheduler_config(folder: Path, scheduler: str | Path | None) -> tuple[dict[str, Any],
+                                                                                Path]:
+    """The scheduler config of a diffusers model folder: ``scheduler`` (a folder or its
+    ``scheduler_config.json``) or the pipeline's ``scheduler/``; and its path."""
+    sched = Path(folder / "scheduler" if scheduler is None else scheduler)
+    if sched.is_dir():
+        sched = sched / "scheduler_config.json"
+    if not sched.is_file():
+        raise fail("--scheduler", "a diffusers scheduler config (scheduler_config.json or "
+                   "its folder)", str(sched))
+    try:
+        return json.loads(sched.read_text()), sched
+    except (OSError, ValueError) as err:
+        raise fail("--scheduler", "a readable JSON scheduler config", f"{sched} ({err})") from err
+
+
+#: diffusers UNets diffmem loads, and how each takes a condition.
+UNET_CLASSES = {"UNet2DModel": "class_labels", "UNet2DConditionModel": "encoder_hidden_states"}
+
+
 def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
                    device: str | torch.device = "cpu") -> ModelScore:
     """A local diffusers model as a score on its :class:`DiscreteVP` schedule: a pipeline
-    folder, or a ``UNet2DModel`` folder with ``scheduler`` (a scheduler folder or its
-    ``scheduler_config.json``). Nothing is downloaded."""
+    folder, or a UNet folder with ``scheduler`` (a scheduler folder or its
+    ``scheduler_config.json``). Nothing is downloaded.
+
+    ``UNet2DModel`` is unconditional, or class-conditional when its config has class
+    embeddings (``num_class_embeds``): it is then called with ``class_labels=y``.
+    ``UNet2DConditionModel`` takes ``encoder_hidden_states=y``, ``y`` a batch of
+    precomputed ``(seq, dim)`` embeddings (no text encoder is loaded)."""
     try:
-        from diffusers import UNet2DModel
+        import diffusers
     except ImportError as err:
         raise fail("--model", "diffusers installed (pip install 'diffmem[diffusers]')",
                    str(path)) from err
@@ -232,39 +322,49 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
     unet_dir = folder / "unet" if (folder / "model_index.json").is_file() else folder
     if not (unet_dir / "config.json").is_file():
         raise fail("--model", "a diffusers pipeline folder (model_index.json, unet/, "
-                   "scheduler/) or a UNet2DModel folder (config.json)", str(folder))
-    if scheduler is None:
-        scheduler = folder / "scheduler"
-    sched = Path(scheduler)
-    if sched.is_dir():
-        sched = sched / "scheduler_config.json"
-    if not sched.is_file():
-        raise fail("--scheduler", "a diffusers scheduler config (scheduler_config.json or "
-                   "its folder)", str(sched))
-    try:
-        config = json.loads(sched.read_text())
-    except (OSError, ValueError) as err:
-        raise fail("--scheduler", "a readable JSON scheduler config", f"{sched} ({err})") from err
+                   "scheduler/) or a UNet folder (config.json)", str(folder))
+    config, sched_path = read_scheduler_config(folder, scheduler)
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction))
     schedule = DiscreteVP(discrete_alphas_cumprod(config))
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), **_load_options())
+        class_name = json.loads((unet_dir / "config.json").read_text()).get(
+            "_class_name", "UNet2DModel")
+    except ValueError as err:
+        raise fail("--model", "a readable UNet config.json", str(unet_dir)) from err
+    if class_name not in UNET_CLASSES:
+        raise fail("--model", f"a UNet of a class diffmem loads, {tuple(UNET_CLASSES)}",
+                   class_name)
+    try:
+        unet = getattr(diffusers, class_name).from_pretrained(str(unet_dir), **_load_options())
     except (OSError, ValueError, RuntimeError) as err:
-        raise fail("--model", "a loadable UNet2DModel", f"{unet_dir} ({err})") from err
+        raise fail("--model", f"a loadable {class_name}", f"{unet_dir} ({err})") from err
     unet = unet.to(device).eval()
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     data_shape = (unet.config.in_channels, *size)
+    takes = UNET_CLASSES[class_name]
+    conditional = takes == "encoder_hidden_states" or (
+        unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None)
 
-    def score(x: Tensor, t: Tensor) -> Tensor:
+    def net(x: Tensor, timestep: Tensor, y: Tensor | None = None) -> Tensor:
+        kwargs: dict[str, Any] = {}
+        if conditional:
+            kwargs[takes] = y.to(x.device).long() if takes == "class_labels" else \
+                y.to(device=x.device, dtype=unet.dtype)
+        return unet(x.to(unet.dtype), timestep, **kwargs).sample
+
+    def score(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t64 = t.to(torch.float64)
-        out = unet(x.to(torch.float32), schedule.timestep(t.to(torch.float32))).sample
+        out = net(x, schedule.timestep(t.to(torch.float32)), y)
         return network_output_to_score(out.to(x.dtype), x, schedule.m(t64),
                                        schedule.sigma(t64), prediction)
 
-    return ModelScore(score, schedule, data_shape, "score", name=f"diffusers {unet_dir.name}")
+    return ModelScore(score, schedule, data_shape, "score",
+                      name=f"diffusers {unet_dir.name}", conditional=conditional,
+                      network={"net": net, "unet": unet, "scheduler_config": config,
+                               "scheduler_path": str(sched_path), "takes": takes})
 
 
 def load_checkpoint_model(path: str | Path, index: int = 0,
@@ -299,14 +399,21 @@ def load_checkpoint_model(path: str | Path, index: int = 0,
         raise fail("--model-index", f"a model of the stack, 0..{mlp.n_models - 1}", index)
     schedule = get_schedule(cfg.get("schedule", "VP"))
     net = NetworkScore(mlp.to(device), schedule, index)
-    return ModelScore(lambda x, t: net(x, t), schedule, (out_dim,), "score",
-                      name=f"score MLP {Path(path).name}[{index}]")
+    conditional = mlp.config.cond_dim > 0
+
+    def fn(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return net(x, t) if not conditional else net(x, t, y.reshape(x.shape[0], -1).to(x))
+
+    return ModelScore(fn, schedule, (out_dim,), "score",
+                      name=f"score MLP {Path(path).name}[{index}]", conditional=conditional)
 
 
-def load_callable(spec: str, schedule: str, kind: str, data_shape: tuple[int, ...]) -> ModelScore:
+def load_callable(spec: str, schedule: str, kind: str, data_shape: tuple[int, ...],
+                  conditional: bool = False) -> ModelScore:
     """``package.module:function`` or ``path/to/file.py:function``: a function ``fn(x, t)``
-    returning the score (``kind='score'``) or the denoiser ``D(x, t)`` (``'denoiser'``; on
-    the EDM schedule ``t`` is the noise level ``sigma``) on ``schedule`` (VE, VP or EDM)."""
+    (``fn(x, t, y)`` when ``conditional``, ``y`` the batch's conditions) returning the score
+    (``kind='score'``) or the denoiser ``D(x, t)`` (``'denoiser'``; on the EDM schedule
+    ``t`` is the noise level ``sigma``) on ``schedule`` (VE, VP or EDM)."""
     if ":" not in spec:
         raise fail("--model", "package.module:function or path/to/file.py:function", spec)
     where, name = spec.rsplit(":", 1)
@@ -331,14 +438,18 @@ def load_callable(spec: str, schedule: str, kind: str, data_shape: tuple[int, ..
     if not callable(fn):
         raise fail("--model", f"a callable named {name!r} in {where}",
                    "nothing callable by that name")
-    return ModelScore(fn, get_schedule(schedule), data_shape, kind, name=spec)
+    return ModelScore(fn, get_schedule(schedule), data_shape, kind, name=spec,
+                      conditional=conditional)
 
 
 def load_model(spec: str, *, scheduler: str | None = None, schedule: str = "VP",
                kind: str = "score", data_shape: tuple[int, ...] | None = None,
-               index: int = 0, device: str | torch.device = "cpu") -> ModelScore:
+               index: int = 0, device: str | torch.device = "cpu",
+               conditional: bool = False) -> ModelScore:
     """A model named on the command line: a diffusers folder, a diffmem checkpoint
-    (``.pt``) or a Python callable (``module:function``, ``file.py:function``)."""
+    (``.pt``) or a Python callable (``module:function``, ``file.py:function``; called
+    ``fn(x, t, y)`` when ``conditional``). Diffusers models and checkpoints say themselves
+    whether they are conditional."""
     path = Path(spec)
     if path.is_dir():
         return load_diffusers(path, scheduler, device)
@@ -348,64 +459,117 @@ def load_model(spec: str, *, scheduler: str | None = None, schedule: str = "VP",
         return load_checkpoint_model(path, index, device)
     if data_shape is None:
         raise fail("--model", "a training set to take the data shape from", spec)
-    return load_callable(spec, schedule, kind, data_shape)
+    return load_callable(spec, schedule, kind, data_shape, conditional)
 
 
 # --- sampling, in resumable batches --------------------------------------------------------
+SAMPLERS = ("ode", "edm", "pipeline")
+
+
 def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
                  steps: int = 18, seed: int = 0, batch: int = 64, t_end: float | None = None,
-                 device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
-    """``n`` samples of ``model`` written to ``out`` (a ``.npy`` file) batch by batch with a
-    progress record beside it (``out.progress.json``): a run interrupted and started again
-    with the same arguments continues after the last finished batch, drawing nothing twice
-    (the noise of batch ``i`` comes from ``seed + i``). ``sampler`` is ``'ode'``
-    (probability-flow ODE, adaptive, to ``t_end``, then one denoising step ``x_0 = D(x,
-    t_end) / m(t_end)``, as a DDIM sampler's last step) or ``'edm'`` (EDM's Heun with
-    ``steps`` levels in the variance-exploding parameterization ``x / m``, to noise 0)."""
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 cond: Tensor | None = None, scheduler_class: str | None = None,
+                 eta: float | None = None, noise_out: Path | None = None) -> np.ndarray:
+    """``n`` samples of ``model`` written to ``out`` (a ``.npy`` file) batch by batch, the
+    standard normal noise each started from to ``noise_out`` (default: ``out``'s name with
+    ``_initial_noise`` added), and a
+    progress record (``out.progress.json``): a run interrupted and started again with the
+    same arguments continues after the last finished batch, drawing nothing twice (the
+    noise of batch ``i`` comes from a generator seeded ``seed + i``).
+
+    ``sampler`` is ``'ode'`` (probability-flow ODE, adaptive, to ``t_end``, then one
+    denoising step ``x_0 = D(x, t_end) / m(t_end)``, as a DDIM sampler's last step),
+    ``'edm'`` (EDM's Heun with ``steps`` levels in the variance-exploding parameterization
+    ``x / m``, to noise 0) or ``'pipeline'`` (a diffusers model's own scheduler, its saved
+    class or ``scheduler_class``, with ``steps`` steps and ``eta``, exactly the loop of
+    diffusers' pipelines: :func:`diffmem.pipeline.pipeline_sample`). Samples are in the
+    model's data space, as the sampler returns them. A conditional model takes ``cond``,
+    one condition per sample ``(n, *cond_shape)``."""
+    from diffmem.pipeline import make_scheduler, pipeline_sample
+
     n, batch, steps = positive_int("n_samples", n), positive_int("batch", batch), \
         positive_int("steps", steps)
-    if sampler not in ("ode", "edm"):
-        raise fail("--sampler", "'ode' or 'edm'", repr(sampler))
+    if sampler not in SAMPLERS:
+        raise fail("--sampler", f"one of {SAMPLERS}", repr(sampler))
+    scheduler = None
+    if sampler == "pipeline":
+        if model.network is None:
+            raise fail("--sampler", "'ode' or 'edm' for a model that is not a diffusers one "
+                       "('pipeline' runs a diffusers scheduler)", repr(sampler))
+        scheduler = make_scheduler(model.network["scheduler_config"], scheduler_class, steps,
+                                   eta)
+    elif scheduler_class is not None or eta is not None:
+        raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
+                   "--sampler pipeline", f"--sampler {sampler}")
+    if model.conditional and (cond is None or cond.shape[0] != n):
+        raise fail("conditions", f"one condition per sample ({n}) for the conditional model "
+                   f"{model.name}", None if cond is None else tuple(cond.shape))
+    if not model.conditional and cond is not None:
+        raise fail("conditions", f"none: {model.name} is not conditional", tuple(cond.shape))
     sch = model.schedule
     key = {"model": model.name, "schedule": repr(sch), "sampler": sampler, "steps": steps,
            "seed": seed, "batch": batch, "n": n, "shape": list(model.data_shape),
-           "t_end": t_end}
+           "t_end": t_end, "scheduler": None if scheduler is None else type(scheduler).__name__,
+           "eta": eta, "guidance": model.guidance,
+           "cond": None if cond is None else _digest(cond),
+           "null": None if model.null is None else _digest(model.null)}
+    noise_out = out.with_name(f"{out.stem}_initial_noise.npy") if noise_out is None \
+        else noise_out
     record = Path(str(out) + ".progress.json")
     done = 0
-    if out.is_file() and record.is_file():
+    if out.is_file() and noise_out.is_file() and record.is_file():
         try:
             saved = json.loads(record.read_text())
         except ValueError:
             saved = {}
         if saved.get("key") == key:
             done = int(saved.get("done", 0))
-    if done == 0 or not out.is_file():
+    if done == 0:
         arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
                                         shape=(n, *model.data_shape))
-        done = 0
+        noise = np.lib.format.open_memmap(noise_out, mode="w+", dtype=np.float32,
+                                          shape=(n, *model.data_shape))
     else:
-        arr = np.load(out, mmap_mode="r+")
+        arr, noise = np.load(out, mmap_mode="r+"), np.load(noise_out, mmap_mode="r+")
     end = (1 / sch.K if isinstance(sch, DiscreteVP) else 1e-3 * sch.T) if t_end is None else t_end
     bar = tqdm(total=n, initial=done, disable=not progress, desc=f"sampling {model.name}")
     for lo in range(done, n, batch):
         hi = min(n, lo + batch)
         gen = torch.Generator().manual_seed(seed + lo // batch)
         z = torch.randn(hi - lo, *model.data_shape, generator=gen, dtype=torch.float32)
+        y = None if cond is None else cond[lo:hi].to(device)
         if sampler == "ode":
             x_T = (float(sch.sigma(sch.T)) * z).to(device)
-            x = sample_ode(sch, model, x_T, t_end=end, rtol=1e-4, atol=1e-4).samples
-            x = model.denoiser(x, end) / sch.m(end).to(x)  # the last step: E[x_0 | x]
+            x = sample_ode(sch, model, x_T, t_end=end, rtol=1e-4, atol=1e-4, cond=y).samples
+            x = model.denoiser(x, end, y) / sch.m(end).to(x)  # the last step: E[x_0 | x]
+        elif sampler == "edm":
+            x = _edm_in_ve(model, z.to(device), steps, end, y)
         else:
-            x = _edm_in_ve(model, z.to(device), steps, end)
+            assert scheduler is not None and model.network is not None
+            x = pipeline_sample(model.network["net"], z.to(device), scheduler, steps,
+                                cond=y, guidance=model.guidance, null=model.null, eta=eta,
+                                generator=gen)
         arr[lo:hi] = x.detach().cpu().numpy()
+        noise[lo:hi] = z.numpy()
         arr.flush()
+        noise.flush()
         atomic_write_json(record, {"key": key, "done": hi})
         bar.update(hi - lo)
     bar.close()
     return arr
 
 
-def _edm_in_ve(model: ModelScore, z: Tensor, steps: int, t_end: float) -> Tensor:
+def _digest(v: Tensor) -> str:
+    """A short hash of a tensor's values (what identifies conditions in a progress record)."""
+    import hashlib
+
+    data = np.ascontiguousarray(v.detach().cpu().numpy())
+    return hashlib.sha256(data.tobytes() + str(data.dtype).encode()).hexdigest()[:16]
+
+
+def _edm_in_ve(model: ModelScore, z: Tensor, steps: int, t_end: float,
+               y: Tensor | None = None) -> Tensor:
     """EDM's Heun sampler for any schedule, in the variance-exploding coordinates
     ``y = x / m`` with noise level ``sigma_ve = sigma / m``: ``D_ve(y, sigma_ve) =
     D(m y, t) / m`` at the ``t`` with ``sigma(t) / m(t) = sigma_ve`` (for VP schedules,
@@ -417,10 +581,10 @@ def _edm_in_ve(model: ModelScore, z: Tensor, steps: int, t_end: float) -> Tensor
         sigma2 = s2 / (1 + s2) if sch.name == "VP" else s2
         return sch.t_of_s(-0.5 * torch.log(sigma2))
 
-    def den(y: Tensor, sigma_ve: Tensor) -> Tensor:
+    def den(v: Tensor, sigma_ve: Tensor) -> Tensor:
         t = t_of(sigma_ve)
-        m = expand_as_batch(sch.m(t).to(y.dtype), y)
-        return model.denoiser(m * y, t.to(y.dtype)) / m
+        m = expand_as_batch(sch.m(t).to(v.dtype), v)
+        return model.denoiser(m * v, t.to(v.dtype), y) / m
 
     lo = float(sch.sigma(t_end) / sch.m(t_end))
     hi = float(sch.sigma(sch.T) / sch.m(sch.T))

@@ -261,6 +261,8 @@ def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
              "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
              + "</table>",
              f"<h2>Distributions</h2><img alt='histograms' src='{_histograms(result)}'>"]
+    if result.conditions is not None:
+        parts += _conditions_section(result, samples, train)
     parts += _audit_gallery(result, samples, train)
     if gap is not None:
         atomic_write_json(out_dir / "denoiser_gap.json", gap)
@@ -307,6 +309,48 @@ def _audit_summary(result: Any) -> list[tuple[str, str]]:
     return summary
 
 
+def _pair(result: Any, i: int, sample: Any, near: Any) -> str:
+    """Sample ``i`` beside its nearest training item, framed red when an nn-ratio copy."""
+    frame = "#c62828" if bool(result.copies["nn_ratio"][i]) else "#ddd"
+    return (f"<div class='pair' style='border-color:{frame}'>"
+            f"<img alt='sample {i}' src='{_uri(_image_png(sample))}'>"
+            f"<img alt='training item {int(result.nearest[i])}' "
+            f"src='{_uri(_image_png(near))}'><br>sample {i} | train "
+            f"{int(result.nearest[i])}<br>d1 {float(result.d1[i]):.3g}, d1/d2 "
+            f"{float(result.ratio[i]):.3f}, cal. {float(result.calibrated[i]):.3f}</div>")
+
+
+#: Conditions whose samples the page shows, and samples shown for each.
+SHOWN_CONDITIONS, PER_SHOWN_CONDITION = 4, 6
+
+
+def _conditions_section(result: Any, samples: Any, train: Any) -> list[str]:
+    """Per condition: a table sorted by nn-ratio copy fraction, and (images) the samples of
+    the most-copied conditions beside their nearest training items."""
+    entries = result.conditions
+    parts = ["<h2>Per condition</h2><p>Sorted by nn-ratio copy fraction; 'same condition': "
+             "the fraction of the condition's samples whose nearest training item carries "
+             "that condition.</p><table><tr><th>condition</th><th>samples</th><th>nn-ratio "
+             "copies</th><th>calibrated-l2 copies</th><th>same condition</th></tr>"]
+    for e in entries:
+        nn, same = e["nn_ratio"], e["same_condition"]
+        parts.append(f"<tr><td>{html.escape(json.dumps(e['condition']))}</td>"
+                     f"<td>{e['n_samples']}</td><td>{nn['fraction']:.3f} [{nn['ci_low']:.3f}, "
+                     f"{nn['ci_high']:.3f}]</td><td>{e['calibrated_l2']['fraction']:.3f}</td>"
+                     f"<td>{'n/a' if same is None else f'{same:.3f}'}</td></tr>")
+    parts.append("</table>")
+    if len(result.data_shape) >= 2:
+        for e in entries[:SHOWN_CONDITIONS]:
+            order = e["samples"][:PER_SHOWN_CONDITION]
+            near = train.take([int(result.nearest[i]) for i in order])
+            shown = samples.take(order)
+            parts.append(f"<h3>Condition {html.escape(json.dumps(e['condition']))}: "
+                         f"{e['nn_ratio']['fraction']:.0%} copies</h3><div>")
+            parts += [_pair(result, i, shown[j], near[j]) for j, i in enumerate(order)]
+            parts.append("</div>")
+    return parts
+
+
 def _audit_gallery(result: Any, samples: Any, train: Any) -> list[str]:
     """The most copy-like samples beside their nearest training items and the most-copied
     items (images), or the samples over a PCA of the training set and a table (vectors)."""
@@ -319,15 +363,7 @@ def _audit_gallery(result: Any, samples: Any, train: Any) -> list[str]:
                      "nn-ratio test.</p><div>")
         near = train.take([int(result.nearest[i]) for i in order])
         shown = samples.take(order)
-        for j, i in enumerate(order):
-            frame = "#c62828" if bool(result.copies["nn_ratio"][i]) else "#ddd"
-            parts.append(
-                f"<div class='pair' style='border-color:{frame}'>"
-                f"<img alt='sample {i}' src='{_uri(_image_png(shown[j]))}'>"
-                f"<img alt='training item {int(result.nearest[i])}' "
-                f"src='{_uri(_image_png(near[j]))}'><br>sample {i} | train "
-                f"{int(result.nearest[i])}<br>d1 {float(result.d1[i]):.3g}, d1/d2 "
-                f"{float(result.ratio[i]):.3f}, cal. {float(result.calibrated[i]):.3f}</div>")
+        parts += [_pair(result, i, shown[j], near[j]) for j, i in enumerate(order)]
         parts.append("</div>")
         most = result.duplicates["most_copied"]
         if most:
@@ -365,4 +401,17 @@ def _gap_section(gap: dict[str, Any]) -> str:
             "model denoises like the empirical score, i.e. returns training points. At large "
             "noise every good denoiser agrees with it; what tells is how far down the model "
             f"follows it. {reach}</p><img alt='denoiser gap' "
-            f"src='{_figure_uri(fig)}'>")
+            f"src='{_figure_uri(fig)}'>" + _gap_conditions(gap))
+
+
+def _gap_conditions(gap: dict[str, Any]) -> str:
+    """For a conditional model: per condition, how far down the model follows the
+    conditional empirical denoiser."""
+    if "conditions" not in gap:
+        return ""
+    rows = [(html.escape(json.dumps(e["condition"])),
+             "not at the largest level" if e["follows_down_to"] is None
+             else f"down to sigma = {e['follows_down_to']:.3g}") for e in gap["conditions"]]
+    return ("<p>Against the conditional empirical denoiser D_e(x, t | y) "
+            f"({html.escape(gap['conditional']['mode'])}), per condition (the curve above "
+            "pools them):</p>" + _table(rows))

@@ -38,6 +38,7 @@ from diffmem.audit.inputs import Rows
 from diffmem.audit.result import CALIBRATED_THRESHOLD, AuditResult, duplicates, quantiles
 from diffmem.audit.search import INDEXES, nearest
 from diffmem.centres import Centres, TrainingData, all_reduce, as_centres
+from diffmem.conditions import as_conditions, describe, distinct, same
 from diffmem.images import exact_matches, is_binary
 from diffmem.metrics import (
     bootstrap_interval,
@@ -72,6 +73,8 @@ def audit(
     progress: bool = False,
     feature_cache: Path | None = None,
     process_group: Any = None,
+    sample_cond: Tensor | None = None,
+    train_cond: Tensor | None = None,
 ) -> AuditResult:
     """Audit ``samples`` ``(n, *data_shape)`` against ``train`` ``(N, *data_shape)``: the
     nearest training points of every sample and the memorization figures listed in the
@@ -94,6 +97,12 @@ def audit(
         feature_cache: a folder in which feature vectors are kept and reused.
         process_group: a torch.distributed group when each process holds a contiguous block
             of ``train`` (exact search only); every process returns the full result.
+        sample_cond: the condition each sample was drawn for (integer labels ``(n,)`` or
+            vectors ``(n, *cond_shape)``): the figures are also reported per condition
+            (``conditions``), sorted by nn-ratio copy fraction.
+        train_cond: each training item's condition (every item, whatever the process
+            group): adds ``same_condition``, the fraction of a condition's samples whose
+            nearest training item carries that condition.
     """
     deltas = [positive("deltas", d) for d in deltas]
     if not deltas:
@@ -110,6 +119,10 @@ def audit(
         raise fail("index", "'exact' when the training set is split over processes", index)
     rows = Rows(samples, "samples")
     centres = as_centres(train, process_group=process_group)
+    if sample_cond is not None:
+        sample_cond = as_conditions(sample_cond, "sample_cond", rows.n)
+    if train_cond is not None:
+        train_cond = as_conditions(train_cond, "train_cond", centres.n_total)
     if rows.data_shape != centres.data_shape:
         raise fail("samples", f"arrays of shape (n, *{centres.data_shape}) like train",
                    f"shape ({rows.n}, *{rows.data_shape})")
@@ -123,33 +136,31 @@ def audit(
     d1, d2 = dist[:, 0], dist[:, 1]
     ratio = distance_ratios(d1, d2)
     calibrated = calibrated_l2(dist, calibrated_alpha, min(calibrated_n, k))
-    test = ratio_test(d1, d2, ratio_threshold, bootstrap, seed=seed)
     copies = {f"within_{delta_key(d)}": d1 < d for d in deltas}
     copies["nn_ratio"] = ratio < ratio_threshold
     copies["calibrated_l2"] = calibrated < calibrated_threshold
     exact = _exact_matches(rows, centres, batch_size, process_group)
     if exact is not None:
         copies["exact_match"] = exact
-    cal_lo, cal_hi = bootstrap_interval(copies["calibrated_l2"], bootstrap, seed=seed)
+    settings = {"deltas": deltas, "ratio_threshold": ratio_threshold, "bootstrap": bootstrap,
+                "seed": seed, "alpha": calibrated_alpha, "n": min(calibrated_n, k),
+                "calibrated_threshold": calibrated_threshold}
+    figures = _figures(d1, d2, copies["calibrated_l2"], settings)
     dim = int(math.prod(rows.data_shape))
     result = AuditResult(
         n_samples=rows.n, n_train=centres.n_total, dim=dim, data_shape=rows.data_shape,
-        features=feature_name, index=index,
-        fraction_within={delta_key(d): f for d, f in within(d1, deltas).items()},
+        features=feature_name, index=index, **figures,
         rms_per_coordinate=({delta_key(d): float(rms_per_coordinate(d, dim)) for d in deltas}
                             if len(rows.data_shape) >= 2 and features is None else None),
-        nn_ratio={"threshold": ratio_threshold, "fraction": test.fraction,
-                  "ci_low": test.ci_low, "ci_high": test.ci_high, "level": test.level},
-        calibrated_l2={"alpha": calibrated_alpha, "n": min(calibrated_n, k),
-                       "threshold": calibrated_threshold,
-                       "fraction": float(copies["calibrated_l2"].to(torch.float64).mean()),
-                       "ci_low": cal_lo, "ci_high": cal_hi},
         exact_match=None if exact is None else float(exact.to(torch.float64).mean()),
         duplicates=duplicates(idx[:, 0], copies["nn_ratio"], centres.n_total),
         quantiles={"d1": quantiles(d1), "ratio": quantiles(ratio),
                    "calibrated": quantiles(calibrated)},
         nearest=idx[:, 0], d1=d1, d2=d2, ratio=ratio, calibrated=calibrated, copies=copies,
         recall=recall, search=search)
+    if sample_cond is not None:
+        result.conditions, result.sample_condition = _per_condition(
+            result, sample_cond, train_cond, settings)
     if features is not None:
         vectors = space_rows.data  # the samples' feature vectors, in memory
         near = space_train.take_raw(idx[:, 0], vectors)
@@ -170,3 +181,46 @@ def _exact_matches(rows: Rows, centres: Centres, batch_size: int,
     local = (exact_matches((x for _, x in rows.batches(batch_size)), centres) if centres.n
              else torch.zeros(rows.n, dtype=torch.bool))
     return all_reduce(local.to(torch.float64), process_group, "max") > 0
+
+
+def _figures(d1: Tensor, d2: Tensor, calibrated_copies: Tensor,
+             settings: dict[str, Any]) -> dict[str, Any]:
+    """The fraction within each delta, the nn-ratio test with its bootstrap interval and the
+    calibrated-l2 copy fraction with its interval, for one set of samples."""
+    seed, bootstrap = settings["seed"], settings["bootstrap"]
+    test = ratio_test(d1, d2, settings["ratio_threshold"], bootstrap, seed=seed)
+    cal_lo, cal_hi = bootstrap_interval(calibrated_copies, bootstrap, seed=seed)
+    return {
+        "fraction_within": {delta_key(d): f for d, f in within(d1, settings["deltas"]).items()},
+        "nn_ratio": {"threshold": settings["ratio_threshold"], "fraction": test.fraction,
+                     "ci_low": test.ci_low, "ci_high": test.ci_high, "level": test.level},
+        "calibrated_l2": {"alpha": settings["alpha"], "n": settings["n"],
+                          "threshold": settings["calibrated_threshold"],
+                          "fraction": float(calibrated_copies.to(torch.float64).mean()),
+                          "ci_low": cal_lo, "ci_high": cal_hi},
+    }
+
+
+def _per_condition(result: AuditResult, sample_cond: Tensor, train_cond: Tensor | None,
+                   settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """One entry per distinct sample condition (sorted by nn-ratio copy fraction, most
+    copied first), and each sample's condition as written in ``per_sample.csv``."""
+    keys, which = distinct(sample_cond)
+    same_cond = None
+    if train_cond is not None:
+        same_cond = same(sample_cond, train_cond[result.nearest])
+    labels = [describe(key, j) for j, key in enumerate(keys)]
+    entries = []
+    for j in range(keys.shape[0]):
+        mask = which == j
+        entry = {"condition": labels[j], "n_samples": int(mask.sum()),
+                 **_figures(result.d1[mask], result.d2[mask],
+                            result.copies["calibrated_l2"][mask], settings)}
+        entry["same_condition"] = (None if same_cond is None else
+                                   float(same_cond[mask].to(torch.float64).mean()))
+        entry["samples"] = torch.nonzero(mask).squeeze(1).tolist()
+        entries.append(entry)
+    entries.sort(key=lambda e: -e["nn_ratio"]["fraction"])
+    per_sample = [labels[int(j)] if not isinstance(labels[int(j)], list) else int(j)
+                  for j in which]
+    return entries, per_sample

@@ -11,23 +11,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem._checks import positive_int
+from diffmem._checks import fail, positive_int
 from diffmem.audit.inputs import Rows
 from diffmem.centres import TrainingData, as_centres
 
 
-def model_denoiser(model: Any, x: Tensor, t: Tensor) -> Tensor:
+def model_denoiser(model: Any, x: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
     """``D(x, t) = x + sigma^2 s(x, t)`` of any score (its ``denoiser``/``sigma2_score`` when
     it has one)."""
     from diffmem.scores import HasDenoiser, HasSigma2Score
 
     if isinstance(model, HasDenoiser):
-        return model.denoiser(x, t)
+        return model.denoiser(x, t, *cond)
     if isinstance(model, HasSigma2Score):
-        return x + model.sigma2_score(x, t)
+        return x + model.sigma2_score(x, t, *cond)
     from diffmem.schedules import expand_as_batch
 
-    return x + expand_as_batch(model.schedule.sigma2(t).to(x), x) * model(x, t)
+    return x + expand_as_batch(model.schedule.sigma2(t).to(x), x) * model(x, t, *cond)
 
 
 def denoiser_gap(model: Any, train: TrainingData, *, held: Any = None,
@@ -53,8 +53,7 @@ def denoiser_gap(model: Any, train: TrainingData, *, held: Any = None,
     sch = model.schedule
     centres = as_centres(train)
     if sigmas is None:
-        top = float(sch.sigma(sch.T))
-        sigmas = [float(v) for v in np.logspace(-3, math.log10(top), 12)]
+        sigmas = _default_sigmas(sch)
     forms = {"empirical": EmpiricalScore(centres, sch), **(references or {})}
     gen = torch.Generator().manual_seed(seed)
     sets: dict[str, Rows] = {"train": Rows(centres, "train")}
@@ -66,25 +65,97 @@ def denoiser_gap(model: Any, train: TrainingData, *, held: Any = None,
         pick = torch.randint(0, points.n, (positive_int("n_points", n_points),),
                              generator=gen)
         y = points.take(pick.tolist()).to(torch.float64)
-        gaps: dict[str, list[float]] = {name: [] for name in forms}
-        distances: dict[str, list[float]] = {name: [] for name in forms}
-        for sigma in sigmas:
-            t = sch.t_of_s(torch.tensor(-math.log(sigma), dtype=torch.float64))
-            tt = t.expand(y.shape[0]).contiguous()
-            m = float(sch.m(t))
-            x = m * y + float(sch.sigma(t)) * torch.randn(y.shape, generator=gen,
-                                                          dtype=torch.float64)
-            d_model = model_denoiser(model, x, tt).to(torch.float64)
-            for name, form in forms.items():
-                d_ref = form.denoiser(x, tt)
-                scale = float((d_ref - x).flatten(1).pow(2).sum(1).mean())
-                gap = float((d_model - d_ref).flatten(1).pow(2).sum(1).mean())
-                distances[name].append(gap)
-                gaps[name].append(gap / scale if scale > 0 else float("inf"))
-        out[label] = gaps
+        distances, scales = _squared_gaps(model, forms, y, sigmas, gen)
+        out[label] = {name: [g / sc if sc > 0 else float("inf")
+                             for g, sc in zip(distances[name], scales[name], strict=True)]
+                      for name in forms}
         out["closest"][label] = [min(forms, key=lambda n, i=i: distances[n][i])
                                  for i in range(len(sigmas))]
     return out
+
+
+def _squared_gaps(model: Any, forms: dict[str, Any], y: Tensor, sigmas: Sequence[float],
+                  gen: torch.Generator, cond: Tensor | None = None
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """For each form and level: ``E |D_model(x) - D_ref(x)|^2`` and ``E |D_ref(x) - x|^2``
+    over ``x = m y + sigma z`` (conditioned on ``cond``, one row per point, when given)."""
+    sch = model.schedule
+    extra = () if cond is None else (cond,)
+    distances: dict[str, list[float]] = {name: [] for name in forms}
+    scales: dict[str, list[float]] = {name: [] for name in forms}
+    for sigma in sigmas:
+        t = sch.t_of_s(torch.tensor(-math.log(sigma), dtype=torch.float64))
+        tt = t.expand(y.shape[0]).contiguous()
+        m = float(sch.m(t))
+        x = m * y + float(sch.sigma(t)) * torch.randn(y.shape, generator=gen,
+                                                      dtype=torch.float64)
+        d_model = model_denoiser(model, x, tt, *extra).to(torch.float64)
+        for name, form in forms.items():
+            d_ref = form.denoiser(x, tt, *extra)
+            scales[name].append(float((d_ref - x).flatten(1).pow(2).sum(1).mean()))
+            distances[name].append(float((d_model - d_ref).flatten(1).pow(2).sum(1).mean()))
+    return distances, scales
+
+
+def conditional_denoiser_gap(model: Any, train: TrainingData, train_cond: Tensor,
+                             conditions: Tensor, *, bandwidth: float | None = None,
+                             sigmas: Sequence[float] | None = None, n_points: int = 64,
+                             seed: int = 0) -> dict[str, Any]:
+    """:func:`denoiser_gap` of a conditional model against the paper's conditional empirical
+    denoiser ``D_e(x, t | y)`` (:class:`diffmem.scores.ConditionalEmpiricalScore`: the
+    training items of condition ``y`` exactly, or with ``bandwidth`` a Gaussian kernel of
+    that width in ``y``), for each of ``conditions`` on noisy training items of that
+    condition (``n_points`` draws; a condition no training item carries is skipped), and
+    pooled, ``sum_c E_c |D_model - D_e|^2 / sum_c E_c |D_e - x|^2``, under ``train``
+    ``empirical`` as in the unconditional gap (so :func:`follows_down_to` reads it)."""
+    from diffmem.conditions import as_conditions, describe, distinct, same
+    from diffmem.scores import ConditionalEmpiricalScore
+
+    sch = model.schedule
+    centres = as_centres(train)
+    train_cond = as_conditions(train_cond, "train_cond", centres.n_total)
+    keys, _ = distinct(as_conditions(conditions, "conditions"))
+    if sigmas is None:
+        sigmas = _default_sigmas(sch)
+    mode = "kernel" if bandwidth is not None else "labels"
+    form = ConditionalEmpiricalScore(centres, train_cond, sch, mode=mode, bandwidth=bandwidth)
+    gen = torch.Generator().manual_seed(seed)
+    rows = Rows(centres, "train")
+    total_num, total_den = [0.0] * len(sigmas), [0.0] * len(sigmas)
+    entries = []
+    for j, key in enumerate(keys):
+        carriers = torch.nonzero(same(train_cond, key[None].expand_as(train_cond))).squeeze(1)
+        if carriers.numel() == 0:
+            continue
+        pick = carriers[torch.randint(0, carriers.numel(), (positive_int("n_points", n_points),),
+                                      generator=gen)]
+        y = rows.take(pick.tolist()).to(torch.float64)
+        cond = key[None].expand(y.shape[0], *key.shape)
+        dist, scale = _squared_gaps(model, {"empirical": form}, y, sigmas, gen, cond)
+        gaps = [g / sc if sc > 0 else float("inf")
+                for g, sc in zip(dist["empirical"], scale["empirical"], strict=True)]
+        total_num = [a + b for a, b in zip(total_num, dist["empirical"], strict=True)]
+        total_den = [a + b for a, b in zip(total_den, scale["empirical"], strict=True)]
+        entry = {"condition": describe(key, j), "n_points": int(y.shape[0]), "gap": gaps,
+                 "training_items": int(carriers.numel())}
+        entry["follows_down_to"] = follows_down_to(
+            {"sigma": list(sigmas), "train": {"empirical": gaps}})
+        entries.append(entry)
+    if not entries:
+        raise fail("conditions", "at least one condition carried by a training item",
+                   "none of them")
+    pooled = [a / b if b > 0 else float("inf") for a, b in zip(total_num, total_den,
+                                                              strict=True)]
+    return {"sigma": list(sigmas), "units": "dimensionless (squared-distance ratio)",
+            "conditional": {"mode": mode, "bandwidth": bandwidth},
+            "train": {"empirical": pooled}, "conditions": entries,
+            "closest": {"train": ["empirical"] * len(sigmas)}}
+
+
+def _default_sigmas(sch: Any) -> list[float]:
+    """12 levels, log-spaced from ``1e-3`` to ``sigma(T)``."""
+    top = float(sch.sigma(sch.T))
+    return [float(v) for v in np.logspace(-3, math.log10(top), 12)]
 
 
 def follows_down_to(gap: dict[str, Any], threshold: float = 0.1, form: str = "empirical",

@@ -62,6 +62,8 @@ class AuditResult:
     cosine_summary: dict[str, float] | None = None
     recall: dict[str, Any] | None = None
     search: dict[str, Any] = field(default_factory=dict)
+    conditions: list[dict[str, Any]] | None = None
+    sample_condition: list[Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The aggregates as plain JSON values, with units and versions."""
@@ -77,15 +79,21 @@ class AuditResult:
             out["cosine"] = self.cosine_summary
         if self.recall is not None:
             out["recall"] = self.recall
+        if self.conditions is not None:
+            out["conditions"] = [{k: v for k, v in e.items() if k != "samples"}
+                                 for e in self.conditions]
         return out
 
     def per_sample(self) -> Iterator[dict[str, Any]]:
         """One row per sample: index, nearest training item, d1, d2, ratio, calibrated
         distance, a copy flag per criterion (and the cosine similarity with features)."""
         for i in range(self.n_samples):
-            row = {"sample": i, "nearest": int(self.nearest[i]), "d1": float(self.d1[i]),
-                   "d2": float(self.d2[i]), "ratio": float(self.ratio[i]),
-                   "calibrated": float(self.calibrated[i])}
+            row: dict[str, Any] = {"sample": i}
+            if self.sample_condition is not None:
+                row["condition"] = self.sample_condition[i]
+            row.update({"nearest": int(self.nearest[i]), "d1": float(self.d1[i]),
+                        "d2": float(self.d2[i]), "ratio": float(self.ratio[i]),
+                        "calibrated": float(self.calibrated[i])})
             if self.cosine is not None:
                 row["cosine"] = float(self.cosine[i])
             row.update({f"copy_{k}": int(v[i]) for k, v in self.copies.items()})

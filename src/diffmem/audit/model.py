@@ -1,0 +1,148 @@
+"""Auditing a model rather than its samples: load it, check every option against it before
+anything is written (:func:`plan_draw`), draw its samples in resumable batches
+(:func:`draw`), and measure its denoiser against the memorizing one (:func:`model_gap`).
+Shared by ``diffmem audit --model`` and the commands that sample models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from diffmem._checks import fail, positive_int
+from diffmem.centres import Centres, TrainingData
+from diffmem.conditions import as_conditions, distinct, parse_null, per_sample
+from diffmem.models import SAMPLERS, ModelScore, load_model
+
+
+@dataclass
+class DrawPlan:
+    """A model and how to sample it, every option checked: ``cond`` holds one condition
+    per sample (``None`` for an unconditional model), ``conditions`` the distinct ones."""
+
+    model: ModelScore
+    n: int
+    cond: Tensor | None
+    conditions: Tensor | None
+    sampler: str
+    steps: int
+    seed: int
+    scheduler_class: str | None
+    eta: float | None
+
+
+def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
+              train_cond: Tensor | None = None, conditions: Any = None,
+              per_condition: int | None = None, guidance: float | None = None,
+              null_cond: str | None = None, sampler: str = "ode", steps: int = 18,
+              seed: int = 0, scheduler_class: str | None = None, eta: float | None = None,
+              scheduler: str | None = None, schedule: str = "VP", kind: str = "score",
+              index: int = 0, device: str = "cpu") -> DrawPlan:
+    """Load ``spec`` (as :func:`diffmem.models.load_model`) and check the sampling options
+    against it. A conditional model samples ``per_condition`` times each of ``conditions``
+    (default: each distinct training condition of ``train_cond``; ``per_condition``
+    defaults to ``n_samples`` shared out); the model must take the conditions and, with
+    ``guidance``, the ``null_cond``. Raises ``ValueError`` naming the option at fault."""
+    n_samples = positive_int("--n-samples", n_samples)
+    if sampler not in SAMPLERS:
+        raise fail("--sampler", f"one of {SAMPLERS}", repr(sampler))
+    wants_cond = train_cond is not None or conditions is not None
+    model = load_model(spec, scheduler=scheduler, schedule=schedule, kind=kind,
+                       data_shape=data_shape, index=index, device=device,
+                       conditional=wants_cond)
+    if tuple(model.data_shape) != tuple(data_shape):
+        raise fail("--model", f"a model of the training data's shape {tuple(data_shape)}",
+                   f"one of shape {tuple(model.data_shape)}")
+    if sampler == "pipeline" and model.network is None:
+        raise fail("--sampler", "'ode' or 'edm' for a model that is not a diffusers one "
+                   "('pipeline' runs a diffusers scheduler)", repr(sampler))
+    table = cond = None
+    if model.conditional:
+        if conditions is not None:
+            table = as_conditions(conditions, "--conditions")
+        elif train_cond is not None:
+            table, _ = distinct(train_cond)
+        else:
+            raise fail("--conditions", f"the conditions to sample {model.name} at (or "
+                       "--train-cond, whose distinct conditions are the default)", None)
+        if train_cond is not None and (table.is_floating_point() != train_cond.is_floating_point()
+                                       or table.shape[1:] != train_cond.shape[1:]):
+            raise fail("--conditions", f"conditions like --train-cond's (dtype "
+                       f"{train_cond.dtype}, shape (n, *{tuple(train_cond.shape[1:])}))",
+                       f"dtype {table.dtype}, shape {tuple(table.shape)}")
+        model.check_condition(table[:2], "--conditions")
+        k = per_condition if per_condition is not None else max(1, n_samples // len(table))
+        cond = per_sample(table, k)
+        null = None if null_cond is None else parse_null(null_cond, table)
+        model.guided(guidance, null)
+    elif conditions is not None or per_condition is not None or guidance is not None:
+        raise fail("--conditions" if conditions is not None else "--per-condition"
+                   if per_condition is not None else "--guidance",
+                   f"a conditional model ({model.name} takes no condition)", "an option for one")
+    if sampler != "pipeline" and (scheduler_class is not None or eta is not None):
+        raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
+                   "--sampler pipeline", f"--sampler {sampler}")
+    if sampler == "pipeline":
+        from diffmem.pipeline import make_scheduler
+
+        assert model.network is not None
+        make_scheduler(model.network["scheduler_config"], scheduler_class,
+                       positive_int("--steps", steps), eta)
+    return DrawPlan(model=model, n=n_samples if cond is None else int(cond.shape[0]),
+                    cond=cond, conditions=table, sampler=sampler,
+                    steps=positive_int("--steps", steps), seed=seed,
+                    scheduler_class=scheduler_class, eta=eta)
+
+
+def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = True) -> Path:
+    """Sample ``plan`` into ``folder/samples.npy`` (with ``initial_noise.npy`` and, for a
+    conditional model, ``sample_conditions.npy``); resumable."""
+    from diffmem.io import atomic_write_bytes
+    from diffmem.models import sample_model
+
+    out = folder / "samples.npy"
+    if plan.cond is not None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, plan.cond.numpy())
+        atomic_write_bytes(folder / "sample_conditions.npy", buf.getvalue())
+    sample_model(plan.model, plan.n, out, sampler=plan.sampler, steps=plan.steps,
+                 seed=plan.seed, device=device, progress=progress, cond=plan.cond,
+                 scheduler_class=plan.scheduler_class, eta=plan.eta,
+                 noise_out=folder / "initial_noise.npy")
+    return out
+
+
+def model_gap(plan: DrawPlan, train: TrainingData, *, train_cond: Tensor | None = None,
+              held: Any = None, bandwidth: float | None = None,
+              seed: int = 0) -> dict[str, Any]:
+    """The model's denoiser gap: against the conditional empirical denoiser, per condition
+    and pooled, for a conditional model with ``train_cond``; else the unconditional one."""
+    from diffmem.audit.gap import conditional_denoiser_gap, denoiser_gap
+
+    if plan.model.conditional:
+        if train_cond is None or plan.conditions is None:
+            raise fail("--train-cond", "the training conditions, to compare a conditional "
+                       "model with the conditional empirical denoiser", None)
+        return conditional_denoiser_gap(plan.model, train, train_cond, plan.conditions,
+                                        bandwidth=bandwidth, seed=seed)
+    return denoiser_gap(plan.model, train, held=held, seed=seed)
+
+
+def training_shape(train: TrainingData) -> tuple[int, ...]:
+    """The data shape of a training set in any of its forms."""
+    return Centres(train).data_shape
+
+
+def load_train_cond(path: Path | None, train: TrainingData) -> Tensor | None:
+    """``--train-cond``: one condition per training item."""
+    if path is None:
+        return None
+    return as_conditions(path, "--train-cond", Centres(train).n_total)
+
+
+__all__ = ["DrawPlan", "draw", "load_train_cond", "model_gap", "plan_draw", "training_shape"]

@@ -1,0 +1,92 @@
+"""Sampling a diffusers model with its own scheduler, exactly as diffusers' pipelines do.
+
+The loop of ``DDPMPipeline``/``DDIMPipeline`` (and of the conditional pipelines, less their
+text encoders), for any diffusers scheduler ``S`` set to ``steps`` timesteps:
+
+    x = z * S.init_noise_sigma
+    for k in S.timesteps:
+        out = net(S.scale_model_input(x, k), k, y)
+        x = S.step(out, k, x, eta=eta, generator=g).prev_sample
+
+so ``clip_sample``, ``thresholding``, ``prediction_type`` and the scheduler's own noise are
+honoured as the scheduler implements them. With classifier-free guidance of weight ``w``
+and a null condition ``out = out(null) + w (out(y) - out(null))``, both halves in one batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffmem._checks import fail
+
+#: Scheduler classes named in the help (any diffusers scheduler class is accepted).
+EXAMPLES = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+            "DPMSolverMultistepScheduler")
+
+
+def make_scheduler(config: dict[str, Any], class_name: str | None, steps: int,
+                   eta: float | None = None) -> Any:
+    """The diffusers scheduler ``class_name`` (default: the config's ``_class_name``) built
+    from the model's scheduler ``config`` and checked: it can be set to ``steps`` steps, and
+    takes ``eta`` when one is given."""
+    try:
+        import diffusers
+    except ImportError as err:
+        raise fail("--sampler", "diffusers installed for 'pipeline' (pip install "
+                   "'diffmem[diffusers]')", "pipeline") from err
+    name = class_name or config.get("_class_name") or "DDPMScheduler"
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise fail("--scheduler-class", f"a diffusers scheduler class, e.g. one of {EXAMPLES}",
+                   repr(name))
+    try:
+        scheduler = cls.from_config(config)
+        scheduler.set_timesteps(steps)
+    except Exception as err:  # diffusers' own checks: say what they said
+        raise fail("--scheduler-class", f"a scheduler that works with this model's config "
+                   f"and {steps} steps", f"{name}: {type(err).__name__}: "
+                   f"{str(err).splitlines()[0][:200] if str(err) else ''}") from err
+    takes = inspect.signature(scheduler.step).parameters
+    if eta is not None and "eta" not in takes:
+        raise fail("--eta", "a scheduler with an eta parameter (DDIMScheduler)", name)
+    return scheduler
+
+
+def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps: int, *,
+                    cond: Tensor | None = None, guidance: float | None = None,
+                    null: Tensor | None = None, eta: float | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Samples from standard normal ``z`` by the scheduler's loop (module docstring);
+    ``net(x, timestep, y)`` is the network's raw output (``y`` ``None`` when unconditional).
+    The scheduler's own noise (DDPM, DDIM with ``eta > 0``, ancestral samplers) is drawn
+    from ``generator``, as the pipelines do."""
+    scheduler.set_timesteps(steps)
+    takes = inspect.signature(scheduler.step).parameters
+    options: dict[str, Any] = {}
+    if eta is not None:
+        options["eta"] = float(eta)
+    if "generator" in takes:
+        options["generator"] = generator
+    x = z * scheduler.init_noise_sigma
+    pair = None
+    if guidance is not None and cond is not None:
+        assert null is not None
+        pair = torch.cat([null.to(cond.device).expand(cond.shape[0], *null.shape),
+                          cond.to(null)])
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            inp = scheduler.scale_model_input(x, k)
+            if pair is None:
+                out = net(inp, k, cond)
+            else:
+                uncond, conditioned = net(torch.cat([inp, inp]), k, pair).chunk(2)
+                out = uncond + guidance * (conditioned - uncond)
+            x = scheduler.step(out, k, x, **options).prev_sample
+    if not bool(torch.isfinite(x).all()):
+        raise fail("--sampler", "finite samples from the scheduler's loop", "NaN or inf")
+    return x
