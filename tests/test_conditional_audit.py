@@ -135,8 +135,8 @@ def test_half_memorizing_conditional_callable_is_told_apart(tmp_path):
         import numpy as np, torch
         from diffmem.schedules import VE
         from diffmem.scores import ConditionalEmpiricalScore, GaussianScore
-        train = torch.from_numpy(np.load(%r))
-        labels = torch.from_numpy(np.load(%r))
+        train = torch.from_numpy(np.load(TRAIN_PATH))
+        labels = torch.from_numpy(np.load(LABELS_PATH))
         exact = ConditionalEmpiricalScore(train, labels, VE())
         gauss = {c: GaussianScore(train[labels == c], VE()) for c in (2, 3)}
 
@@ -147,7 +147,8 @@ def test_half_memorizing_conditional_callable_is_told_apart(tmp_path):
                 if rows.any():
                     out[rows] = g(x[rows].double(), t[rows].double()).to(x.dtype)
             return out
-    """ % (str(tmp_path / "train.npy"), str(tmp_path / "labels.npy"))))
+    """).replace("TRAIN_PATH", repr(str(tmp_path / "train.npy"))).replace(
+        "LABELS_PATH", repr(str(tmp_path / "labels.npy"))))
     res = RUNNER.invoke(app, [
         "audit", "--model", f"{tmp_path / 'half.py'}:score", "--schedule", "VE",
         "--train", str(tmp_path / "train.npy"), "--train-cond", str(tmp_path / "labels.npy"),

@@ -134,6 +134,11 @@ def reproduce(
         group, device = process_group(device)
         names = list(REGISTRY) if only is None else [n.strip() for n in only.split(",") if n]
         exps = [get_experiment(n) for n in names]
+        if only is None:  # all: skip, saying so, what this installation cannot run
+            for exp in [e for e in exps if e.missing()]:
+                typer.echo(f"[skipped] {exp.name}: needs {', '.join(exp.missing())} (pip "
+                           "install 'diffmem[diffusers]')")
+            exps = [e for e in exps if not e.missing()]
         start = time.perf_counter()
         records = []
         for exp in exps:

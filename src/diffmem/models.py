@@ -324,10 +324,6 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
         raise fail("--model", "a diffusers pipeline folder (model_index.json, unet/, "
                    "scheduler/) or a UNet folder (config.json)", str(folder))
     config, sched_path = read_scheduler_config(folder, scheduler)
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction))
-    schedule = DiscreteVP(discrete_alphas_cumprod(config))
     try:
         class_name = json.loads((unet_dir / "config.json").read_text()).get(
             "_class_name", "UNet2DModel")
@@ -340,7 +336,25 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
         unet = getattr(diffusers, class_name).from_pretrained(str(unet_dir), **_load_options())
     except (OSError, ValueError, RuntimeError) as err:
         raise fail("--model", f"a loadable {class_name}", f"{unet_dir} ({err})") from err
-    unet = unet.to(device).eval()
+    return wrap_diffusers(unet.to(device), config, name=f"diffusers {unet_dir.name}",
+                          scheduler_path=str(sched_path))
+
+
+def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
+                   scheduler_path: str | None = None) -> ModelScore:
+    """A diffusers UNet in memory (``UNet2DModel`` or ``UNet2DConditionModel``) with its
+    scheduler (an instance or its config) as a score on the scheduler's :class:`DiscreteVP`
+    schedule, as :func:`load_diffusers` gives it (for a model being trained; its weights
+    are read at each call, in eval mode and without gradients)."""
+    config = dict(getattr(scheduler, "config", scheduler))
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction))
+    schedule = DiscreteVP(discrete_alphas_cumprod(config))
+    class_name = type(unet).__name__
+    if class_name not in UNET_CLASSES:
+        raise fail("unet", f"a UNet of a class diffmem loads, {tuple(UNET_CLASSES)}",
+                   class_name)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     data_shape = (unet.config.in_channels, *size)
@@ -353,7 +367,13 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
         if conditional:
             kwargs[takes] = y.to(x.device).long() if takes == "class_labels" else \
                 y.to(device=x.device, dtype=unet.dtype)
-        return unet(x.to(unet.dtype), timestep, **kwargs).sample
+        was_training = unet.training
+        unet.eval()
+        try:
+            with torch.no_grad():
+                return unet(x.to(unet.dtype), timestep, **kwargs).sample
+        finally:
+            unet.train(was_training)
 
     def score(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t64 = t.to(torch.float64)
@@ -361,10 +381,10 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
         return network_output_to_score(out.to(x.dtype), x, schedule.m(t64),
                                        schedule.sigma(t64), prediction)
 
-    return ModelScore(score, schedule, data_shape, "score",
-                      name=f"diffusers {unet_dir.name}", conditional=conditional,
+    return ModelScore(score, schedule, data_shape, "score", name=name,
+                      conditional=conditional,
                       network={"net": net, "unet": unet, "scheduler_config": config,
-                               "scheduler_path": str(sched_path), "takes": takes})
+                               "scheduler_path": scheduler_path, "takes": takes})
 
 
 def load_checkpoint_model(path: str | Path, index: int = 0,

@@ -6,6 +6,7 @@ from diffmem.experiments import (
     conditional,
     imaging,
     networks,
+    regularize,
     structured,
     sweeps,
     tradeoff,
@@ -32,6 +33,7 @@ REGISTRY: dict[str, Experiment] = {
         imaging.DIGITS,
         tradeoff.TRADEOFF_2D,
         tradeoff.TRADEOFF_DIGITS,
+        regularize.REGULARIZE_DIGITS,
     ]
 }
 

@@ -190,6 +190,14 @@ class Experiment:
     draw: Callable[[Recorded, Mapping[str, Any]], dict[str, Any]]
     #: Whether the closed-form scores may be split over a torch.distributed process group.
     distributed: bool = False
+    #: Optional packages the experiment needs (``diffmem reproduce`` skips it without them).
+    requires: tuple[str, ...] = ()
+
+    def missing(self) -> list[str]:
+        """The packages of :attr:`requires` that are not installed."""
+        import importlib.util
+
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
 
 @dataclass
@@ -418,6 +426,9 @@ def run_experiment(
     block of the training set and process 0 writes the outputs.
     """
     dev = check_device(device)
+    if exp.missing():
+        raise ConfigError(f"{exp.name}: expected {', '.join(exp.missing())} installed (pip "
+                          f"install 'diffmem[diffusers]'), received an environment without it")
     if process_group is not None and not exp.distributed:
         raise ConfigError(f"--nproc-per-node: expected 1 process for {exp.name!r} (only the "
                           "closed-form experiments split their training set over processes), "
