@@ -346,6 +346,139 @@ def _draw_from_model(plan: Any, train: Any, folder: Path, group: Any, train_cond
     return gap
 
 
+@app.command("detect")
+def detect_command(
+    model: str = typer.Option(..., "--model", help="A conditional model: a diffusers folder, "
+                              "a diffmem checkpoint or module:function / file.py:function."),
+    conditions: Path = typer.Option(  # noqa: B008
+        ..., "--conditions", help="The conditions to test (.npy: labels or embeddings)."),
+    null_cond: str = typer.Option(..., "--null-cond", help="The condition meaning 'no "
+                                  "condition': a label, a number or a .npy file."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),  # noqa: B008
+    n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition."),
+    first_steps: int = typer.Option(5, "--first-steps", help="Sampler steps the primary "
+                                                            "score averages over."),
+    steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler."),
+    data_shape: str | None = typer.Option(None, "--data-shape", help="C,H,W (or d) of a "
+                                          "callable model's samples."),
+    labels: Path | None = typer.Option(  # noqa: B008
+        None, "--labels", help="1 (memorized) or 0 per condition (.npy): ROC and AUC."),
+    scheduler: Path | None = typer.Option(  # noqa: B008
+        None, "--scheduler", help="Scheduler config of a bare UNet folder."),
+    schedule: str = typer.Option("VP", "--schedule", help="VE, VP or EDM (callables)."),
+    model_kind: str = typer.Option("score", "--model-kind", help="score or denoiser "
+                                                                 "(callables)."),
+    model_index: int = typer.Option(0, "--model-index", help="Model of a checkpoint's stack."),
+    seed: int = SEED,
+    device: str = DEVICE,
+    progress: bool = PROGRESS,
+) -> None:
+    """Rank the conditions a model memorizes without its training set: the gap between its
+    conditional and unconditional noise predictions over the first sampler steps (Wen et
+    al.), and how sharply its conditional denoiser collapses at small noise. Writes
+    OUT/detect.json, OUT/detect.csv and OUT/index.html."""
+    from diffmem.conditions import as_conditions, parse_null
+    from diffmem.detect import detect
+    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.models import load_model
+    from diffmem.report import write_detect_report
+
+    try:
+        check_device(device)
+        shape = None
+        if data_shape is not None:
+            try:
+                shape = tuple(int(v) for v in data_shape.split(","))
+            except ValueError as err:
+                raise fail("--data-shape", "integers separated by commas, e.g. 1,8,8",
+                           repr(data_shape)) from err
+            if not shape or min(shape) < 1:
+                raise fail("--data-shape", "positive integers", repr(data_shape))
+        loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
+                            schedule=schedule, kind=model_kind, data_shape=shape,
+                            index=model_index, device=device, conditional=True)
+        table = as_conditions(conditions, "--conditions")
+        null = parse_null(null_cond, table)
+        marks = None if labels is None else as_conditions(labels, "--labels", len(table))
+        if marks is not None and marks.is_floating_point():
+            raise fail("--labels", "integer labels 0 or 1", f"dtype {marks.dtype}")
+        result = detect(loaded, table, null, n_noise=n_noise, first_steps=first_steps,
+                        steps=steps, seed=seed, labels=marks, progress=progress)
+        folder = prepare_out(out)
+        with FolderLock(folder):
+            write_detect_report(folder, result, {"model": model, "conditions": str(conditions),
+                                                 "null_cond": null_cond, "labels": None
+                                                 if labels is None else str(labels)})
+    except ValueError as err:
+        _fail(str(err))
+        return
+    top = result.ranking()[:5]
+    typer.echo(f"{len(result.conditions)} conditions; most likely memorized: " + ", ".join(
+        f"{e['condition']} (score {e['score']:.3f})" for e in top))
+    for name, r in result.roc.items():
+        typer.echo(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f}")
+    typer.echo(f"      -> {folder / 'detect.json'}, {folder / 'detect.csv'}, "
+               f"{folder / 'index.html'}")
+
+
+@app.command("compare")
+def compare_command(
+    model_a: str = typer.Option(..., "--model-a", help="Model trained on --train-a."),
+    model_b: str = typer.Option(..., "--model-b", help="Model trained on --train-b."),
+    train_a: Path = typer.Option(..., "--train-a", help="Training set of model A."),  # noqa: B008
+    train_b: Path = typer.Option(..., "--train-b", help="Training set of model B."),  # noqa: B008
+    out: Path = typer.Option(..., "--out", help="Output folder."),  # noqa: B008
+    n_samples: int = typer.Option(200, "--n-samples", help="Pairs to draw."),
+    sampler: str = typer.Option("ode", "--sampler", help="ode, edm or pipeline."),
+    steps: int = typer.Option(18, "--steps", help="Steps of the edm or pipeline sampler."),
+    scheduler: Path | None = typer.Option(  # noqa: B008
+        None, "--scheduler", help="Scheduler config of bare UNet folders."),
+    schedule: str = typer.Option("VP", "--schedule", help="VE, VP or EDM (callables)."),
+    model_kind: str = typer.Option("score", "--model-kind", help="score or denoiser "
+                                                                 "(callables)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
+    seed: int = SEED,
+    device: str = DEVICE,
+    progress: bool = PROGRESS,
+) -> None:
+    """The two-model test: models trained on disjoint halves, sampled from the same noise;
+    the fraction of pairs closer to each other than to either training set ("agreement").
+    Writes OUT/compare.json, OUT/per_pair.csv and OUT/index.html."""
+    import numpy as np
+
+    from diffmem.audit import open_input
+    from diffmem.audit.compare import compare, plan_pair
+    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.report import write_compare_report
+
+    try:
+        check_device(device)
+        ta, tb = open_input(train_a, None, None, "--train-a"), open_input(
+            train_b, None, None, "--train-b")
+        plans = plan_pair(model_a, model_b, ta, tb, n_samples=n_samples, device=device,
+                          sampler=sampler, steps=steps, seed=seed, kind=model_kind,
+                          schedule=schedule,
+                          scheduler=None if scheduler is None else str(scheduler))
+        folder = prepare_out(out)
+        with FolderLock(folder):
+            result = compare(plans, ta, tb, folder, bootstrap=bootstrap, progress=progress,
+                             device=device)
+            write_compare_report(folder, result, np.load(folder / "a" / "samples.npy"),
+                                 np.load(folder / "b" / "samples.npy"),
+                                 {"model_a": model_a, "model_b": model_b,
+                                  "train_a": str(train_a), "train_b": str(train_b),
+                                  "sampler": sampler, "seed": seed})
+    except ValueError as err:
+        _fail(str(err))
+        return
+    s = result.to_json()
+    typer.echo(f"{s['n_pairs']} pairs: agreement {s['agreement']:.3f} "
+               f"[{s['agreement_ci'][0]:.3f}, {s['agreement_ci'][1]:.3f}], copies A "
+               f"{s['copied_a']:.3f}, B {s['copied_b']:.3f}; median d_ab {s['median_d_ab']:.4g}"
+               f"\n      -> {folder / 'compare.json'}, {folder / 'per_pair.csv'}, "
+               f"{folder / 'index.html'}")
+
+
 def _echo_audit(result: Any, gap: dict[str, Any] | None, folder: Path) -> None:
     """The audit's one-line summary and where its files are."""
     nn, cal = result.nn_ratio, result.calibrated_l2

@@ -201,8 +201,6 @@ class ModelScore:
         t = torch.full((y.shape[0],), 0.5 * float(self.schedule.T))
         try:
             self._apply(x, t, y)
-        except ValueError:
-            raise
         except Exception as err:  # the user's model: say what it raised
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             raise fail(name, f"conditions {self.name} can take", f"shape {tuple(y.shape)}, "

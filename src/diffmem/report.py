@@ -415,3 +415,157 @@ def _gap_conditions(gap: dict[str, Any]) -> str:
     return ("<p>Against the conditional empirical denoiser D_e(x, t | y) "
             f"({html.escape(gap['conditional']['mode'])}), per condition (the curve above "
             "pools them):</p>" + _table(rows))
+
+
+def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> None:
+    """``detect.json``, ``detect.csv`` and ``index.html`` (ranking, histograms per label,
+    ROC) in ``folder``."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from diffmem import plots
+    from diffmem.detect import MEASURES
+
+    folder = Path(folder)
+    atomic_write_json(folder / "detect.json", {**result.to_json(), "inputs": inputs})
+    buf = io.StringIO()
+    fields = ["index", "condition", "score", "collapse", "sensitivity", "seconds"] + (
+        ["label"] if result.roc else [])
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**e, "condition": json.dumps(e["condition"])} for e in result.ranking())
+    atomic_write_bytes(folder / "detect.csv", buf.getvalue().encode())
+
+    fig, ax = plots.figure(1, 3 if result.roc else 2, size=3.6)
+    for k, name in enumerate(MEASURES):
+        values = np.array([e[name] for e in result.conditions])
+        if result.roc:
+            lab = np.array([e["label"] for e in result.conditions])
+            bins = np.histogram_bin_edges(values, bins=15)
+            ax[0, k].hist(values[lab == 0], bins=bins, alpha=0.6, label="not memorized")
+            ax[0, k].hist(values[lab == 1], bins=bins, alpha=0.6, color="C3",
+                          label="memorized")
+            ax[0, k].legend(fontsize=7)
+        else:
+            ax[0, k].hist(values, bins=15)
+        ax[0, k].set(xlabel=name + (" (primary)" if name == "score" else ""),
+                     ylabel="conditions")
+    if result.roc:
+        a = ax[0, 2]
+        for name, r in result.roc.items():
+            a.plot(r["fpr"], r["tpr"], label=f"{name}: AUC {r['auc']:.3f}")
+        a.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
+        a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    uri = _figure_uri(fig)
+    per = np.mean([e["seconds"] for e in result.conditions])
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td>{html.escape(json.dumps(e['condition']))}</td>"
+        f"<td>{e['score']:.4f}</td><td>{e['collapse']:.3f}</td>"
+        + (f"<td>{e['label']}</td>" if result.roc else "") + "</tr>"
+        for i, e in enumerate(result.ranking()))
+    auc = "".join(f"<li>{n}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f} "
+                  f"({r['n_positive']} memorized, {r['n_negative']} not)</li>"
+                  for n, r in result.roc.items())
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>diffmem detect</title>"
+        f"<style>{_STYLE}</style></head><body>"
+        "<h1>diffmem detect: which conditions does the model memorize?</h1>"
+        f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, "
+        f"{len(result.conditions)} conditions, {result.settings['n_noise']} noise draws, "
+        f"first {result.settings['first_steps']} of {result.settings['steps']} DDIM steps; "
+        f"{per:.3f} s per condition. <b>score</b>: |eps(c) - eps(null)| per coordinate over "
+        "the first steps (larger: more likely memorized); <b>collapse</b>: 1 - the "
+        "conditional denoiser's sensitivity at the smallest level (near 1: the denoiser "
+        "returns one fixed image).</p>"
+        + (f"<h2>Against the labels</h2><ul>{auc}</ul>" if auc else "")
+        + f"<img alt='histograms and ROC' src='{uri}'>"
+        "<h2>Ranking</h2><table><tr><th>rank</th><th>condition</th><th>score</th>"
+        "<th>collapse</th>" + ("<th>label</th>" if result.roc else "") + "</tr>"
+        + rows + "</table><p>Files: <code>detect.json</code>, <code>detect.csv</code>.</p>"
+        "</body></html>")
+    atomic_write_bytes(folder / "index.html", page.encode())
+
+
+def write_compare_report(folder: Path, result: Any, samples_a: Any, samples_b: Any,
+                         inputs: dict[str, Any]) -> None:
+    """``compare.json``, ``per_pair.csv`` and ``index.html`` (the figures, then pairs side by
+    side for images, or both sample clouds over a PCA for vectors) in ``folder``."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from diffmem import plots
+
+    folder = Path(folder)
+    summary = result.to_json()
+    atomic_write_json(folder / "compare.json", {**summary, "inputs": inputs})
+    rows = result.per_pair()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(folder / "per_pair.csv", buf.getvalue().encode())
+    lo, hi = summary["agreement_ci"]
+    table = _table([
+        ("pairs", str(summary["n_pairs"])),
+        ("agreement (d_ab < min(d_a, d_b))", f"{summary['agreement']:.3f} [{lo:.3f}, {hi:.3f}]"),
+        ("median d_ab / d_a / d_b", f"{summary['median_d_ab']:.4g} / {summary['median_d_a']:.4g}"
+                                    f" / {summary['median_d_b']:.4g}"),
+        ("copies of A's samples in A / of B's in B (nn-ratio)",
+         f"{summary['copied_a']:.3f} / {summary['copied_b']:.3f}")])
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffmem compare</title>"
+             f"<style>{_STYLE}.pair{{display:inline-block;margin:6px;text-align:center;"
+             "font-size:.75em;border:1px solid #ddd;padding:4px}</style></head><body>"
+             "<h1>diffmem compare: do two models trained on disjoint halves agree?</h1>"
+             f"<p>Model A <code>{html.escape(str(inputs.get('model_a')))}</code> on "
+             f"<code>{html.escape(str(inputs.get('train_a')))}</code>, model B "
+             f"<code>{html.escape(str(inputs.get('model_b')))}</code> on "
+             f"<code>{html.escape(str(inputs.get('train_b')))}</code>, sampled from the same "
+             "noise. When they generalize the two samples of a pair nearly coincide; when "
+             "they memorize each is a copy from its own half.</p>", table]
+    fig, ax = plots.figure(1, 1, size=4.2)
+    ax[0, 0].hist([result.d_ab.numpy(), torch_min(result)], bins=30,
+                  label=["d_ab (between the models)", "min(d_a, d_b) (to own training set)"])
+    ax[0, 0].set(xlabel="distance (data units)", ylabel="pairs")
+    ax[0, 0].legend(fontsize=7)
+    parts.append(f"<img alt='distances' src='{_figure_uri(fig)}'>")
+    a, b = np.asarray(samples_a), np.asarray(samples_b)
+    if a.ndim >= 3:
+        parts.append("<h2>Pairs side by side (A | B)</h2><div>")
+        for i in range(min(GALLERY, a.shape[0])):
+            frame = "#2e7d32" if bool(result.agree[i]) else "#ddd"
+            parts.append(f"<div class='pair' style='border-color:{frame}'><img alt='A {i}' "
+                         f"src='{_uri(_image_png(a[i]))}'><img alt='B {i}' "
+                         f"src='{_uri(_image_png(b[i]))}'><br>pair {i}: d_ab "
+                         f"{float(result.d_ab[i]):.3g}</div>")
+        parts.append("</div><p>Green frame: the pair agrees.</p>")
+    else:
+        flat_a, flat_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        both = np.concatenate([flat_a, flat_b])
+        centre = both.mean(0)
+        basis = np.linalg.svd(both - centre, full_matrices=False)[2][:2].T
+        pa, pb = (flat_a - centre) @ basis, (flat_b - centre) @ basis
+        fig, ax = plots.figure(1, 1, size=4.5)
+        for i in range(pa.shape[0]):
+            ax[0, 0].plot([pa[i, 0], pb[i, 0]], [pa[i, 1], pb[i, 1]], color="0.8", lw=0.5)
+        ax[0, 0].scatter(pa[:, 0], pa[:, 1], s=8, label="model A")
+        ax[0, 0].scatter(pb[:, 0], pb[:, 1], s=8, label="model B")
+        ax[0, 0].legend(fontsize=7)
+        ax[0, 0].set_title("both sample clouds (PCA), pairs joined", fontsize=9)
+        parts.append(f"<h2>Both sample clouds</h2><img alt='clouds' src='{_figure_uri(fig)}'>")
+    parts.append("<p>Files: <code>compare.json</code>, <code>per_pair.csv</code>, "
+                 "<code>initial_noise.npy</code>, <code>a/samples.npy</code>, "
+                 "<code>b/samples.npy</code>.</p></body></html>")
+    atomic_write_bytes(folder / "index.html", "\n".join(parts).encode())
+
+
+def torch_min(result: Any) -> Any:
+    """``min(d_a, d_b)`` per pair, as numpy."""
+    import torch
+
+    return torch.minimum(result.d_a, result.d_b).numpy()

@@ -302,7 +302,8 @@ def sample_ode(
         t_end: final time, ``0 <= t_end < T`` (0 only for scores finite there; default
             1e-6 unless ``s_end`` is given).
         method: ``'rk45'`` (adaptive, per-sample step control), ``'heun'`` or ``'euler'``.
-        rtol, atol: tolerances of ``'rk45'``.
+        rtol: relative tolerance of ``'rk45'``.
+        atol: absolute tolerance of ``'rk45'``.
         steps: number of uniform steps of the fixed-step methods (default 100).
         return_trajectory: record the states at ``t_eval`` or ``s_eval`` (default:
             ``n_record`` points, log-spaced in ``t`` from ``T`` to ``t_end``, or evenly spaced

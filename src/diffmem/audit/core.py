@@ -85,15 +85,18 @@ def audit(
         train: a tensor, numpy array or memory-map, a ``.npy`` path, or a list of shards.
         deltas: tolerances of ``fraction_within`` (data or feature units, > 0).
         ratio_threshold: the nn-ratio test's ``d1 / d2`` threshold.
-        calibrated_alpha, calibrated_n, calibrated_threshold: the calibrated distance
-            (Carlini et al.) and its copy threshold.
+        calibrated_alpha: the calibrated distance's ``alpha`` (Carlini et al.).
+        calibrated_n: the number of nearest items it averages over.
+        calibrated_threshold: its copy threshold.
         features: a callable or the path of a TorchScript module mapping a batch of
             ``data_shape`` arrays to vectors; distances are then measured between vectors,
             and cosine similarities reported beside them.
         index: ``'exact'`` (streamed matrix products with exact re-ranking), ``'faiss-flat'``
             or ``'faiss-ivf'`` (its recall against exact search is measured on a subsample).
-        bootstrap, seed: the nn-ratio interval's resamples and seed (also the IVF's).
-        chunk_size, batch_size: training rows and samples processed at once.
+        bootstrap: the nn-ratio interval's resamples.
+        seed: the bootstrap's seed (also the IVF's).
+        chunk_size: training rows processed at once.
+        batch_size: samples processed at once.
         feature_cache: a folder in which feature vectors are kept and reused.
         process_group: a torch.distributed group when each process holds a contiguous block
             of ``train`` (exact search only); every process returns the full result.

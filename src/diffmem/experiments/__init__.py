@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diffmem.experiments import (
     conditional,
+    detection,
     imaging,
     networks,
     regularize,
@@ -34,6 +35,7 @@ REGISTRY: dict[str, Experiment] = {
         tradeoff.TRADEOFF_2D,
         tradeoff.TRADEOFF_DIGITS,
         regularize.REGULARIZE_DIGITS,
+        detection.DETECT_DIGITS,
     ]
 }
 

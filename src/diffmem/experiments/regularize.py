@@ -50,9 +50,9 @@ RUNS = ("plain", "penalty", "early_stop")
 SAMPLES_SEED = 7_000  # the sampling noise's seed offset, shared by the three runs
 
 
-def make_unet(width: int, seed: int) -> Any:
-    """A small ``UNet2DModel`` for 1x8x8 images, initialised from ``seed`` (the global random
-    state is left as it was)."""
+def make_unet(width: int, seed: int, num_classes: int | None = None) -> Any:
+    """A small ``UNet2DModel`` for 1x8x8 images (class-conditional with ``num_classes``
+    embeddings), initialised from ``seed`` (the global random state is left as it was)."""
     from diffusers import UNet2DModel
 
     with torch.random.fork_rng():
@@ -60,26 +60,33 @@ def make_unet(width: int, seed: int) -> Any:
         return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
                            block_out_channels=(width, 2 * width), norm_num_groups=8,
                            down_block_types=("DownBlock2D", "DownBlock2D"),
-                           up_block_types=("UpBlock2D", "UpBlock2D"))
+                           up_block_types=("UpBlock2D", "UpBlock2D"),
+                           num_class_embeds=num_classes)
 
 
 def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
-              monitor: Any = None) -> dict[str, Any]:
-    """One training run (module docstring), checkpointed every ``every`` steps. Returns the
-    model, its scheduler, the steps run, the training and monitoring seconds."""
+              monitor: Any = None, labels: torch.Tensor | None = None,
+              p_uncond: float = 0.1) -> dict[str, Any]:
+    """One training run (module docstring), checkpointed every ``every`` steps. With
+    ``labels`` the UNet is class-conditional: ``labels.max() + 2`` embeddings, the last the
+    null class, given instead of the label with probability ``p_uncond`` (label dropout for
+    classifier-free guidance). Returns the model, its scheduler, the steps run, the training
+    and monitoring seconds."""
     from diffusers import DDPMScheduler
 
     from diffmem.regularize import diffusers_tikhonov_penalty
 
     p = ctx.params
-    model = make_unet(p["width"], ctx.seed)
+    null = None if labels is None else int(labels.max()) + 1
+    model = make_unet(p["width"], ctx.seed, None if null is None else null + 1)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"])
     gen = torch.Generator().manual_seed(ctx.seed)
     config = {k: p[k] for k in ("width", "lr", "batch_size", "steps", "every")}
     ckpt = Checkpoints(ctx.out / f"checkpoints_{name}",
                        fingerprint({**config, "lam": lam, "monitor": monitor is not None,
-                                    "seed": ctx.seed}, train), keep=2)
+                                    "seed": ctx.seed, "p_uncond": p_uncond}, train,
+                                   None if labels is None else labels.double()), keep=2)
     start, losses, monitor_s = 0, [], 0.0
     if ctx.resume and (state := ckpt.load_latest()) is not None:
         model.load_state_dict(state["model"])
@@ -93,11 +100,17 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
     for step in ctx.bar(range(start + 1, p["steps"] + 1), f"{name} training"):
         if monitor is not None and monitor.should_stop:
             break
-        batch = train[torch.randint(0, train.shape[0], (p["batch_size"],), generator=gen)]
+        rows = torch.randint(0, train.shape[0], (p["batch_size"],), generator=gen)
+        batch = train[rows]
         noise = torch.randn(batch.shape, generator=gen)
         k = torch.randint(0, 1000, (batch.shape[0],), generator=gen)
         noisy = scheduler.add_noise(batch, noise, k)
-        pred = model(noisy, k).sample
+        if labels is None:
+            pred = model(noisy, k).sample
+        else:
+            drop = torch.rand(batch.shape[0], generator=gen) < p_uncond
+            y = torch.where(drop, torch.full_like(labels[rows], null), labels[rows])
+            pred = model(noisy, k, class_labels=y).sample
         loss = F.mse_loss(pred, noise)
         if lam > 0:
             loss = loss + diffusers_tikhonov_penalty(pred, noisy, k, scheduler, lam).mean()
@@ -116,7 +129,7 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
                              "rng": gen.get_state(), "losses": losses,
                              "monitor": json.dumps(monitor.records if monitor else [])})
     total = time.perf_counter() - began
-    return {"model": model.eval(), "scheduler": scheduler, "steps": steps_run,
+    return {"model": model.eval(), "scheduler": scheduler, "steps": steps_run, "null": null,
             "train_s": total - monitor_s, "monitor_s": monitor_s, "losses": losses}
 
 
