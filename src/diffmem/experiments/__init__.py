@@ -13,6 +13,7 @@ from diffmem.experiments import (
     tradeoff,
     trajectories,
     transformed_time,
+    transition,
 )
 from diffmem.experiments.base import ConfigError, Experiment
 
@@ -36,6 +37,7 @@ REGISTRY: dict[str, Experiment] = {
         tradeoff.TRADEOFF_DIGITS,
         regularize.REGULARIZE_DIGITS,
         detection.DETECT_DIGITS,
+        transition.SIZE_TRANSITION,
     ]
 }
 

@@ -4,7 +4,9 @@ trained here.
 A class-conditional diffusers ``UNet2DModel`` (``DDPMScheduler``, label dropout to a null class
 with probability ``p_uncond``) is trained on 8x8 digits under two kinds of conditions, as in web
 data where duplicated captions name one image: ``n_classes`` whole digit classes of
-``per_class`` images each, and ``n_single`` conditions that each name a single training image.
+``per_class`` images each, and ``n_single`` conditions that each name a single training image,
+repeated ``duplicates`` times in the training set (duplicated captions come with duplicated
+images).
 Ground truth: the audit's per-condition copy fraction (nn-ratio) of ``per_condition`` DDIM
 samples (memorized when at least half are copies). The detectors of :mod:`diffmem.detect`
 never see the training set; their AUC against that ground truth is judged.
@@ -52,9 +54,10 @@ def _data(p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         conds.append(torch.full((rows.numel(),), c))
     used = torch.cat(chosen)
     rest = torch.tensor([i for i in range(flat.shape[0]) if i not in set(used.tolist())])
-    singles = rest[: p["n_single"]]
+    singles = rest[: p["n_single"]].repeat_interleave(p["duplicates"])
     chosen.append(singles)
-    conds.append(torch.arange(p["n_classes"], p["n_classes"] + p["n_single"]))
+    conds.append(torch.arange(p["n_classes"], p["n_classes"] + p["n_single"])
+                 .repeat_interleave(p["duplicates"]))
     index = torch.cat(chosen)
     return (flat[index].reshape(-1, 1, 8, 8) * 2 - 1).float(), torch.cat(conds)
 
@@ -90,8 +93,12 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
 
     p = ctx.params
     to01 = lambda v: ((v + 1) / 2).reshape(v.shape[0], -1).to(torch.float64)  # noqa: E731
-    result = audit(to01(raw["samples"]), to01(raw["train"]), sample_cond=raw["cond"],
-                   train_cond=raw["labels"], bootstrap=100, seed=ctx.seed)
+    # the duplicates counted once: a copy's second-nearest item must be another image
+    _, inverse = torch.unique(raw["train"].flatten(1), dim=0, return_inverse=True)
+    keep = torch.stack([torch.nonzero(inverse == j)[0, 0]
+                        for j in range(int(inverse.max()) + 1)])
+    result = audit(to01(raw["samples"]), to01(raw["train"][keep]), sample_cond=raw["cond"],
+                   train_cond=raw["labels"][keep], bootstrap=100, seed=ctx.seed)
     copied = {e["condition"]: e["nn_ratio"]["fraction"] for e in result.conditions}
     entries = raw["detect"].conditions
     truth = torch.tensor([int(copied[e["condition"]] >= MEMORIZED) for e in entries])
@@ -163,7 +170,8 @@ DETECT_DIGITS = Experiment(
             "training-set-free detectors' AUC against the audit's per-condition copy "
             "fraction. Needs diffusers.",
     claim=CLAIM,
-    defaults={"n_classes": 10, "per_class": 60, "n_single": 10, "steps": 8000, "every": 1000,
+    defaults={"n_classes": 10, "per_class": 60, "n_single": 10, "duplicates": 10,
+              "steps": 8000, "every": 1000,
               "p_uncond": 0.1, "lr": 2e-3, "batch_size": 64, "width": 32,
               "per_condition": 16, "sample_steps": 50, "n_noise": 4, "first_steps": 5,
               "show": 8},

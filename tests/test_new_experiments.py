@@ -1,0 +1,106 @@
+"""The experiments regularize-digits, detect-digits and size-transition: tiny runs record
+what their metrics promise, verdicts take their three states on constructed metrics, and
+experiments that need diffusers are skipped by reproduce without it, saying so."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from diffmem.cli import app
+from diffmem.experiments import get_experiment
+from diffmem.experiments.base import resolve_params, run_experiment
+from diffmem.experiments.transition import crossing
+
+
+def _run(tmp_path, name, overrides):
+    exp = get_experiment(name)
+    params = resolve_params(exp, quick=True, overrides=overrides)
+    rec = run_experiment(exp, tmp_path, params, progress=False)
+    return rec, json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_regularize_digits_tiny_run(tmp_path):
+    pytest.importorskip("diffusers")
+    rec, m = _run(tmp_path, "regularize-digits", [
+        "steps=20", "every=10", "n_samples=6", "sample_steps=3", "width=8", "n_train=6",
+        "monitor_points=4", "show=2"])
+    assert set(m["runs"]) == {"plain", "penalty", "early_stop"}
+    for r in m["runs"].values():
+        assert set(r) >= {"memorized", "distance", "stopped_at", "steps"}
+        assert 0 <= r["memorized"] <= 1 and r["distance"] > 0
+    assert m["runs"]["plain"]["steps"] == 20 and m["monitor"]["updates"] >= 1
+    assert rec.verdict.status in ("confirmed", "not_reproduced", "inconclusive")
+    assert (tmp_path / "regularize-digits" / "tradeoff.png").is_file()
+
+
+def test_regularize_digits_verdicts():
+    judge = get_experiment("regularize-digits").judge
+    runs = lambda p, q, e: {"runs": {  # noqa: E731
+        "plain": {"memorized": p, "distance": 1.0, "stopped_at": None},
+        "penalty": {"memorized": q, "distance": 1.0, "stopped_at": None},
+        "early_stop": {"memorized": e, "distance": 1.0, "stopped_at": 500}}}
+    assert judge(runs(0.8, 0.1, 0.2), {}).status == "confirmed"
+    assert judge(runs(0.8, 0.9, 0.2), {}).status == "not_reproduced"
+    assert judge(runs(0.2, 0.1, 0.0), {}).status == "inconclusive"
+
+
+def test_detect_digits_tiny_run_and_verdicts(tmp_path):
+    pytest.importorskip("diffusers")
+    rec, m = _run(tmp_path, "detect-digits", [
+        "steps=20", "every=10", "n_classes=2", "per_class=4", "n_single=2", "duplicates=2",
+        "width=8", "per_condition=2", "sample_steps=4", "n_noise=2", "first_steps=2",
+        "show=2"])
+    assert len(m["conditions"]) == 4
+    assert {c["kind"] for c in m["conditions"]} == {"digit class", "single image"}
+    judge = get_experiment("detect-digits").judge
+    base = {"conditions": [{"memorized": 1}, {"memorized": 0}], "seconds_per_condition": 0.1,
+            "tpr_at_1pct_fpr": {"score": 1.0}}
+    assert judge({**base, "auc": {"score": 0.97, "collapse": 0.9}}, {}).status == "confirmed"
+    assert judge({**base, "auc": {"score": 0.7, "collapse": 0.9}}, {}).status == \
+        "not_reproduced"
+    assert judge({**base, "auc": {}}, {}).status == "inconclusive"
+
+
+def test_size_transition_tiny_run_and_verdicts(tmp_path):
+    rec, m = _run(tmp_path, "size-transition", ["sizes=2,4", "steps=30", "n_samples=10",
+                                                "gap_points=4", "width=16"])
+    assert m["sizes"] == [2, 4] and len(m["memorized"]) == len(m["agreement"]) == 2
+    assert set(m["references"]) == {"empirical", "gaussian", "kde"}
+    assert m["references"]["empirical"]["agreement"] == [0.0, 0.0]  # never agree
+    assert all(v > 0.9 for v in m["references"]["empirical"]["memorized"])
+    assert set(m["emm"]) == {"0.9", "0.5"}
+    judge = get_experiment("size-transition").judge
+    metrics = lambda mem, agr: {"memorized": mem, "agreement": agr, "sizes": [2, 64],  # noqa: E731
+                                "emm": {"0.9": None, "0.5": 10.0}}
+    assert judge(metrics([0.9, 0.1], [0.0, 0.8]), {}).status == "confirmed"
+    assert judge(metrics([0.9, 0.1], [0.0, 0.1]), {}).status == "not_reproduced"
+    assert judge(metrics([0.3, 0.1], [0.0, 0.8]), {}).status == "inconclusive"
+
+
+def test_crossing_interpolates_in_log_n():
+    assert crossing([2, 8], [1.0, 0.0], 0.5) == pytest.approx(4.0)
+    assert crossing([2, 8, 32], [0.95, 0.92, 0.1], 0.9) == pytest.approx(
+        8 * 4 ** (0.02 / 0.82))
+    assert crossing([2, 8], [0.4, 0.1], 0.5) is None and crossing([2, 8], [1, 1], 0.5) is None
+
+
+def test_reproduce_skips_what_is_not_installed(tmp_path, monkeypatch):
+    from diffmem.experiments.base import Experiment
+
+    monkeypatch.setattr(Experiment, "missing",
+                        lambda self: ["diffusers"] if "digits" in self.name and
+                        self.requires else [])
+    from diffmem.experiments import REGISTRY
+
+    only = [n for n in REGISTRY if n not in ("regularize-digits", "detect-digits")]
+    monkeypatch.setattr("diffmem.cli.REGISTRY", {n: REGISTRY[n] for n in
+                                                 ["structured-points", "regularize-digits"]})
+    res = CliRunner().invoke(app, ["reproduce", "--quick", "--out", str(tmp_path),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "[skipped] regularize-digits: needs diffusers" in res.output and only
+    res = CliRunner().invoke(app, ["run", "regularize-digits", "--quick", "--out",
+                                   str(tmp_path)])
+    assert res.exit_code == 2 and "regularize-digits: expected diffusers installed" in \
+        res.output
