@@ -3,6 +3,7 @@
     python benchmarks/bench_audit.py            # 5,000 x 50,000 (d = 768) and
                                                 # 10,000 x 100,000 (d = 3,072)
     python benchmarks/bench_audit.py --quick    # smaller sizes
+    python benchmarks/bench_audit.py --size 5000,50000,768   # one size
 
 For each size the training set is a memory-mapped float32 .npy file and the samples a
 float32 array. It times, one after the other in this process:
@@ -142,9 +143,13 @@ def run(n_samples: int, n_train: int, d: int, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", help="one size, SAMPLES,TRAIN,D (e.g. 5000,50000,768)")
     args = parser.parse_args()
     sizes = [(1000, 10_000, 256), (2000, 20_000, 768)] if args.quick else [
         (5000, 50_000, 768), (10_000, 100_000, 3072)]
+    if args.size:
+        n_s, n_t, d = (int(v) for v in args.size.split(","))
+        sizes = [(n_s, n_t, d)]
     print(f"torch {torch.__version__}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("DIFFMEM_BENCH_DIR")) as tmp:
         for n_samples, n_train, d in sizes:

@@ -32,6 +32,13 @@ QUICK = typer.Option(False, "--quick", help="Small smoke-test sizes (seconds, no
 SEED = typer.Option(0, "--seed", help="Seed of every random draw (same seed, same metrics).")
 DEVICE = typer.Option("cpu", "--device", help="Torch device: cpu or cuda.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+SCHEDULER = typer.Option(None, "--scheduler",
+                         help="Scheduler config of a bare UNet folder (or its folder).")
+SCHEDULE = typer.Option("VP", "--schedule", help="VE, VP or EDM: the schedule of a callable "
+                        "model.")
+MODEL_KIND = typer.Option("score", "--model-kind", help="score or denoiser: what a callable "
+                          "model returns.")
+MODEL_INDEX = typer.Option(0, "--model-index", help="Model of a checkpoint's stack.")
 RESUME = typer.Option(False, "--resume", help="Continue network training from the latest "
                       "checkpoint in OUT/NAME/checkpoints (same configuration required).")
 
@@ -205,8 +212,7 @@ def audit_command(
                                 "(Heun) or pipeline (a diffusers model's own scheduler)."),
     steps: int = typer.Option(18, "--steps", help="Noise levels of the edm sampler; "
                                                   "timesteps of the pipeline sampler."),
-    scheduler: Path | None = typer.Option(  # noqa: B008
-        None, "--scheduler", help="Scheduler config of a bare UNet folder."),
+    scheduler: Path | None = SCHEDULER,
     scheduler_class: str | None = typer.Option(
         None, "--scheduler-class", help="Diffusers scheduler class for --sampler pipeline "
         "(DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, "
@@ -231,11 +237,9 @@ def audit_command(
     cond_bandwidth: float | None = typer.Option(
         None, "--cond-bandwidth", help="Kernel width in y of the conditional empirical "
                                        "denoiser for vector conditions (default: exact)."),
-    schedule: str = typer.Option("VP", "--schedule", help="VE, VP or EDM: the schedule of "
-                                                          "a callable --model."),
-    model_kind: str = typer.Option("score", "--model-kind", help="score or denoiser: what a "
-                                                                 "callable --model returns."),
-    model_index: int = typer.Option(0, "--model-index", help="Model of a checkpoint's stack."),
+    schedule: str = SCHEDULE,
+    model_kind: str = MODEL_KIND,
+    model_index: int = MODEL_INDEX,
     held_out: Path | None = typer.Option(  # noqa: B008
         None, "--held-out", help="Held-out data for the denoiser comparison of --model."),
     seed: int = SEED,
@@ -363,12 +367,10 @@ def detect_command(
                                           "callable model's samples."),
     labels: Path | None = typer.Option(  # noqa: B008
         None, "--labels", help="1 (memorized) or 0 per condition (.npy): ROC and AUC."),
-    scheduler: Path | None = typer.Option(  # noqa: B008
-        None, "--scheduler", help="Scheduler config of a bare UNet folder."),
-    schedule: str = typer.Option("VP", "--schedule", help="VE, VP or EDM (callables)."),
-    model_kind: str = typer.Option("score", "--model-kind", help="score or denoiser "
-                                                                 "(callables)."),
-    model_index: int = typer.Option(0, "--model-index", help="Model of a checkpoint's stack."),
+    scheduler: Path | None = SCHEDULER,
+    schedule: str = SCHEDULE,
+    model_kind: str = MODEL_KIND,
+    model_index: int = MODEL_INDEX,
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
@@ -431,11 +433,9 @@ def compare_command(
     n_samples: int = typer.Option(200, "--n-samples", help="Pairs to draw."),
     sampler: str = typer.Option("ode", "--sampler", help="ode, edm or pipeline."),
     steps: int = typer.Option(18, "--steps", help="Steps of the edm or pipeline sampler."),
-    scheduler: Path | None = typer.Option(  # noqa: B008
-        None, "--scheduler", help="Scheduler config of bare UNet folders."),
-    schedule: str = typer.Option("VP", "--schedule", help="VE, VP or EDM (callables)."),
-    model_kind: str = typer.Option("score", "--model-kind", help="score or denoiser "
-                                                                 "(callables)."),
+    scheduler: Path | None = SCHEDULER,
+    schedule: str = SCHEDULE,
+    model_kind: str = MODEL_KIND,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
     seed: int = SEED,
     device: str = DEVICE,

@@ -192,7 +192,7 @@ SIZE_TRANSITION = Experiment(
               "steps": 20_000, "width": 256, "ema_half_life": 200.0, "schedule": "VP",
               "n_samples": 200,
               "t_end": 1e-3, "kde_h": 0.1, "gap_points": 64},
-    quick={"sizes": [2, 8, 32, 128], "steps": 2000, "width": 128, "n_samples": 100,
+    quick={"sizes": [2, 8, 32, 128], "steps": 2000, "width": 256, "n_samples": 100,
            "gap_points": 32},
     compute=compute, record=record, judge=judge, draw=draw,
 )
