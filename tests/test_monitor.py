@@ -81,3 +81,23 @@ def test_monitor_takes_a_diffusers_unet_and_scheduler_in_training():
     assert mon.maybe_update(3, (unet, sched)) is None
     rec = mon.maybe_update(10, (unet, sched))
     assert rec is not None and len(rec["gap"]) == 8 and unet.training  # mode restored
+
+
+def test_restored_records_replay_the_stop_state():
+    sch = VE()
+    mon = MemorizationMonitor(TRAIN, sch, patience=2)
+    mem = EmpiricalScore(TRAIN, sch)
+    records = [mon.update(s, mem) for s in (10, 20, 30)]
+    assert mon.stopped_at == 20
+    again = MemorizationMonitor(TRAIN, sch, patience=2)
+    again.restore(json_roundtrip(records))
+    assert again.should_stop and again.stopped_at == 20 and len(again.records) == 3
+    fresh = MemorizationMonitor(TRAIN, sch, patience=2)
+    fresh.restore(json_roundtrip(records[:1]))
+    assert not fresh.should_stop
+    fresh.update(40, mem)
+    assert fresh.should_stop and fresh.stopped_at == 40
+
+
+def json_roundtrip(records):
+    return json.loads(json.dumps(records))
