@@ -658,8 +658,9 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
     """The ``k`` nearest of this process's centres (local indices), the first ``exact``
     (all by default) certified exact; ``x`` is centred like the source's centred rows.
 
-    Small problems stream exact differences. Large ones keep, per row, the ``k + 8`` best
-    candidates by matrix-product distance (torch's, or faiss's float32 kernel); the
+    Small problems stream exact differences. Large ones keep, per row, the
+    ``max(k, exact + 8)`` best candidates by matrix-product distance (torch's, or faiss's
+    float32 kernel); the
     ``exact + 8`` best of them get exact distances (gathered once at the end) and the
     ``exact`` best exact ones are certified against the matrix-product error bound (a row
     that cannot be certified is recomputed from exact differences). Positions beyond
@@ -674,7 +675,7 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
     ones = torch.ones(B, dtype=x.dtype, device=x.device)
     if B * min(N, chunk_size) * d <= DIRECT_BUDGET:
         return _knn_exact(x, src, k, chunk_size)
-    keep = min(N, k + 8)
+    keep = min(N, max(k, exact + 8))  # the exact + 8 re-ranked, the rest up to k as they are
     if shortlist == "faiss" and x.device.type == "cpu":
         best_a, best_i = _faiss_shortlist(x, src, keep, chunk_size)
         bound_x = x.to(torch.float32)  # faiss's products are float32
@@ -733,7 +734,8 @@ def _faiss_shortlist(x: Tensor, src: Source, keep: int,
     best_i = torch.empty(B, 0, dtype=torch.long)
     for lo in range(0, src.n, step):
         hi = min(src.n, lo + step)
-        yc, _ = src.chunk(lo, hi, like)
+        y, _ = src.raw_chunk(lo, hi, like)  # uncentred, then centred once (no norms)
+        yc = y if src.raw_shift is None else y - src.raw_shift.to(like)
         dist, idx = faiss.knn(xq, np.ascontiguousarray(yc.numpy()), min(keep, hi - lo))
         part = torch.from_numpy(dist)
         best_a, best_i = _merge_smallest(best_a, best_i, part, lo, keep,

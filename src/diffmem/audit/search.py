@@ -17,6 +17,8 @@ from diffmem.centres import Centres
 from diffmem.metrics import knn
 
 INDEXES = ("exact", "faiss-flat", "faiss-ivf")
+#: Samples per exact-search batch when faiss shortlists the candidates.
+FAISS_BATCH = 8192
 #: Samples whose IVF neighbours are checked against exact search.
 RECALL_SAMPLES = 200
 
@@ -37,6 +39,8 @@ def exact_search(samples: Rows, train: Centres, k: int, batch: int,
     matrix-product distances (they only enter the calibrated distance's mean)."""
     dist, idx = [], []
     kernel = shortlist_kernel()
+    if kernel == "faiss":  # each training chunk read once for many samples (faiss blocks
+        batch = max(batch, FAISS_BATCH)  # its products itself; results are O(batch k))
     for x in progress_batches(samples, batch, progress, "nearest neighbours"):
         d, i = knn(x, train, k, chunk_size=chunk_size, exact=2, shortlist=kernel)
         dist.append(d.cpu())
