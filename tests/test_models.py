@@ -169,6 +169,23 @@ def test_diffmem_checkpoints_load_as_scores(tmp_path):
         assert torch.allclose(unet.denoiser(images, sig), den(images, sig), atol=1e-6)
 
 
+def test_conditional_mlp_checkpoint_loads_as_a_conditional_score(tmp_path):
+    cfg = dnn.TrainConfig(lambdas=[0.0], parameterizations=["score"], steps=5,
+                          ema_half_life=0.2, mlp={"width": 8})
+    y = torch.arange(TRAIN.shape[0], dtype=torch.float64)[:, None] % 3
+    trained = dnn.train_dsm(TRAIN, VP(), cfg, checkpoint_dir=tmp_path / "c", progress=False,
+                            train_y=y)
+    loaded = load_checkpoint_model(tmp_path / "c" / "step_000000005.pt")
+    assert loaded.conditional
+    x, t = torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 0.4, dtype=torch.float64)
+    cond = torch.tensor([[0.0], [1.0], [2.0], [1.0]], dtype=torch.float64)
+    expected = dnn.NetworkScore(trained.ema, VP())(x, t, cond)
+    assert torch.allclose(loaded(x, t, cond), expected)
+    assert not torch.allclose(loaded(x, t, cond), loaded(x, t, cond.flip(0)))
+    with pytest.raises(ValueError, match="y: expected conditions"):
+        loaded(x, t)
+
+
 def test_callable_models_and_their_errors(tmp_path):
     code = tmp_path / "mine.py"
     code.write_text("import torch\n"
