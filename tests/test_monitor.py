@@ -101,3 +101,44 @@ def test_restored_records_replay_the_stop_state():
 
 def json_roundtrip(records):
     return json.loads(json.dumps(records))
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mon = MemorizationMonitor(TRAIN, VE(), out=tmp_path, tensorboard=True, held_out=HELD)
+    mon.update(7, EmpiricalScore(TRAIN, VE()))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "memorization/follows_down_to" in tags and "memorization/loss_gap_lowest_sigma" in tags
+    assert events.Scalars("memorization/follows_down_to")[0].step == 7
+
+
+def test_lightning_callback_stops_the_trainer():
+    lightning = pytest.importorskip("lightning")
+    from diffmem.monitor import lightning_callback
+
+    sch = VE()
+    mon = MemorizationMonitor(TRAIN, sch, every=2)
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, _):
+            return (self.w - batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(40, 1)),
+                                       batch_size=2)
+    trainer = lightning.Trainer(max_steps=20, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                callbacks=[lightning_callback(mon, lambda m: EmpiricalScore(
+                                    TRAIN, sch))])
+    trainer.fit(Module(), data)
+    assert mon.should_stop and trainer.global_step < 20 and mon.stopped_at == 2
