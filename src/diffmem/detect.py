@@ -149,11 +149,11 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
                 nxt = times[i + 1].expand(n_noise)
                 x = expand_as_batch(sch.m(nxt), x) * d_c + expand_as_batch(sch.sigma(nxt),
                                                                           x) * eps_c
-        t = times[-1].expand(n_noise)
+        t = times[-1].expand(n_noise)  # x and d_c are the last step's
         delta = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         delta = delta / delta.flatten(1).norm(dim=1).reshape(-1, *[1] * len(shape)) * (
             0.1 * float(sch.sigma(times[-1])) * math.sqrt(d))
-        moved = (model.denoiser(x + delta, t, c) - model.denoiser(x, t, c)).flatten(1).norm(
+        moved = (model.denoiser(x + delta, t, c) - d_c).flatten(1).norm(
             dim=1) / delta.flatten(1).norm(dim=1)
         sensitivity = float(moved.mean())
         entries.append({"condition": describe(conditions[j], j), "index": j,

@@ -558,9 +558,7 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
         z = torch.randn(hi - lo, *model.data_shape, generator=gen, dtype=torch.float32)
         y = None if cond is None else cond[lo:hi].to(device)
         if sampler == "ode":
-            x_T = (float(sch.sigma(sch.T)) * z).to(device)
-            x = sample_ode(sch, model, x_T, t_end=end, rtol=1e-4, atol=1e-4, cond=y).samples
-            x = model.denoiser(x, end, y) / sch.m(end).to(x)  # the last step: E[x_0 | x]
+            x = ode_draw(model, z.to(device), end, y)
         elif sampler == "edm":
             x = _edm_in_ve(model, z.to(device), steps, end, y)
         else:
@@ -576,6 +574,21 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
         bar.update(hi - lo)
     bar.close()
     return arr
+
+
+def ode_draw(model: Any, z: Tensor, t_end: float, cond: Tensor | None = None) -> Tensor:
+    """Samples from standard normal ``z``: the probability-flow ODE from ``sigma(T) z`` to
+    ``t_end`` (adaptive, ``rtol = atol = 1e-4``), then one denoising step
+    ``x_0 = D(x, t_end) / m(t_end)``, as a DDIM sampler's last step. ``model`` is any score
+    carrying its schedule."""
+    from diffmem.audit.gap import model_denoiser
+
+    sch = model.schedule
+    x = sample_ode(sch, model, float(sch.sigma(sch.T)) * z, t_end=t_end, rtol=1e-4,
+                   atol=1e-4, cond=cond).samples
+    tt = torch.full((x.shape[0],), t_end, dtype=x.dtype, device=x.device)
+    extra = () if cond is None else (cond,)
+    return model_denoiser(model, x, tt, *extra) / sch.m(t_end).to(x)
 
 
 def _digest(v: Tensor) -> str:

@@ -229,15 +229,11 @@ class MemorizationMonitor:
     def _copied(self, model: Any) -> float:
         """nn-ratio copy fraction of ``n_samples`` probability-flow samples (seeded)."""
         from diffmem.metrics import distance_ratios, knn
-        from diffmem.samplers import sample_ode
+        from diffmem.models import ode_draw
 
-        sch = self.schedule
         gen = torch.Generator().manual_seed(self.seed + 2)
         z = torch.randn(self.n_samples, *self.train.data_shape, generator=gen)
-        end = 1e-3 * float(sch.T)
-        x = sample_ode(sch, model, float(sch.sigma(sch.T)) * z, t_end=end, rtol=1e-4,
-                       atol=1e-4).samples
-        x = model_denoiser(model, x, torch.full((x.shape[0],), end)) / sch.m(end).to(x)
+        x = ode_draw(model, z, 1e-3 * float(self.schedule.T))
         dist, _ = knn(x.to(torch.float64), self.train, 2)
         return float((distance_ratios(dist[:, 0], dist[:, 1]) < 1 / 3).to(torch.float64).mean())
 

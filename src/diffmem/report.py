@@ -529,7 +529,8 @@ def write_compare_report(folder: Path, result: Any, samples_a: Any, samples_b: A
              "noise. When they generalize the two samples of a pair nearly coincide; when "
              "they memorize each is a copy from its own half.</p>", table]
     fig, ax = plots.figure(1, 1, size=4.2)
-    ax[0, 0].hist([result.d_ab.numpy(), torch_min(result)], bins=30,
+    ax[0, 0].hist([result.d_ab.numpy(), np.minimum(result.d_a.numpy(), result.d_b.numpy())],
+                  bins=30,
                   label=["d_ab (between the models)", "min(d_a, d_b) (to own training set)"])
     ax[0, 0].set(xlabel="distance (data units)", ylabel="pairs")
     ax[0, 0].legend(fontsize=7)
@@ -563,9 +564,3 @@ def write_compare_report(folder: Path, result: Any, samples_a: Any, samples_b: A
                  "<code>b/samples.npy</code>.</p></body></html>")
     atomic_write_bytes(folder / "index.html", "\n".join(parts).encode())
 
-
-def torch_min(result: Any) -> Any:
-    """``min(d_a, d_b)`` per pair, as numpy."""
-    import torch
-
-    return torch.minimum(result.d_a, result.d_b).numpy()
