@@ -191,6 +191,8 @@ def test_audit_per_condition_of_given_samples():
     assert by[2]["nn_ratio"]["fraction"] < 0.5 and r.conditions[0]["condition"] == 0
     with pytest.raises(ValueError, match="sample_cond: expected one condition per item"):
         audit(samples, train, sample_cond=labels)
+    with pytest.raises(ValueError, match="sample_cond: expected at least one condition"):
+        audit(samples, train, sample_cond=labels[:0])
     with pytest.raises(ValueError, match="train_cond: expected integer labels or floating"):
         audit(samples, train, sample_cond=labels[:20], train_cond=labels.bool())
 

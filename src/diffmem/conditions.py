@@ -32,6 +32,8 @@ def as_conditions(values: Any, name: str, n: int | None = None) -> Tensor:
         raise fail(name, "integer labels or floating-point vectors", f"dtype {t.dtype}")
     if t.dim() == 0:
         raise fail(name, "one condition per row (an array (n,) or (n, ...))", "a scalar")
+    if t.shape[0] == 0:
+        raise fail(name, "at least one condition", "an empty array")
     if n is not None and t.shape[0] != n:
         raise fail(name, f"one condition per item ({n})", f"{t.shape[0]} conditions")
     if t.is_floating_point():
