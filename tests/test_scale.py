@@ -91,6 +91,33 @@ def test_half_precision_storage_stays_within_its_stated_error(stored, storage, b
         EmpiricalScore(train, VE(), storage="int8")
 
 
+@pytest.mark.parametrize("storage", ["float16", "bfloat16", "memmap float32"])
+def test_converted_chunks_equal_the_converted_set_in_memory(stored, tmp_path, storage):
+    """Chunks converted into one reused buffer (half-precision storage; a float32 memory-map
+    read by float64 queries) give, on the matrix-product path with its shortlist, second
+    pass and ``t = 0`` limit, bit for bit what the converted set held in memory gives."""
+    from diffmem.mixture import gaussian_mixture
+
+    train, x, _ = stored
+    if storage == "memmap float32":
+        np.save(tmp_path / "f32.npy", train.float().numpy())
+        source = Centres(np.load(tmp_path / "f32.npy", mmap_mode="r"))
+        same = Centres(train.float())  # the same float32 scan; converted once, cached
+    else:
+        source = Centres(train, storage=storage)
+        same = Centres(train.to(getattr(torch, storage)).double())
+    assert source.streamed and not same.streamed
+    sch = VE()
+    for t in (0.0, 1e-6, 1e-3, 0.5):
+        m = torch.full((x.shape[0],), float(sch.m(t)), dtype=torch.float64)
+        s2 = torch.full((x.shape[0],), float(sch.sigma2(t)), dtype=torch.float64)
+        a, b = (gaussian_mixture(x, c, m, s2, chunk_size=37, force_matmul=True,
+                                 return_weights=True) for c in (source, same))
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.log_norm, b.log_norm)
+        assert torch.equal(a.weights, b.weights)
+    assert torch.equal(metrics.knn(x, source, 4)[1], metrics.knn(x, same, 4)[1])
+
+
 def test_source_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="train: expected an existing .npy file"):
         Centres(str(tmp_path / "missing.npy"))

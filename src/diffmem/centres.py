@@ -298,18 +298,43 @@ class Centres:
         """``c``: the uncentred rows of :meth:`raw_chunk` are ``y_n = (y_n - c) + c``."""
         return self.offset
 
-    def raw_chunk(self, lo: int, hi: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    def raw_chunk(self, lo: int, hi: int, like: Tensor,
+                  out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Uncentred rows ``lo:hi`` in ``like``'s dtype and device without a copy where the
         storage allows (an in-memory tensor of that dtype, a float memory-map of it), and
-        the squared norms of the centred rows ``|y_n - c|^2`` (computed once, in float64)."""
+        the squared norms of the centred rows ``|y_n - c|^2`` (computed once, in float64).
+        Rows that must be converted are written into ``out`` (at least ``hi - lo`` rows of
+        ``like``'s dtype and device) when one is given, else into a new tensor."""
         key = (like.dtype, like.device)
         if key not in self._sqnorm:
             self._sqnorm[key] = self._sqnorm64.to(dtype=like.dtype, device=like.device)
         if not self.streamed:
             rows = self._raw_tensor(like)[lo:hi]
         else:
-            rows = self._rows(lo, hi, copy=False).to(dtype=like.dtype, device=like.device)
+            rows = self._rows(lo, hi, copy=False)
+            if rows.dtype != like.dtype or rows.device != like.device:
+                rows = rows.to(dtype=like.dtype, device=like.device) if out is None else \
+                    out[: hi - lo].copy_(rows)
         return rows, self._sqnorm[key][lo:hi]
+
+    def converts(self, like: Tensor) -> bool:
+        """True when streamed rows are converted to ``like``'s dtype or device as they are
+        read (half-precision storage, a memory-map of another dtype, another device)."""
+        stored = self.storage or self.source_dtype
+        where = self._tensor.device if self._tensor is not None else torch.device("cpu")
+        return self.streamed and (stored != like.dtype or where != like.device)
+
+    def raw_chunks(self, step: int, like: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """``(lo, uncentred rows lo:lo+step, centred squared norms)`` over this block, as
+        :meth:`raw_chunk`. Rows that must be converted (half-precision storage, a
+        memory-map of another dtype or device) are converted into one buffer reused from
+        chunk to chunk (a fresh tensor per chunk costs the page faults of its allocation, as
+        much again as the conversion): a chunk is valid until the next one is drawn."""
+        out = torch.empty(min(step, self.n), self.d, dtype=like.dtype, device=like.device) \
+            if self.converts(like) else None
+        for lo in range(0, self.n, step):
+            y, yy = self.raw_chunk(lo, min(self.n, lo + step), like, out)
+            yield lo, y, yy
 
     def _raw_tensor(self, like: Tensor) -> Tensor:
         """The in-memory block, uncentred, in ``like``'s dtype and device (cached)."""

@@ -59,6 +59,12 @@ DIRECT_BUDGET = 2**22
 LOGIT_WINDOW = 40.0
 #: Candidates kept per row during the first pass, to refine rows without a second pass.
 SHORTLIST = 16
+#: Values per chunk of converted centres (half-precision storage, another dtype) on the
+#: matrix-product path: a converted chunk (24 MiB in float32) is read by the products while
+#: it is still in a 32 MiB last-level cache (measured in ``benchmarks/bench_scale.py``: at
+#: d = 3,072, 2,048-row chunks of float16 storage sample at 0.98x float32's time,
+#: 4,096-row chunks at 1.25x).
+CONVERTED_VALUES = 6 * 2**20
 
 
 @dataclass
@@ -87,14 +93,22 @@ class _TensorCentres:
     def chunk(self, lo: int, hi: int, like: Tensor) -> tuple[Tensor, Tensor]:
         return self.y[lo:hi], self.yy[lo:hi]
 
+    def chunks(self, step: int, like: Tensor) -> Any:
+        for lo in range(0, self.n, step):
+            yield (lo, *self.chunk(lo, min(self.n, lo + step), like))
+
     def take(self, index: Tensor, like: Tensor) -> Tensor:
         return self.y[index]
+
+    def converts(self, like: Tensor) -> bool:
+        return False
 
     def r_max(self, like: Tensor) -> Tensor:
         return self.yy.max().sqrt()
 
     raw_shift = None
     raw_chunk = chunk
+    raw_chunks = chunks
     take_raw = take
     raw_norm_max = r_max
 
@@ -296,6 +310,8 @@ class _Plan:
         direct = not force_matmul and B * min(src.n_total, chunk_size) * d <= DIRECT_BUDGET
         step = chunk_size if not direct else max(1, min(chunk_size,
                                                         DIRECT_BUDGET // max(1, B * d)))
+        if not direct and src.converts(q.x):
+            step = max(1, min(step, CONVERTED_VALUES // max(1, d)))
         plan = cls(direct=direct, step=step)
         if not direct:
             plan.xx = q.x.pow(2).sum(1)
@@ -308,15 +324,12 @@ class _Plan:
             plan.keep_top = bool(plan.maybe.any())
         return plan
 
-    def rows(self, src: Source, lo: int, hi: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows ``lo:hi`` as this path streams them (centred on the direct path; uncentred,
-        ``y_c + shift``, on the matrix-product path) and their centred squared norms."""
-        return src.chunk(lo, hi, like) if self.direct else src.raw_chunk(lo, hi, like)
-
     def chunks(self, src: Source, like: Tensor) -> Any:
-        for lo in range(0, src.n, self.step):
-            y, yy = self.rows(src, lo, min(src.n, lo + self.step), like)
-            yield lo, y, yy
+        """``(lo, rows, centred squared norms)``, ``step`` rows at a time, as this path
+        streams them: centred on the direct path; uncentred, ``y_c + shift``, on the
+        matrix-product path, where converted rows share one buffer (a chunk is valid until
+        the next is drawn)."""
+        return src.chunks(self.step, like) if self.direct else src.raw_chunks(self.step, like)
 
     def take(self, src: Source, index: Tensor, like: Tensor) -> Tensor:
         """Rows at ``index`` as this path streams them."""
@@ -374,9 +387,8 @@ def _stream_first_pass(q: _Queries, src: Source, plan: _Plan, log_prior: Tensor 
         if plan.shift is not None:  # x.y_c = x.(y_c + s) - x.s
             row_term = row_term + (x_scaled @ plan.shift)[:, None]
         col_scale = m * m * inv2s2
-    for lo in range(0, N, plan.step):
-        hi = min(N, lo + plan.step)
-        y, yy = plan.rows(src, lo, hi, x)
+    for lo, y, yy in plan.chunks(src, x):
+        hi = lo + y.shape[0]
         if plan.direct:
             logits = _direct_sqdist(x, y, m) * neg_inv2s2[:, None]
         else:
@@ -705,16 +717,14 @@ def _torch_shortlist(x: Tensor, src: Source, keep: int,
                      chunk_size: int) -> tuple[Tensor, Tensor]:
     """The ``keep`` smallest matrix-product squared distances ``|x - y_n|^2`` of each row
     (ascending) and their local indices, streamed over the source's chunks."""
-    B, N = x.shape[0], src.n
+    B = x.shape[0]
     shift = None if src.raw_shift is None else src.raw_shift.to(dtype=x.dtype, device=x.device)
     # rank by |y_c|^2 - 2 x.y (one fused matrix product per chunk); the row constant
     # |x|^2 + 2 x.s (s the rows' shift) is added to the kept values only
     row = x.pow(2).sum(1) if shift is None else x.pow(2).sum(1) + 2 * (x @ shift)
     best_a = torch.empty(B, 0, dtype=x.dtype, device=x.device)
     best_i = torch.empty(B, 0, dtype=torch.long, device=x.device)
-    for lo in range(0, N, chunk_size):
-        hi = min(N, lo + chunk_size)
-        y, yy = src.raw_chunk(lo, hi, x)  # uncentred rows
+    for lo, y, yy in src.raw_chunks(chunk_size, x):  # uncentred rows
         partial = torch.addmm(yy[None, :], x, y.T, alpha=-2)
         best_a, best_i = _merge_smallest(best_a, best_i, partial, lo, keep)
     return (best_a + row[:, None]).clamp_min_(0), best_i
@@ -732,10 +742,11 @@ def _faiss_shortlist(x: Tensor, src: Source, keep: int,
     step = max(chunk_size, (1 << 24) // max(1, d))
     best_a = torch.empty(B, 0, dtype=torch.float32)
     best_i = torch.empty(B, 0, dtype=torch.long)
-    for lo in range(0, src.n, step):
-        hi = min(src.n, lo + step)
-        y, _ = src.raw_chunk(lo, hi, like)  # uncentred, then centred once (no norms)
-        yc = y if src.raw_shift is None else y - src.raw_shift.to(like)
+    centred = None if src.raw_shift is None else torch.empty(min(step, src.n), d)
+    for lo, y, _ in src.raw_chunks(step, like):  # uncentred, then centred once (no norms)
+        hi = lo + y.shape[0]
+        yc = y if centred is None else torch.sub(y, src.raw_shift.to(like),
+                                                 out=centred[: hi - lo])
         dist, idx = faiss.knn(xq, np.ascontiguousarray(yc.numpy()), min(keep, hi - lo))
         part = torch.from_numpy(dist)
         best_a, best_i = _merge_smallest(best_a, best_i, part, lo, keep,
