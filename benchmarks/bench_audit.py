@@ -15,7 +15,9 @@ float32 array. It times, one after the other in this process:
   candidates come from faiss's matrix products, and it is timed with torch's too;
 * ``torch.cdist`` + ``topk`` in sample batches of 1,000 (what published checkers do), on the
   training set loaded in memory;
-* faiss ``IndexFlatL2`` (if installed) searching the 50 nearest;
+* faiss ``IndexFlatL2`` (if installed) searching the 50 nearest, then the audit and the
+  flat search alternately ``--repeat`` times (their ratio, robust to a machine that slows
+  down or speeds up during the run);
 and the peak anonymous memory (RssAnon, sampled every 2 ms) above the process's before.
 """
 
@@ -65,7 +67,7 @@ def measured(fn: Callable[[], object]) -> tuple[float, int]:
     return elapsed, max(0, peak[0] - base)
 
 
-def run(n_samples: int, n_train: int, d: int, folder: Path) -> None:
+def run(n_samples: int, n_train: int, d: int, folder: Path, repeat: int) -> None:
     gen = np.random.default_rng(0)
     path = folder / f"train_{n_train}_{d}.npy"
     train = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_train, d))
@@ -136,6 +138,16 @@ def run(n_samples: int, n_train: int, d: int, folder: Path) -> None:
         print(f"{'faiss IndexFlatL2 (k = 50)':<44} {t_f:>8.2f} {t_prod / t_f:>25.2f} "
               f"{m_f / 2**20:>8.0f}")
         print(f"exact audit / faiss flat search time: {t_audit / t_f:.2f}")
+        ratios = []
+        for _ in range(repeat):  # alternated, so that both see the same machine
+            t_a = measured(lambda: audit(samples, str(path), bootstrap=200,
+                                         batch_size=1024))[0]
+            t_f = measured(flat)[0]
+            ratios.append(t_a / t_f)
+        if ratios:
+            print(f"alternated {repeat} times, audit / faiss flat: "
+                  + ", ".join(f"{v:.2f}" for v in ratios)
+                  + f" (median {float(np.median(ratios)):.2f})")
     print(f"audit: nn-ratio copies {r.nn_ratio['fraction']:.3f} (half the samples are "
           f"copies), calibrated-l2 copies {r.calibrated_l2['fraction']:.3f}")
 
@@ -144,6 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size", help="one size, SAMPLES,TRAIN,D (e.g. 5000,50000,768)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="audit and faiss flat search timed alternately this many times")
     args = parser.parse_args()
     sizes = [(1000, 10_000, 256), (2000, 20_000, 768)] if args.quick else [
         (5000, 50_000, 768), (10_000, 100_000, 3072)]
@@ -153,7 +167,7 @@ def main() -> None:
     print(f"torch {torch.__version__}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("DIFFMEM_BENCH_DIR")) as tmp:
         for n_samples, n_train, d in sizes:
-            run(n_samples, n_train, d, Path(tmp))
+            run(n_samples, n_train, d, Path(tmp), args.repeat)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from diffmem import images
 from diffmem.audit import CALIBRATED_THRESHOLD, audit
+from diffmem.centres import Centres
 from diffmem.cli import app
 
 
@@ -79,6 +80,16 @@ def test_faiss_shortlist_gives_the_same_certified_neighbours(dtype):
     if dtype == torch.float64:  # float32 differences cannot resolve 1e-6 at 30
         brute = torch.cdist(samples, train).topk(5, largest=False)
         assert torch.equal(b[1], brute.indices)
+    # a Centres (float32: one faiss call on the stored rows; float64: centred chunks), and
+    # the audit's mode: the two nearest certified, the rest as the products give them
+    centres = Centres(train)
+    assert (centres.float32_rows() is not None) == (dtype == torch.float32)
+    for exact in (None, 2):
+        a = knn(samples, centres, 5, chunk_size=1024, exact=exact, shortlist="torch")
+        b = knn(samples, centres, 5, chunk_size=1024, exact=exact, shortlist="faiss")
+        cols = slice(None) if exact is None else slice(0, 2)
+        assert torch.equal(a[1][:, cols], b[1][:, cols])
+        assert torch.equal(a[0][:, cols], b[0][:, cols])
 
 
 def test_calibrated_threshold_separates_copies_from_novel_digits():

@@ -101,11 +101,14 @@ def test_converted_chunks_equal_the_converted_set_in_memory(stored, tmp_path, st
     train, x, _ = stored
     if storage == "memmap float32":
         np.save(tmp_path / "f32.npy", train.float().numpy())
-        source = Centres(np.load(tmp_path / "f32.npy", mmap_mode="r"))
+        mapped = np.load(tmp_path / "f32.npy", mmap_mode="r")
+        source = Centres(mapped)
         same = Centres(train.float())  # the same float32 scan; converted once, cached
+        assert np.shares_memory(source.float32_rows(), mapped)  # faiss reads the map itself
     else:
         source = Centres(train, storage=storage)
         same = Centres(train.to(getattr(torch, storage)).double())
+        assert source.float32_rows() is None
     assert source.streamed and not same.streamed
     sch = VE()
     for t in (0.0, 1e-6, 1e-3, 0.5):

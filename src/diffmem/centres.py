@@ -200,7 +200,8 @@ class Centres:
         self.n_total = int(sum(self.sizes))
         if self.n_total == 0:
             raise fail(name, "at least one training point", "an empty set (N = 0)")
-        self.offset, self._sqnorm64, self._norm_bound = self._scan(name)
+        self.offset, self._raw_sq, self._norm_bound = self._scan(name)
+        self._centred_sq: Tensor | None = None
         self._cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         self._raw: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._sqnorm: dict[tuple[torch.dtype, torch.device], Tensor] = {}
@@ -229,12 +230,11 @@ class Centres:
         return out if self.storage is None else out.to(self.storage)
 
     def _scan(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        """Two passes with matrix products (elementwise passes are several times slower):
-        the global mean ``c`` (column sums), every value checked finite, the squared norms
-        of the centred rows ``|y_n - c|^2 = |y_n|^2 - 2 y_n.c + |c|^2`` (float64, from sums
-        in the data's precision) and the norm that bounds the round-off of matrix products
-        on the uncentred rows, ``max |y_n| + |c|``."""
-        work = torch.float64 if self.source_dtype == torch.float64 else torch.float32
+        """One pass with matrix products (elementwise passes are several times slower): the
+        global mean ``c`` (column sums), every value checked finite, the squared norms
+        ``|y_n|^2`` (float64, from sums in the data's precision) and the norm that bounds
+        the round-off of matrix products on the uncentred rows, ``max |y_n| + |c|``."""
+        work = self._work_dtype()
         total = torch.zeros(self.d, dtype=torch.float64)
         sq = torch.empty(self.n, dtype=torch.float64)
         step = scan_rows(self.d)
@@ -252,16 +252,28 @@ class Centres:
             sq[lo:hi] = norms.to(torch.float64).cpu()
         all_reduce(total, self.group)
         mean = total / self.n_total
-        top = torch.zeros(1, dtype=torch.float64)
-        for lo in range(0, self.n, step):
-            hi = min(self.n, lo + step)
-            rows = self._rows(lo, hi, copy=False).to(work)
-            cross = (rows @ mean.to(dtype=work, device=rows.device)).to(torch.float64).cpu()
-            top = torch.maximum(top, sq[lo:hi].max(0, keepdim=True).values)
-            sq[lo:hi] += float(mean @ mean) - 2 * cross
-        sq.clamp_min_(0)
+        top = sq.max(0, keepdim=True).values if self.n else torch.zeros(1, dtype=torch.float64)
         bound = all_reduce(top.sqrt(), self.group, "max") + mean.norm()
         return mean, sq, bound
+
+    def _work_dtype(self) -> torch.dtype:
+        return torch.float64 if self.source_dtype == torch.float64 else torch.float32
+
+    @property
+    def _sqnorm64(self) -> Tensor:
+        """Squared norms of the centred rows ``|y_n - c|^2 = |y_n|^2 - 2 y_n.c + |c|^2``
+        (float64), computed on first use by a second pass (only the mixture kernel and
+        torch's matrix products need them; a faiss search does not)."""
+        if self._centred_sq is None:
+            work, mean, sq = self._work_dtype(), self.offset, self._raw_sq
+            step = scan_rows(self.d)
+            for lo in range(0, self.n, step):
+                hi = min(self.n, lo + step)
+                rows = self._rows(lo, hi, copy=False).to(work)
+                cross = (rows @ mean.to(dtype=work, device=rows.device)).to(torch.float64).cpu()
+                sq[lo:hi] += float(mean @ mean) - 2 * cross
+            self._centred_sq = sq.clamp_min_(0)
+        return self._centred_sq
 
     def centred(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
         """The whole block centred, in ``like``'s dtype and device, with its squared norms
@@ -323,6 +335,24 @@ class Centres:
         stored = self.storage or self.source_dtype
         where = self._tensor.device if self._tensor is not None else torch.device("cpu")
         return self.streamed and (stored != like.dtype or where != like.device)
+
+    def float32_rows(self) -> np.ndarray | None:
+        """This block's uncentred rows ``(n, d)`` as one C-contiguous float32 CPU array
+        viewing the storage (an in-memory float32 tensor, one float32 memory-map), or
+        ``None`` where that would need a copy (read only)."""
+        if self.storage is not None:
+            return None
+        if self._tensor is not None:
+            t = self._tensor
+            ok = t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+            return t.numpy() if ok else None
+        assert self._arrays is not None
+        if len(self._arrays) != 1:
+            return None
+        a = self._arrays[0]
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            return None
+        return np.asarray(a).reshape(self.n, self.d)
 
     def raw_chunks(self, step: int, like: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
         """``(lo, uncentred rows lo:lo+step, centred squared norms)`` over this block, as

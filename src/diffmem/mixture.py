@@ -103,6 +103,11 @@ class _TensorCentres:
     def converts(self, like: Tensor) -> bool:
         return False
 
+    def float32_rows(self) -> np.ndarray | None:
+        y = self.y
+        ok = y.dtype == torch.float32 and y.device.type == "cpu" and y.is_contiguous()
+        return y.numpy() if ok else None
+
     def r_max(self, like: Tensor) -> Tensor:
         return self.yy.max().sqrt()
 
@@ -672,10 +677,11 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
 
     Small problems stream exact differences. Large ones keep, per row, the
     ``max(k, exact + 8)`` best candidates by matrix-product distance (torch's, or faiss's
-    float32 kernel); the
-    ``exact + 8`` best of them get exact distances (gathered once at the end) and the
-    ``exact`` best exact ones are certified against the matrix-product error bound (a row
-    that cannot be certified is recomputed from exact differences). Positions beyond
+    float32 kernel); those whose distance lies within ``3 err`` of the ``exact``-th (at
+    most ``exact + 8``, the same number for every row) get exact distances (gathered once
+    at the end) and the ``exact`` best exact ones are certified against the
+    matrix-product error bound (a row that cannot be certified is recomputed from exact
+    differences). Positions beyond
     ``exact`` keep their matrix-product distances (absolute error below the bound of
     :func:`_matmul_error`)."""
     B, d = x.shape
@@ -694,7 +700,11 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
     else:
         best_a, best_i = _torch_shortlist(x, src, keep, chunk_size)
         bound_x = x
-    window = min(keep, exact + 8)
+    err = _matmul_error(bound_x, src.raw_norm_max(bound_x), ones.to(bound_x)).to(x)
+    # re-rank the candidates that can still be among the exact nearest (approximate
+    # distance within 3 err of the exact-th: usually exact + 1), at most exact + 8
+    near = (best_a <= best_a[:, exact - 1 : exact] + 3 * err[:, None]).sum(1)
+    window = min(keep, exact + 8, int(near.max()) + 1)
     cand = torch.sort(best_i[:, :window], dim=1).values  # by index: ties keep index order
     exact_d = torch.empty(B, window, dtype=x.dtype, device=x.device)
     block = max(1, DIRECT_BUDGET // (window * d))  # bounded (rows, candidates, d)
@@ -705,7 +715,6 @@ def _knn_block(x: Tensor, src: Source, k: int, chunk_size: int,
     best_d = torch.cat([torch.gather(exact_d, 1, order), best_a[:, window:]], 1)[:, :k]
     best_idx = torch.cat([torch.gather(cand, 1, order), best_i[:, window:]], 1)[:, :k]
     if window < N:
-        err = _matmul_error(bound_x, src.raw_norm_max(bound_x), ones.to(bound_x)).to(x)
         unsure = best_d[:, exact - 1] + 2 * err > best_a[:, window - 1]
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).squeeze(1)
@@ -732,13 +741,22 @@ def _torch_shortlist(x: Tensor, src: Source, keep: int,
 
 def _faiss_shortlist(x: Tensor, src: Source, keep: int,
                      chunk_size: int) -> tuple[Tensor, Tensor]:
-    """As :func:`_torch_shortlist`, by ``faiss.knn`` (float32 ``|x|^2 + |y|^2 - 2 x.y``) on
-    centred chunks of at least ``2^24`` values; distances returned in ``x``'s dtype."""
+    """As :func:`_torch_shortlist`, by ``faiss.knn`` (float32 ``|x|^2 + |y|^2 - 2 x.y``):
+    in one call on the stored rows when the source holds them as one float32 array (an
+    in-memory tensor, a float32 memory-map: no copy, the queries uncentred), else on centred
+    chunks of at least ``2^24`` values. The matrix-product error bound of :func:`_knn_block`
+    (``|x_c| + max |y_n| + |c|``) covers both. Distances returned in ``x``'s dtype."""
     import faiss
 
     B, d = x.shape
-    xq = np.ascontiguousarray(x.to(torch.float32).numpy())
     like = x.to(torch.float32)
+    whole = src.float32_rows()
+    if whole is not None:
+        xq = like if src.raw_shift is None else like + src.raw_shift.to(like)
+        dist, idx = faiss.knn(np.ascontiguousarray(xq.numpy()), whole, min(keep, src.n))
+        return (torch.from_numpy(dist).to(x.dtype).clamp_min_(0),
+                torch.from_numpy(idx.astype(np.int64)))
+    xq = np.ascontiguousarray(like.numpy())
     step = max(chunk_size, (1 << 24) // max(1, d))
     best_a = torch.empty(B, 0, dtype=torch.float32)
     best_i = torch.empty(B, 0, dtype=torch.long)
