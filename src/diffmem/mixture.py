@@ -60,7 +60,7 @@ LOGIT_WINDOW = 40.0
 #: Candidates kept per row during the first pass, to refine rows without a second pass.
 SHORTLIST = 16
 #: Values per chunk of converted centres (half-precision storage, another dtype) on the
-#: matrix-product path: a converted chunk (24 MiB in float32) is read by the products while
+#: matrix-product path on a CPU: a converted chunk (24 MiB in float32) is read by the products while
 #: it is still in a 32 MiB last-level cache (measured in ``benchmarks/bench_scale.py``: at
 #: d = 3,072, 2,048-row chunks of float16 storage sample at 0.98x float32's time,
 #: 4,096-row chunks at 1.25x).
@@ -315,7 +315,7 @@ class _Plan:
         direct = not force_matmul and B * min(src.n_total, chunk_size) * d <= DIRECT_BUDGET
         step = chunk_size if not direct else max(1, min(chunk_size,
                                                         DIRECT_BUDGET // max(1, B * d)))
-        if not direct and src.converts(q.x):
+        if not direct and q.x.device.type == "cpu" and src.converts(q.x):
             step = max(1, min(step, CONVERTED_VALUES // max(1, d)))
         plan = cls(direct=direct, step=step)
         if not direct:
