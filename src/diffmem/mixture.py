@@ -760,11 +760,11 @@ def _faiss_shortlist(x: Tensor, src: Source, keep: int,
     step = max(chunk_size, (1 << 24) // max(1, d))
     best_a = torch.empty(B, 0, dtype=torch.float32)
     best_i = torch.empty(B, 0, dtype=torch.long)
-    centred = None if src.raw_shift is None else torch.empty(min(step, src.n), d)
+    shift = None if src.raw_shift is None else src.raw_shift.to(like)
+    centred = None if shift is None else torch.empty(min(step, src.n), d)
     for lo, y, _ in src.raw_chunks(step, like):  # uncentred, then centred once (no norms)
         hi = lo + y.shape[0]
-        yc = y if centred is None else torch.sub(y, src.raw_shift.to(like),
-                                                 out=centred[: hi - lo])
+        yc = y if centred is None else torch.sub(y, shift, out=centred[: hi - lo])
         dist, idx = faiss.knn(xq, np.ascontiguousarray(yc.numpy()), min(keep, hi - lo))
         part = torch.from_numpy(dist)
         best_a, best_i = _merge_smallest(best_a, best_i, part, lo, keep,
