@@ -18,6 +18,7 @@ import torch
 
 from diffmem.mixture import DIRECT_BUDGET, LOGIT_WINDOW, _matmul_error, refine_tolerance
 
+
 def cases() -> list[dict]:
     """Inputs covering every phase: direct and matrix-product streaming, shortlist refinement,
     the second streamed pass, ``sigma = 0`` rows, priors of both shapes, float32/float64."""

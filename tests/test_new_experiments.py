@@ -48,18 +48,29 @@ def test_regularize_digits_verdicts():
 def test_detect_digits_tiny_run_and_verdicts(tmp_path):
     pytest.importorskip("diffusers")
     rec, m = _run(tmp_path, "detect-digits", [
-        "steps=20", "every=10", "n_classes=2", "per_class=4", "n_single=2", "duplicates=2",
-        "width=8", "per_condition=2", "sample_steps=4", "n_noise=2", "first_steps=2",
-        "show=2"])
-    assert len(m["conditions"]) == 4
-    assert {c["kind"] for c in m["conditions"]} == {"digit class", "single image"}
+        "steps=10", "every=10", "n_classes=2", "per_class=4", "n_single=3", "width=8",
+        "per_condition=2", "sample_steps=3", "n_noise=2", "uncond_train=6", "uncond_dup=1",
+        "uncond_times=3", "uncond_samples=4", "show=2"])
+    assert set(m["models"]) == {"linear-eps", "scaled-linear-v", "cosine-sample"}
+    for res in m["models"].values():
+        assert len(res["conditions"]) == 5
+        assert [c["repeats"] for c in res["conditions"]] == [1, 1, 5, 15, 50]
+        assert {c["kind"] for c in res["conditions"]} == {"digit class", "single image"}
+        assert all(0 <= c["copied"] <= 1 for c in res["conditions"])
+        assert set(res["measures"]) >= {"wen", "gap", "collapse", "consistency"}
+    assert len(m["unconditional"]["samples"]) == 4
+    assert set(m["unconditional"]["measures"]) == {"jacobian", "flipd", "reconstruction"}
     judge = get_experiment("detect-digits").judge
-    base = {"conditions": [{"memorized": 1}, {"memorized": 0}], "seconds_per_condition": 0.1,
-            "tpr_at_1pct_fpr": {"score": 1.0}}
-    assert judge({**base, "auc": {"score": 0.97, "collapse": 0.9}}, {}).status == "confirmed"
-    assert judge({**base, "auc": {"score": 0.7, "collapse": 0.9}}, {}).status == \
-        "not_reproduced"
-    assert judge({**base, "auc": {}}, {}).status == "inconclusive"
+
+    def metrics(auc, u_auc):
+        model = {"primary": "gap", "measures": {"gap": {"auc": auc}}}
+        return {"models": {"a": model, "b": model},
+                "unconditional": {"primary": "flipd", "measures": {"flipd": {"auc": u_auc}},
+                                  "n_copies": 3, "samples": [{}] * 10}}
+    assert judge(metrics(0.97, 0.96), {}).status == "confirmed"
+    assert judge(metrics(0.97, 0.90), {}).status == "not_reproduced"
+    assert judge(metrics(0.80, 0.99), {}).status == "not_reproduced"
+    assert judge(metrics(None, 0.99), {}).status == "inconclusive"
 
 
 def test_size_transition_tiny_run_and_verdicts(tmp_path):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 
 from diffmem._checks import fail, positive
@@ -352,21 +353,32 @@ def _draw_from_model(plan: Any, train: Any, folder: Path, group: Any, train_cond
 
 @app.command("detect")
 def detect_command(
-    model: str = typer.Option(..., "--model", help="A conditional model: a diffusers folder, "
-                              "a diffmem checkpoint or module:function / file.py:function."),
-    conditions: Path = typer.Option(  # noqa: B008
-        ..., "--conditions", help="The conditions to test (.npy: labels or embeddings)."),
-    null_cond: str = typer.Option(..., "--null-cond", help="The condition meaning 'no "
-                                  "condition': a label, a number or a .npy file."),
+    model: str = typer.Option(..., "--model", help="A diffusers folder, a diffmem checkpoint "
+                              "or module:function / file.py:function."),
     out: Path = typer.Option(..., "--out", help="Output folder."),  # noqa: B008
-    n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition."),
-    first_steps: int = typer.Option(5, "--first-steps", help="Sampler steps the primary "
-                                                            "score averages over."),
+    conditions: Path | None = typer.Option(  # noqa: B008
+        None, "--conditions", help="A conditional model's conditions to test (.npy: labels "
+        "or embeddings)."),
+    null_cond: str | None = typer.Option(None, "--null-cond", help="The condition meaning "
+                                         "'no condition': a label, a number or a .npy file."),
+    samples: Path | None = typer.Option(  # noqa: B008
+        None, "--samples", help="An unconditional model's samples to test (.npy); default: "
+        "--n-samples drawn by the model."),
+    n_samples: int = typer.Option(64, "--n-samples", help="Samples an unconditional model "
+                                  "draws when --samples is not given."),
+    measures: str | None = typer.Option(None, "--measures", help="Comma-separated measures "
+                                        "(default: the conditional or per-sample defaults)."),
+    levels: str | None = typer.Option(None, "--levels", help="Noise-to-signal ratios "
+                                      "sigma/m of the scale-free measures, comma-separated."),
+    confirm: int | None = typer.Option(None, "--confirm", help="Conditions, ranked highest by "
+                                       "the screen, confirmed by full generations "
+                                       "(consistency; default a tenth of them)."),
+    n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition or sample."),
     steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler."),
     data_shape: str | None = typer.Option(None, "--data-shape", help="C,H,W (or d) of a "
                                           "callable model's samples."),
     labels: Path | None = typer.Option(  # noqa: B008
-        None, "--labels", help="1 (memorized) or 0 per condition (.npy): ROC and AUC."),
+        None, "--labels", help="1 (memorized) or 0 per condition or sample (.npy): ROC, AUC."),
     scheduler: Path | None = SCHEDULER,
     schedule: str = SCHEDULE,
     model_kind: str = MODEL_KIND,
@@ -375,52 +387,117 @@ def detect_command(
     device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
-    """Rank the conditions a model memorizes without its training set: the gap between its
-    conditional and unconditional noise predictions over the first sampler steps (Wen et
-    al.), and how sharply its conditional denoiser collapses at small noise. Writes
-    OUT/detect.json, OUT/detect.csv and OUT/index.html."""
+    """Find what a model memorizes without its training set: per condition of a conditional
+    model (--conditions, --null-cond), or per sample of an unconditional one (--samples or
+    --n-samples). Writes OUT/detect.json, OUT/detect.csv and OUT/index.html."""
+    from diffmem import detect as det
     from diffmem.conditions import as_conditions, parse_null
-    from diffmem.detect import detect
     from diffmem.experiments.base import FolderLock, check_device, prepare_out
     from diffmem.models import load_model
     from diffmem.report import write_detect_report
 
     try:
         check_device(device)
-        shape = None
-        if data_shape is not None:
+        shape = _parse_shape(data_shape)
+        per_condition = conditions is not None
+        if per_condition and samples is not None:
+            raise fail("--samples", "either --conditions (a conditional model) or --samples "
+                       "(an unconditional one)", "both")
+        if per_condition and null_cond is None:
+            raise fail("--null-cond", "the condition that means 'no condition', with "
+                       "--conditions", None)
+        names = None if measures is None else [m.strip() for m in measures.split(",")]
+        allowed = det.MEASURES if per_condition else det.SAMPLE_MEASURES
+        if names is not None:
+            det._check_measures(names, allowed)
+        lv = None
+        if levels is not None:
             try:
-                shape = tuple(int(v) for v in data_shape.split(","))
+                lv = det._check_levels([float(v) for v in levels.split(",")])
             except ValueError as err:
-                raise fail("--data-shape", "integers separated by commas, e.g. 1,8,8",
-                           repr(data_shape)) from err
-            if not shape or min(shape) < 1:
-                raise fail("--data-shape", "positive integers", repr(data_shape))
+                raise fail("--levels", "positive numbers separated by commas",
+                           repr(levels)) from err
         loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
                             schedule=schedule, kind=model_kind, data_shape=shape,
-                            index=model_index, device=device, conditional=True)
-        table = as_conditions(conditions, "--conditions")
-        null = parse_null(null_cond, table)
-        marks = None if labels is None else as_conditions(labels, "--labels", len(table))
-        if marks is not None and marks.is_floating_point():
-            raise fail("--labels", "integer labels 0 or 1", f"dtype {marks.dtype}")
-        result = detect(loaded, table, null, n_noise=n_noise, first_steps=first_steps,
-                        steps=steps, seed=seed, labels=marks, progress=progress)
+                            index=model_index, device=device, conditional=per_condition)
+        if per_condition and not getattr(loaded, "conditional", False):
+            raise fail("--conditions", "a conditional model (this one takes no condition: "
+                       "drop --conditions to test its samples)", str(conditions))
+        if not per_condition and getattr(loaded, "conditional", False):
+            raise fail("--conditions", "the conditions to test for a conditional model (with "
+                       "--null-cond)", None)
+        if per_condition:
+            assert conditions is not None and null_cond is not None
+            table = as_conditions(conditions, "--conditions")
+            marks = _labels(labels, len(table))
+            kw: dict[str, Any] = {} if names is None else {"measures": names}
+            if lv is not None:
+                kw["levels"] = lv
+            result = det.detect(loaded, table, parse_null(null_cond, table), n_noise=n_noise,
+                                steps=steps, confirm=confirm, seed=seed, labels=marks,
+                                progress=progress, **kw)
+        else:
+            if samples is not None:
+                import numpy as np
+
+                from diffmem.centres import open_npy
+
+                arr = open_npy(samples, "--samples")
+                if arr.dtype.kind not in "fiu":
+                    raise fail("--samples", "a numeric array", f"dtype {arr.dtype}")
+                given = torch.from_numpy(np.array(arr, dtype=np.float64))
+            else:
+                given = det.draw_samples(loaded, n_samples, steps=steps, seed=seed)
+            kw = {} if names is None else {"measures": names}
+            if lv is not None:
+                kw["level"] = lv[0]
+            result = det.detect_samples(loaded, given, n_noise=n_noise, seed=seed,
+                                        labels=_labels(labels, given.shape[0]),
+                                        progress=progress, **kw)
         folder = prepare_out(out)
         with FolderLock(folder):
-            write_detect_report(folder, result, {"model": model, "conditions": str(conditions),
-                                                 "null_cond": null_cond, "labels": None
-                                                 if labels is None else str(labels)})
+            write_detect_report(folder, result, {
+                "model": model, "conditions": None if conditions is None else str(conditions),
+                "null_cond": null_cond, "samples": None if samples is None else str(samples),
+                "labels": None if labels is None else str(labels)})
     except ValueError as err:
         _fail(str(err))
         return
+    what = "conditions" if result.kind == "conditions" else "samples"
     top = result.ranking()[:5]
-    typer.echo(f"{len(result.conditions)} conditions; most likely memorized: " + ", ".join(
-        f"{e['condition']} (score {e['score']:.3f})" for e in top))
+    typer.echo(f"{len(result.entries)} {what}; most likely memorized: " + ", ".join(
+        f"{e.get('condition', e['index'])} ({result.primary} {e[result.primary]:.3g})"
+        for e in top if e.get(result.primary) is not None))
     for name, r in result.roc.items():
         typer.echo(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f}")
     typer.echo(f"      -> {folder / 'detect.json'}, {folder / 'detect.csv'}, "
                f"{folder / 'index.html'}")
+
+
+def _parse_shape(data_shape: str | None) -> tuple[int, ...] | None:
+    """``--data-shape`` as integers (``None`` when not given)."""
+    if data_shape is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in data_shape.split(","))
+    except ValueError as err:
+        raise fail("--data-shape", "integers separated by commas, e.g. 1,8,8",
+                   repr(data_shape)) from err
+    if not shape or min(shape) < 1:
+        raise fail("--data-shape", "positive integers", repr(data_shape))
+    return shape
+
+
+def _labels(path: Path | None, n: int) -> Any:
+    """``--labels``: 0/1 integers, one per condition or sample (``None`` when not given)."""
+    if path is None:
+        return None
+    from diffmem.conditions import as_conditions
+
+    marks = as_conditions(path, "--labels", n)
+    if marks.is_floating_point():
+        raise fail("--labels", "integer labels 0 or 1", f"dtype {marks.dtype}")
+    return marks
 
 
 @app.command("compare")
@@ -500,8 +577,17 @@ def _echo_audit(result: Any, gap: dict[str, Any] | None, folder: Path) -> None:
                f"{folder / 'index.html'}")
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The ``diffmem`` command: a full disk ends it with the message of
+    :class:`diffmem.io.DiskFullError` (the file, what to do) and exit status 1, not a
+    traceback."""
+    from diffmem.io import DiskFullError
+
+    try:
+        app()
+    except DiskFullError as err:
+        typer.secho(f"Error: {err.strerror}", err=True, fg=typer.colors.RED)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,37 +1,61 @@
-"""Which conditions does a model memorize? Detection without the training set.
+"""Which conditions, or which samples, does a model memorize? Detection without the training
+set.
 
-Two measures per condition ``c``, from the model alone (a conditional
-:class:`diffmem.models.ModelScore` and its null condition):
+Everything is computed from the model's denoiser ``D(x, t[, c])`` (any parameterization:
+noise, ``v``, sample or score outputs all give it) on its schedule ``x_t = m(t) x_0 +
+sigma(t) z``. Noise levels are named by the noise-to-signal ratio ``lambda = sigma / m`` (the
+noise of ``u = x / m``), so one level means the same noise on any schedule (linear or
+scaled-linear DDPM, cosine, EDM), and the Jacobian ``J = m dD/dx = dD/du`` is dimensionless
+(for an exact denoiser ``J = Cov[x_0 | u] / lambda^2``: its trace per dimension is near 1 for
+data spread in every direction at that scale, and 0 for one fixed image).
 
-* ``score`` (primary; Wen et al., ICLR 2024): the conditional/unconditional gap of the noise
-  prediction along the model's own deterministic sampler, over its first ``S`` steps and ``K``
-  seeded noise draws,
+Per condition ``c`` (``null``: the condition meaning "no condition"), over ``K`` seeded noise
+draws ``z`` shared by every condition:
 
-      score(c) = mean_{k, i < S} |eps(x_i, t_i, c) - eps(x_i, t_i, null)| / sqrt(d),
+* ``wen`` (Wen et al., ICLR 2024): ``|eps(x_T, c) - eps(x_T, null)|_2`` at the first step of
+  the model's deterministic sampler, ``x_T = sigma(t_0) z``, in noise units, as its authors
+  compute it (it depends on the schedule: on a linear DDPM schedule ``eps ~ x`` there).
+* ``sharpness`` (Jeon et al., ICML 2025): ``|H_delta s_delta|^2`` at ``t_0`` with ``s_delta =
+  s(x, c) - s(x, null)`` and ``H_delta`` its Jacobian; the Hessian-vector product by a
+  central difference along ``s_delta`` (forward-mode derivatives fail through attention on
+  the CPU).
+* ``anisotropy`` (Asthana et al., ICLR 2026): the norm at ``t_0`` per coordinate plus
+  ``gamma`` times the cosine between ``eps(x_T, null)`` and ``eps(x_T, c) - eps(x_T, null)``
+  on the same pure noise queried at the sampler's last (lowest) time.
+* ``gap``: ``|D(x, c) - D(x, null)| / sqrt(d)`` on pure noise ``x = sigma z`` at each level
+  ``lambda``, averaged over levels and draws: the scale-free form of Wen's gap (data units).
+* ``collapse`` (the paper's view): ``1 - sum tr J(c) / sum tr J(null)`` over levels and draws,
+  traces by Hutchinson's estimator ``v^T (D(x + h v) - D(x - h v)) m / 2h`` with Rademacher
+  ``v`` (the same ``v`` for both conditions): near 1 when the conditional denoiser is a
+  constant map (one memorized image), near 0 when it varies as the unconditional one does.
+* ``consistency`` (Carlini et al., USENIX Security 2023, as a confirmation): ``K`` full
+  generations per condition (DDIM, ``eta = 0``), the median over them of the RMS distance to
+  the nearest other generation, negated (near-duplicate generations: larger). Costly, so
+  computed only for the ``confirm`` conditions ranked highest by the screen.
 
-  in noise units (per-coordinate RMS; ``eps = -sigma(t) s(x, t)``). A memorized condition
-  pulls every trajectory towards one image from the first steps, far from the unconditional
-  prediction.
-* ``collapse`` (the paper's view): ``1 - sensitivity``, with the conditional denoiser's
-  sensitivity at the smallest noise level of the sampler, on the end points of the same
-  trajectories,
+The primary measure (``PRIMARY``) was chosen on the benchmark of the ``detect-digits``
+experiment (``docs/detect.md`` has the numbers).
 
-      sensitivity(c) = mean_k |D(x + delta, t, c) - D(x, t, c)| / |delta|,
-      |delta| = 0.1 sigma(t) sqrt(d),
+Per sample ``x_0`` of an unconditional model (given, or drawn by the model):
 
-  near 0 for a memorized condition (its denoiser returns one fixed image whatever the input)
-  and near 1 for one that generalizes (a denoiser at small noise is nearly the identity).
+* ``jacobian``: ``1 - tr J / d`` at ``x = m x_0 + sigma z`` (level ``lambda``, ``K`` draws):
+  a memorized sample sits where the denoiser is a constant map.
+* ``flipd`` (FLIPD, Kamkari et al., 2024, as Ross et al., ICLR 2025 use it): the local
+  intrinsic dimension ``LID = tr J + |D(m x_0) - x_0|^2 / lambda^2`` at the clean point
+  ``x = m x_0`` (``d + sigma^2 [tr grad s + |s|^2]`` in the denoiser's terms), reported as
+  ``1 - LID / d``.
+* ``reconstruction``: ``-|D(m x_0 + sigma z) - x_0| / sqrt(d)``: a memorized sample comes
+  back from noise that hides a generalized one.
 
-The sampler is DDIM with ``eta = 0`` written on the model's schedule: ``N`` times ``t_i``
-(for a diffusers model its scheduler's timesteps, ``t = (k + 1) / K``; else log-spaced in
-``sigma``), ``x_{i+1} = m_{i+1} D_i + sigma_{i+1} eps_i`` from ``x_0 = sigma(t_0) z``.
-With ``labels`` (1: memorized), each measure's ROC curve, AUC and TPR at 1% FPR.
+With ``labels`` (1: memorized) each measure's ROC curve, AUC and TPR at 1% FPR. Every measure
+is oriented so that larger means more likely memorized.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,35 +65,78 @@ from tqdm.auto import tqdm
 
 from diffmem._checks import fail, positive_int
 from diffmem.conditions import describe
-from diffmem.schedules import expand_as_batch
+from diffmem.schedules import Schedule, expand_as_batch
 
-MEASURES = ("score", "collapse")
-UNITS = {"score": "noise units: RMS per coordinate of eps(c) - eps(null)",
-         "collapse": "dimensionless: 1 - |D(x + delta) - D(x)| / |delta| at the smallest level",
-         "sensitivity": "dimensionless"}
+MEASURES = ("wen", "sharpness", "anisotropy", "gap", "collapse", "consistency")
+SAMPLE_MEASURES = ("jacobian", "flipd", "reconstruction")
+#: What ``diffmem detect`` computes per condition by default (``sharpness`` and
+#: ``anisotropy`` on request: see docs/detect.md for their benchmark figures).
+DEFAULT_MEASURES = ("wen", "gap", "collapse", "consistency")
+#: The primary measure per condition and per sample (see docs/detect.md for the benchmark).
+PRIMARY = "collapse"
+SAMPLE_PRIMARY = "flipd"
+#: Default noise-to-signal levels ``lambda = sigma / m`` of the scale-free measures.
+LEVELS = (0.5, 2.0)
+SAMPLE_LEVEL = 0.3
+#: Fraction of the conditions confirmed by full generations by default.
+CONFIRM = 0.1
+#: Weight of the cosine in ``anisotropy`` (Asthana et al. use 0.1 to 2 by model).
+GAMMA = 1.0
+#: Central-difference step, relative to the noise ``sigma`` (Jacobian) or to ``sigma
+#: sqrt(d)`` (Hessian-vector product).
+STEP = 1e-2
+UNITS = {
+    "wen": "noise units: |eps(c) - eps(null)|_2 at the first sampler step",
+    "sharpness": "score units squared: |H_delta s_delta|^2 at the first sampler step",
+    "anisotropy": "noise units per coordinate + gamma x cosine (dimensionless)",
+    "gap": "data units: RMS per coordinate of D(c) - D(null) on pure noise",
+    "collapse": "dimensionless: 1 - tr J(c) / tr J(null)",
+    "consistency": "data units: minus the median RMS distance to the nearest other generation",
+    "jacobian": "dimensionless: 1 - tr J / d",
+    "flipd": "dimensionless: 1 - LID / d",
+    "reconstruction": "data units: minus the RMS of D(m x0 + sigma z) - x0",
+}
 
 
 @dataclass
 class DetectResult:
-    """Per condition (in the order given): its measures; with labels, each measure's ROC."""
+    """Per condition (or per sample, ``kind='samples'``, in the order given): its measures;
+    with labels, each measure's ROC."""
 
-    conditions: list[dict[str, Any]]
+    entries: list[dict[str, Any]]
     settings: dict[str, Any]
+    kind: str = "conditions"
+    primary: str = PRIMARY
     roc: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        return self.entries
+
+    @property
+    def measures(self) -> list[str]:
+        names = MEASURES if self.kind == "conditions" else SAMPLE_MEASURES
+        return [n for n in names if any(e.get(n) is not None for e in self.entries)]
+
     def ranking(self) -> list[dict[str, Any]]:
-        """The conditions by decreasing primary score."""
-        return sorted(self.conditions, key=lambda e: -e["score"])
+        """The entries by decreasing primary measure."""
+        return sorted(self.entries, key=lambda e: -_value(e.get(self.primary)))
 
     def to_json(self) -> dict[str, Any]:
         from diffmem.io import versions
 
-        return {"conditions": self.conditions, "settings": self.settings, "units": UNITS,
-                "primary": "score", "roc": self.roc or None, "versions": versions()}
+        return {self.kind: self.entries, "settings": self.settings,
+                "units": {n: UNITS[n] for n in self.measures}, "primary": self.primary,
+                "roc": self.roc or None, "versions": versions()}
+
+
+def _value(v: float | None) -> float:
+    return -math.inf if v is None else v
 
 
 def sampler_times(model: Any, steps: int) -> Tensor:
-    """The deterministic sampler's times, from the top down (module docstring)."""
+    """The deterministic sampler's times, from the top down: a diffusers model's DDIM
+    timesteps (``t = (k + 1) / K``), else log-spaced in ``sigma`` over three decades."""
     sch = model.schedule
     network = getattr(model, "network", None)
     if network is not None:
@@ -81,6 +148,23 @@ def sampler_times(model: Any, steps: int) -> Tensor:
     sigmas = torch.logspace(math.log10(top), math.log10(top * 1e-3), steps,
                             dtype=torch.float64)
     return sch.t_of_s(-torch.log(sigmas))
+
+
+def time_at_level(schedule: Schedule, level: float) -> float:
+    """The time ``t`` at which ``sigma(t) / m(t) = level`` (bisection; ``sigma / m`` grows
+    with ``t``), clipped to the schedule's ``[0, T]``."""
+    lo, hi = 0.0, float(schedule.T)
+
+    def ratio(t: float) -> float:
+        tt = torch.tensor(t, dtype=torch.float64)
+        return float(schedule.sigma(tt) / schedule.m(tt))
+
+    if ratio(hi) <= level:
+        return hi
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ratio(mid) < level else (lo, mid)
+    return hi
 
 
 def roc(scores: Tensor, labels: Tensor) -> dict[str, Any]:
@@ -103,70 +187,298 @@ def roc(scores: Tensor, labels: Tensor) -> dict[str, Any]:
             "n_positive": int(pos.numel()), "n_negative": int(neg.numel())}
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(v: Sequence[float]) -> Tensor:
+        x = torch.tensor(list(v), dtype=torch.float64)
+        return (x[:, None] > x[None, :]).sum(1) + 0.5 * ((x[:, None] == x[None, :]).sum(1) - 1)
+
+    ra, rb = ranks(a).to(torch.float64), ranks(b).to(torch.float64)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else 0.0
+
+
+def _rows(v: Tensor) -> Tensor:
+    """Per-row Euclidean norm of a batch."""
+    return v.flatten(1).norm(dim=1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a.flatten(1) * b.flatten(1)).sum(1)
+
+
+class _Probe:
+    """The model's denoiser at one time on a batch of rows, with the schedule's ``m`` and
+    ``sigma`` there: ``D``, ``eps = (x - m D) / sigma``, ``s = (m D - x) / sigma^2`` and
+    Hutchinson's ``v^T J v`` by central differences."""
+
+    def __init__(self, model: Any, t: float, rows: int) -> None:
+        self.model = model
+        self.t = torch.full((rows,), t, dtype=torch.float64)
+        sch = model.schedule
+        self.m = float(sch.m(self.t[:1]))
+        self.sigma = float(sch.sigma(self.t[:1]))
+
+    def D(self, x: Tensor, y: Tensor | None) -> Tensor:  # noqa: N802
+        return self.model.denoiser(x, self.t[: x.shape[0]], y)
+
+    def D_pair(self, x: Tensor, c: Tensor, null: Tensor) -> tuple[Tensor, Tensor]:  # noqa: N802
+        both = self.D(torch.cat([x, x]), torch.cat([c, null]))
+        return both[: x.shape[0]], both[x.shape[0]:]
+
+    def eps(self, x: Tensor, d: Tensor) -> Tensor:
+        return (x - self.m * d) / self.sigma
+
+    def vjv(self, x: Tensor, v: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``v^T J v`` per row, ``J = m dD/dx``, by a central difference with step ``h = STEP
+        sigma``, and ``D(x)`` itself to second order, ``(D(x + h v) + D(x - h v)) / 2``."""
+        h = STEP * self.sigma
+        both = self.D(torch.cat([x + h * v, x - h * v]),
+                      None if y is None else torch.cat([y, y]))
+        plus, minus = both[: x.shape[0]], both[x.shape[0]:]
+        return self.m * _dot(v, plus - minus) / (2 * h), 0.5 * (plus + minus)
+
+
+def _rademacher(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, shape, generator=gen).to(torch.float64) * 2 - 1
+
+
+def ddim(model: Any, x: Tensor, times: Tensor, y: Tensor | None = None) -> Tensor:
+    """The deterministic DDIM sampler on the model's schedule: ``x_{i+1} = m_{i+1} D_i +
+    sigma_{i+1} eps_i`` through ``times``; returns the last denoised ``D`` (the sample)."""
+    d = x
+    for i in range(times.shape[0]):
+        probe = _Probe(model, float(times[i]), x.shape[0])
+        d = probe.D(x, y)
+        if i + 1 < times.shape[0]:
+            nxt = _Probe(model, float(times[i + 1]), x.shape[0])
+            x = nxt.m * d + nxt.sigma * probe.eps(x, d)
+    return d
+
+
+def _check_measures(measures: Sequence[str], allowed: Sequence[str]) -> list[str]:
+    names = list(measures)
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise fail("--measures", f"names among {', '.join(allowed)}", ", ".join(bad) or "none")
+    return names
+
+
+def _check_levels(levels: Sequence[float]) -> list[float]:
+    out = [float(v) for v in levels]
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise fail("--levels", "positive noise-to-signal ratios sigma/m", list(levels))
+    return out
+
+
+def _check_labels(labels: Tensor | None, n: int, what: str) -> None:
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != n
+                               or bool(((labels != 0) & (labels != 1)).any())):
+        raise fail("--labels", f"{n} labels of 0 or 1, one per {what}",
+                   f"shape {tuple(labels.shape)}")
+
+
+def _add_roc(result: DetectResult, labels: Tensor | None) -> DetectResult:
+    if labels is None:
+        return result
+    for e, lab in zip(result.entries, labels.tolist(), strict=True):
+        e["label"] = int(lab)
+    for name in result.measures:
+        keep = [i for i, e in enumerate(result.entries) if e.get(name) is not None]
+        values = torch.tensor([result.entries[i][name] for i in keep])
+        marks = labels[keep]
+        if 0 < int(marks.sum()) < len(keep):
+            result.roc[name] = roc(values, marks)
+    return result
+
+
 def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
-           first_steps: int = 5, steps: int = 50, seed: int = 0,
-           labels: Tensor | None = None, batch: int = 64,
-           progress: bool = False) -> DetectResult:
+           steps: int = 50, levels: Sequence[float] = LEVELS,
+           measures: Sequence[str] = DEFAULT_MEASURES,
+           confirm: int | None = None, seed: int = 0, labels: Tensor | None = None,
+           chunk: int = 64, progress: bool = False) -> DetectResult:
     """The measures of the module docstring for each of ``conditions`` (``(n, *cond_shape)``;
     integer labels or vectors) of a conditional ``model`` whose null condition is ``null``.
+    Conditions are evaluated ``chunk`` at a time, all ``n_noise`` draws in one batch.
+    ``consistency`` is computed for the ``confirm`` conditions (default: the fraction
+    ``CONFIRM`` of them) ranked highest by the other measures (the primary when computed).
     ``labels`` (``(n,)``, 1 for a memorized condition) adds the ROC of each measure."""
     if not getattr(model, "conditional", False):
         raise fail("--model", "a conditional model (its condition and a null one)",
                    getattr(model, "name", type(model).__name__))
+    names = _check_measures(measures, MEASURES)
     n_noise, steps = positive_int("--n-noise", n_noise), positive_int("--steps", steps)
-    first_steps = positive_int("--first-steps", first_steps)
-    if first_steps > steps:
-        raise fail("--first-steps", f"at most the sampler's {steps} steps", first_steps)
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != conditions.shape[0]
-                               or bool(((labels != 0) & (labels != 1)).any())):
-        raise fail("--labels", f"{conditions.shape[0]} labels of 0 or 1, one per condition",
-                   f"shape {tuple(labels.shape)}")
+    lv = _check_levels(levels)
+    n = conditions.shape[0]
+    confirm = math.ceil(CONFIRM * n) if confirm is None else max(0, int(confirm))
+    _check_labels(labels, conditions.shape[0], "condition")
     model.check_condition(conditions[:2], "--conditions")
     model.check_condition(null[None], "--null-cond")
     times = sampler_times(model, steps)
-    sch = model.schedule
     shape = tuple(model.data_shape)
     d = math.prod(shape)
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n_noise, *shape, generator=gen)
-    entries = []
-    for j in tqdm(range(conditions.shape[0]), disable=not progress, desc="conditions"):
-        start = time.perf_counter()
-        c = conditions[j : j + 1].expand(n_noise, *conditions.shape[1:])
-        nulls = null[None].expand(n_noise, *null.shape)
-        x = float(sch.sigma(times[0])) * z.to(torch.float64)
-        gaps = []
-        for i in range(steps):
-            t = times[i].expand(n_noise)
-            sigma = expand_as_batch(sch.sigma(t), x)
-            d_c = model.denoiser(x, t, c)
-            eps_c = (x - expand_as_batch(sch.m(t), x) * d_c) / sigma
-            if i < first_steps:
-                d_null = model.denoiser(x, t, nulls)
-                eps_null = (x - expand_as_batch(sch.m(t), x) * d_null) / sigma
-                gaps.append((eps_c - eps_null).flatten(1).norm(dim=1) / math.sqrt(d))
-            if i + 1 < steps:
-                nxt = times[i + 1].expand(n_noise)
-                x = expand_as_batch(sch.m(nxt), x) * d_c + expand_as_batch(sch.sigma(nxt),
-                                                                          x) * eps_c
-        t = times[-1].expand(n_noise)  # x and d_c are the last step's
-        delta = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-        delta = delta / delta.flatten(1).norm(dim=1).reshape(-1, *[1] * len(shape)) * (
-            0.1 * float(sch.sigma(times[-1])) * math.sqrt(d))
-        moved = (model.denoiser(x + delta, t, c) - d_c).flatten(1).norm(
-            dim=1) / delta.flatten(1).norm(dim=1)
-        sensitivity = float(moved.mean())
-        entries.append({"condition": describe(conditions[j], j), "index": j,
-                        "score": float(torch.stack(gaps).mean()),
-                        "collapse": 1 - sensitivity, "sensitivity": sensitivity,
-                        "seconds": time.perf_counter() - start})
-    settings = {"n_noise": n_noise, "first_steps": first_steps, "steps": steps, "seed": seed,
-                "model": getattr(model, "name", None), "sampler": "DDIM (eta 0) on the "
-                "model's schedule", "sigma_last": float(sch.sigma(times[-1]))}
-    result = DetectResult(entries, settings)
-    if labels is not None:
-        for e, lab in zip(entries, labels.tolist(), strict=True):
-            e["label"] = int(lab)
-        for name in MEASURES:
-            result.roc[name] = roc(torch.tensor([e[name] for e in entries]), labels)
-    return result
+    z = torch.randn(n_noise, *shape, generator=gen, dtype=torch.float64)
+    probes = _rademacher((len(lv), n_noise, *shape), gen)
+    entries: list[dict[str, Any]] = [{"condition": describe(conditions[j], j), "index": j}
+                                     for j in range(n)]
+    start = time.perf_counter()
+    top = _Probe(model, float(times[0]), 1)
+    low = _Probe(model, float(times[-1]), 1)
+    at = [_Probe(model, time_at_level(model.schedule, v), 1) for v in lv]
+    for lo in tqdm(range(0, n, chunk), disable=not progress, desc="conditions"):
+        idx = torch.arange(lo, min(n, lo + chunk))
+        k = idx.numel()
+        c = conditions[idx].repeat_interleave(n_noise, 0)
+        nul = null[None].expand(c.shape[0], *null.shape)
+        zz = z.repeat(k, *[1] * len(shape))
+        found: dict[str, Tensor] = {}
+        if {"wen", "sharpness", "anisotropy"} & set(names):
+            x = top.sigma * zz
+            dc, dn = top.D_pair(x, c, nul)
+            delta_eps = top.eps(x, dc) - top.eps(x, dn)
+            found["wen"] = _rows(delta_eps)
+            if "sharpness" in names:
+                s_delta = top.m * (dc - dn) / top.sigma ** 2
+                h = STEP * top.sigma * math.sqrt(d) / _rows(s_delta).clamp_min(1e-30)
+                hv = expand_as_batch(h, x) * s_delta
+                pc, pn = top.D_pair(x + hv, c, nul)
+                mc, mn = top.D_pair(x - hv, c, nul)
+                hvp = top.m * ((pc - pn) - (mc - mn)) / top.sigma ** 2 / (2 * expand_as_batch(
+                    h, x))
+                found["sharpness"] = _rows(hvp) ** 2
+            if "anisotropy" in names:
+                lc, ln = low.D_pair(x, c, nul)
+                e_null = low.eps(x, ln)
+                guide = low.eps(x, lc) - e_null
+                cos = _dot(e_null, guide) / (_rows(e_null) * _rows(guide)).clamp_min(1e-30)
+                found["anisotropy"] = found["wen"] / math.sqrt(d) + GAMMA * cos
+        if {"gap", "collapse"} & set(names):
+            gaps, tr_c, tr_n = [], [], []
+            for j, probe in enumerate(at):
+                x = probe.sigma * zz
+                if "collapse" in names:  # the gap from the same calls, D(x) to O(h^2)
+                    v = probes[j].repeat(k, *[1] * len(shape))
+                    tr, mid = probe.vjv(torch.cat([x, x]), torch.cat([v, v]),
+                                        torch.cat([c, nul]))
+                    tr_c.append(tr[: x.shape[0]])
+                    tr_n.append(tr[x.shape[0]:])
+                    dc, dn = mid[: x.shape[0]], mid[x.shape[0]:]
+                else:
+                    dc, dn = probe.D_pair(x, c, nul)
+                gaps.append(_rows(dc - dn) / math.sqrt(d))
+            if gaps:
+                found["gap"] = torch.stack(gaps).mean(0)
+            if tr_c:
+                found["trace_c"] = torch.stack(tr_c).sum(0) / (len(at) * d)
+                found["trace_null"] = torch.stack(tr_n).sum(0) / (len(at) * d)
+        for name, value in found.items():
+            per = value.reshape(k, n_noise)
+            for i, j in enumerate(idx.tolist()):
+                entries[j][name] = float(per[i].mean())
+        for j in idx.tolist():
+            e = entries[j]
+            if "trace_c" in e:
+                e["collapse"] = 1 - e["trace_c"] / e["trace_null"] if e["trace_null"] > 0 \
+                    else None
+            if "wen" not in names:
+                e.pop("wen", None)
+    screen_s = time.perf_counter() - start
+    if "consistency" in names and confirm > 0:
+        screen = [m for m in (PRIMARY, "collapse", "gap", "anisotropy", "wen", "sharpness")
+                  if m in names and m != "consistency"]
+        order = sorted(range(n), key=lambda j: -_value(entries[j].get(screen[0]))) \
+            if screen else list(range(n))
+        chosen = torch.tensor(order[:confirm])
+        for lo in tqdm(range(0, chosen.numel(), chunk), disable=not progress,
+                       desc="confirming"):
+            pick = chosen[lo : lo + chunk]
+            c = conditions[pick].repeat_interleave(n_noise, 0)
+            zz = z.repeat(pick.numel(), *[1] * len(shape))
+            gens = ddim(model, top.sigma * zz, times, c).reshape(pick.numel(), n_noise, -1)
+            dist = torch.cdist(gens, gens) / math.sqrt(d)
+            dist = dist + torch.diag(torch.full((n_noise,), math.inf, dtype=dist.dtype))
+            near = dist.min(2).values.median(1).values
+            for j, v in zip(pick.tolist(), near.tolist(), strict=True):
+                entries[j]["consistency"] = -v
+    total = time.perf_counter() - start
+    for e in entries:
+        e["seconds"] = total / max(1, n)
+    settings = {"n_noise": n_noise, "steps": steps, "levels": lv, "measures": names,
+                "confirm": confirm if "consistency" in names else 0, "seed": seed,
+                "model": getattr(model, "name", None), "t_first": float(times[0]),
+                "t_last": float(times[-1]), "screen_seconds": screen_s, "seconds": total,
+                "sampler": "DDIM (eta 0) on the model's schedule", "gamma": GAMMA}
+    primary = PRIMARY if PRIMARY in names else next(m for m in MEASURES if m in names)
+    return _add_roc(DetectResult(entries, settings, "conditions", primary), labels)
+
+
+def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
+                   level: float = SAMPLE_LEVEL,
+                   measures: Sequence[str] = SAMPLE_MEASURES, seed: int = 0,
+                   labels: Tensor | None = None, chunk: int = 128,
+                   progress: bool = False) -> DetectResult:
+    """Per-sample measures of the module docstring for ``samples`` (``(n, *data_shape)``)
+    of an unconditional ``model``: which of them are copies, from the model alone."""
+    if getattr(model, "conditional", False):
+        raise fail("--model", "an unconditional model for per-sample detection (a "
+                   "conditional one takes --conditions)", getattr(model, "name", "model"))
+    names = _check_measures(measures, SAMPLE_MEASURES)
+    n_noise = positive_int("--n-noise", n_noise)
+    (level,) = _check_levels([level])
+    shape = tuple(model.data_shape)
+    if samples.dim() < 2 or tuple(samples.shape[1:]) != shape:
+        raise fail("--samples", f"samples of the model's shape (n, {', '.join(map(str, shape))})",
+                   f"shape {tuple(samples.shape)}")
+    if not bool(torch.isfinite(samples).all()):
+        raise fail("--samples", "finite values", "NaN or inf")
+    _check_labels(labels, samples.shape[0], "sample")
+    d = math.prod(shape)
+    gen = torch.Generator().manual_seed(seed)
+    n = samples.shape[0]
+    x0_all = samples.to(torch.float64)
+    z = torch.randn(n, n_noise, *shape, generator=gen, dtype=torch.float64)
+    v = _rademacher((n, n_noise, *shape), gen)
+    probe = _Probe(model, time_at_level(model.schedule, level), 1)
+    entries: list[dict[str, Any]] = [{"index": j} for j in range(n)]
+    start = time.perf_counter()
+    for lo in tqdm(range(0, n, chunk), disable=not progress, desc="samples"):
+        hi = min(n, lo + chunk)
+        k = hi - lo
+        x0 = x0_all[lo:hi].repeat_interleave(n_noise, 0)
+        zz, vv = z[lo:hi].flatten(0, 1), v[lo:hi].flatten(0, 1)
+        found: dict[str, Tensor] = {}
+        x = probe.m * x0 + probe.sigma * zz
+        if {"jacobian", "reconstruction"} & set(names):
+            tr, mid = probe.vjv(x, vv, None)
+            found["jacobian"] = 1 - tr / d
+            found["reconstruction"] = -_rows(mid - x0) / math.sqrt(d)
+        if "flipd" in names:
+            xc = probe.m * x0
+            tr, mid = probe.vjv(xc, vv, None)
+            found["flipd"] = 1 - (tr + _rows(mid - x0) ** 2 / level ** 2) / d
+        for name in names:
+            per = found[name].reshape(k, n_noise).mean(1)
+            for i in range(k):
+                entries[lo + i][name] = float(per[i])
+    total = time.perf_counter() - start
+    settings = {"n_noise": n_noise, "level": level,
+                "measures": names, "seed": seed, "model": getattr(model, "name", None),
+                "seconds": total}
+    primary = SAMPLE_PRIMARY if SAMPLE_PRIMARY in names else names[0]
+    return _add_roc(DetectResult(entries, settings, "samples", primary), labels)
+
+
+def draw_samples(model: Any, n: int, *, steps: int = 50, seed: int = 0,
+                 batch: int = 256) -> Tensor:
+    """``n`` samples of an unconditional model by :func:`ddim` from ``sigma(t_0) z``."""
+    n, steps = positive_int("--n-samples", n), positive_int("--steps", steps)
+    times = sampler_times(model, steps)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *model.data_shape, generator=gen, dtype=torch.float64)
+    sigma0 = float(model.schedule.sigma(times[:1]))
+    return torch.cat([ddim(model, sigma0 * z[lo : lo + batch], times)
+                      for lo in range(0, n, batch)])
+
+

@@ -1,7 +1,9 @@
-"""Atomic file writes and JSON conversion: an interrupted run never leaves a truncated file."""
+"""Atomic file writes and JSON conversion: an interrupted run never leaves a truncated file,
+and a full disk is an error that names the file (never a half-written one)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -39,6 +41,22 @@ def jsonable(value: Any) -> Any:
 PARTIAL_SUFFIX = ".tmp"
 
 
+#: Errors that mean there is no room for the file: no space, quota, file-size limit.
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """A write that found no room: the message names the file and says what to do."""
+
+
+def disk_full(path: Path | str, err: OSError) -> DiskFullError:
+    """The :class:`DiskFullError` for a failed write of ``path`` (``err`` one of ``FULL``)."""
+    reason = os.strerror(err.errno) if err.errno is not None else str(err)
+    return DiskFullError(err.errno, f"{path}: the disk is full ({reason}); nothing was "
+                                    "written there: free some space and run the command again "
+                                    "(finished outputs are kept)")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -59,9 +77,45 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in FULL:
+            raise disk_full(path, err) from err
+        raise
+
+
+def preallocate(path: Path, size: int) -> None:
+    """Reserve ``size`` bytes for the file at ``path`` (a memory-map about to be filled), so
+    that a full disk is a :class:`DiskFullError` now, not a crash (SIGBUS) when a page of
+    the map is first written. Where the file system cannot reserve space, nothing is done."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in FULL:
+            raise disk_full(path, err) from err
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log file (monitor records): a full disk is a
+    :class:`DiskFullError`, and a partial line is cut off again so the log stays whole."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as handle:
+            handle.write(line.rstrip("\n") + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        with open(path, "a") as handle:
+            handle.truncate(size)
+        if err.errno in FULL:
+            raise disk_full(path, err) from err
         raise
 
 

@@ -544,10 +544,8 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
         if saved.get("key") == key:
             done = int(saved.get("done", 0))
     if done == 0:
-        arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
-                                        shape=(n, *model.data_shape))
-        noise = np.lib.format.open_memmap(noise_out, mode="w+", dtype=np.float32,
-                                          shape=(n, *model.data_shape))
+        arr = _new_map(out, (n, *model.data_shape))
+        noise = _new_map(noise_out, (n, *model.data_shape))
     else:
         arr, noise = np.load(out, mmap_mode="r+"), np.load(noise_out, mmap_mode="r+")
     end = (1 / sch.K if isinstance(sch, DiscreteVP) else 1e-3 * sch.T) if t_end is None else t_end
@@ -589,6 +587,26 @@ def ode_draw(model: Any, z: Tensor, t_end: float, cond: Tensor | None = None) ->
     tt = torch.full((x.shape[0],), t_end, dtype=x.dtype, device=x.device)
     extra = () if cond is None else (cond,)
     return model_denoiser(model, x, tt, *extra) / sch.m(t_end).to(x)
+
+
+def _new_map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 ``.npy`` memory-map at ``path`` with its space reserved up front: on a
+    full disk a :class:`diffmem.io.DiskFullError` now (the file removed), not a crash when
+    a page is written."""
+    from diffmem.io import FULL, DiskFullError, disk_full, preallocate
+
+    try:
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        preallocate(path, arr.offset + arr.nbytes)
+    except DiskFullError:
+        Path(path).unlink(missing_ok=True)
+        raise
+    except OSError as err:
+        Path(path).unlink(missing_ok=True)
+        if err.errno in FULL:
+            raise disk_full(path, err) from err
+        raise
+    return arr
 
 
 def _digest(v: Tensor) -> str:

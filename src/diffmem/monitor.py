@@ -254,12 +254,10 @@ class MemorizationMonitor:
             self._writer.flush()
         if self.out is None:
             return
-        with open(self.out / "monitor.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self.figure().savefig(self.out / "monitor.png", dpi=110)
-        import matplotlib.pyplot as plt
+        from diffmem.io import append_line, atomic_save_figure
 
-        plt.close("all")
+        append_line(self.out / "monitor.jsonl", json.dumps(record))
+        atomic_save_figure(self.figure(), self.out / "monitor.png")
 
     def figure(self) -> Any:
         """The gap curves of every update (darker: later), the ``threshold`` and

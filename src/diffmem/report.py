@@ -184,7 +184,12 @@ def _histograms(result: Any) -> str:
                                    ("calibrated", "calibrated_l2", ax[0, 2],
                                     "calibrated distance")):
         values = getattr(result, key).numpy()
-        a.hist(values, bins=40, color="C1")
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        # 40 bins need a range well above the values' round-off (float32: 1.2e-7 relative)
+        spread = hi - lo > 1e-5 * max(1.0, abs(hi))
+        a.hist(values, bins=40 if spread else 1,
+               range=None if spread else (lo - 0.5 * max(1.0, abs(lo)) * 1e-3,
+                                          hi + 0.5 * max(1.0, abs(hi)) * 1e-3), color="C1")
         thr = getattr(result, thr_key)["threshold"]
         a.axvline(thr, color="C3", lw=1.5, label=f"threshold {thr:.3g}")
         a.set_xlabel(label)
@@ -417,74 +422,96 @@ def _gap_conditions(gap: dict[str, Any]) -> str:
             "pools them):</p>" + _table(rows))
 
 
+def _sig(v: Any, digits: int = 3) -> str:
+    """A number to ``digits`` significant digits (``-`` when missing)."""
+    if v is None:
+        return "-"
+    if isinstance(v, int | bool):
+        return str(int(v))
+    return f"{v:.{digits}g}"
+
+
 def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> None:
-    """``detect.json``, ``detect.csv`` and ``index.html`` (ranking, histograms per label,
-    ROC) in ``folder``."""
+    """``detect.json``, ``detect.csv`` and ``index.html`` (ranking with every measure to
+    three significant digits, the copy fraction or label where known, histograms per label,
+    ROC) in ``folder``, for conditions or samples alike."""
     import csv
     import io
 
     import numpy as np
 
     from diffmem import plots
-    from diffmem.detect import MEASURES
+    from diffmem.detect import UNITS
 
     folder = Path(folder)
     atomic_write_json(folder / "detect.json", {**result.to_json(), "inputs": inputs})
+    names = result.measures
+    key = "condition" if result.kind == "conditions" else "index"
+    extra = [k for k in ("copied", "label") if any(k in e for e in result.entries)]
     buf = io.StringIO()
-    fields = ["index", "condition", "score", "collapse", "sensitivity", "seconds"] + (
-        ["label"] if result.roc else [])
+    fields = ["rank", "index"] + (["condition"] if key == "condition" else []) + names + \
+        extra + ["seconds"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({**e, "condition": json.dumps(e["condition"])} for e in result.ranking())
+    writer.writerows({**e, "rank": i + 1, **({"condition": json.dumps(e["condition"])}
+                                             if key == "condition" else {})}
+                     for i, e in enumerate(result.ranking()))
     atomic_write_bytes(folder / "detect.csv", buf.getvalue().encode())
 
-    fig, ax = plots.figure(1, 3 if result.roc else 2, size=3.6)
-    for k, name in enumerate(MEASURES):
-        values = np.array([e[name] for e in result.conditions])
+    shown = [n for n in names if any(e.get(n) is not None for e in result.entries)]
+    fig, ax = plots.figure(1, len(shown) + (1 if result.roc else 0), size=3.0)
+    for k, name in enumerate(shown):
+        pairs = [(e[name], e.get("label")) for e in result.entries if e.get(name) is not None]
+        values = np.array([v for v, _ in pairs])
         if result.roc:
-            lab = np.array([e["label"] for e in result.conditions])
+            lab = np.array([-1 if m is None else m for _, m in pairs])
             bins = np.histogram_bin_edges(values, bins=15)
             ax[0, k].hist(values[lab == 0], bins=bins, alpha=0.6, label="not memorized")
             ax[0, k].hist(values[lab == 1], bins=bins, alpha=0.6, color="C3",
                           label="memorized")
-            ax[0, k].legend(fontsize=7)
+            ax[0, k].legend(fontsize=6)
         else:
             ax[0, k].hist(values, bins=15)
-        ax[0, k].set(xlabel=name + (" (primary)" if name == "score" else ""),
-                     ylabel="conditions")
+        ax[0, k].set(xlabel=name + (" (primary)" if name == result.primary else ""),
+                     ylabel=result.kind)
     if result.roc:
-        a = ax[0, 2]
+        a = ax[0, -1]
         for name, r in result.roc.items():
             a.plot(r["fpr"], r["tpr"], label=f"{name}: AUC {r['auc']:.3f}")
         a.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
         a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-        a.legend(fontsize=7)
+        a.legend(fontsize=6)
     fig.tight_layout()
     uri = _figure_uri(fig)
-    per = np.mean([e["seconds"] for e in result.conditions])
+    head = "".join(f"<th>{html.escape(n)}{' (primary)' if n == result.primary else ''}</th>"
+                   for n in names) + "".join(f"<th>{k}</th>" for k in extra)
     rows = "".join(
-        f"<tr><td>{i + 1}</td><td>{html.escape(json.dumps(e['condition']))}</td>"
-        f"<td>{e['score']:.4f}</td><td>{e['collapse']:.3f}</td>"
-        + (f"<td>{e['label']}</td>" if result.roc else "") + "</tr>"
+        f"<tr><td>{i + 1}</td><td>{html.escape(json.dumps(e[key]))}</td>"
+        + "".join(f"<td>{_sig(e.get(n))}</td>" for n in names)
+        + "".join(f"<td>{_sig(e.get(k))}</td>" for k in extra) + "</tr>"
         for i, e in enumerate(result.ranking()))
     auc = "".join(f"<li>{n}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f} "
                   f"({r['n_positive']} memorized, {r['n_negative']} not)</li>"
                   for n, r in result.roc.items())
+    units = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(UNITS[n])}</li>"
+                    for n in names)
+    st = result.settings
+    what = (f"{len(result.entries)} conditions, {st['n_noise']} noise draws, levels sigma/m "
+            f"{', '.join(_sig(v) for v in st['levels'])}, {st['steps']} DDIM steps"
+            if result.kind == "conditions" else
+            f"{len(result.entries)} samples, {st['n_noise']} noise draws, level sigma/m "
+            f"{_sig(st['level'])}")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>diffmem detect</title>"
         f"<style>{_STYLE}</style></head><body>"
-        "<h1>diffmem detect: which conditions does the model memorize?</h1>"
-        f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, "
-        f"{len(result.conditions)} conditions, {result.settings['n_noise']} noise draws, "
-        f"first {result.settings['first_steps']} of {result.settings['steps']} DDIM steps; "
-        f"{per:.3f} s per condition. <b>score</b>: |eps(c) - eps(null)| per coordinate over "
-        "the first steps (larger: more likely memorized); <b>collapse</b>: 1 - the "
-        "conditional denoiser's sensitivity at the smallest level (near 1: the denoiser "
-        "returns one fixed image).</p>"
+        f"<h1>diffmem detect: which {result.kind} does the model memorize?</h1>"
+        f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, {what}; "
+        f"{_sig(st['seconds'])} s in all. Every measure: larger means more likely "
+        f"memorized; ranked by the primary measure, <b>{result.primary}</b>.</p>"
+        f"<ul>{units}</ul>"
         + (f"<h2>Against the labels</h2><ul>{auc}</ul>" if auc else "")
         + f"<img alt='histograms and ROC' src='{uri}'>"
-        "<h2>Ranking</h2><table><tr><th>rank</th><th>condition</th><th>score</th>"
-        "<th>collapse</th>" + ("<th>label</th>" if result.roc else "") + "</tr>"
+        f"<h2>Ranking</h2><table><tr><th>rank</th><th>{key}</th>{head}</tr>"
         + rows + "</table><p>Files: <code>detect.json</code>, <code>detect.csv</code>.</p>"
         "</body></html>")
     atomic_write_bytes(folder / "index.html", page.encode())

@@ -64,28 +64,51 @@ def make_unet(width: int, seed: int, num_classes: int | None = None) -> Any:
                            num_class_embeds=num_classes)
 
 
+def train_target(scheduler: Any, batch: torch.Tensor, noise: torch.Tensor,
+                 timesteps: torch.Tensor) -> torch.Tensor:
+    """What a diffusers network is trained to output under its scheduler's
+    ``prediction_type``: the noise (``epsilon``), ``v = sqrt(abar) eps - sqrt(1 - abar) x0``
+    (``v_prediction``) or the clean sample (``sample``)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(batch, noise, timesteps)
+    if kind == "sample":
+        return batch
+    raise ValueError(f"prediction_type: expected epsilon, v_prediction or sample, received "
+                     f"{kind!r}")
+
+
 def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
               monitor: Any = None, labels: torch.Tensor | None = None,
-              p_uncond: float = 0.1) -> dict[str, Any]:
+              p_uncond: float = 0.1, scheduler: dict[str, Any] | None = None,
+              seed: int | None = None) -> dict[str, Any]:
     """One training run (module docstring), checkpointed every ``every`` steps. With
     ``labels`` the UNet is class-conditional: ``labels.max() + 2`` embeddings, the last the
     null class, given instead of the label with probability ``p_uncond`` (label dropout for
-    classifier-free guidance). Returns the model, its scheduler, the steps run, the training
-    and monitoring seconds."""
+    classifier-free guidance). ``scheduler`` is a ``DDPMScheduler`` config (default: linear
+    betas, epsilon prediction); the loss is the mean squared error to its prediction type's
+    target (:func:`train_target`). ``seed`` (default the context's) seeds the network and the
+    batches. Returns the model, its scheduler, the steps run, the training and monitoring
+    seconds."""
     from diffusers import DDPMScheduler
 
     from diffmem.regularize import diffusers_tikhonov_penalty
 
     p = ctx.params
+    seed = ctx.seed if seed is None else seed
     null = None if labels is None else int(labels.max()) + 1
-    model = make_unet(p["width"], ctx.seed, None if null is None else null + 1)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    model = make_unet(p["width"], seed, None if null is None else null + 1)
+    scheduler = DDPMScheduler(**{"num_train_timesteps": 1000, **(scheduler or {})})
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"])
-    gen = torch.Generator().manual_seed(ctx.seed)
+    gen = torch.Generator().manual_seed(seed)
     config = {k: p[k] for k in ("width", "lr", "batch_size", "steps", "every")}
     ckpt = Checkpoints(ctx.out / f"checkpoints_{name}",
                        fingerprint({**config, "lam": lam, "monitor": monitor is not None,
-                                    "seed": ctx.seed, "p_uncond": p_uncond}, train,
+                                    "seed": seed, "p_uncond": p_uncond,
+                                    "scheduler": {k: v for k, v in scheduler.config.items()
+                                                  if not k.startswith("_")}}, train,
                                    None if labels is None else labels.double()), keep=2)
     start, losses, monitor_s = 0, [], 0.0
     if ctx.resume and (state := ckpt.load_latest()) is not None:
@@ -111,7 +134,7 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
             drop = torch.rand(batch.shape[0], generator=gen) < p_uncond
             y = torch.where(drop, torch.full_like(labels[rows], null), labels[rows])
             pred = model(noisy, k, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, train_target(scheduler, batch, noise, k))
         if lam > 0:
             loss = loss + diffusers_tikhonov_penalty(pred, noisy, k, scheduler, lam).mean()
         opt.zero_grad()

@@ -1,0 +1,228 @@
+"""Detection without the training set: every measure on constructed models with known
+answers (exact Jacobians of Gaussian and single-point denoisers, the same values on every
+schedule and parameterization), per-sample detection separating copies from fresh samples,
+and clear errors with nothing written."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffmem.cli import app
+from diffmem.detect import (
+    MEASURES,
+    SAMPLE_MEASURES,
+    detect,
+    detect_samples,
+    roc,
+    spearman,
+    time_at_level,
+)
+from diffmem.models import ModelScore
+from diffmem.schedules import EDM, VE, VP
+
+RUNNER = CliRunner()
+D = 4
+S2 = 0.6  # variance of the Gaussian conditions
+POINT = torch.tensor([1.5, -0.5, 0.25, 2.0], dtype=torch.float64)
+
+
+def gaussian_denoiser(x, t, sch):
+    """E[x0 | x_t] for x0 ~ N(0, S2 I): ``m S2 / (m^2 S2 + sigma^2) x``."""
+    m, s2 = sch.m(t)[:, None], sch.sigma2(t)[:, None]
+    return m * S2 / (m * m * S2 + s2) * x
+
+
+def conditional_model(sch, kind="denoiser"):
+    """Labels 0-1 name one point each (the memorizing minimizer: D = that point); labels 2-3
+    and the null label 4 get the same Gaussian denoiser."""
+    def fn(x, t, y):
+        x, t = x.double(), t.double()
+        d = gaussian_denoiser(x, t, sch)
+        for c in (0, 1):
+            d[y == c] = POINT * (1 + c)
+        if kind == "denoiser":
+            return d
+        return (sch.m(t)[:, None] * d - x) / sch.sigma2(t)[:, None]  # the score
+    return ModelScore(fn, sch, (D,), kind=kind, conditional=True)
+
+
+def test_roc_and_spearman_on_constructed_scores():
+    perfect = roc(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([1, 1, 0, 0]))
+    assert perfect["auc"] == 1 and perfect["tpr_at_1pct_fpr"] == 1
+    assert roc(torch.ones(4), torch.tensor([1, 0, 1, 0]))["auc"] == 0.5  # all tied
+    assert roc(torch.tensor([0.0, 1.0]), torch.tensor([1, 0]))["auc"] == 0
+    with pytest.raises(ValueError, match="labels: expected both memorized"):
+        roc(torch.ones(3), torch.ones(3))
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("sch", [VP(), VE(), EDM()], ids=["VP", "VE", "EDM"])
+def test_time_at_level_inverts_the_noise_to_signal_ratio(sch):
+    top = float(sch.sigma(sch.T) / sch.m(sch.T))
+    for level in (0.1, 1.0, 3.0, 1e4):  # beyond the schedule's range: clipped to T
+        t = torch.tensor(time_at_level(sch, level), dtype=torch.float64)
+        assert float(sch.sigma(t) / sch.m(t)) == pytest.approx(min(level, top), rel=1e-9)
+
+
+def test_conditional_measures_known_answers_on_every_schedule():
+    """Collapse is exactly 1 for a constant denoiser and 0 for the null's own; the gaps vanish
+    where the condition changes nothing; the scale-free measures take the same values on VP,
+    VE and EDM and for a score or a denoiser output; consistency is 0 for generations that
+    all land on one point."""
+    labels = torch.tensor([1, 1, 0, 0])
+    runs = {}
+    for name, sch, kind in [("VP", VP(), "denoiser"), ("VE", VE(), "denoiser"),
+                            ("EDM", EDM(), "score")]:
+        res = detect(conditional_model(sch, kind), torch.arange(4), torch.tensor(4),
+                     n_noise=3, steps=12, measures=MEASURES, confirm=4, labels=labels,
+                     levels=(0.5, 1.5))  # within every schedule's range
+        runs[name] = {e["condition"]: e for e in res.conditions}
+        by = runs[name]
+        for c in (0, 1):
+            assert by[c]["collapse"] == pytest.approx(1, abs=1e-9)
+            assert by[c]["gap"] > 0.1 and by[c]["wen"] > 0 and by[c]["sharpness"] >= 0
+            assert by[c]["consistency"] == pytest.approx(0, abs=1e-6)
+        for c in (2, 3):
+            assert by[c]["collapse"] == pytest.approx(0, abs=1e-9)
+            assert by[c]["gap"] == 0 and by[c]["wen"] == 0 and by[c]["sharpness"] == 0
+            assert by[c]["consistency"] < -0.1
+        for m in ("collapse", "gap", "consistency"):
+            assert res.roc[m]["auc"] == 1, m
+        assert res.primary in MEASURES and {e["condition"] for e in res.ranking()[:2]} == {0, 1}
+    for c in range(4):  # the scale-free measures do not depend on the schedule or the output
+        for m in ("gap", "collapse"):
+            assert runs["VE"][c][m] == pytest.approx(runs["VP"][c][m], rel=1e-6, abs=1e-9)
+            assert runs["EDM"][c][m] == pytest.approx(runs["VP"][c][m], rel=1e-6, abs=1e-9)
+
+
+def test_hutchinson_trace_of_a_gaussian_denoiser_is_exact():
+    """For x0 ~ N(0, S2 I) the denoiser is linear with J = S2 / (S2 + lambda^2) I: the central
+    difference is exact and Rademacher probes give its trace exactly."""
+    sch = VP()
+    model = ModelScore(lambda x, t: gaussian_denoiser(x.double(), t.double(), sch), sch, (D,),
+                       kind="denoiser")
+    x0 = torch.randn(5, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for level in (0.3, 1.0):
+        res = detect_samples(model, x0, level=level, measures=["jacobian"], n_noise=2)
+        for e in res.entries:
+            assert e["jacobian"] == pytest.approx(1 - S2 / (S2 + level ** 2), abs=1e-8)
+
+
+def mixture_model(sch):
+    """The exact denoiser of x0 ~ 1/2 delta(POINT) + 1/2 N(0, S2 I): a memorized point beside
+    a generalizing Gaussian."""
+    def fn(x, t):
+        x, t = x.double(), t.double()
+        m, s2 = sch.m(t)[:, None], sch.sigma2(t)[:, None]
+        v = m * m * S2 + s2
+        log_a = -((x - m * POINT) ** 2).sum(1, keepdim=True) / (2 * s2) - D / 2 * torch.log(s2)
+        log_b = -(x ** 2).sum(1, keepdim=True) / (2 * v) - D / 2 * torch.log(v)
+        w = torch.softmax(torch.cat([log_a, log_b], 1), 1)
+        return w[:, :1] * POINT + w[:, 1:] * gaussian_denoiser(x, t, sch)
+    return ModelScore(fn, sch, (D,), kind="denoiser")
+
+
+def test_per_sample_detection_separates_copies_from_fresh_samples():
+    gen = torch.Generator().manual_seed(2)
+    copies = POINT + 1e-3 * torch.randn(10, D, generator=gen, dtype=torch.float64)
+    fresh = math.sqrt(S2) * torch.randn(30, D, generator=gen, dtype=torch.float64)
+    fresh = fresh[(fresh - POINT).norm(dim=1) > 1.5]  # fresh samples away from the point
+    labels = torch.cat([torch.ones(10), torch.zeros(fresh.shape[0])]).long()
+    res = detect_samples(mixture_model(VE()), torch.cat([copies, fresh]), labels=labels,
+                         n_noise=4, level=0.2)
+    assert res.kind == "samples" and set(res.measures) == set(SAMPLE_MEASURES)
+    for m in SAMPLE_MEASURES:
+        assert res.roc[m]["auc"] == 1, (m, res.roc[m]["auc"])
+    assert all(e["jacobian"] > 0.9 for e in res.entries[:10])  # constant map at a copy
+    assert {e["index"] for e in res.ranking()[:10]} == set(range(10))
+
+
+def test_detect_bad_input():
+    model = conditional_model(VP())
+    with pytest.raises(ValueError, match="--measures: expected names among"):
+        detect(model, torch.arange(4), torch.tensor(4), measures=["wen", "magic"])
+    with pytest.raises(ValueError, match="--levels: expected positive"):
+        detect(model, torch.arange(4), torch.tensor(4), levels=[0.5, -1])
+    uncond = ModelScore(lambda x, t: -x, VE(), (D,))
+    with pytest.raises(ValueError, match="--model: expected a conditional model"):
+        detect(uncond, torch.arange(3), torch.tensor(4))
+    with pytest.raises(ValueError, match="--model: expected an unconditional model"):
+        detect_samples(model, torch.zeros(3, D))
+    with pytest.raises(ValueError, match="--samples: expected samples of the model's shape"):
+        detect_samples(uncond, torch.zeros(3, D + 1))
+    with pytest.raises(ValueError, match="--labels: expected 4 labels of 0 or 1"):
+        detect(model, torch.arange(4), torch.tensor(4), labels=torch.tensor([1, 2, 0, 0]))
+
+
+def _tiny_unets(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    kw = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+              layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+              up_block_types=("UpBlock2D",) * 2)
+    diffusers.UNet2DModel(**kw, num_class_embeds=4).save_pretrained(tmp_path / "cond")
+    diffusers.UNet2DModel(**kw).save_pretrained(tmp_path / "uncond")
+    diffusers.DDPMScheduler(num_train_timesteps=50,
+                            prediction_type="v_prediction").save_pretrained(tmp_path / "sched")
+
+
+def test_detect_command_conditions_and_samples(tmp_path):
+    _tiny_unets(tmp_path)
+    np.save(tmp_path / "conds.npy", np.arange(3))
+    np.save(tmp_path / "labels.npy", np.array([1, 0, 0]))
+    sched = ["--scheduler", str(tmp_path / "sched"), "--steps", "5", "--n-noise", "2",
+             "--no-progress"]
+    res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "cond"), *sched,
+                              "--conditions", str(tmp_path / "conds.npy"), "--null-cond", "3",
+                              "--labels", str(tmp_path / "labels.npy"), "--confirm", "1",
+                              "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    written = json.loads((tmp_path / "d" / "detect.json").read_text())
+    assert len(written["conditions"]) == 3 and written["primary"] in written["roc"]
+    assert sum(e.get("consistency") is not None for e in written["conditions"]) == 1
+    assert (tmp_path / "d" / "detect.csv").read_text().startswith("rank,index,condition,")
+    page = (tmp_path / "d" / "index.html").read_text()
+    assert "AUC" in page and "0.0000" not in page  # significant digits, not fixed decimals
+    np.save(tmp_path / "samples.npy", np.random.default_rng(0).uniform(-1, 1, (6, 1, 8, 8)))
+    res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "uncond"), *sched,
+                              "--samples", str(tmp_path / "samples.npy"),
+                              "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    written = json.loads((tmp_path / "s" / "detect.json").read_text())
+    assert len(written["samples"]) == 6 and written["primary"] == "flipd"
+    assert set(written["samples"][0]) >= set(SAMPLE_MEASURES)
+    res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "uncond"), *sched,
+                              "--n-samples", "3", "--out", str(tmp_path / "n")])
+    assert res.exit_code == 0 and len(json.loads(
+        (tmp_path / "n" / "detect.json").read_text())["samples"]) == 3
+
+
+def test_detect_command_refuses_bad_input_and_writes_nothing(tmp_path):
+    _tiny_unets(tmp_path)
+    np.save(tmp_path / "conds.npy", np.arange(3))
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 1, 6, 6)))
+    sched = ["--scheduler", str(tmp_path / "sched"), "--steps", "4", "--no-progress"]
+    cond = ["--model", str(tmp_path / "cond"), *sched, "--conditions",
+            str(tmp_path / "conds.npy")]
+    uncond = ["--model", str(tmp_path / "uncond"), *sched]
+    for args, message in [
+            (cond + ["--null-cond", "3", "--measures", "wen,nope"], "--measures: expected"),
+            (cond + ["--null-cond", "9"], "--null-cond: expected conditions"),
+            (cond, "--null-cond: expected the condition"),
+            (uncond + ["--conditions", str(tmp_path / "conds.npy"), "--null-cond", "3"],
+             "--conditions: expected a conditional model"),
+            (uncond + ["--samples", str(tmp_path / "wrong.npy")],
+             "--samples: expected samples of the model's shape"),
+            (uncond + ["--measures", "collapse"], "--measures: expected names among"),
+            (uncond + ["--levels", "a"], "--levels: expected positive numbers"),
+            (cond + ["--null-cond", "3", "--data-shape", "a,b"], "--data-shape")]:
+        out = tmp_path / "bad"
+        res = RUNNER.invoke(app, ["detect", *args, "--out", str(out)])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert not out.exists()
