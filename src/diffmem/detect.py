@@ -76,7 +76,7 @@ DEFAULT_MEASURES = ("wen", "gap", "collapse", "consistency")
 PRIMARY = "collapse"
 SAMPLE_PRIMARY = "flipd"
 #: Default noise-to-signal levels ``lambda = sigma / m`` of the scale-free measures.
-LEVELS = (0.5, 2.0)
+LEVELS = (0.25,)
 SAMPLE_LEVEL = 0.3
 #: Fraction of the conditions confirmed by full generations by default.
 CONFIRM = 0.1

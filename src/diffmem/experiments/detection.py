@@ -54,6 +54,10 @@ MODELS: dict[str, dict[str, Any]] = {
     "cosine-sample": {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample"},
 }
 SAMPLES_SEED = 8_000
+#: Noise-to-signal levels at which ``gap`` and ``collapse`` (per condition) and ``flipd`` and
+#: ``jacobian`` (per sample) are also measured one level at a time: the numbers that choose
+#: the defaults ``diffmem.detect.LEVELS`` and ``SAMPLE_LEVEL``.
+LEVEL_STUDY = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 def _conditional_data(p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -133,7 +137,11 @@ def compute(ctx: Context) -> dict[str, Any]:
         found = detect(model, table, torch.tensor(run["null"]), n_noise=p["n_noise"],
                        steps=p["sample_steps"], measures=MEASURES, confirm=n_cond,
                        seed=ctx.seed, progress=ctx.progress)
+        study = {lv: detect(model, table, torch.tensor(run["null"]), n_noise=p["n_noise"],
+                            steps=p["sample_steps"], levels=(lv,), measures=("gap", "collapse"),
+                            confirm=0, seed=ctx.seed) for lv in LEVEL_STUDY}
         out["models"][name] = {"samples": samples, "cond": cond, "detect": found,
+                               "study": study,
                                "steps": run["steps"], "train_s": run["train_s"]}
     utrain = _unconditional_data(p)
     run = train_run(ctx, "unconditional", utrain, 0.0, scheduler=MODELS["linear-eps"],
@@ -143,7 +151,11 @@ def compute(ctx: Context) -> dict[str, Any]:
     samples = _sample(run, z, p["sample_steps"], None)
     found = detect_samples(model, samples.clamp(-1, 1), n_noise=p["n_noise"], seed=ctx.seed,
                            progress=ctx.progress)
+    study = {lv: detect_samples(model, samples.clamp(-1, 1), n_noise=p["n_noise"], level=lv,
+                                measures=("flipd", "jacobian"), seed=ctx.seed)
+             for lv in LEVEL_STUDY}
     out["unconditional"] = {"train": utrain, "samples": samples, "detect": found,
+                            "study": study,
                             "steps": run["steps"], "train_s": run["train_s"]}
     return out
 
@@ -164,6 +176,19 @@ def _scores(entries: list[dict[str, Any]], name: str, truth: list[float],
     both = [i for i, e in enumerate(entries) if e.get(name) is not None]
     if len(both) > 2:
         res["spearman"] = spearman([entries[i][name] for i in both], [truth[i] for i in both])
+    return res
+
+
+def _level_scores(study: Mapping[float, Any], truth: list[float],
+                  clear: list[int | None]) -> dict[str, dict[str, Any]]:
+    """``_scores`` of each measure of a one-level-at-a-time study, keyed ``measure@level``
+    (ROC curves left out)."""
+    res = {}
+    for lv, found in study.items():
+        for m in found.measures:
+            s = _scores(found.entries, m, truth, clear)
+            s.pop("roc", None)
+            res[f"{m}@{lv:g}"] = s
     return res
 
 
@@ -189,7 +214,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
             "conditions": entries, "training_steps": res["steps"], "train_s": res["train_s"],
             "screen_s": found.settings["screen_seconds"], "detect_s": found.settings["seconds"],
             "primary": found.primary,
-            "measures": {m: _scores(entries, m, truth, clear) for m in found.measures}}
+            "measures": {m: _scores(entries, m, truth, clear) for m in found.measures},
+            "levels": _level_scores(res["study"], truth, clear)}
         for c in range(len(raw["repeats"])):
             arrays[f"{name}_samples_{c}"] = (res["samples"][res["cond"] == c][: p["show"]]
                                               + 1) / 2
@@ -204,7 +230,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
         "train_s": u["train_s"], "detect_s": found.settings["seconds"],
         "primary": found.primary,
         "measures": {m: _scores(entries, m, [float(c) for c in copies],
-                                list(copies)) for m in found.measures}}
+                                list(copies)) for m in found.measures},
+        "levels": _level_scores(u["study"], [float(c) for c in copies], list(copies))}
     order = torch.argsort(torch.tensor([-e[found.primary] for e in entries]))
     arrays["uncond_ranked"] = (u["samples"][order[: 2 * p["show"]]].clamp(-1, 1) + 1) / 2
     return Recorded(metrics, arrays)
