@@ -3,12 +3,19 @@ Tikhonov penalty (--penalty LAMBDA) and a memorization monitor that stops traini
 
     python examples/train_diffusers.py --data images.npy --out run --steps 4000 --monitor
     python examples/train_diffusers.py --data pngs/ --out run --penalty 0.01
+    python examples/train_diffusers.py --data images.npy --out run --steps 4000 --monitor \
+        --resume                    # after a kill: continue from run/checkpoints
+
+Training is checkpointed every --checkpoint-every steps (atomically, in OUT/checkpoints: the
+weights, the optimizer, the batch generator and the monitor's records); --resume continues
+from the latest one and ends with the same weights as an uninterrupted run.
 
 Images: a .npy array (n, C, H, W) or (n, H, W) in [0, 1], or a folder of PNG/JPEG files.
 Needs: pip install 'diffmem[diffusers]'.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffmem.images import load_images
 from diffmem.monitor import MemorizationMonitor
 from diffmem.regularize import diffusers_tikhonov_penalty
+from diffmem.training import Checkpoints, fingerprint, restore_rng
 
 
 def load(path: str) -> torch.Tensor:
@@ -44,6 +52,9 @@ def main() -> None:
     parser.add_argument("--monitor", action="store_true", help="stop when memorizing")
     parser.add_argument("--monitor-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest "
+                        "checkpoint in OUT/checkpoints")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -64,7 +75,20 @@ def main() -> None:
               f"sigma = {monitor.stop_sigma:.3g}")
 
     generator = torch.Generator().manual_seed(args.seed)
-    for step in range(1, args.steps + 1):
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "data")}
+    ckpt = Checkpoints(Path(args.out) / "checkpoints", fingerprint(config, images), keep=2)
+    start = 0
+    if args.resume and (state := ckpt.load_latest()) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(generator, state["rng"])
+        start = int(state["step"])
+        if monitor is not None:
+            monitor.restore(json.loads(state["monitor"]))
+        print(f"resumed at step {start}")
+    for step in range(start + 1, args.steps + 1):
+        if monitor is not None and monitor.should_stop:
+            break
         batch = images[torch.randint(0, n, (args.batch_size,), generator=generator)]
         noise = torch.randn(batch.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
@@ -85,9 +109,13 @@ def main() -> None:
             if record is not None:
                 print(f"step {step}: follows the memorizing denoiser down to sigma = "
                       f"{record['follows_down_to']}")
-            if monitor.should_stop:
-                print(f"memorizing: stopped at step {step}")
-                break
+        if step % args.checkpoint_every == 0 or (monitor is not None and monitor.should_stop):
+            ckpt.save(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "rng": generator.get_state(),
+                             "monitor": json.dumps(monitor.records if monitor else [])})
+        if monitor is not None and monitor.should_stop:
+            print(f"memorizing: stopped at step {step}")
+            break
 
     DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(args.out)
     print(f"saved to {args.out}; audit it with: diffmem audit --model {args.out} "

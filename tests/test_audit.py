@@ -197,11 +197,11 @@ def test_command_line_errors_name_the_argument_and_write_nothing(tmp_path):
         ([str(good), "--delta", "-1"], "--delta: expected a finite number > 0"),
         ([str(good), "--index", "annoy"], "index: expected one of"),
         ([str(good), "--features", str(tmp_path / "wrong_shape.pt")],
-         "features: expected a module that maps a batch of (train|samples) of shape"),
+         "--features: expected a module that maps a batch of (train|samples) of shape"),
         ([str(good), "--features", str(tmp_path / "not_a_module.pt")],
-         "features: expected a TorchScript module file"),
+         "--features: expected a TorchScript module file"),
         ([str(good), "--features", str(tmp_path / "missing.pt")],
-         "features: expected an existing TorchScript file"),
+         "--features: expected an existing TorchScript file"),
         ([str(good), "--resize", "4"], "--resize: expected H,W"),
     ]
     for args, message in cases:

@@ -304,3 +304,23 @@ def test_cli_user_errors_exit_2_with_a_message(tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert f"Error: {message}" in res.output, (args, res.output)
         assert "Traceback" not in res.output
+
+
+def test_reproduce_jobs_and_the_page_while_running(tmp_path):
+    from diffmem.report import write_report
+
+    res = CliRunner().invoke(app, ["reproduce", "--quick", "--jobs", "0", "--out",
+                                   str(tmp_path), "--only", "tikhonov-sweep"])
+    assert res.exit_code == 2 and "--jobs: expected an integer >= 1" in res.output
+    exp = REGISTRY["tikhonov-sweep"]
+    rec = run_experiment(exp, tmp_path, resolve_params(exp, quick=True), progress=False)
+    write_report(tmp_path, [rec], dict(REGISTRY), quick=True, seed=0, total_s=3.0,
+                 pending=["threshold-sweep", "trajectories"])
+    page = (tmp_path / "index.html").read_text()
+    assert "<progress value='1' max='3'>" in page and "http-equiv='refresh'" in page
+    assert "still running or waiting: threshold-sweep, trajectories" in page
+    assert json.loads((tmp_path / "summary.json").read_text())["pending"] == [
+        "threshold-sweep", "trajectories"]
+    write_report(tmp_path, [rec], dict(REGISTRY), quick=True, seed=0, total_s=3.0)
+    page = (tmp_path / "index.html").read_text()
+    assert "<progress" not in page and "refresh" not in page

@@ -132,10 +132,17 @@ def reproduce(
     device: str = DEVICE,
     only: str | None = typer.Option(  # noqa: B008
         None, "--only", help="Comma-separated subset of experiments (default: all)."),
+    jobs: int | None = typer.Option(  # noqa: B008
+        None, "--jobs", help="Experiments run at once, in worker processes sharing the "
+        "cores (default: one per core on the CPU, 1 on a GPU or under torchrun)."),
     progress: bool = PROGRESS,
     resume: bool = RESUME,
 ) -> None:
-    """Run every registered experiment; write OUT/index.html and OUT/summary.json."""
+    """Run every registered experiment; write OUT/index.html and OUT/summary.json, updated as
+    each experiment is done."""
+    from tqdm.auto import tqdm
+
+    from diffmem.experiments.base import available_cores, run_all
     from diffmem.report import claim_counts, counts_text, write_report
 
     try:
@@ -147,24 +154,46 @@ def reproduce(
                 typer.echo(f"[skipped] {exp.name}: needs {', '.join(exp.missing())} (pip "
                            "install 'diffmem[diffusers]')")
             exps = [e for e in exps if not e.missing()]
+        params = {e.name: resolve_params(e, quick=quick) for e in exps}
+        if jobs is None:
+            jobs = 1 if group is not None or device != "cpu" else available_cores()
+        elif jobs < 1:
+            raise fail("--jobs", "an integer >= 1", jobs)
         start = time.perf_counter()
-        records = []
-        for exp in exps:
-            params = resolve_params(exp, quick=quick)
-            rec = run_experiment(exp, out, params, seed=seed, device=device, progress=progress,
-                                 resume=resume, process_group=group)
-            if _leader(group):
-                _echo_record(rec)
+        records: list[Record] = []
+        leader = _leader(group)
+        bar = tqdm(total=len(exps), desc="reproduce", unit="experiment",
+                   disable=not (progress and leader))
+        for rec in run_all(exps, out, params, jobs=jobs, seed=seed, device=device,
+                           progress=progress and jobs == 1, resume=resume,
+                           process_group=group):
             records.append(rec)
+            bar.update()
+            if not leader:
+                continue
+            with tqdm.external_write_mode():
+                _echo_record(rec)
+            done = {r.name for r in records}
+            write_report(out, _in_order(records, exps), dict(REGISTRY), quick=quick,
+                         seed=seed, total_s=time.perf_counter() - start,
+                         pending=[e.name for e in exps if e.name not in done])
+        bar.close()
         total = time.perf_counter() - start
     except ValueError as err:  # ConfigError and the library's input errors
         _fail(str(err))
         return
     if not _leader(group):
         return
-    write_report(out, records, dict(REGISTRY), quick=quick, seed=seed, total_s=total)
+    write_report(out, _in_order(records, exps), dict(REGISTRY), quick=quick, seed=seed,
+                 total_s=total)
     typer.echo(f"Claims: {counts_text(claim_counts(records))} ({len(records)} experiments, "
                f"{total:.1f} s). Report: {out / 'index.html'}")
+
+
+def _in_order(records: list[Record], exps: list[Any]) -> list[Record]:
+    """``records`` in the order of ``exps`` (the registry's), whatever order they ended in."""
+    rank = {e.name: i for i, e in enumerate(exps)}
+    return sorted(records, key=lambda r: rank[r.name])
 
 
 def _parse_size(text: str | None) -> tuple[int, int] | None:

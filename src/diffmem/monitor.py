@@ -160,7 +160,9 @@ class MemorizationMonitor:
 
     def restore(self, records: list[dict[str, Any]]) -> None:
         """Continue from saved ``records`` (a resumed training run): the stop state is
-        replayed from them."""
+        replayed from them, and ``out/monitor.jsonl`` is rewritten to hold exactly them (a run
+        killed after an update but before its checkpoint would otherwise log that update
+        twice)."""
         self.records, self._below = [], 0
         self.should_stop, self.stopped_at = False, None
         for r in records:
@@ -170,6 +172,13 @@ class MemorizationMonitor:
             if self._below >= self.patience and not self.should_stop:
                 self.should_stop, self.stopped_at = True, int(r["step"])
             self.records.append(r)
+        if self.out is not None:  # the log holds what the checkpoint holds, no more
+            from diffmem.io import atomic_save_figure, atomic_write_bytes
+
+            atomic_write_bytes(self.out / "monitor.jsonl",
+                               "".join(json.dumps(r) + "\n" for r in self.records).encode())
+            if self.records:
+                atomic_save_figure(self.figure(), self.out / "monitor.png")
 
     def due(self, step: int) -> bool:
         """Whether :meth:`maybe_update` measures at ``step`` (every ``every`` steps)."""

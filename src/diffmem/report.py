@@ -29,6 +29,8 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;vertical-align:top}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 details{margin:.5em 0} code{font-size:.85em}
+.running{background:#eef3fb;border-left:5px solid #1565c0;padding:.5em .8em}
+progress{width:14em;vertical-align:middle}
 """
 
 
@@ -78,12 +80,14 @@ def counts_text(counts: dict[str, int]) -> str:
 
 
 def write_report(out_dir: Path, records: Sequence[Record], experiments: dict[str, Experiment],
-                 quick: bool, seed: int, total_s: float) -> None:
+                 quick: bool, seed: int, total_s: float, pending: Sequence[str] = ()) -> None:
     """Write ``out_dir/index.html`` (figures embedded, viewable offline) and
-    ``out_dir/summary.json``."""
+    ``out_dir/summary.json``. While experiments are ``pending`` (still running) the page
+    says so with a progress bar and reloads itself every 15 s."""
     counts = claim_counts(records)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffmem report</title>"
-             f"<style>{_STYLE}</style></head><body>",
+    reload = "<meta http-equiv='refresh' content='15'>" if pending else ""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'>{reload}"
+             f"<title>diffmem report</title><style>{_STYLE}</style></head><body>",
              "<h1>diffmem: memorization and regularization in diffusion models</h1>",
              f"<p>Reproduction of Baptista, Dasgupta, Kovachki, Oberai &amp; Stuart, "
              f"<i>Memorization and Regularization in Generative Diffusion Models</i> "
@@ -92,7 +96,14 @@ def write_report(out_dir: Path, records: Sequence[Record], experiments: dict[str
              f"{html.escape(json.dumps(versions()))}.</p>",
              f"<p>Claims: <b>{counts_text(counts)}</b> (confirmed: the paper's claim holds; "
              "not reproduced: a finding that differs from the paper, with its numbers; "
-             "inconclusive: settings too small to judge).</p><ul>"]
+             "inconclusive: settings too small to judge).</p>"]
+    if pending:
+        done, total = len(records), len(records) + len(pending)
+        parts.append(f"<p class='running'><progress value='{done}' max='{total}'></progress> "
+                     f"{done} of {total} experiments done ({total_s:.0f} s so far); still "
+                     f"running or waiting: {html.escape(', '.join(pending))}. This page "
+                     "reloads itself.</p>")
+    parts.append("<ul>")
     for r in records:
         for c in r.verdict.claims:
             mark = MARKS[c.status][0]
@@ -120,6 +131,7 @@ def write_report(out_dir: Path, records: Sequence[Record], experiments: dict[str
     atomic_write_bytes(Path(out_dir) / "index.html", "\n".join(parts).encode())
     atomic_write_json(Path(out_dir) / "summary.json", {
         "quick": quick, "seed": seed, "total_elapsed_s": round(total_s, 3),
+        "pending": list(pending),
         "versions": versions(), "claims": counts, "experiments": {
             r.name: {**r.verdict.as_json(), "elapsed_s": round(r.elapsed_s, 3),
                      "metrics": f"{r.name}/metrics.json", "config": f"{r.name}/config.json",

@@ -27,13 +27,13 @@ def load_features(path: str | Path, device: str | torch.device = "cpu") -> torch
     """A TorchScript module (``torch.jit.save``) mapping a batch of images to vectors."""
     p = Path(path)
     if not p.is_file():
-        raise fail("features", "an existing TorchScript file (torch.jit.save)", str(p))
+        raise fail("--features", "an existing TorchScript file (torch.jit.save)", str(p))
     try:
         with warnings.catch_warnings():  # TorchScript is how copy detectors are published
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(p), map_location=device)
     except (RuntimeError, ValueError, OSError) as err:
-        raise fail("features", "a TorchScript module file",
+        raise fail("--features", "a TorchScript module file",
                    f"{p} ({str(err).splitlines()[0][:200]})") from err
     return module.eval()
 
@@ -66,15 +66,15 @@ def embed(rows: Rows, module: Callable[[Tensor], Tensor], batch: int,
                 out = module(x.to(device=device, dtype=torch.float32))
             except Exception as err:  # the user's module: report what it raised
                 lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-                raise fail("features", f"a module that maps a batch of {rows.name} of shape "
+                raise fail("--features", f"a module that maps a batch of {rows.name} of shape "
                            f"{tuple(x.shape)} to vectors",
                            f"{type(err).__name__}: {(lines or [''])[-1][:200]}") from err
             if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-                raise fail("features", f"vectors of shape ({x.shape[0]}, f) for a batch of "
+                raise fail("--features", f"vectors of shape ({x.shape[0]}, f) for a batch of "
                            f"{x.shape[0]}", f"shape {tuple(out.shape)}" if isinstance(
                                out, Tensor) else type(out).__name__)
             if not bool(torch.isfinite(out).all()):
-                raise fail("features", "finite feature vectors",
+                raise fail("--features", "finite feature vectors",
                            f"non-finite values for rows {lo}..{lo + x.shape[0] - 1}")
             parts.append(out.detach().to("cpu", torch.float32))
     vectors = torch.cat(parts)
@@ -116,7 +116,7 @@ def feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
     else:
         feature_name = type(features).__name__
     if not callable(module):
-        raise fail("features", "a callable or a TorchScript file", type(module).__name__)
+        raise fail("--features", "a callable or a TorchScript file", type(module).__name__)
 
     def cached(role: str) -> Path | None:
         return None if feature_cache is None or not digest else \
@@ -127,7 +127,7 @@ def feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
     sample_vec = embed(rows, module, batch_size, dev, progress, cached("samples"),
                        f"{digest}:{_identity(sources[0])}")
     if train_vec.shape[1] != sample_vec.shape[1]:
-        raise fail("features", "vectors of one length", f"{train_vec.shape[1]} and "
+        raise fail("--features", "vectors of one length", f"{train_vec.shape[1]} and "
                    f"{sample_vec.shape[1]}")
     return (Rows(sample_vec, "samples"), Centres(train_vec, process_group=centres.group),
             feature_name)

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,9 @@ class Experiment:
     distributed: bool = False
     #: Optional packages the experiment needs (``diffmem reproduce`` skips it without them).
     requires: tuple[str, ...] = ()
+    #: Seconds of a ``--quick`` run on one core as last measured: parallel ``reproduce``
+    #: starts the longest first.
+    cost: float = 5.0
 
     def missing(self) -> list[str]:
         """The packages of :attr:`requires` that are not installed."""
@@ -337,7 +340,8 @@ def prepare_out(out_dir: Path) -> Path:
 class FolderLock:
     """``folder/.lock`` holding the writer's process id, taken with ``O_EXCL``: a second run
     into the same experiment folder is refused while the first is alive; a lock left by a
-    process that no longer exists is taken over."""
+    process that no longer exists is taken over, and the temporary files of a killed writer
+    are removed once the lock is held."""
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / ".lock"
@@ -361,6 +365,7 @@ class FolderLock:
                 continue
             with os.fdopen(fd, "w") as handle:
                 handle.write(str(os.getpid()))
+            remove_partial_files(self.path.parent)  # what a killed writer left
             return self
         raise ConfigError(f"--out: could not take the lock {self.path}")
 
@@ -492,3 +497,64 @@ def _follow(exp: Experiment, out_dir: Path, params: dict[str, Any], seed: int,
     return Record(name=exp.name, verdict=verdict, metrics=jsonable(recorded.metrics),
                   params=params, figures=[], elapsed_s=time.perf_counter() - start,
                   folder=ctx.out)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _worker_init(threads: int) -> None:
+    """A ``run_all`` worker: ``threads`` torch threads, and (on Linux) killed with its parent,
+    so that a killed ``reproduce`` leaves no process holding an experiment folder's lock."""
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _run_task(task: tuple[str, Path, dict[str, Any], int, str, bool]) -> Record:
+    """Run a registered experiment, named (its steps may be lambdas, which do not pickle)."""
+    from diffmem.experiments import get_experiment
+
+    name, out_dir, params, seed, device, resume = task
+    return run_experiment(get_experiment(name), out_dir, params, seed=seed, device=device,
+                          progress=False, resume=resume)
+
+
+def run_all(exps: Sequence[Experiment], out_dir: Path, params: Mapping[str, dict[str, Any]],
+            *, jobs: int = 1, seed: int = 0, device: str = "cpu", progress: bool = True,
+            resume: bool = False, process_group: Any = None) -> Iterator[Record]:
+    """Run ``exps`` (each with ``params[name]``) and yield each :class:`Record` as soon as its
+    run is done. With ``jobs > 1`` the experiments run in that many worker processes, longest
+    first (:attr:`Experiment.cost`), each with ``cores // jobs`` torch threads and without
+    its own progress bars; every experiment is seeded on its own, so the results do not
+    depend on the order. Workers look the experiments up by name in the registry. A failing
+    experiment stops the others (its error is raised)."""
+    if jobs < 1:
+        raise fail("--jobs", "an integer >= 1", jobs)
+    if jobs == 1 or len(exps) <= 1 or process_group is not None:
+        for exp in exps:
+            yield run_experiment(exp, out_dir, params[exp.name], seed=seed, device=device,
+                                 progress=progress, resume=resume, process_group=process_group)
+        return
+    import multiprocessing as mp
+
+    order = sorted(exps, key=lambda e: -e.cost)
+    jobs = min(jobs, len(order))
+    threads = max(1, available_cores() // jobs)
+    tasks = [(e.name, Path(out_dir), params[e.name], seed, device, resume) for e in order]
+    pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(threads,))
+    try:
+        yield from pool.imap_unordered(_run_task, tasks, chunksize=1)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()

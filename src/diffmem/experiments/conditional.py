@@ -216,6 +216,7 @@ def draw_digits(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 CONDITIONAL_2D = Experiment(
     name="conditional-2d",
+    cost=5,
     summary="Pairs (x, y = x_1 + 0.1 xi) on the paper's 20 points: conditional samples at "
             "training and new y for the near-exact empirical, kernel, Tikhonov and network "
             "scores.",
@@ -231,6 +232,7 @@ CONDITIONAL_2D = Experiment(
 
 INVERSE_DIGITS = Experiment(
     name="inverse-digits",
+    cost=6,
     summary="Inpainting scikit-learn's 8x8 digits from their noisy top half: held-out "
             "observations sampled with the conditional empirical score, Tikhonov, threshold "
             "and a conditional MLP; copy fraction, error to the truth, diversity.",

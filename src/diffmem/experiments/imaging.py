@@ -295,6 +295,7 @@ def draw_squares_unet(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any
 
 SQUARES_CLOSED_FORM = Experiment(
     name="squares-closed-form",
+    cost=1,
     summary="The paper's two 64x64 squares: empirical and Tikhonov (c = 0.05) denoisers "
             "sampled with the 40-step EDM sampler; exact-match fraction and pixel residuals.",
     claim=SQUARES_CLAIM,
@@ -307,6 +308,7 @@ SQUARES_CLOSED_FORM = Experiment(
 
 DIGITS = Experiment(
     name="digits",
+    cost=3,
     summary="scikit-learn's 8x8 digits (1500 for training): empirical, Tikhonov and MLP "
             "scores (VP); memorized fraction by nearest-neighbour ratio and tolerance; "
             "samples beside their nearest training digits.",
@@ -321,6 +323,7 @@ DIGITS = Experiment(
 
 SQUARES_UNET = Experiment(
     name="squares-unet",
+    cost=37,
     summary="EDM-preconditioned U-Nets of several first-block widths trained on the two "
             "squares (batch 2); every K steps 100 samples with the 40-step EDM sampler and "
             "their exact-match fraction (sampled with an EMA of the weights, half-life 69 "

@@ -319,6 +319,7 @@ def draw_width(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 NN_TIKHONOV = Experiment(
     name="nn-tikhonov",
+    cost=23,
     summary="MLP score (VP), one network per lambda in {0, 1e-4, 1e-3, 1e-2, 1e-1} trained "
             "together with penalty lambda E|s|^2 for 500k steps; fraction of 1000 samples "
             "within {1e-2, 5e-2, 1e-1, 5e-1} against lambda; score norms near a training point.",
@@ -333,6 +334,7 @@ NN_TIKHONOV = Experiment(
 
 NN_EARLY_STOPPING = Experiment(
     name="nn-early-stopping",
+    cost=19,
     summary="MLP score (VP, lambda = 0), both parameterizations (score and noise): fraction "
             "of samples memorized at checkpoints every 10k steps up to 100k.",
     claim=EARLY_CLAIM,
@@ -343,6 +345,7 @@ NN_EARLY_STOPPING = Experiment(
 
 NN_WIDTH = Experiment(
     name="nn-width",
+    cost=12,
     summary="MLP score (VP, lambda = 0) of widths 4 to 1024 at a fixed budget of steps: "
             "fraction memorized against width.",
     claim=WIDTH_CLAIM,

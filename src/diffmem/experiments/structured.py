@@ -106,6 +106,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="structured-points",
+    cost=1,
     summary="Two points (+-1,0) and four points (+-1,0),(0,+-1); 80 starts on the boundary of "
             "[-2.1, 2.1]^2 integrated to s = 100.",
     claim=CLAIM,

@@ -120,6 +120,7 @@ def draw_threshold(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 TIKHONOV = Experiment(
     name="tikhonov-sweep",
+    cost=1,
     summary="Closed-form Tikhonov score, VE, c in logspace(-1, -5, 9): 1000 samples integrated "
             "to t = 0; fraction within 1e-2 against c; samples over the Voronoi diagram.",
     claim=TIKHONOV_CLAIM,
@@ -135,6 +136,7 @@ TIKHONOV = Experiment(
 
 THRESHOLD = Experiment(
     name="threshold-sweep",
+    cost=1,
     summary="Empirical-Bayes threshold score, VE, tau in logspace(-2, 1, 7): 1000 samples to "
             "t_end = 1e-6; fraction against tau; trajectories and weights at tau = 0.1.",
     claim=THRESHOLD_CLAIM,

@@ -446,6 +446,7 @@ COMMON = {"schedule": "VE", "t_end": 1e-6, "rtol": 1e-5, "atol": 1e-5, "deltas":
 
 TRADEOFF_2D = Experiment(
     name="tradeoff-2d",
+    cost=19,
     summary="Every regularizer on one plane (2-D, known truths N(0, I) and 8 Gaussians on a "
             "circle): memorized fraction against energy distance to 10^5 fresh draws of the "
             "truth, for Tikhonov c, threshold tau, KDE h, smoothed lam, the empirical and "
@@ -469,6 +470,7 @@ TRADEOFF_2D = Experiment(
 
 TRADEOFF_DIGITS = Experiment(
     name="tradeoff-digits",
+    cost=8,
     summary="Every regularizer on one plane for scikit-learn's 8x8 digits with a held-out "
             "split: copies by the nn-ratio test against the Fréchet distance in a small "
             "classifier's features (a digits-only stand-in for FID) and the pixel MMD to the "

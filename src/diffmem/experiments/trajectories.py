@@ -108,6 +108,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="trajectories",
+    cost=1,
     summary="Empirical score, VE and VP: trajectories, weights, O(sigma) convergence, "
             "memorized fraction of 1000 samples.",
     claim=CLAIM,

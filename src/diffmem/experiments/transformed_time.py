@@ -90,6 +90,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="transformed-time",
+    cost=1,
     summary="Empirical score in transformed time s = -log sigma, VE and VP: distance against "
             "s with the O(e^-s) line.",
     claim=CLAIM,

@@ -183,6 +183,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 SIZE_TRANSITION = Experiment(
     name="size-transition",
+    cost=31,
     summary="The paper's score MLP (VP) trained on N points of N(0, I_8), two disjoint "
             "halves per N: copied fraction, two-model agreement and the denoiser gap against "
             "N, with the empirical, Gaussian and KDE closed forms; the effective model "
