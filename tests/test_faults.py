@@ -380,3 +380,13 @@ def test_truncated_or_corrupt_inputs_are_clear_errors(tmp_path):
         assert message in res.output and named in res.output, res.output
         assert "Traceback" not in res.output
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_full_disk_while_checkpointing_is_an_error_and_leaves_no_partial_checkpoint(tmp_path):
+    res = _run(TRAINING + ["--out", str(tmp_path)], limit=60_000)
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert "the disk is full" in res.stderr and "step_000000300.pt" in res.stderr
+    assert "Traceback" not in res.stderr
+    folder = tmp_path / "nn-tikhonov" / "checkpoints"
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert not (tmp_path / "nn-tikhonov" / "metrics.json").exists()

@@ -122,3 +122,26 @@ def test_parameterizations_convert_outputs_to_scores():
         assert math.isclose(float(p.loss(out, z, sigma, lam)), float(expected), rel_tol=1e-12)
     with pytest.raises(ValueError, match="parameterization: expected one of"):
         dnn.parameterization("eps")
+
+
+def test_resume_never_takes_a_network_trained_longer_or_differently(tmp_path):
+    """A shorter run resumed from a longer one's folder starts from a checkpoint at most its
+    own length and ends with the weights of an uninterrupted short run; another width,
+    learning rate, seed or data set is refused."""
+    def cfg(steps: int, **kw) -> dnn.TrainConfig:
+        return dnn.TrainConfig(**{"lambdas": [0.0], "parameterizations": ["score"],
+                                  "steps": steps, "ema_half_life": 1.0,
+                                  "mlp": {"width": 8}, **kw})
+    dnn.train_dsm(TWO, VP(), cfg(8), checkpoint_dir=tmp_path, checkpoints=[4],
+                  progress=False)
+    short = dnn.train_dsm(TWO, VP(), cfg(6), checkpoint_dir=tmp_path, resume=True,
+                          progress=False)
+    fresh = dnn.train_dsm(TWO, VP(), cfg(6), progress=False)
+    for a, b in zip(short.model.state_dict().values(), fresh.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    for other, data in [(cfg(8, mlp={"width": 16}), TWO), (cfg(8, lr=1e-2), TWO),
+                        (cfg(8, seed=1), TWO), (cfg(8), TWO + 1)]:
+        with pytest.raises(ValueError, match="checkpoint: expected a checkpoint of this"):
+            dnn.train_dsm(data, VP(), other, checkpoint_dir=tmp_path, resume=True,
+                          progress=False)

@@ -463,7 +463,7 @@ def train_dsm(
     history: list[tuple[int, list[float]]] = []
     evaluations: dict[int, Any] = {}
     start = 0
-    if resume and checkpoint_dir is not None and (state := store.load_latest(dev)):
+    if resume and checkpoint_dir is not None and (state := store.load_latest(dev, config.steps)):
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])

@@ -112,10 +112,15 @@ class Checkpoints:
         files = self.all()
         return files[-1] if files else None
 
-    def load_latest(self, device: torch.device | str = "cpu") -> dict[str, Any] | None:
-        """The latest checkpoint's state, or ``None`` (with a warning) when there is none.
-        Raises ``ValueError`` for an unreadable file or another configuration's checkpoint."""
-        path = self.latest()
+    def load_latest(self, device: torch.device | str = "cpu",
+                    max_step: int | None = None) -> dict[str, Any] | None:
+        """The latest checkpoint's state (of a step at most ``max_step``: a run resumed with
+        fewer steps than an earlier one must not take a network trained longer), or ``None``
+        (with a warning) when there is none. Raises ``ValueError`` for an unreadable file or
+        another configuration's checkpoint."""
+        files = [f for f in self.all() if max_step is None or
+                 int(f.stem.split("_")[-1]) <= max_step]
+        path = files[-1] if files else None
         if path is None:
             warnings.warn(f"--resume: no checkpoint in {self.folder}; training from step 0",
                           stacklevel=4)

@@ -185,7 +185,7 @@ def train_edm(
     store = Checkpoints(checkpoint_dir, fingerprint(config, data), keep=keep_checkpoints)
     result = EDMTraining(losses=[], ema_init_weight=0.0 if ema is None else ema.init_share)
     start = 1
-    if resume and checkpoint_dir is not None and (state := store.load_latest(dev)):
+    if resume and checkpoint_dir is not None and (state := store.load_latest(dev, steps)):
         den.load_state_dict(state["model"])
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
