@@ -609,7 +609,7 @@ def _echo_audit(result: Any, gap: dict[str, Any] | None, folder: Path) -> None:
 def main() -> None:
     """The ``diffmem`` command: a full disk ends it with the message of
     :class:`diffmem.io.DiskFullError` (the file, what to do) and exit status 1, not a
-    traceback."""
+    traceback; under ``torchrun`` the process group is destroyed before the process exits."""
     from diffmem.io import DiskFullError
 
     try:
@@ -617,6 +617,11 @@ def main() -> None:
     except DiskFullError as err:
         typer.secho(f"Error: {err.strerror}", err=True, fg=typer.colors.RED)
         raise SystemExit(1) from None
+    finally:  # a torchrun process leaves its group before exiting (gloo's threads joined)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ from diffmem.experiments import (
     conditional,
     detection,
     imaging,
+    memorization_time,
     networks,
     regularize,
     structured,
@@ -38,6 +39,7 @@ REGISTRY: dict[str, Experiment] = {
         regularize.REGULARIZE_DIGITS,
         detection.DETECT_DIGITS,
         transition.SIZE_TRANSITION,
+        memorization_time.EXPERIMENT,
     ]
 }
 
