@@ -107,9 +107,11 @@ class Checkpoints:
             return []
         return sorted(self.folder.glob("step_*.pt"))
 
-    def latest(self) -> Path | None:
-        """The checkpoint with the largest step (``None`` if there is none)."""
-        files = self.all()
+    def latest(self, max_step: int | None = None) -> Path | None:
+        """The checkpoint with the largest step, at most ``max_step`` when given (``None`` if
+        there is none)."""
+        files = [f for f in self.all()
+                 if max_step is None or int(f.stem.removeprefix("step_")) <= max_step]
         return files[-1] if files else None
 
     def load_latest(self, device: torch.device | str = "cpu",
@@ -118,9 +120,7 @@ class Checkpoints:
         fewer steps than an earlier one must not take a network trained longer), or ``None``
         (with a warning) when there is none. Raises ``ValueError`` for an unreadable file or
         another configuration's checkpoint."""
-        files = [f for f in self.all() if max_step is None or
-                 int(f.stem.split("_")[-1]) <= max_step]
-        path = files[-1] if files else None
+        path = self.latest(max_step)
         if path is None:
             warnings.warn(f"--resume: no checkpoint in {self.folder}; training from step 0",
                           stacklevel=4)

@@ -145,8 +145,7 @@ def compute(ctx: Context) -> dict[str, Any]:
                 record = monitor.update(step, score)
                 return {"copied": nn_ratio(s, x, bootstrap=1).fraction,
                         "population": energy_distance(s, fresh, y_within=fresh_within),
-                        "follows_down_to": record["follows_down_to"],
-                        "stop_sigma": monitor.stop_sigma}
+                        "follows_down_to": record["follows_down_to"]}
 
             run_ctx = dataclasses.replace(ctx, seed=ctx.seed + seed)
             trained = train_networks(run_ctx, x, lambdas=[0.0], parameterizations=["score"],
@@ -155,18 +154,12 @@ def compute(ctx: Context) -> dict[str, Any]:
                                      batch_size=p["batch_size"], marks=marks(p, n),
                                      tag=f"checkpoints_s{seed}_N{n}", callback=evaluate,
                                      quiet_ema=True)
-            runs[f"{seed}/{n}"] = {"seed": seed, "n": n, "evaluations": trained.evaluations}
+            # the stop step by the monitor's own rule, replayed from every evaluation (a
+            # resumed run did not call ``evaluate`` for the steps before its checkpoint)
+            monitor.restore([{"step": s, **e} for s, e in sorted(trained.evaluations.items())])
+            runs[f"{seed}/{n}"] = {"seed": seed, "n": n, "evaluations": trained.evaluations,
+                                   "monitor_stop": monitor.stopped_at}
     return {"runs": runs}
-
-
-def _monitor_stop(steps: Sequence[int], evals: Sequence[Mapping[str, Any]]) -> int | None:
-    """The monitor's stop step (patience 1): the first evaluation at which the network follows
-    the memorizing denoiser below the stop level."""
-    for s, e in zip(steps, evals, strict=True):
-        level = e["follows_down_to"]
-        if level is not None and level <= e["stop_sigma"]:
-            return int(s)
-    return None
 
 
 def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
@@ -182,7 +175,7 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
                      "follows_down_to": [e["follows_down_to"] for e in evals],
                      "tau_gen": first_general(steps, population, p["gen_fraction"]),
                      "tau_mem": first_memorized(steps, copied),
-                     "monitor_stop": _monitor_stop(steps, evals)})
+                     "monitor_stop": run["monitor_stop"]})
     sizes = sorted({r["n"] for r in rows})
     per_n: dict[str, Any] = {}
     for n in sizes:
