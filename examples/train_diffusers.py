@@ -40,19 +40,27 @@ def load(path: str) -> torch.Tensor:
     return images * 2 - 1
 
 
+def count(text: str) -> int:
+    """A command-line count: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=count, default=4000)
+    parser.add_argument("--batch-size", type=count, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--width", type=int, default=32, help="channels of the first block")
+    parser.add_argument("--width", type=count, default=32, help="channels of the first block")
     parser.add_argument("--penalty", type=float, default=0.0, help="Tikhonov lambda")
     parser.add_argument("--monitor", action="store_true", help="stop when memorizing")
-    parser.add_argument("--monitor-every", type=int, default=250)
+    parser.add_argument("--monitor-every", type=count, default=250)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--checkpoint-every", type=count, default=250)
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
                         "checkpoint in OUT/checkpoints")
     args = parser.parse_args()

@@ -89,3 +89,20 @@ def test_tiny_run_records_times_and_resumes(tmp_path):
     assert json.loads((tmp_path / "memorization-time" / "metrics.json").read_text())[
         "runs"] == m["runs"]
     assert again.elapsed_s < rec.elapsed_s
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sizes=1,4", "sizes: expected training-set sizes >= 2"),
+    ("gen_fraction=nan", "gen_fraction: expected a number in (0, 1), received nan"),
+    ("gen_fraction=1.5", "gen_fraction: expected a number in (0, 1), received 1.5"),
+    ("first_step=5000", "first_step: expected a step before the end of the shortest run"),
+])
+def test_bad_parameters_are_refused_before_training(tmp_path, override, message):
+    from typer.testing import CliRunner
+
+    from diffmem.cli import app
+
+    res = CliRunner().invoke(app, ["run", "memorization-time", "--quick", "--set", override,
+                                   "--out", str(tmp_path), "--no-progress"])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "memorization-time").exists()

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from diffmem import data, plots
+from diffmem._checks import fail
 from diffmem.experiments.base import Context, Experiment, Recorded, Verdict
 from diffmem.experiments.common import train_networks
 from diffmem.experiments.transition import crossing
@@ -124,8 +125,24 @@ def bootstrap_slope(points: Mapping[int, Sequence[float]], resamples: int, seed:
     return float(lo), float(hi)
 
 
+def check_params(p: Mapping[str, Any]) -> None:
+    """Refuse, before any training, what the records could not be read from: sizes below 2
+    (a copy is judged by ``d1 / d2``), a ``gen_fraction`` outside ``(0, 1)``, a first
+    evaluation at or after the end of the shortest run."""
+    if min(p["sizes"]) < 2:
+        raise fail("sizes", "training-set sizes >= 2 (copies are judged by d1/d2)",
+                   p["sizes"])
+    if not 0 < p["gen_fraction"] < 1:  # NaN fails too
+        raise fail("gen_fraction", "a number in (0, 1)", p["gen_fraction"])
+    shortest = min(run_steps(p, n) for n in p["sizes"])
+    if p["first_step"] >= shortest:
+        raise fail("first_step", f"a step before the end of the shortest run ({shortest})",
+                   p["first_step"])
+
+
 def compute(ctx: Context) -> dict[str, Any]:
     p = ctx.params
+    check_params(p)
     sch = get_schedule(p["schedule"])
     truth = data.GaussianTruth(p["dim"])
     noise = ctx.noise(p["n_samples"], (p["dim"],), float(sch.sigma(sch.T)), offset=SAMPLES_SEED)
