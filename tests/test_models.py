@@ -71,8 +71,13 @@ def test_network_outputs_become_the_score_of_the_noise():
     for kind, out in outputs.items():
         assert torch.allclose(network_output_to_score(out, x, m, sigma, kind), expected,
                               rtol=1e-12), kind
+    # flow matching: the linear path m = 1 - sigma, the velocity u = eps - x_0
+    s_lin = 1 - m
+    x_lin = m[:, None] * x0 + s_lin[:, None] * eps
+    assert torch.allclose(network_output_to_score(eps - x0, x_lin, m, s_lin, "flow"),
+                          -eps / s_lin[:, None], rtol=1e-12)
     with pytest.raises(ValueError, match="prediction_type: expected one of"):
-        network_output_to_score(eps, x, m, sigma, "flow")
+        network_output_to_score(eps, x, m, sigma, "mean")
 
 
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2"])

@@ -84,8 +84,10 @@ def test_size_transition_tiny_run_and_verdicts(tmp_path):
     judge = get_experiment("size-transition").judge
     metrics = lambda mem, agr: {"memorized": mem, "agreement": agr, "sizes": [2, 64],  # noqa: E731
                                 "emm": {"0.9": None, "0.5": 10.0}}
-    assert judge(metrics([0.9, 0.1], [0.0, 0.8]), {}).status == "confirmed"
-    assert judge(metrics([0.9, 0.1], [0.0, 0.1]), {}).status == "not_reproduced"
+    # at the largest N: copies below 0.1 and the halves agree at least 0.5
+    assert judge(metrics([0.9, 0.05], [0.0, 0.8]), {}).status == "confirmed"
+    assert judge(metrics([0.9, 0.05], [0.0, 0.45]), {}).status == "not_reproduced"
+    assert judge(metrics([0.9, 0.12], [0.0, 0.8]), {}).status == "not_reproduced"
     assert judge(metrics([0.3, 0.1], [0.0, 0.8]), {}).status == "inconclusive"
 
 

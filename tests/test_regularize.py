@@ -10,7 +10,7 @@ from diffmem.regularize import (
     diffusers_tikhonov_penalty,
     tikhonov_penalty,
 )
-from diffmem.schedules import EDM, VP
+from diffmem.schedules import EDM, VP, RectifiedFlow
 from diffmem.scores import EmpiricalScore, TikhonovScore
 
 GEN = torch.Generator().manual_seed(0)
@@ -24,6 +24,8 @@ def _targets(kind, x, y, m, sigma):
         return eps
     if kind == "v_prediction":
         return m * eps - sigma * y[None]
+    if kind == "flow":
+        return eps - y[None]
     return y[None].expand_as(eps)  # sample, edm
 
 
@@ -45,11 +47,11 @@ def _minimize(kind, x, weights, targets, m, sigma, lam):
     return (-g / hess_diag).detach()
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "edm"])
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "flow", "edm"])
 @pytest.mark.parametrize("lam", [0.05, torch.tensor([0.01, 0.1, 1.0], dtype=torch.float64)],
                          ids=["isotropic", "diagonal"])
 def test_minimizer_of_loss_plus_penalty_is_the_tikhonov_score(kind, lam):
-    sch = EDM() if kind == "edm" else VP()
+    sch = EDM() if kind == "edm" else RectifiedFlow() if kind == "flow" else VP()
     t = 0.3 if kind == "edm" else 0.4
     x = 1.5 * torch.randn(8, 3, generator=GEN, dtype=torch.float64)
     m, sigma = float(sch.m(t)), float(sch.sigma(t))
@@ -95,6 +97,24 @@ def test_diffusers_helper_reads_the_scheduler():
     assert torch.allclose(got, want)
     with pytest.raises(ValueError, match=r"timesteps: expected integer timesteps in \[0, 100\)"):
         diffusers_m_sigma(torch.tensor([100]), sched)
+
+
+def test_diffusers_helper_reads_a_flow_matching_scheduler():
+    """FlowMatchEulerDiscreteScheduler: timesteps are K sigma, the path m = 1 - sigma, the
+    network predicts the velocity; at sigma = 1 (x = z) there is nothing to penalize."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=3.0)
+    k = sched.timesteps[[0, 40, 99]]
+    m, sigma = diffusers_m_sigma(k, sched)
+    assert torch.allclose(sigma, sched.sigmas[[0, 40, 99]].double())
+    assert torch.allclose(m + sigma, torch.ones(3, dtype=torch.float64))
+    x, u = torch.randn(3, 1, 4, 4, generator=GEN), torch.randn(3, 1, 4, 4, generator=GEN)
+    got = diffusers_tikhonov_penalty(u, x, k, sched, lam=0.01)
+    want = tikhonov_penalty(u, x, m=m.float(), sigma=sigma.float(), prediction_type="flow",
+                            lam=0.01, reduction="mean")
+    assert torch.allclose(got, want) and got[0] == 0 and bool((got[1:] > 0).all())
+    with pytest.raises(ValueError, match=r"timesteps: expected timesteps K sigma in \(0, 100\]"):
+        diffusers_m_sigma(torch.tensor([0.0]), sched)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from diffmem.schedules import EDM, VE, VP, get_schedule
+from diffmem.schedules import EDM, VE, VP, RectifiedFlow, Schedule, get_schedule
 
-SCHEDULES = [VE(), VP(), EDM()]
+SCHEDULES = [VE(), VP(), EDM(), RectifiedFlow()]
 
 
 def test_ve_formulas_match_paper():
@@ -102,3 +102,22 @@ def test_cached_start_of_transformed_time_follows_the_parameters():
     sch.a = 5.0
     assert sch.s_T == pytest.approx(float(VE(5.0).s(1.0)), rel=1e-15)
     assert repr(sch) == "VE(a=5.0)"
+
+
+@pytest.mark.parametrize("sch", SCHEDULES, ids=lambda s: s.name)
+def test_t_of_ratio_inverts_sigma_over_m(sch):
+    t = torch.logspace(-6, 0, 25, dtype=torch.float64) * sch.T
+    r = sch.sigma(t) / sch.m(t)
+    assert torch.allclose(sch.t_of_ratio(r), t, rtol=1e-9)
+    generic = Schedule.t_of_ratio(sch, r)  # the bisection every schedule inherits
+    assert torch.allclose(generic, t, rtol=1e-9, atol=1e-15)
+
+
+def test_rectified_flow_is_the_linear_path():
+    sch = RectifiedFlow()
+    t = torch.tensor([0.0, 0.25, 0.5, 0.9], dtype=torch.float64)
+    assert torch.equal(sch.m(t), 1 - t) and torch.equal(sch.sigma(t), t)
+    with pytest.raises(ValueError, match=r"t_max: expected a time in \(0, 1\)"):
+        RectifiedFlow(1.0)
+    with pytest.raises(ValueError, match="t: expected times in"):
+        sch.m(0.9995)

@@ -35,8 +35,8 @@ DEVICE = typer.Option("cpu", "--device", help="Torch device: cpu or cuda.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 SCHEDULER = typer.Option(None, "--scheduler",
                          help="Scheduler config of a bare UNet folder (or its folder).")
-SCHEDULE = typer.Option("VP", "--schedule", help="VE, VP or EDM: the schedule of a callable "
-                        "model.")
+SCHEDULE = typer.Option("VP", "--schedule", help="VE, VP, EDM or RF (flow matching's linear "
+                        "path): the schedule of a callable model.")
 MODEL_KIND = typer.Option("score", "--model-kind", help="score or denoiser: what a callable "
                           "model returns.")
 MODEL_INDEX = typer.Option(0, "--model-index", help="Model of a checkpoint's stack.")

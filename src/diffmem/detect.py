@@ -136,13 +136,20 @@ def _value(v: float | None) -> float:
 
 def sampler_times(model: Any, steps: int) -> Tensor:
     """The deterministic sampler's times, from the top down: a diffusers model's DDIM
-    timesteps (``t = (k + 1) / K``), else log-spaced in ``sigma`` over three decades."""
+    timesteps (``t = (k + 1) / K``) or, for a flow-matching model, its own scheduler's
+    (``t = sigma = timestep / K``, at most ``T``), else log-spaced in ``sigma`` over three
+    decades."""
     sch = model.schedule
     network = getattr(model, "network", None)
     if network is not None:
+        from diffmem.models import is_flow_scheduler
         from diffmem.pipeline import make_scheduler
 
-        timesteps = make_scheduler(network["scheduler_config"], "DDIMScheduler", steps).timesteps
+        config = network["scheduler_config"]
+        if is_flow_scheduler(config):
+            timesteps = make_scheduler(config, None, steps, tokens=network.get("tokens"))
+            return (timesteps.timesteps.to(torch.float64) / sch.K).clamp(max=sch.T)
+        timesteps = make_scheduler(config, "DDIMScheduler", steps).timesteps
         return (timesteps.to(torch.float64) + 1) / sch.K
     top = float(sch.sigma(sch.T))
     sigmas = torch.logspace(math.log10(top), math.log10(top * 1e-3), steps,
@@ -151,20 +158,9 @@ def sampler_times(model: Any, steps: int) -> Tensor:
 
 
 def time_at_level(schedule: Schedule, level: float) -> float:
-    """The time ``t`` at which ``sigma(t) / m(t) = level`` (bisection; ``sigma / m`` grows
-    with ``t``), clipped to the schedule's ``[0, T]``."""
-    lo, hi = 0.0, float(schedule.T)
-
-    def ratio(t: float) -> float:
-        tt = torch.tensor(t, dtype=torch.float64)
-        return float(schedule.sigma(tt) / schedule.m(tt))
-
-    if ratio(hi) <= level:
-        return hi
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if ratio(mid) < level else (lo, mid)
-    return hi
+    """The time ``t`` at which ``sigma(t) / m(t) = level``
+    (:meth:`~diffmem.schedules.Schedule.t_of_ratio`), clipped to the schedule's ``[0, T]``."""
+    return float(schedule.t_of_ratio(float(level)).clamp(max=schedule.T))
 
 
 def roc(scores: Tensor, labels: Tensor) -> dict[str, Any]:

@@ -18,6 +18,11 @@ score by its ``prediction_type``:
 * ``v_prediction``: ``v = m eps - sigma x_0``, so ``eps = m v + sigma x`` and
   ``s = -(m v + sigma x) / sigma``;
 * ``sample``: ``x_0 = net``, ``s = (m x_0 - x) / sigma^2``.
+
+A flow-matching scheduler (``FlowMatchEulerDiscreteScheduler`` and its kin, as SD3 and FLUX
+use) is the linear path ``x = (1 - sigma) x_0 + sigma z`` instead (:class:`DiscreteFlow`,
+``t = sigma``): the network receives ``timestep = K sigma`` and predicts the velocity
+``u = z - x_0``, so ``s = -((1 - sigma) u + x) / sigma`` (prediction type ``flow``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from diffmem.io import atomic_write_json
 from diffmem.samplers import sample_ode
 from diffmem.schedules import (
     EDM,
+    RectifiedFlow,
     Schedule,
     TimeLike,
     expand_as_batch,
@@ -49,7 +55,7 @@ from diffmem.schedules import (
     time_tensor,
 )
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -135,9 +141,73 @@ class DiscreteVP(Schedule):
         t = self._grid.to(sigma2.device)[k] + (target - log[k]) / slope
         return t.to(sigma2.dtype)
 
+    def t_of_ratio(self, r: TimeLike) -> Tensor:
+        """``sigma^2 = 1 - m^2``: ``sigma^2 = r^2 / (1 + r^2)``."""
+        r2 = time_tensor(r, "r") ** 2
+        return self._t_of_sigma2(r2 / (1 + r2))
+
     def timestep(self, t: Tensor) -> Tensor:
         """The network's (fractional) timestep at ``t``: ``K t - 1``."""
         return self.K * t - 1
+
+
+class DiscreteFlow(RectifiedFlow):
+    """diffusers' flow-matching schedulers (``FlowMatchEulerDiscreteScheduler``,
+    ``FlowMatchHeunDiscreteScheduler``, ...) as a diffmem schedule: the linear path
+    ``x = (1 - sigma) x_0 + sigma z`` (:class:`~diffmem.schedules.RectifiedFlow`, ``t =
+    sigma``), on which the network receives ``timestep = K sigma`` (``K =
+    num_train_timesteps``), whatever the scheduler's ``shift``, dynamic shifting or sigma
+    spacing (those choose which ``sigma`` are visited, not what the network is given). ``T =
+    1 - 1/K``: at ``sigma = 1`` the drift is infinite."""
+
+    def __init__(self, K: int) -> None:
+        self.K = positive_int("num_train_timesteps", K)
+        if self.K < 2:
+            raise fail("num_train_timesteps", "at least 2", K)
+        super().__init__(1 - 1 / self.K)
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The network's timestep at ``t``: ``K t`` (``K sigma``)."""
+        return self.K * t
+
+
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A diffusers scheduler's config as a plain dict, with ``_class_name`` (the instance's
+    class when ``scheduler`` is a scheduler rather than a config)."""
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        return dict(scheduler)
+    return {"_class_name": type(scheduler).__name__, **dict(config)}
+
+
+def is_flow_scheduler(config: dict[str, Any]) -> bool:
+    """Whether a diffusers scheduler config is a flow-matching one (``_class_name``
+    ``FlowMatch*``)."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def scheduler_schedule(config: dict[str, Any]) -> DiscreteVP | DiscreteFlow:
+    """The diffmem schedule of a diffusers scheduler config: :class:`DiscreteFlow` for the
+    flow-matching schedulers, :class:`DiscreteVP` (its betas) for the others."""
+    if is_flow_scheduler(config):
+        try:
+            return DiscreteFlow(int(config.get("num_train_timesteps", 1000)))
+        except (TypeError, ValueError) as err:
+            raise fail("scheduler", "a positive num_train_timesteps",
+                       config.get("num_train_timesteps")) from err
+    return DiscreteVP(discrete_alphas_cumprod(config))
+
+
+def prediction_of(config: dict[str, Any]) -> str:
+    """What the network predicts under a diffusers scheduler config: ``'flow'`` (the
+    velocity ``z - x_0``) for the flow-matching schedulers, else the config's
+    ``prediction_type`` (default ``'epsilon'``), checked."""
+    if is_flow_scheduler(config):
+        return "flow"
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES[:3]:
+        raise fail("prediction_type", f"one of {PREDICTION_TYPES[:3]}", repr(prediction))
+    return str(prediction)
 
 
 def _load_options() -> dict[str, Any]:
@@ -268,10 +338,13 @@ def network_output_to_score(out: Tensor, x: Tensor, m: Tensor, sigma: Tensor,
                             prediction_type: str) -> Tensor:
     """A diffusers network's output as a score (``m``, ``sigma`` per sample): ``epsilon``
     ``s = -out / sigma``; ``v_prediction`` ``s = -(m out + sigma x) / sigma``; ``sample``
-    ``s = (m out - x) / sigma^2``."""
+    ``s = (m out - x) / sigma^2``; ``flow`` (the velocity ``u = z - x_0`` on the linear path
+    ``m = 1 - sigma``, so ``z = m u + x``) ``s = -(m out + x) / sigma``."""
     m, sigma = expand_as_batch(m.to(x), x), expand_as_batch(sigma.to(x), x)
     if prediction_type == "epsilon":
         return -out / sigma
+    if prediction_type == "flow":
+        return -(m * out + x) / sigma
     if prediction_type == "v_prediction":
         return -(m * out + sigma * x) / sigma
     if prediction_type == "sample":
@@ -344,11 +417,9 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
     scheduler (an instance or its config) as a score on the scheduler's :class:`DiscreteVP`
     schedule, as :func:`load_diffusers` gives it (for a model being trained; its weights
     are read at each call, in eval mode and without gradients)."""
-    config = dict(getattr(scheduler, "config", scheduler))
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction))
-    schedule = DiscreteVP(discrete_alphas_cumprod(config))
+    config = scheduler_config(scheduler)
+    prediction = prediction_of(config)
+    schedule = scheduler_schedule(config)
     class_name = type(unet).__name__
     if class_name not in UNET_CLASSES:
         raise fail("unet", f"a UNet of a class diffmem loads, {tuple(UNET_CLASSES)}",
@@ -379,10 +450,12 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
         return network_output_to_score(out.to(x.dtype), x, schedule.m(t64),
                                        schedule.sigma(t64), prediction)
 
+    patch = int(getattr(unet.config, "patch_size", None) or 1)
     return ModelScore(score, schedule, data_shape, "score", name=name,
                       conditional=conditional,
                       network={"net": net, "unet": unet, "scheduler_config": config,
-                               "scheduler_path": scheduler_path, "takes": takes})
+                               "scheduler_path": scheduler_path, "takes": takes,
+                               "tokens": (size[0] // patch) * (size[1] // patch)})
 
 
 def load_checkpoint_model(path: str | Path, index: int = 0,
@@ -431,7 +504,7 @@ def load_callable(spec: str, schedule: str, kind: str, data_shape: tuple[int, ..
     """``package.module:function`` or ``path/to/file.py:function``: a function ``fn(x, t)``
     (``fn(x, t, y)`` when ``conditional``, ``y`` the batch's conditions) returning the score
     (``kind='score'``) or the denoiser ``D(x, t)`` (``'denoiser'``; on the EDM schedule
-    ``t`` is the noise level ``sigma``) on ``schedule`` (VE, VP or EDM)."""
+    ``t`` is the noise level ``sigma``) on ``schedule`` (VE, VP, EDM or RF)."""
     if ":" not in spec:
         raise fail("--model", "package.module:function or path/to/file.py:function", spec)
     where, name = spec.rsplit(":", 1)
@@ -516,7 +589,7 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
             raise fail("--sampler", "'ode' or 'edm' for a model that is not a diffusers one "
                        "('pipeline' runs a diffusers scheduler)", repr(sampler))
         scheduler = make_scheduler(model.network["scheduler_config"], scheduler_class, steps,
-                                   eta)
+                                   eta, tokens=model.network.get("tokens"))
     elif scheduler_class is not None or eta is not None:
         raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
                    "--sampler pipeline", f"--sampler {sampler}")
@@ -548,7 +621,8 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
         noise = _new_map(noise_out, (n, *model.data_shape))
     else:
         arr, noise = np.load(out, mmap_mode="r+"), np.load(noise_out, mmap_mode="r+")
-    end = (1 / sch.K if isinstance(sch, DiscreteVP) else 1e-3 * sch.T) if t_end is None else t_end
+    end = (1 / sch.K if isinstance(sch, DiscreteVP | DiscreteFlow) else 1e-3 * sch.T) \
+        if t_end is None else t_end
     bar = tqdm(total=n, initial=done, disable=not progress, desc=f"sampling {model.name}")
     for lo in range(done, n, batch):
         hi = min(n, lo + batch)
@@ -563,7 +637,7 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
             assert scheduler is not None and model.network is not None
             x = pipeline_sample(model.network["net"], z.to(device), scheduler, steps,
                                 cond=y, guidance=model.guidance, null=model.null, eta=eta,
-                                generator=gen)
+                                generator=gen, tokens=model.network.get("tokens"))
         arr[lo:hi] = x.detach().cpu().numpy()
         noise[lo:hi] = z.numpy()
         arr.flush()
@@ -621,17 +695,12 @@ def _edm_in_ve(model: ModelScore, z: Tensor, steps: int, t_end: float,
                y: Tensor | None = None) -> Tensor:
     """EDM's Heun sampler for any schedule, in the variance-exploding coordinates
     ``y = x / m`` with noise level ``sigma_ve = sigma / m``: ``D_ve(y, sigma_ve) =
-    D(m y, t) / m`` at the ``t`` with ``sigma(t) / m(t) = sigma_ve`` (for VP schedules,
-    ``sigma^2 = 1 - m^2``: ``sigma^2 = sigma_ve^2 / (1 + sigma_ve^2)``; else ``m = 1``)."""
+    D(m y, t) / m`` at ``t = schedule.t_of_ratio(sigma_ve)``, the ``t`` with
+    ``sigma(t) / m(t) = sigma_ve``."""
     sch = model.schedule
 
-    def t_of(sigma_ve: Tensor) -> Tensor:
-        s2 = sigma_ve.to(torch.float64) ** 2
-        sigma2 = s2 / (1 + s2) if sch.name == "VP" else s2
-        return sch.t_of_s(-0.5 * torch.log(sigma2))
-
     def den(v: Tensor, sigma_ve: Tensor) -> Tensor:
-        t = t_of(sigma_ve)
+        t = sch.t_of_ratio(sigma_ve.to(torch.float64)).clamp(max=sch.T)
         m = expand_as_batch(sch.m(t).to(v.dtype), v)
         return model.denoiser(m * v, t.to(v.dtype), y) / m
 

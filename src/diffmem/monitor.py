@@ -106,9 +106,9 @@ def as_monitored(model: Any) -> Any:
 
 class MemorizationMonitor:
     """See the module docstring. ``schedule`` is the model's (a diffmem schedule, or a
-    diffusers scheduler whose ``alphas_cumprod`` give it); ``sigmas`` the noise grid
-    (default 8 levels log-spaced from ``stop_sigma / 4`` to ``sigma(T)``); ``every`` the
-    steps between updates of :meth:`maybe_update`."""
+    diffusers scheduler: its ``alphas_cumprod``, or the linear path of a flow-matching
+    one); ``sigmas`` the noise grid (default 8 levels log-spaced from ``stop_sigma / 4`` to
+    ``sigma(T)``); ``every`` the steps between updates of :meth:`maybe_update`."""
 
     def __init__(self, train: TrainingData, schedule: Any, held_out: Any = None,
                  sigmas: Sequence[float] | None = None, threshold: float = 0.1,
@@ -116,12 +116,14 @@ class MemorizationMonitor:
                  out: str | Path | None = None, seed: int = 0, *, n_points: int = 64,
                  n_samples: int = 0, every: int = 500, tensorboard: bool = False) -> None:
         if not isinstance(schedule, Schedule):
-            from diffmem.models import DiscreteVP, discrete_alphas_cumprod
+            from diffmem.models import is_flow_scheduler, scheduler_config, scheduler_schedule
 
-            if not isinstance(getattr(schedule, "alphas_cumprod", None), Tensor):
+            config = scheduler_config(schedule) if hasattr(schedule, "config") else {}
+            if not (isinstance(getattr(schedule, "alphas_cumprod", None), Tensor)
+                    or is_flow_scheduler(config)):
                 raise fail("schedule", "a diffmem schedule or a diffusers scheduler",
                            type(schedule).__name__)
-            schedule = DiscreteVP(discrete_alphas_cumprod(dict(schedule.config)))
+            schedule = scheduler_schedule(config)
         self.schedule = schedule
         self.train = Centres(train) if not isinstance(train, Centres) else train
         self.held = held_out

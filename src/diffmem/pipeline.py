@@ -9,7 +9,10 @@ text encoders), for any diffusers scheduler ``S`` set to ``steps`` timesteps:
         x = S.step(out, k, x, eta=eta, generator=g).prev_sample
 
 so ``clip_sample``, ``thresholding``, ``prediction_type`` and the scheduler's own noise are
-honoured as the scheduler implements them. With classifier-free guidance of weight ``w``
+honoured as the scheduler implements them. Flow-matching schedulers (no
+``init_noise_sigma``, no ``scale_model_input``) start from ``z`` and take the network's
+input as it is; with dynamic shifting the shift ``mu`` is diffusers' resolution rule, linear
+in the number of image tokens ``L`` (:func:`flow_mu`). With classifier-free guidance of weight ``w``
 and a null condition ``out = out(null) + w (out(y) - out(null))``, both halves in one batch.
 """
 
@@ -29,11 +32,33 @@ EXAMPLES = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
             "DPMSolverMultistepScheduler")
 
 
+def flow_mu(config: dict[str, Any], tokens: int) -> float:
+    """The dynamic shift of a flow-matching scheduler for ``tokens`` image tokens, as
+    diffusers' pipelines compute it: linear from ``base_shift`` at ``base_image_seq_len``
+    tokens to ``max_shift`` at ``max_image_seq_len``."""
+    lo_n, hi_n = float(config.get("base_image_seq_len", 256)), \
+        float(config.get("max_image_seq_len", 4096))
+    lo, hi = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    return lo + (hi - lo) * (tokens - lo_n) / (hi_n - lo_n)
+
+
+def timestep_options(config: dict[str, Any], tokens: int | None) -> dict[str, Any]:
+    """What ``set_timesteps`` needs besides the step count: ``mu`` (:func:`flow_mu`) when
+    the scheduler shifts dynamically."""
+    if not config.get("use_dynamic_shifting"):
+        return {}
+    if tokens is None:
+        raise fail("--sampler", "the number of image tokens for a dynamically shifted "
+                   "scheduler", None)
+    return {"mu": flow_mu(config, tokens)}
+
+
 def make_scheduler(config: dict[str, Any], class_name: str | None, steps: int,
-                   eta: float | None = None) -> Any:
+                   eta: float | None = None, tokens: int | None = None) -> Any:
     """The diffusers scheduler ``class_name`` (default: the config's ``_class_name``) built
-    from the model's scheduler ``config`` and checked: it can be set to ``steps`` steps, and
-    takes ``eta`` when one is given."""
+    from the model's scheduler ``config`` and checked: it can be set to ``steps`` steps
+    (with :func:`timestep_options` for ``tokens`` image tokens), and takes ``eta`` when one
+    is given."""
     try:
         import diffusers
     except ImportError as err:
@@ -46,7 +71,7 @@ def make_scheduler(config: dict[str, Any], class_name: str | None, steps: int,
                    repr(name))
     try:
         scheduler = cls.from_config(config)
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps, **timestep_options(dict(scheduler.config), tokens))
     except Exception as err:  # diffusers' own checks: say what they said
         raise fail("--scheduler-class", f"a scheduler that works with this model's config "
                    f"and {steps} steps", f"{name}: {type(err).__name__}: "
@@ -60,19 +85,22 @@ def make_scheduler(config: dict[str, Any], class_name: str | None, steps: int,
 def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps: int, *,
                     cond: Tensor | None = None, guidance: float | None = None,
                     null: Tensor | None = None, eta: float | None = None,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None,
+                    tokens: int | None = None) -> Tensor:
     """Samples from standard normal ``z`` by the scheduler's loop (module docstring);
     ``net(x, timestep, y)`` is the network's raw output (``y`` ``None`` when unconditional).
     The scheduler's own noise (DDPM, DDIM with ``eta > 0``, ancestral samplers) is drawn
-    from ``generator``, as the pipelines do."""
-    scheduler.set_timesteps(steps)
+    from ``generator``, as the pipelines do; ``tokens`` is the number of image tokens
+    (for dynamic shifting)."""
+    scheduler.set_timesteps(steps, **timestep_options(dict(scheduler.config), tokens))
+    scale = getattr(scheduler, "scale_model_input", None)
     takes = inspect.signature(scheduler.step).parameters
     options: dict[str, Any] = {}
     if eta is not None:
         options["eta"] = float(eta)
     if "generator" in takes:
         options["generator"] = generator
-    x = z * scheduler.init_noise_sigma
+    x = z * getattr(scheduler, "init_noise_sigma", 1.0)
     pair = None
     if guidance is not None and cond is not None:
         assert null is not None
@@ -80,7 +108,7 @@ def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps
                           cond.to(null)])
     with torch.no_grad():
         for k in scheduler.timesteps:
-            inp = scheduler.scale_model_input(x, k)
+            inp = x if scale is None else scale(x, k)
             if pair is None:
                 out = net(inp, k, cond)
             else:

@@ -24,6 +24,15 @@ training set). A network trained with a plain mean-squared loss predicts ``eps``
 
       P = lam |m x0_hat - x|^2 / (m^2 sigma^2);
 
+* ``flow`` (flow matching's velocity ``u = z - x_0`` on the linear path ``m = 1 - sigma``,
+  ``x = m x_0 + sigma z``): ``z_hat = m u_hat + x``, and ``u_hat - u = (z_hat - z) / m``, so
+  ``|u_hat - u|^2 = |sigma s + eps|^2 / m^2``:
+
+      P = lam |m u_hat + x|^2 / (m^2 sigma^2)
+
+  (and ``P = 0`` at ``m = 0``, ``sigma = 1``: there ``x = z`` and the score ``-x`` is fixed,
+  whatever the velocity);
+
 * ``edm`` (EDM's denoiser loss ``lambda(sigma) |D - x_0|^2``, ``m = 1``, weight
   ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``): ``D = x + sigma^2 s``
   and ``|D - x_0|^2 = sigma^2 |sigma s + eps|^2``:
@@ -46,18 +55,21 @@ from torch import Tensor
 
 from diffmem._checks import fail, positive
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "edm")
 Lam = float | Tensor | Callable[[Tensor], float | Tensor]
 
 
-def _per_item(v: Tensor, like: Tensor, name: str) -> Tensor:
-    """A per-sample value ``(B,)`` (or a number) as a tensor broadcastable to ``like``."""
+def _per_item(v: Tensor, like: Tensor, name: str, zero: bool = False) -> Tensor:
+    """A per-sample value ``(B,)`` (or a number) as a tensor broadcastable to ``like``,
+    finite and ``> 0`` (``>= 0`` with ``zero``)."""
     v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
     B = like.shape[0]
     if v.dim() > 1 or (v.dim() == 1 and v.shape[0] not in (1, B)):
         raise fail(name, f"a number or a tensor of shape ({B},)", f"shape {tuple(v.shape)}")
-    if not bool(torch.isfinite(v).all()) or bool((v <= 0).any()):
-        raise fail(name, "finite values > 0", f"range [{float(v.min()):g}, {float(v.max()):g}]")
+    if not bool(torch.isfinite(v).all()) or bool((v < 0).any()) or \
+            (not zero and bool((v == 0).any())):
+        raise fail(name, f"finite values {'>=' if zero else '>'} 0",
+                   f"range [{float(v.min()):g}, {float(v.max()):g}]")
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
@@ -98,7 +110,8 @@ def tikhonov_penalty(output: Tensor, x_t: Tensor, *, m: Tensor | float, sigma: T
                    f"{tuple(output.shape) if isinstance(output, Tensor) else type(output)} and "
                    f"{tuple(x_t.shape) if isinstance(x_t, Tensor) else type(x_t)}")
     s = _per_item(sigma, x_t, "sigma")
-    m = _per_item(1.0 if prediction_type == "edm" else m, x_t, "m")
+    m = _per_item(1.0 if prediction_type == "edm" else m, x_t, "m",
+                  zero=prediction_type == "flow")
     w = _weights(lam, s, x_t)
     if prediction_type == "epsilon":
         term = w * output.pow(2) / s.pow(2)
@@ -106,6 +119,10 @@ def tikhonov_penalty(output: Tensor, x_t: Tensor, *, m: Tensor | float, sigma: T
         term = w * (m * output + s * x_t).pow(2) / (m * s).pow(2)
     elif prediction_type == "sample":
         term = w * (m * output - x_t).pow(2) / (m * s).pow(2)
+    elif prediction_type == "flow":  # no penalty at m = 0: x = z, the score is -x there
+        pure = m == 0
+        term = torch.where(pure, 0.0, w * (m * output + x_t).pow(2)
+                           / (torch.where(pure, 1.0, m) * s).pow(2))
     else:
         sigma_data = positive("sigma_data", sigma_data)
         edm_weight = (s.pow(2) + sigma_data**2) / (s * sigma_data).pow(2)
@@ -116,7 +133,21 @@ def tikhonov_penalty(output: Tensor, x_t: Tensor, *, m: Tensor | float, sigma: T
 
 def diffusers_m_sigma(timesteps: Tensor, scheduler: Any) -> tuple[Tensor, Tensor]:
     """``m = sqrt(abar_k)`` and ``sigma = sqrt(1 - abar_k)`` at a batch of integer
-    ``timesteps`` of a diffusers scheduler (its ``alphas_cumprod``)."""
+    ``timesteps`` of a diffusers scheduler (its ``alphas_cumprod``); for a flow-matching
+    scheduler, whose timesteps are ``K sigma`` (floats), ``sigma = timesteps / K`` and
+    ``m = 1 - sigma``."""
+    from diffmem.models import is_flow_scheduler, scheduler_config
+
+    config = scheduler_config(scheduler) if hasattr(scheduler, "config") else {}
+    if is_flow_scheduler(config):
+        K = int(config.get("num_train_timesteps", 1000))
+        if not isinstance(timesteps, Tensor) or bool((timesteps <= 0).any()) or \
+                bool((timesteps > K).any()) or not bool(torch.isfinite(timesteps).all()):
+            raise fail("timesteps", f"timesteps K sigma in (0, {K}]",
+                       timesteps if not isinstance(timesteps, Tensor) else
+                       f"range [{timesteps.min()}, {timesteps.max()}]")
+        sigma = timesteps.to(torch.float64) / K
+        return 1 - sigma, sigma
     abar = getattr(scheduler, "alphas_cumprod", None)
     if not isinstance(abar, Tensor):
         raise fail("scheduler", "a diffusers scheduler with alphas_cumprod (DDPM, DDIM, ...)",
@@ -132,10 +163,14 @@ def diffusers_m_sigma(timesteps: Tensor, scheduler: Any) -> tuple[Tensor, Tensor
 
 def diffusers_tikhonov_penalty(output: Tensor, noisy: Tensor, timesteps: Tensor,
                                scheduler: Any, lam: Lam, reduction: str = "mean") -> Tensor:
-    """:func:`tikhonov_penalty` for a diffusers training loop: ``m`` and ``sigma`` from the
-    scheduler's ``alphas_cumprod`` at ``timesteps``, the prediction type from its config;
+    """:func:`tikhonov_penalty` for a diffusers training loop: ``m`` and ``sigma`` at
+    ``timesteps`` (:func:`diffusers_m_sigma`), the prediction type from the scheduler
+    (``flow`` for a flow-matching one, else its config's ``prediction_type``);
     ``reduction='mean'`` by default, to match ``F.mse_loss``."""
+    from diffmem.models import prediction_of, scheduler_config
+
     m, sigma = diffusers_m_sigma(timesteps, scheduler)
-    prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+    prediction = prediction_of(scheduler_config(scheduler) if hasattr(scheduler, "config")
+                               else {})
     return tikhonov_penalty(output, noisy, m=m.to(noisy.dtype), sigma=sigma.to(noisy.dtype),
                             prediction_type=prediction, lam=lam, reduction=reduction)

@@ -4,7 +4,8 @@
 Every formula for ``m``, ``sigma``, ``f``, ``g`` and the transformed time ``s = -log sigma`` lives
 here and nowhere else. Times may be Python floats or tensors of any shape (typically
 ``(batch,)``); results have the shape of ``t``. A time outside ``[0, T]`` raises ``ValueError``
-(a relative slack of 1e-9 above ``T`` absorbs round-off from time transformations).
+(a relative slack of two float32 units above ``T``, :data:`T_SLACK`, absorbs round-off from
+time transformations and from ``T`` rounded to float32).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from torch import Tensor
 from diffmem._checks import fail, finite_tensor, nonnegative_int, positive
 
 TimeLike = float | Tensor
+#: Relative slack above ``T``: two units of float32 round-off.
+T_SLACK = 2 * float(np.finfo(np.float32).eps)
 
 
 def time_tensor(t: TimeLike, name: str = "t") -> Tensor:
@@ -36,8 +39,10 @@ def time_tensor(t: TimeLike, name: str = "t") -> Tensor:
 def _time(t: TimeLike, T: float, name: str = "t") -> Tensor:
     """Convert ``t`` to a tensor (float64 for Python numbers) and check ``0 <= t <= T``."""
     t = time_tensor(t, name)
-    # One fused test (NaN fails both comparisons); the details only on failure.
-    if not bool(((t >= 0) & (t <= T * (1 + 1e-9))).all()):
+    # One fused test (NaN fails both comparisons); the details only on failure. ``T``
+    # rounded to float32 (T = 0.99 becomes 0.9900000095), even when converted back to
+    # float64, is inside.
+    if not bool(((t >= 0) & (t <= T * (1 + T_SLACK))).all()):
         finite_tensor(name, t)
         lo, hi = float(t.min()), float(t.max())
         raise fail(name, f"times in [0, T] = [0, {T}]", f"values in [{lo}, {hi}]")
@@ -145,6 +150,18 @@ class Schedule(ABC):
             raise fail("s", f"values >= s(T) = {s_T}", f"min {float(s.min())}")
         return self._t_of_sigma2(torch.exp(-2 * s)).clamp(max=self.T)
 
+    def t_of_ratio(self, r: TimeLike) -> Tensor:
+        """The ``t`` with ``sigma(t) / m(t) = r`` (the noise level in the variance-exploding
+        coordinates ``x / m``), by bisection on ``log(sigma / m)``, increasing in ``t``
+        (schedules with a closed form override it)."""
+        r = time_tensor(r, "r").to(torch.float64)
+        lo, hi = torch.zeros_like(r), torch.full_like(r, float(self.T))
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            below = torch.sqrt(self._sigma2(mid)) < r * torch.exp(self._log_m(mid))
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
     def prior_sample(
         self,
         n: int,
@@ -212,6 +229,10 @@ class VE(Schedule):
         la = math.log(self.a)
         return torch.log1p(2 * la * sigma2) / (2 * la)
 
+    def t_of_ratio(self, r: TimeLike) -> Tensor:
+        """``m = 1``: the ``t`` with ``sigma(t) = r``."""
+        return self._t_of_sigma2(time_tensor(r, "r") ** 2)
+
 
 class VP(Schedule):
     """Variance preserving: ``beta(t) = beta_min + t (beta_max - beta_min)``,
@@ -252,6 +273,11 @@ class VP(Schedule):
         # Root of delta/2 t^2 + beta_min t - alpha = 0 in the cancellation-free form.
         return 2 * alpha / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * delta * alpha))
 
+    def t_of_ratio(self, r: TimeLike) -> Tensor:
+        """``sigma^2 = 1 - m^2``: ``sigma^2 = r^2 / (1 + r^2)``."""
+        r2 = time_tensor(r, "r") ** 2
+        return self._t_of_sigma2(r2 / (1 + r2))
+
 
 class EDM(Schedule):
     """EDM-style (Karras et al.): ``sigma(t) = t``, ``m = 1``, ``f = 0``, ``g = sqrt(2 t)``,
@@ -278,8 +304,52 @@ class EDM(Schedule):
     def _t_of_sigma2(self, sigma2: Tensor) -> Tensor:
         return torch.sqrt(sigma2)
 
+    def t_of_ratio(self, r: TimeLike) -> Tensor:
+        """``m = 1``: ``t = sigma = r``."""
+        return time_tensor(r, "r")
 
-SCHEDULES: dict[str, type[Schedule]] = {"VE": VE, "VP": VP, "EDM": EDM}
+
+class RectifiedFlow(Schedule):
+    """Flow matching's linear path (rectified flow): ``x_t = (1 - t) x_0 + t z``, a Gaussian
+    path with ``m = 1 - t`` and ``sigma = t`` on ``[0, t_max]`` (``t_max < 1``: at ``t = 1``
+    the drift ``f = -x / (1 - t)`` and ``g^2 = 2 t / (1 - t)`` are infinite, while the
+    probability-flow velocity ``f - g^2 s / 2 = (x - D) / t`` stays finite).
+
+    Its velocity ``u = dx_t/dt = z - x_0`` is what flow-matching networks predict; the
+    exact minimizer of the empirical flow-matching loss is ``u(x, t) = (x - D_e(x, t)) / t``
+    with ``D_e`` the empirical (Gaussian-mixture) denoiser, the same mixture as for the
+    score (``s = (m D - x) / sigma^2``)."""
+
+    name = "RF"
+
+    def __init__(self, t_max: float = 0.999) -> None:
+        self.t_max = positive("t_max", t_max)
+        if not self.t_max < 1:
+            raise fail("t_max", "a time in (0, 1) (m = 1 - t vanishes at 1)", t_max)
+        self.T = self.t_max
+
+    def _log_m(self, t: Tensor) -> Tensor:
+        return torch.log1p(-t)
+
+    def _dlog_m(self, t: Tensor) -> Tensor:
+        return -1 / (1 - t)
+
+    def _sigma2(self, t: Tensor) -> Tensor:
+        return t * t
+
+    def _dsigma2(self, t: Tensor) -> Tensor:
+        return 2 * t
+
+    def _t_of_sigma2(self, sigma2: Tensor) -> Tensor:
+        return torch.sqrt(sigma2)
+
+    def t_of_ratio(self, r: TimeLike) -> Tensor:
+        """``sigma / m = t / (1 - t) = r``: ``t = r / (1 + r)``."""
+        r = time_tensor(r, "r")
+        return r / (1 + r)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {"VE": VE, "VP": VP, "EDM": EDM, "RF": RectifiedFlow}
 
 
 def get_schedule(name: str) -> Schedule:

@@ -90,7 +90,7 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
 
         assert model.network is not None
         make_scheduler(model.network["scheduler_config"], scheduler_class,
-                       positive_int("--steps", steps), eta)
+                       positive_int("--steps", steps), eta, tokens=model.network.get("tokens"))
     return DrawPlan(model=model, n=n_samples if cond is None else int(cond.shape[0]),
                     cond=cond, conditions=table, sampler=sampler,
                     steps=positive_int("--steps", steps), seed=seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from diffmem.experiments import (
     conditional,
     detection,
+    flow,
     imaging,
     memorization_time,
     networks,
@@ -40,6 +41,7 @@ REGISTRY: dict[str, Experiment] = {
         detection.DETECT_DIGITS,
         transition.SIZE_TRANSITION,
         memorization_time.EXPERIMENT,
+        flow.EXPERIMENT,
     ]
 }
 
