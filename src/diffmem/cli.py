@@ -37,6 +37,13 @@ SCHEDULER = typer.Option(None, "--scheduler",
                          help="Scheduler config of a bare UNet folder (or its folder).")
 SCHEDULE = typer.Option("VP", "--schedule", help="VE, VP, EDM or RF (flow matching's linear "
                         "path): the schedule of a callable model.")
+PROMPTS = typer.Option(None, "--prompts", help="With a text-to-image pipeline folder as "
+                       "--model: its prompts, one a line (or JSON lines with 'prompt' and "
+                       "'label'); the conditions are their indices.")
+NEGATIVE_PROMPT = typer.Option("", "--negative-prompt", help="The null condition of "
+                               "--prompts (default: the empty prompt).")
+DTYPE = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16: the precision "
+                     "a --prompts pipeline is loaded in.")
 MODEL_KIND = typer.Option("score", "--model-kind", help="score or denoiser: what a callable "
                           "model returns.")
 MODEL_INDEX = typer.Option(0, "--model-index", help="Model of a checkpoint's stack.")
@@ -270,6 +277,9 @@ def audit_command(
     model_index: int = MODEL_INDEX,
     held_out: Path | None = typer.Option(  # noqa: B008
         None, "--held-out", help="Held-out data for the denoiser comparison of --model."),
+    prompts: Path | None = PROMPTS,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    dtype: str = DTYPE,
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
@@ -297,7 +307,9 @@ def audit_command(
         if (samples is None) == (model is None):
             raise fail("SAMPLES", "samples or --model (one of them)",
                        "neither" if samples is None else "both")
-        train_data = [open_input(t, train_key, size, "--train") for t in train]
+        train_size = _prompt_resolution(model, prompts, size)
+        train_data = [open_input(t, train_key, train_size if Path(t).is_dir() else size,
+                                 "--train") for t in train]
         if len(train_data) > 1 and not all(isinstance(t, str) for t in train_data):
             raise fail("--train", "one data set, or several .npy shards",
                        [str(t) for t in train])
@@ -311,8 +323,11 @@ def audit_command(
                 null_cond=null_cond, sampler=sampler, steps=steps, seed=seed,
                 scheduler_class=scheduler_class, eta=eta,
                 scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
-                kind=model_kind, index=model_index, device=device)
+                kind=model_kind, index=model_index, device=device, prompts=prompts,
+                negative_prompt=negative_prompt, dtype=dtype)
             held = None if held_out is None else open_input(held_out, None, size, "--held-out")
+        elif prompts is not None:
+            raise fail("--prompts", "--model (a text-to-image pipeline folder)", str(prompts))
         folder = prepare_out(out)
         gap = None
         scond = None
@@ -339,6 +354,11 @@ def audit_command(
                            index=index, bootstrap=bootstrap, seed=seed, device=device,
                            progress=progress and _leader(group), feature_cache=cache,
                            process_group=group, sample_cond=scond, train_cond=tcond)
+            if plan is not None and plan.prompts is not None and result.conditions:
+                from diffmem.text import name_by_prompt
+
+                name_by_prompt(result.conditions, plan.prompts)
+                result.sample_condition = [plan.prompts[int(i)] for i in result.sample_condition]
             if _leader(group):
                 write_audit_report(folder, result, Rows(sample_data), Rows(Centres(whole)),
                                    {"samples": str(samples), "train": [str(t) for t in train],
@@ -348,12 +368,34 @@ def audit_command(
                                     else str(train_cond),
                                     "conditions": None if conditions is None
                                     else str(conditions), "guidance": guidance,
+                                    **_prompt_settings(plan, prompts, train_size),
                                     "seed": seed}, gap=gap)
     except ValueError as err:  # the library's and the command line's input errors
         _fail(str(err))
         return
     if _leader(group):
         _echo_audit(result, gap, folder)
+
+
+def _prompt_resolution(model: str | None, prompts: Path | None,
+                       size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The size training images are resized to: ``--resize``, or with ``--prompts`` the
+    pipeline's own resolution."""
+    if prompts is None or model is None or size is not None:
+        return size
+    from diffmem.text import pipeline_resolution
+
+    return pipeline_resolution(model)
+
+
+def _prompt_settings(plan: Any, prompts: Path | None,
+                     size: tuple[int, int] | None) -> dict[str, Any]:
+    """What audit.json records of a --prompts run: the file, the guidance applied, the
+    prompts the tokenizer truncated and the size training images were resized to."""
+    if prompts is None or plan is None:
+        return {}
+    return {"prompts": str(prompts), "guidance_applied": plan.model.guidance,
+            "truncated_prompts": plan.truncated, "train_resized_to": size}
 
 
 def _draw_from_model(plan: Any, train: Any, folder: Path, group: Any, train_cond: Any,
@@ -371,8 +413,9 @@ def _draw_from_model(plan: Any, train: Any, folder: Path, group: Any, train_cond
     if _leader(group):
         with FolderLock(folder):
             draw(plan, folder, device=device, progress=progress)
-            gap = model_gap(plan, train, train_cond=train_cond, held=held,
-                            bandwidth=bandwidth, seed=plan.seed)
+            if plan.prompts is None:  # a text pipeline denoises latents, not the images
+                gap = model_gap(plan, train, train_cond=train_cond, held=held,
+                                bandwidth=bandwidth, seed=plan.seed)
     if group is not None:
         dist.barrier(group)
     return gap
@@ -410,13 +453,17 @@ def detect_command(
     schedule: str = SCHEDULE,
     model_kind: str = MODEL_KIND,
     model_index: int = MODEL_INDEX,
+    prompts: Path | None = PROMPTS,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    dtype: str = DTYPE,
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
     """Find what a model memorizes without its training set: per condition of a conditional
-    model (--conditions, --null-cond), or per sample of an unconditional one (--samples or
-    --n-samples). Writes OUT/detect.json, OUT/detect.csv and OUT/index.html."""
+    model (--conditions, --null-cond), per prompt of a text-to-image pipeline (--prompts),
+    or per sample of an unconditional one (--samples or --n-samples). Writes
+    OUT/detect.json, OUT/detect.csv and OUT/index.html."""
     from diffmem import detect as det
     from diffmem.conditions import as_conditions, parse_null
     from diffmem.experiments.base import FolderLock, check_device, prepare_out
@@ -426,6 +473,12 @@ def detect_command(
     try:
         check_device(device)
         shape = _parse_shape(data_shape)
+        text = None
+        if prompts is not None:
+            conditions, null_cond, text = _detect_prompts(
+                model, prompts, negative_prompt, dtype, device,
+                {"--conditions": conditions, "--null-cond": null_cond, "--samples": samples,
+                 "--scheduler": scheduler})
         per_condition = conditions is not None
         if per_condition and samples is not None:
             raise fail("--samples", "either --conditions (a conditional model) or --samples "
@@ -444,9 +497,10 @@ def detect_command(
             except ValueError as err:
                 raise fail("--levels", "positive numbers separated by commas",
                            repr(levels)) from err
-        loaded = load_model(model, scheduler=None if scheduler is None else str(scheduler),
-                            schedule=schedule, kind=model_kind, data_shape=shape,
-                            index=model_index, device=device, conditional=per_condition)
+        loaded = text.model if text is not None else load_model(
+            model, scheduler=None if scheduler is None else str(scheduler),
+            schedule=schedule, kind=model_kind, data_shape=shape, index=model_index,
+            device=device, conditional=per_condition)
         if per_condition and not getattr(loaded, "conditional", False):
             raise fail("--conditions", "a conditional model (this one takes no condition: "
                        "drop --conditions to test its samples)", str(conditions))
@@ -455,14 +509,19 @@ def detect_command(
                        "--null-cond)", None)
         if per_condition:
             assert conditions is not None and null_cond is not None
-            table = as_conditions(conditions, "--conditions")
+            table = as_conditions(conditions, "--conditions") if text is None else conditions
             marks = _labels(labels, len(table))
             kw: dict[str, Any] = {} if names is None else {"measures": names}
             if lv is not None:
                 kw["levels"] = lv
-            result = det.detect(loaded, table, parse_null(null_cond, table), n_noise=n_noise,
-                                steps=steps, confirm=confirm, seed=seed, labels=marks,
-                                progress=progress, **kw)
+            null = parse_null(null_cond, table) if text is None else null_cond
+            result = det.detect(loaded, table, null, n_noise=n_noise, steps=steps,
+                                confirm=confirm, seed=seed, labels=marks, progress=progress,
+                                **kw)
+            if text is not None:
+                from diffmem.text import name_by_prompt
+
+                name_by_prompt(result.entries, text.prompts.texts, text.prompts.labels)
         else:
             if samples is not None:
                 import numpy as np
@@ -499,6 +558,22 @@ def detect_command(
         typer.echo(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f}")
     typer.echo(f"      -> {folder / 'detect.json'}, {folder / 'detect.csv'}, "
                f"{folder / 'index.html'}")
+
+
+def _detect_prompts(model: str, prompts: Path, negative: str, dtype: str, device: str,
+                    rejected: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``detect --prompts``: the pipeline loaded with its prompts encoded; the conditions
+    are the prompts' indices and the null condition the negative prompt's."""
+    from diffmem.text import load_text_model, read_prompts
+
+    given = [name for name, v in rejected.items() if v is not None]
+    if given:
+        raise fail(given[0], "no value with --prompts (the prompts are the conditions, the "
+                   "negative prompt the null one)", str(rejected[given[0]]))
+    text = load_text_model(model, read_prompts(prompts), negative=negative, dtype=dtype,
+                           device=device)
+    n = len(text.prompts.texts)
+    return torch.arange(n), torch.tensor(n), text
 
 
 def _parse_shape(data_shape: str | None) -> tuple[int, ...] | None:

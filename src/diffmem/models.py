@@ -412,11 +412,15 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
 
 
 def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
-                   scheduler_path: str | None = None) -> ModelScore:
+                   scheduler_path: str | None = None,
+                   embed: Callable[[Tensor, Tensor], dict[str, Any]] | None = None
+                   ) -> ModelScore:
     """A diffusers UNet in memory (``UNet2DModel`` or ``UNet2DConditionModel``) with its
-    scheduler (an instance or its config) as a score on the scheduler's :class:`DiscreteVP`
-    schedule, as :func:`load_diffusers` gives it (for a model being trained; its weights
-    are read at each call, in eval mode and without gradients)."""
+    scheduler (an instance or its config) as a score on the scheduler's schedule
+    (:func:`scheduler_schedule`), as :func:`load_diffusers` gives it (for a model being
+    trained; its weights are read at each call, in eval mode and without gradients).
+    ``embed(y, x)``, when given, turns the batch's conditions ``y`` into the network's
+    keyword arguments (a text pipeline's prompt indices into their embeddings)."""
     config = scheduler_config(scheduler)
     prediction = prediction_of(config)
     schedule = scheduler_schedule(config)
@@ -428,12 +432,15 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
     size = (size, size) if isinstance(size, int) else tuple(size)
     data_shape = (unet.config.in_channels, *size)
     takes = UNET_CLASSES[class_name]
-    conditional = takes == "encoder_hidden_states" or (
+    conditional = embed is not None or takes == "encoder_hidden_states" or (
         unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None)
 
     def net(x: Tensor, timestep: Tensor, y: Tensor | None = None) -> Tensor:
         kwargs: dict[str, Any] = {}
-        if conditional:
+        if embed is not None:
+            assert y is not None
+            kwargs = embed(y, x)
+        elif conditional:
             kwargs[takes] = y.to(x.device).long() if takes == "class_labels" else \
                 y.to(device=x.device, dtype=unet.dtype)
         was_training = unet.training
@@ -576,7 +583,9 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
     class or ``scheduler_class``, with ``steps`` steps and ``eta``, exactly the loop of
     diffusers' pipelines: :func:`diffmem.pipeline.pipeline_sample`). Samples are in the
     model's data space, as the sampler returns them. A conditional model takes ``cond``,
-    one condition per sample ``(n, *cond_shape)``."""
+    one condition per sample ``(n, *cond_shape)``. A latent model (a text-to-image pipeline,
+    :mod:`diffmem.text`) samples its latents and writes the images its VAE decodes them to;
+    ``noise_out`` holds the latents' initial noise."""
     from diffmem.pipeline import make_scheduler, pipeline_sample
 
     n, batch, steps = positive_int("n_samples", n), positive_int("batch", batch), \
@@ -616,8 +625,9 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
             saved = {}
         if saved.get("key") == key:
             done = int(saved.get("done", 0))
+    decode = None if model.network is None else model.network.get("decode")
     if done == 0:
-        arr = _new_map(out, (n, *model.data_shape))
+        arr = _new_map(out, (n, *output_shape(model)))
         noise = _new_map(noise_out, (n, *model.data_shape))
     else:
         arr, noise = np.load(out, mmap_mode="r+"), np.load(noise_out, mmap_mode="r+")
@@ -638,6 +648,8 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
             x = pipeline_sample(model.network["net"], z.to(device), scheduler, steps,
                                 cond=y, guidance=model.guidance, null=model.null, eta=eta,
                                 generator=gen, tokens=model.network.get("tokens"))
+        if decode is not None:  # a latent model: the images its decoder makes
+            x = decode(x)
         arr[lo:hi] = x.detach().cpu().numpy()
         noise[lo:hi] = z.numpy()
         arr.flush()
@@ -646,6 +658,13 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
         bar.update(hi - lo)
     bar.close()
     return arr
+
+
+def output_shape(model: ModelScore) -> tuple[int, ...]:
+    """The shape of one sample as written: the decoded image of a latent model, else the
+    model's data shape."""
+    shape = None if model.network is None else model.network.get("image_shape")
+    return tuple(model.data_shape if shape is None else shape)
 
 
 def ode_draw(model: Any, z: Tensor, t_end: float, cond: Tensor | None = None) -> Tensor:

@@ -32,6 +32,9 @@ class DrawPlan:
     seed: int
     scheduler_class: str | None
     eta: float | None
+    #: A text-to-image pipeline's prompts (the conditions are their indices).
+    prompts: list[str] | None = None
+    truncated: list[int] | None = None
 
 
 def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
@@ -40,7 +43,8 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
               null_cond: str | None = None, sampler: str = "ode", steps: int = 18,
               seed: int = 0, scheduler_class: str | None = None, eta: float | None = None,
               scheduler: str | None = None, schedule: str = "VP", kind: str = "score",
-              index: int = 0, device: str = "cpu") -> DrawPlan:
+              index: int = 0, device: str = "cpu", prompts: str | Path | None = None,
+              negative_prompt: str = "", dtype: str = "float32") -> DrawPlan:
     """Load ``spec`` (as :func:`diffmem.models.load_model`) and check the sampling options
     against it. A conditional model samples ``per_condition`` times each of ``conditions``
     (default: each distinct training condition of ``train_cond``; ``per_condition``
@@ -49,6 +53,14 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
     n_samples = positive_int("--n-samples", n_samples)
     if sampler not in SAMPLERS:
         raise fail("--sampler", f"one of {SAMPLERS}", repr(sampler))
+    if prompts is not None:
+        return _plan_prompts(spec, data_shape, prompts, n_samples=n_samples,
+                             per_condition=per_condition, guidance=guidance,
+                             negative_prompt=negative_prompt, dtype=dtype, sampler=sampler,
+                             steps=steps, seed=seed, scheduler_class=scheduler_class,
+                             eta=eta, device=device, rejected={
+                                 "--conditions": conditions, "--train-cond": train_cond,
+                                 "--null-cond": null_cond, "--scheduler": scheduler})
     wants_cond = train_cond is not None or conditions is not None
     model = load_model(spec, scheduler=scheduler, schedule=schedule, kind=kind,
                        data_shape=data_shape, index=index, device=device,
@@ -82,6 +94,16 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
         raise fail("--conditions" if conditions is not None else "--per-condition"
                    if per_condition is not None else "--guidance",
                    f"a conditional model ({model.name} takes no condition)", "an option for one")
+    _check_sampler(model, sampler, steps, scheduler_class, eta)
+    return DrawPlan(model=model, n=n_samples if cond is None else int(cond.shape[0]),
+                    cond=cond, conditions=table, sampler=sampler,
+                    steps=positive_int("--steps", steps), seed=seed,
+                    scheduler_class=scheduler_class, eta=eta)
+
+
+def _check_sampler(model: ModelScore, sampler: str, steps: int, scheduler_class: str | None,
+                   eta: float | None) -> None:
+    """``--scheduler-class`` and ``--eta`` only with the pipeline sampler, which must build."""
     if sampler != "pipeline" and (scheduler_class is not None or eta is not None):
         raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
                    "--sampler pipeline", f"--sampler {sampler}")
@@ -91,10 +113,44 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
         assert model.network is not None
         make_scheduler(model.network["scheduler_config"], scheduler_class,
                        positive_int("--steps", steps), eta, tokens=model.network.get("tokens"))
-    return DrawPlan(model=model, n=n_samples if cond is None else int(cond.shape[0]),
-                    cond=cond, conditions=table, sampler=sampler,
-                    steps=positive_int("--steps", steps), seed=seed,
-                    scheduler_class=scheduler_class, eta=eta)
+
+
+def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *,
+                  n_samples: int, per_condition: int | None, guidance: float | None,
+                  negative_prompt: str, dtype: str, sampler: str, steps: int, seed: int,
+                  scheduler_class: str | None, eta: float | None, device: str,
+                  rejected: dict[str, Any]) -> DrawPlan:
+    """A text-to-image pipeline sampled ``per_condition`` times per prompt (default
+    ``n_samples`` shared out), guided by ``guidance`` (default the pipeline's; none at
+    ``w <= 1``, as the pipelines do) against the negative prompt."""
+    import torch
+
+    from diffmem.models import output_shape
+    from diffmem.text import load_text_model, read_prompts
+
+    given = [name for name, v in rejected.items() if v is not None]
+    if given:
+        raise fail(given[0], "no value with --prompts (the prompts are the conditions, the "
+                   "negative prompt the null one, the pipeline brings its scheduler)",
+                   str(rejected[given[0]]))
+    text = read_prompts(prompts)
+    tm = load_text_model(spec, text, negative=negative_prompt, dtype=dtype, device=device)
+    model = tm.model
+    if tuple(output_shape(model)) != tuple(data_shape):
+        raise fail("--train", f"images of the model's size {output_shape(model)} (a PNG/JPEG "
+                   "folder is resized to it)", f"items of shape {tuple(data_shape)}")
+    table = torch.arange(len(text.texts))
+    k = per_condition if per_condition is not None else max(1, n_samples // len(table))
+    w = tm.default_guidance if guidance is None else guidance
+    if w is not None and not w > 1:
+        w = None
+    model.guided(w, torch.tensor(len(text.texts)) if w is not None else None)
+    _check_sampler(model, sampler, steps, scheduler_class, eta)
+    cond = per_sample(table, positive_int("--per-condition", k))
+    return DrawPlan(model=model, n=int(cond.shape[0]), cond=cond, conditions=table,
+                    sampler=sampler, steps=positive_int("--steps", steps), seed=seed,
+                    scheduler_class=scheduler_class, eta=eta, prompts=text.texts,
+                    truncated=tm.truncated)
 
 
 def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = True) -> Path:
