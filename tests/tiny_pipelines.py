@@ -53,7 +53,7 @@ def sd_pipeline(folder: Path, *, prediction: str = "epsilon", scheduler: str = "
         sample_size=16)
     sched = getattr(diffusers, scheduler)(
         num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, prediction_type=prediction)
+        beta_end=0.012, prediction_type=prediction, steps_offset=1)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -616,13 +616,17 @@ def compare_command(
     schedule: str = SCHEDULE,
     model_kind: str = MODEL_KIND,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
+    prompts: Path | None = PROMPTS,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    dtype: str = DTYPE,
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
-    """The two-model test: models trained on disjoint halves, sampled from the same noise;
-    the fraction of pairs closer to each other than to either training set ("agreement").
-    Writes OUT/compare.json, OUT/per_pair.csv and OUT/index.html."""
+    """The two-model test: models trained on disjoint halves, sampled from the same noise
+    (and, with --prompts, the same prompts); the fraction of pairs closer to each other than
+    to either training set ("agreement"). Writes OUT/compare.json, OUT/per_pair.csv and
+    OUT/index.html."""
     import numpy as np
 
     from diffmem.audit import open_input
@@ -632,12 +636,15 @@ def compare_command(
 
     try:
         check_device(device)
-        ta, tb = open_input(train_a, None, None, "--train-a"), open_input(
-            train_b, None, None, "--train-b")
+        size_a = _prompt_resolution(model_a, prompts, None)
+        ta, tb = (open_input(t, None, size_a if t.is_dir() else None, name)
+                  for t, name in ((train_a, "--train-a"), (train_b, "--train-b")))
+        text: dict[str, Any] = {} if prompts is None else {
+            "prompts": prompts, "negative_prompt": negative_prompt, "dtype": dtype}
         plans = plan_pair(model_a, model_b, ta, tb, n_samples=n_samples, device=device,
                           sampler=sampler, steps=steps, seed=seed, kind=model_kind,
                           schedule=schedule,
-                          scheduler=None if scheduler is None else str(scheduler))
+                          scheduler=None if scheduler is None else str(scheduler), **text)
         folder = prepare_out(out)
         with FolderLock(folder):
             result = compare(plans, ta, tb, folder, bootstrap=bootstrap, progress=progress,

@@ -267,9 +267,9 @@ def name_by_prompt(entries: list[dict[str, Any]], texts: list[str],
                    labels: list[str | None] | None = None) -> None:
     """Per-condition entries keyed by prompt index (``condition``) named by their prompt:
     ``condition`` becomes the prompt's text, ``prompt_index`` keeps the index (and
-    ``label`` the prompt's label, when the prompts file gave one)."""
+    ``prompt_label`` the prompt's label, when the prompts file gave one)."""
     for e in entries:
         i = int(e["condition"])
         e["prompt_index"], e["condition"] = i, texts[i]
         if labels and labels[i] is not None:
-            e["label"] = labels[i]
+            e["prompt_label"] = labels[i]

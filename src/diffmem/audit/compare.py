@@ -101,7 +101,8 @@ def plan_pair(model_a: str, model_b: str, train_a: Any, train_b: Any, *,
               n_samples: int = 200, device: str = "cpu", **options: Any) -> dict[str, Any]:
     """Load both models and check every option against both (``options`` are those of
     :func:`diffmem.audit.model.plan_draw`: ``sampler``, ``steps``, ``seed``, ``kind``,
-    ``schedule``, ``scheduler``); nothing is written."""
+    ``schedule``, ``scheduler``, ``prompts``: text-to-image pipelines sample the same
+    prompts in the same order); nothing is written."""
     from diffmem.audit.model import plan_draw, training_shape
 
     shape_a, shape_b = training_shape(train_a), training_shape(train_b)
@@ -110,9 +111,10 @@ def plan_pair(model_a: str, model_b: str, train_a: Any, train_b: Any, *,
                    f"shape {shape_b}")
     plans = {side: plan_draw(spec, shape_a, n_samples=n_samples, device=device, **options)
              for side, spec in (("a", model_a), ("b", model_b))}
-    if any(p.model.conditional for p in plans.values()):
-        raise fail("--model-a", "unconditional models (audit conditional ones per "
-                   "condition with diffmem audit)", "a conditional model")
+    if any(p.model.conditional and p.prompts is None for p in plans.values()):
+        raise fail("--model-a", "unconditional models or text-to-image pipelines with "
+                   "--prompts (audit other conditional ones per condition with diffmem "
+                   "audit)", "a conditional model")
     return plans
 
 

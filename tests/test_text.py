@@ -1,0 +1,167 @@
+"""Latent text-to-image pipelines: prompts read and encoded by the pipeline's own tokenizer
+and text encoder, sampling equal to the pipeline's own call, audit/detect/compare with
+--prompts, and bad input refused before anything is written. Every pipeline is a tiny one
+built in the test (tests/tiny_pipelines.py); nothing is downloaded."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffmem.cli import app
+from diffmem.text import read_prompts
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from tiny_pipelines import sd_pipeline  # noqa: E402
+
+PROMPTS = ["a red square", "a blue circle", "two green lines"]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+def test_prompts_files_lines_and_json_lines(tmp_path):
+    plain = tmp_path / "p.txt"
+    plain.write_text("a cat\n\n  a dog  \n")
+    assert read_prompts(plain).texts == ["a cat", "a dog"]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"prompt": "a cat", "label": 1}\n{"prompt": "a dog"}\n')
+    got = read_prompts(lines)
+    assert got.texts == ["a cat", "a dog"] and got.labels == ["1", None]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="--prompts: expected at least one prompt"):
+        read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_prompts(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("prediction, scheduler", [("epsilon", "DDIMScheduler"),
+                                                   ("v_prediction", "EulerDiscreteScheduler")])
+def test_pipeline_sampler_equals_the_pipelines_own_call(tmp_path, prediction, scheduler):
+    from diffmem.models import sample_model
+    from diffmem.text import Prompts, load_text_model
+
+    folder = sd_pipeline(tmp_path / "pipe", prediction=prediction, scheduler=scheduler)
+    tm = load_text_model(folder, Prompts(PROMPTS[:2]))
+    model = tm.model
+    assert model.data_shape == (4, 8, 8) and model.network["image_shape"] == (3, 16, 16)
+    assert tm.default_guidance == 7.5
+    model.guided(tm.default_guidance, torch.tensor(2))
+    cond = torch.tensor([0, 1, 1])
+    out = sample_model(model, 3, tmp_path / "s.npy", sampler="pipeline", steps=6, batch=3,
+                       progress=False, cond=cond)
+    z = torch.from_numpy(np.load(tmp_path / "s_initial_noise.npy"))
+    ref = tm.pipe(prompt=[PROMPTS[i] for i in cond], latents=z, num_inference_steps=6,
+                  guidance_scale=7.5, output_type="pt").images
+    assert out.shape == (3, 3, 16, 16)
+    assert np.abs(out - ref.numpy()).max() <= 1e-5
+    # the score agrees with the network: epsilon / v to score on the scheduler's schedule
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.7])
+    model.guided(None, None)
+    y = torch.tensor([0, 1])
+    with torch.no_grad():
+        raw = tm.pipe.unet(x, model.schedule.timestep(t),
+                           encoder_hidden_states=tm.pipe.encode_prompt(
+                               [PROMPTS[0], PROMPTS[1]], "cpu", 1, False)[0]).sample
+    m, s = model.schedule.m(t.double()).float(), model.schedule.sigma(t.double()).float()
+    want = -raw / s[:, None, None, None] if prediction == "epsilon" else \
+        -(m[:, None, None, None] * raw + s[:, None, None, None] * x) / s[:, None, None, None]
+    assert torch.allclose(model(x, t, y), want, rtol=1e-4, atol=1e-4)
+
+
+def _images(folder, n, size, seed=0):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(
+            folder / f"{i}.png")
+    return folder
+
+
+def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "label": i}) for i, p in
+                                 enumerate(PROMPTS)) + "\n" + json.dumps(
+        {"prompt": "long " * 20}) + "\n")
+    train = _images(tmp_path / "train", 5, 24)  # resized to the pipeline's 16 x 16
+    res = CliRunner().invoke(app, [
+        "audit", "--model", str(sd), "--prompts", str(prompts), "--train", str(train),
+        "--sampler", "pipeline", "--steps", "3", "--per-condition", "2", "--no-progress",
+        "--out", str(tmp_path / "audit")])
+    assert res.exit_code == 0, res.output
+    assert "1 prompt(s) longer than the tokenizer's 24 tokens are truncated" in res.output
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert sorted(e["condition"] for e in report["conditions"]) == sorted(PROMPTS +
+                                                                          ["long " * 20])
+    assert report["inputs"]["truncated_prompts"] == [3]
+    assert report["inputs"]["train_resized_to"] == [16, 16]
+    assert np.load(tmp_path / "audit" / "initial_noise.npy").shape == (8, 4, 8, 8)
+    assert np.load(tmp_path / "audit" / "samples.npy").shape == (8, 3, 16, 16)
+    assert np.load(tmp_path / "audit" / "sample_conditions.npy").tolist() == [0, 0, 1, 1, 2,
+                                                                              2, 3, 3]
+    page = (tmp_path / "audit" / "index.html").read_text()
+    assert "a blue circle" in page
+
+    res = CliRunner().invoke(app, [
+        "detect", "--model", str(sd), "--prompts", str(prompts), "--steps", "4",
+        "--n-noise", "2", "--no-progress", "--out", str(tmp_path / "detect")])
+    assert res.exit_code == 0, res.output
+    found = json.loads((tmp_path / "detect" / "detect.json").read_text())["conditions"]
+    assert {e["condition"] for e in found} >= set(PROMPTS)
+    assert {e.get("prompt_label") for e in found if e["condition"] in PROMPTS} == {"0", "1",
+                                                                                 "2"}
+
+    half = _images(tmp_path / "half", 5, 16, seed=1)
+    res = CliRunner().invoke(app, [
+        "compare", "--model-a", str(sd), "--model-b", str(sd), "--train-a", str(train),
+        "--train-b", str(half), "--prompts", str(prompts), "--sampler", "pipeline",
+        "--steps", "3", "--n-samples", "4", "--bootstrap", "50", "--no-progress",
+        "--out", str(tmp_path / "compare")])
+    assert res.exit_code == 0, res.output
+    pairs = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert pairs["agreement"] == 1.0  # one model against itself: every pair coincides
+
+
+def _refused(args, out, *needles):
+    res = CliRunner().invoke(app, args + ["--out", str(out), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    for needle in needles:
+        assert needle in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not (out / "audit.json").exists() and not (out / "samples.npy").exists()
+
+
+def test_bad_pipelines_and_prompts_are_refused_before_anything_is_written(sd, tmp_path):
+    import shutil
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    train = _images(tmp_path / "train", 3, 16)
+    base = ["audit", "--model", str(sd), "--train", str(train), "--prompts", str(prompts)]
+    (tmp_path / "empty.txt").write_text("")
+    _refused(base[:-1] + [str(tmp_path / "empty.txt")], tmp_path / "o1",
+             "--prompts: expected at least one prompt")
+    broken = tmp_path / "broken"
+    shutil.copytree(sd, broken)
+    shutil.rmtree(broken / "vae")
+    _refused(["audit", "--model", str(broken), "--train", str(train), "--prompts",
+              str(prompts)], tmp_path / "o2", "--model", "missing vae")
+    mismatched = sd_pipeline(tmp_path / "mismatch", vocab_extra=10)
+    _refused(["audit", "--model", str(mismatched), "--train", str(train), "--prompts",
+              str(prompts)], tmp_path / "o3", "a tokenizer that matches its text encoder")
+    np.save(tmp_path / "small.npy", np.zeros((3, 3, 8, 8), np.float32))
+    _refused(["audit", "--model", str(sd), "--train", str(tmp_path / "small.npy"),
+              "--prompts", str(prompts)], tmp_path / "o4",
+             "--train: expected images of the model's size (3, 16, 16)")
+    _refused(base + ["--conditions", str(tmp_path / "small.npy")], tmp_path / "o5",
+             "--conditions: expected no value with --prompts")
+    _refused(base + ["--dtype", "float8"], tmp_path / "o6", "--dtype: expected one of")
