@@ -8,6 +8,12 @@ resumable batches written to disk, the initial noise recorded) against the diffu
 pipeline's own call for the same samples and steps (``DDIMPipeline`` with eta 0, and
 ``DDPMPipeline``), each the best of three runs, interleaved; the ratio is diffmem / diffusers
 (target <= 1.10). The samples agree to round-off.
+
+Then a latent text-to-image pipeline (the tiny Stable Diffusion layout of the tests, built
+here: CLIP tokenizer and text encoder, a UNet2DConditionModel on 16x16x4 latents, a VAE to
+32x32 images, DDIM): ``diffmem.text`` sampling with guidance 7.5 and VAE decoding against
+``StableDiffusionPipeline.__call__`` from the same latents (prompts encoded once by diffmem,
+at every call by the pipeline).
 """
 
 from __future__ import annotations
@@ -76,6 +82,47 @@ def main() -> None:
             mine = np.clip(out["ours"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
             print(f"{sched.__name__:<16} {min(t_ref):>12.2f} {min(t_ours):>10.2f} "
                   f"{min(t_ours) / min(t_ref):>7.3f} {np.abs(mine - out['ref']).max():>11.2e}")
+    text_to_image(8 if args.quick else 16, steps)
+
+
+def text_to_image(n: int, steps: int) -> None:
+    """The latent text-to-image comparison (module docstring)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_pipelines import sd_pipeline
+
+    from diffmem.text import Prompts, load_text_model
+
+    prompts = [f"a photo of thing {i}" for i in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = sd_pipeline(Path(tmp) / "sd", latent_size=16, channels=(32, 64))
+        tm = load_text_model(folder, Prompts(prompts))
+        model, pipe = tm.model, tm.pipe
+        model.guided(7.5, torch.tensor(len(prompts)))
+        cond = torch.arange(n) % len(prompts)
+        out: dict[str, np.ndarray] = {}
+
+        def ours() -> None:
+            (Path(tmp) / "s.npy").unlink(missing_ok=True)
+            out["ours"] = np.array(sample_model(model, n, Path(tmp) / "s.npy",
+                                                sampler="pipeline", steps=steps, seed=0,
+                                                batch=n, progress=False, cond=cond))
+
+        def theirs() -> None:
+            z = torch.from_numpy(np.load(Path(tmp) / "s_initial_noise.npy"))
+            out["ref"] = pipe(prompt=[prompts[i] for i in cond], latents=z,
+                              num_inference_steps=steps, guidance_scale=7.5,
+                              output_type="np").images
+
+        ours()  # the initial latents both start from
+        t_ref, t_ours = [], []
+        for _ in range(3):
+            t_ref.append(best_of(1, theirs))
+            t_ours.append(best_of(1, ours))
+        diff = np.abs(out["ours"].transpose(0, 2, 3, 1) - out["ref"]).max()
+        print(f"{'SD text-to-image':<16} {min(t_ref):>12.2f} {min(t_ours):>10.2f} "
+              f"{min(t_ours) / min(t_ref):>7.3f} {diff:>11.2e}")
 
 
 if __name__ == "__main__":

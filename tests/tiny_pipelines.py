@@ -28,8 +28,10 @@ def write_tokenizer(folder: Path, max_length: int = 24) -> int:
 
 
 def sd_pipeline(folder: Path, *, prediction: str = "epsilon", scheduler: str = "DDIMScheduler",
-                vocab_extra: int = 0, max_length: int = 24, seed: int = 0) -> Path:
-    """A tiny Stable Diffusion layout saved in ``folder``: 8x8x4 latents, 16x16 RGB images."""
+                vocab_extra: int = 0, max_length: int = 24, seed: int = 0,
+                latent_size: int = 8, channels: tuple[int, int] = (16, 32)) -> Path:
+    """A tiny Stable Diffusion layout saved in ``folder``: ``latent_size`` squared latents
+    of 4 channels (default 8), RGB images twice that size."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -42,18 +44,19 @@ def sd_pipeline(folder: Path, *, prediction: str = "epsilon", scheduler: str = "
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
         bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=4, norm_num_groups=8)
     vae = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
-        sample_size=16)
+        sample_size=2 * latent_size)
     sched = getattr(diffusers, scheduler)(
         num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, prediction_type=prediction, steps_offset=1)
+        beta_end=0.012, prediction_type=prediction, steps_offset=1,
+        **({"clip_sample": False} if scheduler in ("DDIMScheduler", "DDPMScheduler") else {}))
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
