@@ -62,3 +62,95 @@ def sd_pipeline(folder: Path, *, prediction: str = "epsilon", scheduler: str = "
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def _clip_pair(folder: Path, name: str, *, projection: bool, max_length: int = 24,
+               hidden: int = 32):
+    """A tokenizer and a CLIP text encoder (with a projection for pooled embeddings)."""
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    tmp = folder.parent / f"{folder.name}_{name}"
+    vocab = write_tokenizer(tmp, max_length)
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=37,
+                            num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=max_length, bos_token_id=0,
+                            eos_token_id=1, pad_token_id=1, projection_dim=hidden)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return CLIPTokenizer.from_pretrained(str(tmp)), cls(config)
+
+
+def _vae(latent_size: int, **extra):
+    import diffusers
+
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
+        sample_size=2 * latent_size, **extra)
+
+
+def sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny SDXL layout: two CLIP encoders (the second with a projection: pooled
+    embeddings), a UNet with SDXL's text-and-size added conditioning."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tok, enc = _clip_pair(folder, "tok1", projection=False)
+    tok2, enc2 = _clip_pair(folder, "tok2", projection=True)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        transformer_layers_per_block=1)
+    sched = diffusers.EulerDiscreteScheduler(
+        num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
+        beta_end=0.012, steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=_vae(8), text_encoder=enc, text_encoder_2=enc2, tokenizer=tok, tokenizer_2=tok2,
+        unet=unet, scheduler=sched)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def sd3_pipeline(folder: Path, seed: int = 0, **scheduler_options) -> Path:
+    """A tiny SD3 layout: two CLIP encoders with projections (no T5: its embeddings are
+    zeros, as the pipeline allows), an SD3 transformer, flow matching."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tok, enc = _clip_pair(folder, "tok1", projection=True)
+    tok2, enc2 = _clip_pair(folder, "tok2", projection=True)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=100, **{"shift": 3.0, **scheduler_options})
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, vae=_vae(8, shift_factor=0.06, scaling_factor=1.5),
+        text_encoder=enc, text_encoder_2=enc2, text_encoder_3=None, tokenizer=tok,
+        tokenizer_2=tok2, tokenizer_3=None, scheduler=sched)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def dit_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny DiT layout: a class-conditional diffusion transformer with a learned
+    variance on 8x8x4 latents, a VAE, DDIM."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
+    sched = diffusers.DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_vae(8), scheduler=sched)
+    pipe.save_pretrained(str(folder))
+    return folder

@@ -368,20 +368,46 @@ def read_scheduler_config(folder: Path, scheduler: str | Path | None) -> tuple[d
         raise fail("--scheduler", "a readable JSON scheduler config", f"{sched} ({err})") from err
 
 
-#: diffusers UNets diffmem loads, and how each takes a condition.
-UNET_CLASSES = {"UNet2DModel": "class_labels", "UNet2DConditionModel": "encoder_hidden_states"}
+#: diffusers denoising networks diffmem loads, and the keyword each takes its condition by
+#: (UNets and diffusion transformers alike; ``pooled_projections`` too for SD3's, from a
+#: text pipeline's prompts).
+DENOISER_CLASSES = {"UNet2DModel": "class_labels",
+                    "UNet2DConditionModel": "encoder_hidden_states",
+                    "DiTTransformer2DModel": "class_labels",
+                    "Transformer2DModel": "class_labels",
+                    "PixArtTransformer2DModel": "encoder_hidden_states",
+                    "SD3Transformer2DModel": "encoder_hidden_states"}
+#: Networks that need more than one condition tensor: only through a text pipeline.
+NEEDS_PROMPTS = ("SD3Transformer2DModel",)
+
+
+def _denoiser_dir(folder: Path) -> Path:
+    """The network's folder: a pipeline's ``unet/`` or ``transformer/``, or ``folder``."""
+    if (folder / "model_index.json").is_file():
+        for name in ("unet", "transformer"):
+            if (folder / name / "config.json").is_file():
+                return folder / name
+        raise fail("--model", "a diffusers pipeline folder with unet/ or transformer/",
+                   str(folder))
+    if not (folder / "config.json").is_file():
+        raise fail("--model", "a diffusers pipeline folder (model_index.json, unet/ or "
+                   "transformer/, scheduler/) or a network folder (config.json)", str(folder))
+    return folder
 
 
 def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
                    device: str | torch.device = "cpu") -> ModelScore:
-    """A local diffusers model as a score on its :class:`DiscreteVP` schedule: a pipeline
-    folder, or a UNet folder with ``scheduler`` (a scheduler folder or its
+    """A local diffusers model as a score on its scheduler's schedule: a pipeline folder,
+    or a network folder with ``scheduler`` (a scheduler folder or its
     ``scheduler_config.json``). Nothing is downloaded.
 
+    The network is a UNet or a diffusion transformer of :data:`DENOISER_CLASSES`.
     ``UNet2DModel`` is unconditional, or class-conditional when its config has class
-    embeddings (``num_class_embeds``): it is then called with ``class_labels=y``.
-    ``UNet2DConditionModel`` takes ``encoder_hidden_states=y``, ``y`` a batch of
-    precomputed ``(seq, dim)`` embeddings (no text encoder is loaded)."""
+    embeddings (``num_class_embeds``): it is then called with ``class_labels=y``, as are
+    DiT's transformers. ``UNet2DConditionModel`` and ``PixArtTransformer2DModel`` take
+    ``encoder_hidden_states=y``, ``y`` a batch of precomputed ``(seq, dim)`` embeddings (no
+    text encoder is loaded: see :mod:`diffmem.text` for prompts). A pipeline with a
+    ``vae/`` (DiT's) is a latent model: its samples are the VAE's decoded images."""
     try:
         import diffusers
     except ImportError as err:
@@ -390,66 +416,114 @@ def load_diffusers(path: str | Path, scheduler: str | Path | None = None,
     folder = Path(path)
     if not folder.is_dir():
         raise fail("--model", "a diffusers model folder", str(folder))
-    unet_dir = folder / "unet" if (folder / "model_index.json").is_file() else folder
-    if not (unet_dir / "config.json").is_file():
-        raise fail("--model", "a diffusers pipeline folder (model_index.json, unet/, "
-                   "scheduler/) or a UNet folder (config.json)", str(folder))
+    net_dir = _denoiser_dir(folder)
     config, sched_path = read_scheduler_config(folder, scheduler)
     try:
-        class_name = json.loads((unet_dir / "config.json").read_text()).get(
+        class_name = json.loads((net_dir / "config.json").read_text()).get(
             "_class_name", "UNet2DModel")
     except ValueError as err:
-        raise fail("--model", "a readable UNet config.json", str(unet_dir)) from err
-    if class_name not in UNET_CLASSES:
-        raise fail("--model", f"a UNet of a class diffmem loads, {tuple(UNET_CLASSES)}",
+        raise fail("--model", "a readable network config.json", str(net_dir)) from err
+    if class_name not in DENOISER_CLASSES:
+        raise fail("--model", f"a network of a class diffmem loads, {tuple(DENOISER_CLASSES)}",
                    class_name)
+    if class_name in NEEDS_PROMPTS:
+        raise fail("--prompts", f"the prompts of a {class_name} pipeline (its conditions are "
+                   "text embeddings and their pooled projections)", None)
     try:
-        unet = getattr(diffusers, class_name).from_pretrained(str(unet_dir), **_load_options())
+        unet = getattr(diffusers, class_name).from_pretrained(str(net_dir), **_load_options())
     except (OSError, ValueError, RuntimeError) as err:
-        raise fail("--model", f"a loadable {class_name}", f"{unet_dir} ({err})") from err
-    return wrap_diffusers(unet.to(device), config, name=f"diffusers {unet_dir.name}",
-                          scheduler_path=str(sched_path))
+        raise fail("--model", f"a loadable {class_name}", f"{net_dir} ({err})") from err
+    model = wrap_diffusers(unet.to(device), config, name=f"diffusers {net_dir.name}",
+                           scheduler_path=str(sched_path))
+    if net_dir != folder and (folder / "vae" / "config.json").is_file():
+        try:
+            vae = diffusers.AutoencoderKL.from_pretrained(str(folder / "vae"),
+                                                          **_load_options())
+        except (OSError, ValueError, RuntimeError) as err:
+            raise fail("--model", "a loadable AutoencoderKL in vae/", f"{folder} ({err})"
+                       ) from err
+        attach_decoder(model, vae.to(device))
+    return model
+
+
+def attach_decoder(model: ModelScore, vae: Any) -> None:
+    """Make ``model`` a latent model whose samples are ``vae``'s images:
+    ``image = (decode(z / scaling_factor + shift_factor) + 1) / 2`` clipped to ``[0, 1]``
+    (the pipelines' post-processing), of ``out_channels x (f h) x (f w)`` with
+    ``f = 2^(len(block_out_channels) - 1)``."""
+    scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+    shift = getattr(vae.config, "shift_factor", None)
+
+    def decode(latents: Tensor) -> Tensor:
+        z = latents.to(device=vae.device, dtype=vae.dtype) / scale
+        if shift is not None:
+            z = z + float(shift)
+        with torch.no_grad():
+            image = vae.decode(z, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    assert model.network is not None
+    model.network.update(decode=decode, image_shape=(int(vae.config.out_channels),
+                                                     model.data_shape[1] * f,
+                                                     model.data_shape[2] * f))
 
 
 def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
                    scheduler_path: str | None = None,
                    embed: Callable[[Tensor, Tensor], dict[str, Any]] | None = None
                    ) -> ModelScore:
-    """A diffusers UNet in memory (``UNet2DModel`` or ``UNet2DConditionModel``) with its
-    scheduler (an instance or its config) as a score on the scheduler's schedule
-    (:func:`scheduler_schedule`), as :func:`load_diffusers` gives it (for a model being
-    trained; its weights are read at each call, in eval mode and without gradients).
-    ``embed(y, x)``, when given, turns the batch's conditions ``y`` into the network's
-    keyword arguments (a text pipeline's prompt indices into their embeddings)."""
+    """A diffusers network in memory (a UNet or a diffusion transformer of
+    :data:`DENOISER_CLASSES`) with its scheduler (an instance or its config) as a score on
+    the scheduler's schedule (:func:`scheduler_schedule`), as :func:`load_diffusers` gives
+    it (for a model being trained; its weights are read at each call, in eval mode and
+    without gradients). The network is called ``net(x, timestep=k, **condition)`` with the
+    timestep expanded to the batch, and a learned variance (``out_channels = 2
+    in_channels``, DiT and PixArt) dropped, as their pipelines do. ``embed(y, x)``, when
+    given, turns the batch's conditions ``y`` into the network's keyword arguments (a text
+    pipeline's prompt indices into their embeddings)."""
     config = scheduler_config(scheduler)
     prediction = prediction_of(config)
     schedule = scheduler_schedule(config)
     class_name = type(unet).__name__
-    if class_name not in UNET_CLASSES:
-        raise fail("unet", f"a UNet of a class diffmem loads, {tuple(UNET_CLASSES)}",
+    if class_name not in DENOISER_CLASSES:
+        raise fail("unet", f"a network of a class diffmem loads, {tuple(DENOISER_CLASSES)}",
                    class_name)
-    size = unet.config.sample_size
+    cfg = unet.config
+    size = cfg.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    data_shape = (unet.config.in_channels, *size)
-    takes = UNET_CLASSES[class_name]
-    conditional = embed is not None or takes == "encoder_hidden_states" or (
-        unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None)
+    channels = int(cfg.in_channels)
+    data_shape = (channels, *size)
+    takes = DENOISER_CLASSES[class_name]
+    learned_sigma = int(getattr(cfg, "out_channels", None) or channels) == 2 * channels
+    extra: dict[str, Any] = {}
+    if class_name == "PixArtTransformer2DModel":
+        extra["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    labels = (getattr(cfg, "num_class_embeds", None) is not None
+              or getattr(cfg, "class_embed_type", None) is not None
+              or getattr(cfg, "num_embeds_ada_norm", None) is not None)
+    conditional = embed is not None or takes == "encoder_hidden_states" or labels
 
     def net(x: Tensor, timestep: Tensor, y: Tensor | None = None) -> Tensor:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(extra)
         if embed is not None:
             assert y is not None
-            kwargs = embed(y, x)
+            kwargs.update(embed(y, x))
         elif conditional:
+            assert y is not None
             kwargs[takes] = y.to(x.device).long() if takes == "class_labels" else \
                 y.to(device=x.device, dtype=unet.dtype)
+        timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(x.shape[0])
         was_training = unet.training
         unet.eval()
         try:
             with torch.no_grad():
-                return unet(x.to(unet.dtype), timestep, **kwargs).sample
+                out = unet(x.to(unet.dtype), timestep=timestep, **kwargs).sample
         finally:
             unet.train(was_training)
+        return out[:, :channels] if learned_sigma else out
 
     def score(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t64 = t.to(torch.float64)
@@ -457,7 +531,7 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
         return network_output_to_score(out.to(x.dtype), x, schedule.m(t64),
                                        schedule.sigma(t64), prediction)
 
-    patch = int(getattr(unet.config, "patch_size", None) or 1)
+    patch = int(getattr(cfg, "patch_size", None) or 1)
     return ModelScore(score, schedule, data_shape, "score", name=name,
                       conditional=conditional,
                       network={"net": net, "unet": unet, "scheduler_config": config,

@@ -1,9 +1,10 @@
 """Latent text-to-image pipelines as diffmem models: prompts in, images out.
 
-A diffusers pipeline folder (``model_index.json`` with ``unet``, ``vae``, ``text_encoder``,
-``tokenizer`` and ``scheduler``, as ``StableDiffusionPipeline.save_pretrained`` writes it;
-Stable Diffusion 1.x/2.x, epsilon or v prediction) becomes a conditional
-:class:`~diffmem.models.ModelScore` on its latents:
+A diffusers pipeline folder (``model_index.json`` with ``unet`` or ``transformer``, ``vae``,
+``text_encoder``\(s), ``tokenizer``\(s) and ``scheduler``, as ``save_pretrained`` writes
+it: Stable Diffusion 1.x/2.x (epsilon or v prediction), SDXL (two text encoders, pooled
+embeddings and size conditioning) and SD3 (a diffusion transformer on flow matching) becomes
+a conditional :class:`~diffmem.models.ModelScore` on its latents:
 
 * the prompts (:func:`read_prompts`) are encoded once by the pipeline's own tokenizer and text
   encoder (``encode_prompt``), and the negative prompt (default the empty one) last: the
@@ -11,8 +12,11 @@ Stable Diffusion 1.x/2.x, epsilon or v prediction) becomes a conditional
   prompt's, so classifier-free guidance ``out(null) + w (out(y) - out(null))`` is the
   pipeline's (applied only for ``w > 1``, as the pipelines do; ``w`` defaults to the
   pipeline's ``guidance_scale``);
-* the network receives ``encoder_hidden_states = E[y]``; its output becomes a score by the
-  scheduler's prediction type, on the scheduler's schedule (``scaled_linear`` betas for SD);
+* the network receives ``encoder_hidden_states = E[y]`` (and the pooled embeddings ``P[y]``
+  as SD3's ``pooled_projections`` or SDXL's ``text_embeds`` with ``time_ids = (H, W, 0, 0,
+  H, W)``; SDXL's null condition is zeros, as its ``force_zeros_for_empty_prompt`` says);
+  its output becomes a score by the scheduler's prediction type, on the scheduler's schedule
+  (``scaled_linear`` betas for SD, the flow-matching path for SD3);
 * samples are decoded by the VAE, ``image = (decode(z / scaling_factor) + 1) / 2`` clipped to
   ``[0, 1]`` (the pipelines' post-processing, without their safety checker), and audited as
   images of ``3 x H x W`` (``H = vae_scale_factor * sample_size``).
@@ -37,11 +41,14 @@ import torch
 from torch import Tensor
 
 from diffmem._checks import fail
-from diffmem.models import ModelScore, _load_options, wrap_diffusers
+from diffmem.models import ModelScore, _load_options, attach_decoder, wrap_diffusers
 
 #: Components a latent text-to-image pipeline folder must have.
 REQUIRED = ("vae", "text_encoder", "tokenizer", "scheduler")
-DENOISERS = ("unet",)
+DENOISERS = ("unet", "transformer")
+#: The pipelines diffmem samples with prompts.
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
+             "StableDiffusion3Pipeline")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -100,13 +107,21 @@ def _index(folder: Path) -> dict[str, Any]:
     except ValueError as err:
         raise fail("--model", "a readable model_index.json", f"{index_file} ({err})") from err
     denoiser = [d for d in DENOISERS if index.get(d)]
-    missing = [c for c in REQUIRED if not index.get(c) or not (folder / c).is_dir()]
+    listed = [c for c, v in index.items() if not c.startswith("_") and isinstance(v, list)
+              and v and v[0] is not None]  # e.g. SDXL's text_encoder_2 and tokenizer_2
+    wanted = list(REQUIRED) + [c for c in listed if c not in REQUIRED and c not in DENOISERS]
+    missing = [c for c in wanted if not index.get(c) or not (folder / c).is_dir()]
     if not denoiser or not (folder / denoiser[0]).is_dir():
-        missing.insert(0, "unet")
+        missing.insert(0, " or ".join(DENOISERS))
     if missing:
         raise fail("--model", f"a text-to-image pipeline with {', '.join(REQUIRED)} and a "
                    f"{' or '.join(DENOISERS)}", f"{folder}: missing {', '.join(missing)}")
     return index
+
+
+def _latent_size(denoiser: Any) -> tuple[int, int]:
+    size = denoiser.config.sample_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def pipeline_resolution(folder: str | Path) -> tuple[int, int]:
@@ -115,11 +130,13 @@ def pipeline_resolution(folder: str | Path) -> tuple[int, int]:
     block_out_channels) - 1)``."""
     folder = Path(folder)
     _index(folder)
+    net = next(folder / d for d in DENOISERS if (folder / d / "config.json").is_file())
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        unet = json.loads((net / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
     except (OSError, ValueError) as err:
-        raise fail("--model", "readable unet/ and vae/ configs", f"{folder} ({err})") from err
+        raise fail("--model", "readable network and vae/ configs", f"{folder} ({err})"
+                   ) from err
     size = unet.get("sample_size", 64)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
@@ -182,14 +199,48 @@ def _too_long(pipe: Any, texts: list[str]) -> tuple[list[int], int]:
     return [i for i, row in enumerate(ids) if len(row) > limit], limit
 
 
-def _encode(pipe: Any, texts: list[str], device: torch.device) -> Tensor:
-    """The pipeline's own prompt embeddings of ``texts`` (no guidance, one image each)."""
+def _encode(pipe: Any, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The pipeline's own prompt embeddings of ``texts`` (no guidance, one image each) and,
+    for the pipelines that have them (SDXL, SD3), the pooled embeddings."""
     sig = inspect.signature(pipe.encode_prompt).parameters
     kwargs: dict[str, Any] = {"device": device, "num_images_per_prompt": 1,
-                              "do_classifier_free_guidance": False}
-    with torch.no_grad():
+                              "do_classifier_free_guidance": False,
+                              "prompt_2": None, "prompt_3": None}  # the same prompt, as
+    with torch.no_grad():  # the pipelines default to
         out = pipe.encode_prompt(texts, **{k: v for k, v in kwargs.items() if k in sig})
-    return out[0] if isinstance(out, tuple) else out
+    if not isinstance(out, tuple):
+        return out, None
+    pooled = out[2] if len(out) >= 4 and isinstance(out[2], Tensor) else None
+    return out[0], pooled
+
+
+def _conditioning(pipe: Any, denoiser: Any, table: Tensor, pooled: Tensor | None,
+                  image_size: tuple[int, int]) -> Any:
+    """``embed(y, x)``: the denoiser's keyword arguments for prompt indices ``y``, as the
+    pipeline passes them: ``encoder_hidden_states``, and SD3's ``pooled_projections`` or
+    SDXL's ``added_cond_kwargs`` (pooled text embeddings and the size conditioning
+    ``(H, W, 0, 0, H, W)``: original size, no crop, target size)."""
+    name = type(denoiser).__name__
+    text_time = getattr(denoiser.config, "addition_embed_type", None) == "text_time"
+    if (name == "SD3Transformer2DModel" or text_time) and pooled is None:
+        raise fail("--model", f"a pipeline whose encode_prompt gives pooled embeddings for "
+                   f"its {name}", type(pipe).__name__)
+    time_ids = torch.tensor([*image_size, 0, 0, *image_size], dtype=table.dtype,
+                            device=table.device)
+
+    def embed(y: Tensor, x: Tensor) -> dict[str, Any]:
+        rows = y.to(table.device).long()
+        kwargs: dict[str, Any] = {"encoder_hidden_states": table[rows]}
+        if name == "SD3Transformer2DModel":
+            assert pooled is not None
+            kwargs["pooled_projections"] = pooled[rows]
+        elif text_time:
+            assert pooled is not None
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[rows],
+                                           "time_ids": time_ids.expand(rows.shape[0], 6)}
+        return kwargs
+
+    return embed
 
 
 def load_text_model(folder: str | Path, prompts: Prompts, *, negative: str = "",
@@ -207,8 +258,11 @@ def load_text_model(folder: str | Path, prompts: Prompts, *, negative: str = "",
     if dtype not in DTYPES:
         raise fail("--dtype", f"one of {tuple(DTYPES)}", repr(dtype))
     folder = Path(folder)
-    _index(folder)
-    options = {} if dtype == "float32" else {"torch_dtype": DTYPES[dtype]}
+    index = _index(folder)
+    options: dict[str, Any] = {} if dtype == "float32" else {"torch_dtype": DTYPES[dtype]}
+    # components saved as absent (SD3 without T5, SD without a safety checker) stay absent
+    options.update({c: None for c, v in index.items() if not c.startswith("_")
+                    and isinstance(v, list) and (not v or v[0] is None)})
     try:
         with _quiet():
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **options,
@@ -220,9 +274,9 @@ def load_text_model(folder: str | Path, prompts: Prompts, *, negative: str = "",
         lines = [ln for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
         raise fail("--model", "a loadable text-to-image pipeline folder",
                    f"{folder} ({type(err).__name__}: {lines[0][:200]})") from err
-    if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "unet"):
-        raise fail("--model", "a latent text-to-image pipeline with a UNet (Stable Diffusion "
-                   "1.x/2.x layout)", type(pipe).__name__)
+    if not hasattr(pipe, "encode_prompt") or type(pipe).__name__ not in PIPELINES:
+        raise fail("--model", f"a latent text-to-image pipeline of {PIPELINES}",
+                   type(pipe).__name__)
     pipe.set_progress_bar_config(disable=not progress)
     pipe = pipe.to(device)
     _check_tokenizer(pipe)
@@ -234,29 +288,18 @@ def load_text_model(folder: str | Path, prompts: Prompts, *, negative: str = "",
               f"{limit} tokens are truncated, as the pipeline does (prompt "
               f"{shown}{', ...' if len(truncated) > 10 else ''})", file=sys.stderr)
     with _quiet():
-        table = _encode(pipe, prompts.texts + [negative], torch.device(device))
-
-    def embed(y: Tensor, x: Tensor) -> dict[str, Any]:
-        return {"encoder_hidden_states": table[y.to(table.device).long()]}
-
-    model = wrap_diffusers(pipe.unet, pipe.scheduler, name=f"pipeline {folder.name}",
-                           embed=embed)
-    vae = pipe.vae
-    scale = float(getattr(vae.config, "scaling_factor", 1.0))
-    shift = getattr(vae.config, "shift_factor", None)
-
-    def decode(latents: Tensor) -> Tensor:
-        z = latents.to(device=vae.device, dtype=vae.dtype) / scale
-        if shift is not None:
-            z = z + float(shift)
-        with torch.no_grad():
-            image = vae.decode(z, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    h, w = model.data_shape[1] * pipe.vae_scale_factor, model.data_shape[2] * pipe.vae_scale_factor
+        table, pooled = _encode(pipe, prompts.texts + [negative], torch.device(device))
+    if negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        table[-1] = 0  # SDXL's null condition: zeros, not the empty prompt's embedding
+        if pooled is not None:
+            pooled[-1] = 0
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    size = tuple(int(v) * pipe.vae_scale_factor for v in _latent_size(denoiser))
+    model = wrap_diffusers(denoiser, pipe.scheduler, name=f"pipeline {folder.name}",
+                           embed=_conditioning(pipe, denoiser, table, pooled, size))
+    attach_decoder(model, pipe.vae)
     assert model.network is not None
-    model.network.update(decode=decode, image_shape=(int(vae.config.out_channels), h, w),
-                         prompts=prompts.texts)
+    model.network["prompts"] = prompts.texts
     default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
     guidance = None if default is None or default.default is inspect.Parameter.empty \
         else float(default.default)
