@@ -1,4 +1,4 @@
-"""Latent text-to-image pipelines as diffmem models: prompts in, images out.
+r"""Latent text-to-image pipelines as diffmem models: prompts in, images out.
 
 A diffusers pipeline folder (``model_index.json`` with ``unet`` or ``transformer``, ``vae``,
 ``text_encoder``\(s), ``tokenizer``\(s) and ``scheduler``, as ``save_pretrained`` writes
