@@ -209,3 +209,39 @@ def test_dit_transformer_loads_like_a_class_conditional_unet(tmp_path):
     ref = pipe(class_labels=labels.tolist(), guidance_scale=4.0, num_inference_steps=4,
                generator=torch.Generator().manual_seed(5), output_type="np").images
     assert np.abs(out.transpose(0, 2, 3, 1) - ref).max() <= 1e-5
+
+
+def test_killed_prompt_audit_reruns_to_identical_samples(sd, tmp_path):
+    from test_faults import CLI, _kill_when, _run
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    train = _images(tmp_path / "train", 3, 16)
+    args = ["audit", "--model", str(sd), "--prompts", str(prompts), "--train", str(train),
+            "--sampler", "pipeline", "--steps", "3", "--per-condition", "4", "--batch-size",
+            "2", "--bootstrap", "20", "--no-progress"]
+    whole = CliRunner().invoke(app, args + ["--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    out = tmp_path / "cut"
+    mark = out / "samples.npy.progress.json"
+    code = _kill_when(CLI + args + ["--out", str(out)], mark.exists, 0.05)
+    assert code == -9 and 0 < json.loads(mark.read_text())["done"] < 12  # while sampling
+    again = _run(args + ["--out", str(out)])
+    assert again.returncode == 0, again.stderr
+    for name in ("samples.npy", "initial_noise.npy", "sample_conditions.npy"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("part", ["text_encoder/model.safetensors", "tokenizer/tokenizer.json",
+                                  "unet/config.json"])
+def test_corrupt_pipeline_files_are_clear_errors(sd, tmp_path, part):
+    import shutil
+
+    broken = tmp_path / "pipe"
+    shutil.copytree(sd, broken)
+    target = broken / part
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    _refused(["audit", "--model", str(broken), "--train", str(_images(tmp_path / "t", 2, 16)),
+              "--prompts", str(prompts)], tmp_path / "out", "--model")

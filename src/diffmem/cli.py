@@ -42,6 +42,9 @@ PROMPTS = typer.Option(None, "--prompts", help="With a text-to-image pipeline fo
                        "'label'); the conditions are their indices.")
 NEGATIVE_PROMPT = typer.Option("", "--negative-prompt", help="The null condition of "
                                "--prompts (default: the empty prompt).")
+BATCH_SIZE = typer.Option(64, "--batch-size", help="Samples a model draws at once (each "
+                          "batch is written before the next: a rerun after a kill goes on "
+                          "from the last one).")
 DTYPE = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16: the precision "
                      "a --prompts pipeline is loaded in.")
 MODEL_KIND = typer.Option("score", "--model-kind", help="score or denoiser: what a callable "
@@ -243,6 +246,7 @@ def audit_command(
         None, "--model", help="Draw the samples from a model: a local diffusers folder, a "
                               "diffmem checkpoint (.pt) or module:function / file.py:function."),
     n_samples: int = typer.Option(1000, "--n-samples", help="Samples to draw with --model."),
+    batch_size: int = BATCH_SIZE,
     sampler: str = typer.Option("ode", "--sampler", help="ode (probability flow), edm "
                                 "(Heun) or pipeline (a diffusers model's own scheduler)."),
     steps: int = typer.Option(18, "--steps", help="Noise levels of the edm sampler; "
@@ -324,7 +328,7 @@ def audit_command(
                 scheduler_class=scheduler_class, eta=eta,
                 scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
                 kind=model_kind, index=model_index, device=device, prompts=prompts,
-                negative_prompt=negative_prompt, dtype=dtype)
+                negative_prompt=negative_prompt, dtype=dtype, batch_size=batch_size)
             held = None if held_out is None else open_input(held_out, None, size, "--held-out")
         elif prompts is not None:
             raise fail("--prompts", "--model (a text-to-image pipeline folder)", str(prompts))
@@ -610,6 +614,7 @@ def compare_command(
     train_b: Path = typer.Option(..., "--train-b", help="Training set of model B."),  # noqa: B008
     out: Path = typer.Option(..., "--out", help="Output folder."),  # noqa: B008
     n_samples: int = typer.Option(200, "--n-samples", help="Pairs to draw."),
+    batch_size: int = BATCH_SIZE,
     sampler: str = typer.Option("ode", "--sampler", help="ode, edm or pipeline."),
     steps: int = typer.Option(18, "--steps", help="Steps of the edm or pipeline sampler."),
     scheduler: Path | None = SCHEDULER,
@@ -644,7 +649,8 @@ def compare_command(
         plans = plan_pair(model_a, model_b, ta, tb, n_samples=n_samples, device=device,
                           sampler=sampler, steps=steps, seed=seed, kind=model_kind,
                           schedule=schedule,
-                          scheduler=None if scheduler is None else str(scheduler), **text)
+                          scheduler=None if scheduler is None else str(scheduler),
+                          batch_size=batch_size, **text)
         folder = prepare_out(out)
         with FolderLock(folder):
             result = compare(plans, ta, tb, folder, bootstrap=bootstrap, progress=progress,

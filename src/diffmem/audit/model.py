@@ -5,6 +5,7 @@ Shared by ``diffmem audit --model`` and the commands that sample models."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class DrawPlan:
     eta: float | None
     #: A text-to-image pipeline's prompts (the conditions are their indices).
     prompts: list[str] | None = None
+    #: Samples drawn at once (each batch is written and recorded before the next).
+    batch: int = 64
     truncated: list[int] | None = None
 
 
@@ -44,23 +47,26 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
               seed: int = 0, scheduler_class: str | None = None, eta: float | None = None,
               scheduler: str | None = None, schedule: str = "VP", kind: str = "score",
               index: int = 0, device: str = "cpu", prompts: str | Path | None = None,
-              negative_prompt: str = "", dtype: str = "float32") -> DrawPlan:
+              negative_prompt: str = "", dtype: str = "float32", batch_size: int = 64
+              ) -> DrawPlan:
     """Load ``spec`` (as :func:`diffmem.models.load_model`) and check the sampling options
     against it. A conditional model samples ``per_condition`` times each of ``conditions``
     (default: each distinct training condition of ``train_cond``; ``per_condition``
     defaults to ``n_samples`` shared out); the model must take the conditions and, with
     ``guidance``, the ``null_cond``. Raises ``ValueError`` naming the option at fault."""
     n_samples = positive_int("--n-samples", n_samples)
+    batch = positive_int("--batch-size", batch_size)
     if sampler not in SAMPLERS:
         raise fail("--sampler", f"one of {SAMPLERS}", repr(sampler))
     if prompts is not None:
-        return _plan_prompts(spec, data_shape, prompts, n_samples=n_samples,
+        text = _plan_prompts(spec, data_shape, prompts, n_samples=n_samples,
                              per_condition=per_condition, guidance=guidance,
                              negative_prompt=negative_prompt, dtype=dtype, sampler=sampler,
                              steps=steps, seed=seed, scheduler_class=scheduler_class,
                              eta=eta, device=device, rejected={
                                  "--conditions": conditions, "--train-cond": train_cond,
                                  "--null-cond": null_cond, "--scheduler": scheduler})
+        return dataclasses.replace(text, batch=batch)
     wants_cond = train_cond is not None or conditions is not None
     model = load_model(spec, scheduler=scheduler, schedule=schedule, kind=kind,
                        data_shape=data_shape, index=index, device=device,
@@ -98,7 +104,7 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
     return DrawPlan(model=model, n=n_samples if cond is None else int(cond.shape[0]),
                     cond=cond, conditions=table, sampler=sampler,
                     steps=positive_int("--steps", steps), seed=seed,
-                    scheduler_class=scheduler_class, eta=eta)
+                    scheduler_class=scheduler_class, eta=eta, batch=batch)
 
 
 def _check_sampler(model: ModelScore, sampler: str, steps: int, scheduler_class: str | None,
@@ -167,6 +173,7 @@ def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = 
         np.save(buf, plan.cond.numpy())
         atomic_write_bytes(folder / "sample_conditions.npy", buf.getvalue())
     sample_model(plan.model, plan.n, out, sampler=plan.sampler, steps=plan.steps,
+                 batch=plan.batch,
                  seed=plan.seed, device=device, progress=progress, cond=plan.cond,
                  scheduler_class=plan.scheduler_class, eta=plan.eta,
                  noise_out=folder / "initial_noise.npy")

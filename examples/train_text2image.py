@@ -1,0 +1,131 @@
+"""Fine-tune the UNet of a latent text-to-image pipeline (Stable Diffusion layout) on images
+with captions, in a plain PyTorch loop, optionally with the paper's Tikhonov penalty; then
+audit and detect it with prompts:
+
+    python examples/train_text2image.py --pipeline sd_folder --data captions.jsonl \
+        --out run --steps 300
+    diffmem audit --model run/pipeline --prompts prompts.txt --train images/ --out audit
+    diffmem detect --model run/pipeline --prompts prompts.txt --out detect
+
+--data is JSON lines with ``image`` (a PNG/JPEG path, relative to the file) and ``caption``;
+an image listed several times is duplicated in the training set, the usual cause of
+memorization. Images are resized to the pipeline's resolution and encoded once by its VAE
+(the latent mean, times its scaling factor); captions are encoded once by its own text
+encoder, and dropped to the empty caption with probability --drop (what classifier-free
+guidance needs). OUT/reconstructions.npy holds the VAE's reconstructions of the distinct
+training images (in OUT/images): a sample that copies a training image decodes to its
+reconstruction, which a well-trained VAE makes equal to the image and a small or untrained
+one does not, so audit against them when the VAE is not a good one. The loss is the scheduler's: the noise (epsilon) or v, ``|out - target|^2``
+at timesteps drawn uniformly. The fine-tuned pipeline is saved in OUT/pipeline.
+
+Needs: pip install 'diffmem[pipelines]'.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffmem.images import load_images
+from diffmem.regularize import diffusers_tikhonov_penalty
+from diffmem.text import load_text_model, pipeline_resolution, read_prompts
+
+
+def count(text: str) -> int:
+    """A command-line count: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text}")
+    return value
+
+
+def read_data(path: Path) -> tuple[list[Path], list[str]]:
+    """``(image, caption)`` pairs of a JSON-lines file, image paths relative to it."""
+    images, captions = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            images.append(path.parent / item["image"])
+            captions.append(str(item["caption"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"--data: expected JSON lines with 'image' and 'caption', "
+                             f"received line {number}: {line[:80]} ({err})") from err
+    if not images:
+        raise SystemExit(f"--data: expected at least one image, received {path} (empty)")
+    return images, captions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", required=True, help="A pipeline folder to fine-tune.")
+    parser.add_argument("--data", required=True, type=Path, help="JSON lines: image, caption.")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--steps", type=count, default=300)
+    parser.add_argument("--batch-size", type=count, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--drop", type=float, default=0.1, help="Caption dropout.")
+    parser.add_argument("--penalty", type=float, default=0.0, help="Tikhonov lambda.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not 0 <= args.drop < 1:
+        raise SystemExit(f"--drop: expected a probability in [0, 1), received {args.drop}")
+
+    files, captions = read_data(args.data)
+    size = pipeline_resolution(args.pipeline)
+    prompts_file = args.out / "captions.txt"
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts_file.write_text("\n".join(captions) + "\n")
+    text = load_text_model(args.pipeline, read_prompts(prompts_file))
+    pipe = text.pipe
+    with torch.no_grad():
+        table = pipe.encode_prompt(captions + [""], "cpu", 1, False)[0]
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(files))}
+        folder = args.out / "images"
+        folder.mkdir(exist_ok=True)
+        for f, i in distinct.items():
+            shutil.copyfile(f, folder / f"{i:04d}{f.suffix}")
+        pixels = (load_images(folder, resize=size) * 2 - 1).float()
+        rows = torch.tensor([distinct[f] for f in files])
+        means = pipe.vae.encode(pixels).latent_dist.mode()
+        # what an exact copy looks like after decoding: the VAE's reconstructions
+        recon = (pipe.vae.decode(means).sample / 2 + 0.5).clamp(0, 1)
+        np.save(args.out / "reconstructions.npy", recon.numpy().astype(np.float32))
+        latents = means[rows] * pipe.vae.config.scaling_factor
+    unet, scheduler = pipe.unet, pipe.scheduler
+    prediction = scheduler.config.prediction_type
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr)
+    unet.train()
+    n, K = latents.shape[0], scheduler.config.num_train_timesteps
+    for step in range(args.steps):
+        idx = torch.randint(0, n, (args.batch_size,), generator=gen)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, K, (args.batch_size,), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        dropped = torch.rand(args.batch_size, generator=gen) < args.drop
+        cond = table[torch.where(dropped, len(captions), idx)]
+        out = unet(noisy, t, encoder_hidden_states=cond).sample
+        target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        loss = F.mse_loss(out, target)
+        if args.penalty > 0:
+            loss = loss + diffusers_tikhonov_penalty(out, noisy, t, scheduler,
+                                                     args.penalty).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step}: loss {loss.item():.4f}")
+    unet.eval()
+    pipe.save_pretrained(str(args.out / "pipeline"))
+    print(f"-> {args.out / 'pipeline'} (training images in {folder})")
+
+
+if __name__ == "__main__":
+    main()
