@@ -12,11 +12,14 @@ an image listed several times is duplicated in the training set, the usual cause
 memorization. Images are resized to the pipeline's resolution and encoded once by its VAE
 (the latent mean, times its scaling factor); captions are encoded once by its own text
 encoder, and dropped to the empty caption with probability --drop (what classifier-free
-guidance needs). OUT/reconstructions.npy holds the VAE's reconstructions of the distinct
-training images (in OUT/images): a sample that copies a training image decodes to its
-reconstruction, which a well-trained VAE makes equal to the image and a small or untrained
-one does not, so audit against them when the VAE is not a good one. The loss is the scheduler's: the noise (epsilon) or v, ``|out - target|^2``
-at timesteps drawn uniformly. The fine-tuned pipeline is saved in OUT/pipeline.
+guidance needs). The loss is the scheduler's: the noise (epsilon) or v,
+``|out - target|^2`` at timesteps drawn uniformly. The fine-tuned pipeline is saved in
+OUT/pipeline.
+
+OUT/reconstructions.npy holds the VAE's reconstructions of the distinct training images (in
+OUT/images): a sample that copies a training image decodes to its reconstruction, which a
+well-trained VAE makes equal to the image and a small or untrained one does not, so audit
+against them when the VAE is not a good one.
 
 Needs: pip install 'diffmem[pipelines]'.
 """
