@@ -245,3 +245,34 @@ def test_corrupt_pipeline_files_are_clear_errors(sd, tmp_path, part):
     prompts.write_text("a cat\n")
     _refused(["audit", "--model", str(broken), "--train", str(_images(tmp_path / "t", 2, 16)),
               "--prompts", str(prompts)], tmp_path / "out", "--model")
+
+
+def test_a_clip_vision_folder_is_a_feature_space(tmp_path):
+    """--features FOLDER: a CLIP vision model built here; identical images have identical
+    unit-length features, and the audit runs in that space."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from diffmem.audit.features import load_features
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=16, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, projection_dim=16)).save_pretrained(str(tmp_path / "clip"))
+    f = load_features(tmp_path / "clip")
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    v = f(torch.cat([images, images[:1]]))
+    assert v.shape == (5, 16) and torch.allclose(v.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(v[0], v[4], atol=1e-6) and not torch.allclose(v[0], v[1], atol=1e-3)
+    np.save(tmp_path / "train.npy", images.numpy())
+    np.save(tmp_path / "samples.npy", images[:2].numpy())
+    res = CliRunner().invoke(app, ["audit", str(tmp_path / "samples.npy"), "--train",
+                                   str(tmp_path / "train.npy"), "--features",
+                                   str(tmp_path / "clip"), "--bootstrap", "20",
+                                   "--out", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert report["nn_ratio"]["fraction"] == 1.0  # each sample is a training image
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="--features: expected a CLIP vision model folder"):
+        load_features(tmp_path / "bad")

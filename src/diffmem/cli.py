@@ -233,8 +233,9 @@ def audit_command(
     resize: str | None = typer.Option(None, "--resize",
                                       help="H,W: resample images of mixed sizes."),
     features: Path | None = typer.Option(  # noqa: B008
-        None, "--features", help="TorchScript module mapping a batch of images to vectors "
-                                 "(a local file; features are cached in OUT/features)."),
+        None, "--features", help="TorchScript module mapping a batch of images to vectors, "
+                                 "or a CLIP vision model folder (local; features are cached "
+                                 "in OUT/features)."),
     index: str = typer.Option("exact", "--index", help="exact, faiss-flat or faiss-ivf."),
     ratio_threshold: float = typer.Option(1 / 3, "--ratio-threshold",
                                           help="Copies by d1/d2 below this."),

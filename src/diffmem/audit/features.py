@@ -23,11 +23,63 @@ from diffmem.centres import Centres
 from diffmem.io import atomic_write_bytes
 
 
-def load_features(path: str | Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """A TorchScript module (``torch.jit.save``) mapping a batch of images to vectors."""
+#: CLIP's image normalization, when a vision model folder has no preprocessor config.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_clip_vision(folder: Path, device: str | torch.device = "cpu") -> Callable[..., Tensor]:
+    """A CLIP vision model folder (transformers' ``CLIPVisionModelWithProjection`` or
+    ``CLIPVisionModel``, local files only) as a feature map of images in ``[0, 1]``:
+    resized (bicubic) to its ``image_size``, normalized by the folder's preprocessor mean and
+    std (CLIP's by default), then its ``image_embeds`` (or pooled output), unit length."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise fail("--features", "transformers installed for a CLIP vision model folder "
+                   "(pip install 'diffmem[pipelines]')", str(folder)) from err
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        arch = (config.get("architectures") or ["CLIPVisionModelWithProjection"])[0]
+        cls = getattr(transformers, arch if arch.startswith("CLIPVision") else
+                      "CLIPVisionModelWithProjection")
+        model = cls.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+    except Exception as err:  # transformers' own loading errors: say what they said
+        lines = [ln for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        raise fail("--features", "a CLIP vision model folder (config.json and weights) or a "
+                   "TorchScript file", f"{folder} ({type(err).__name__}: {lines[0][:200]})"
+                   ) from err
+    pre = folder / "preprocessor_config.json"
+    stats = json.loads(pre.read_text()) if pre.is_file() else {}
+    mean = torch.tensor(stats.get("image_mean", CLIP_MEAN), device=device).view(1, -1, 1, 1)
+    std = torch.tensor(stats.get("image_std", CLIP_STD), device=device).view(1, -1, 1, 1)
+    size = int(model.config.image_size)
+
+    def features(images: Tensor) -> Tensor:
+        x = images.to(device=device, dtype=torch.float32)
+        if x.dim() == 3:
+            x = x[:, None]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic",
+                                            align_corners=False)
+        with torch.no_grad():
+            out = model(pixel_values=(x - mean) / std)
+        vec = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+        return vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    return features
+
+
+def load_features(path: str | Path,
+                  device: str | torch.device = "cpu") -> Callable[..., Tensor]:
+    """A TorchScript module (``torch.jit.save``) mapping a batch of images to vectors, or a
+    CLIP vision model folder (:func:`load_clip_vision`)."""
     p = Path(path)
+    if p.is_dir():
+        return load_clip_vision(p, device)
     if not p.is_file():
-        raise fail("--features", "an existing TorchScript file (torch.jit.save)", str(p))
+        raise fail("--features", "an existing TorchScript file (torch.jit.save) or a CLIP "
+                   "vision model folder", str(p))
     try:
         with warnings.catch_warnings():  # TorchScript is how copy detectors are published
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -39,10 +91,14 @@ def load_features(path: str | Path, device: str | torch.device = "cpu") -> torch
 
 
 def _file_digest(path: Path) -> str:
+    """A short hash of a file's bytes, or of a folder's files (names and bytes)."""
     h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
