@@ -22,7 +22,6 @@ from diffmem.audit.inputs import Rows
 from diffmem.centres import Centres
 from diffmem.io import atomic_write_bytes
 
-
 #: CLIP's image normalization, when a vision model folder has no preprocessor config.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
