@@ -276,3 +276,29 @@ def test_a_clip_vision_folder_is_a_feature_space(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="--features: expected a CLIP vision model folder"):
         load_features(tmp_path / "bad")
+
+
+def test_pixart_transformer_takes_precomputed_embeddings(tmp_path):
+    """PixArt's transformer (learned variance, no added conditions) as a score from its
+    network's output, conditioned on precomputed (seq, dim) embeddings."""
+    import diffusers
+
+    from diffmem.models import load_diffusers, network_output_to_score
+
+    torch.manual_seed(0)
+    net = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=16,
+        norm_type="ada_norm_single", use_additional_conditions=False)
+    net.save_pretrained(str(tmp_path / "transformer"))
+    diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(str(tmp_path / "sched"))
+    model = load_diffusers(tmp_path / "transformer", tmp_path / "sched")
+    assert model.conditional and model.data_shape == (4, 8, 8)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8])
+    y = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        raw = net(x, encoder_hidden_states=y, timestep=model.schedule.timestep(t),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :4]
+    want = network_output_to_score(raw, x, model.schedule.m(t.double()).float(),
+                                   model.schedule.sigma(t.double()).float(), "epsilon")
+    assert torch.allclose(model(x, t, y), want, rtol=1e-4, atol=1e-4)
