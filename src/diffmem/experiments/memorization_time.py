@@ -293,19 +293,19 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="memorization-time",
-    cost=92,
+    cost=390,
     summary="The paper's score MLP on N points of N(0, I_8) for N over a factor of 32 or more: "
             "copies, distance to the population and the monitor's record against training "
             "steps; the generalization time tau_gen, the memorization time tau_mem, the slope "
             "of log tau_mem on log N with a bootstrap interval, and whether the monitor stops "
             "inside [tau_gen, tau_mem].",
     claim=CLAIM,
-    defaults={"dim": 8, "schedule": "VP", "sizes": [2, 4, 8, 16, 32, 64, 128], "seeds": 2,
+    defaults={"dim": 8, "schedule": "VP", "sizes": [2, 4, 8, 16, 32, 64], "seeds": 5,
               "steps_per_item": 500, "min_steps": 2000, "n_log": 16, "first_step": 20,
               "width": 256, "batch_size": 64, "lr": 1e-3, "ema_half_life": 50.0,
               "n_samples": 100, "n_fresh": 2000, "gen_fraction": 0.1, "t_end": 1e-3,
               "monitor_points": 32, "bootstrap": 2000},
-    quick={"sizes": [2, 3, 4, 6, 8, 16, 32], "seeds": 2, "steps_per_item": 250,
+    quick={"sizes": [2, 3, 4, 6, 8, 16, 32], "seeds": 4, "steps_per_item": 250,
            "min_steps": 1000, "n_log": 12, "n_samples": 64, "n_fresh": 1000,
            "monitor_points": 16},
     compute=compute, record=record, judge=judge, draw=draw,

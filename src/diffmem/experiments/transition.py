@@ -19,9 +19,9 @@ never copies; KDE of bandwidth ``kde_h``). The effective model memorization (Gu 
 ``N`` at which the copied fraction crosses 0.9 (and 0.5), interpolated in ``log N``.
 
 The training length is fixed and the transition is where it meets the memorization time:
-a network trained on ``N`` items first copies them after about ``tau_mem ~ 100-200 N``
+a network trained on ``N`` items first copies them after about ``tau_mem ~ 90-140 N``
 steps at batch 64 (``memorization-time``), so ``steps = 4000`` copies the sets up to
-``N ~ 20-40`` and generalizes beyond (past ``tau_gen ~ 100`` steps). Trained longer, the
+``N ~ 30-45`` and generalizes beyond (past ``tau_gen ~ 100`` steps). Trained longer, the
 transition moves to larger ``N`` (20,000 steps still copied 31% at ``N = 256``).
 """
 
