@@ -367,7 +367,7 @@ def test_truncated_or_corrupt_inputs_are_clear_errors(tmp_path):
          "train: expected a readable .npy", "cut.npy"),
         ([str(tmp_path / "pngs"), *train], "expected readable PNG/JPEG", "1.png"),
         (model("weights"), "--model: expected a loadable UNet2DModel", "weights"),
-        (model("config"), "--model: expected a readable UNet config.json", "config"),
+        (model("config"), "--model: expected a readable network config.json", "config"),
         (model("sched"), "--scheduler: expected a readable JSON scheduler config",
          "scheduler_config.json"),
         ([str(tmp_path / "train.npy"), *train, "--features", str(tmp_path / "feat.pt")],
