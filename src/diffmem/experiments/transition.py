@@ -196,7 +196,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 SIZE_TRANSITION = Experiment(
     name="size-transition",
-    cost=110,
+    cost=36,
     summary="The paper's score MLP (VP) trained on N points of N(0, I_8), two disjoint "
             "halves per N, for the same number of steps (batches of 64) at every N: copied "
             "fraction, two-model agreement and the denoiser gap against N, with the "
