@@ -150,11 +150,17 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     return Recorded(metrics, arrays)
 
 
+def _size(n: float | None) -> str:
+    """A crossing size for the verdict: three significant digits, or 'none'."""
+    return "none" if n is None else f"{n:.3g}"
+
+
 def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
     mem, agree, sizes = metrics["memorized"], metrics["agreement"], metrics["sizes"]
     text = (f"copied fraction {mem[0]:.2f} at N = {sizes[0]} -> {mem[-1]:.2f} at N = "
             f"{sizes[-1]}, agreement {agree[0]:.2f} -> {agree[-1]:.2f}; effective model "
-            f"memorization (90%): {metrics['emm']['0.9']}, (50%): {metrics['emm']['0.5']}")
+            f"memorization (90%): {_size(metrics['emm']['0.9'])}, (50%): "
+            f"{_size(metrics['emm']['0.5'])}")
     if mem[0] < MEMORIZED_SMALL:
         return Verdict((Claim(CLAIM, INCONCLUSIVE, "the smallest training set is not "
                               f"memorized (too little training to judge): {text}"),))
