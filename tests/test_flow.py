@@ -82,11 +82,9 @@ def test_flow_match_scheduler_is_the_linear_path_exactly(options):
 
 def _flow_folder(folder, **sched_options):
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    from tiny_pipelines import tiny_unet
+
+    unet = tiny_unet()
     sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, **sched_options)
     unet.save_pretrained(str(folder / "unet"))
     sched.save_pretrained(str(folder / "scheduler"))

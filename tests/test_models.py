@@ -97,11 +97,9 @@ def test_discrete_schedule_matches_diffusers(kind):
 
 def _tiny_pipeline(folder, prediction="v_prediction"):
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    from tiny_pipelines import tiny_unet
+
+    unet = tiny_unet()
     sched = diffusers.DDPMScheduler(num_train_timesteps=100, prediction_type=prediction)
     diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(str(folder))
     return unet

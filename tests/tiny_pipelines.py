@@ -154,3 +154,14 @@ def dit_pipeline(folder: Path, seed: int = 0) -> Path:
     pipe = diffusers.DiTPipeline(transformer=transformer, vae=_vae(8), scheduler=sched)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def tiny_unet(seed: int = 0):
+    """A 1-channel 8x8 UNet2DModel of two small levels, seeded."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)

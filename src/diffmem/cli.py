@@ -569,12 +569,9 @@ def _detect_prompts(model: str, prompts: Path, negative: str, dtype: str, device
                     rejected: dict[str, Any]) -> tuple[Any, Any, Any]:
     """``detect --prompts``: the pipeline loaded with its prompts encoded; the conditions
     are the prompts' indices and the null condition the negative prompt's."""
-    from diffmem.text import load_text_model, read_prompts
+    from diffmem.text import load_text_model, read_prompts, refuse_with_prompts
 
-    given = [name for name, v in rejected.items() if v is not None]
-    if given:
-        raise fail(given[0], "no value with --prompts (the prompts are the conditions, the "
-                   "negative prompt the null one)", str(rejected[given[0]]))
+    refuse_with_prompts(rejected)
     text = load_text_model(model, read_prompts(prompts), negative=negative, dtype=dtype,
                            device=device)
     n = len(text.prompts.texts)

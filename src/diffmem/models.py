@@ -53,6 +53,7 @@ from diffmem.schedules import (
     expand_as_batch,
     get_schedule,
     time_tensor,
+    variance_preserving_t_of_ratio,
 )
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -143,8 +144,7 @@ class DiscreteVP(Schedule):
 
     def t_of_ratio(self, r: TimeLike) -> Tensor:
         """``sigma^2 = 1 - m^2``: ``sigma^2 = r^2 / (1 + r^2)``."""
-        r2 = time_tensor(r, "r") ** 2
-        return self._t_of_sigma2(r2 / (1 + r2))
+        return variance_preserving_t_of_ratio(self, r)
 
     def timestep(self, t: Tensor) -> Tensor:
         """The network's (fractional) timestep at ``t``: ``K t - 1``."""

@@ -72,21 +72,11 @@ def nearest_neighbour_median(train: TrainingData, limit: int = 2048) -> float:
 
 
 def collapse_sigma(schedule: Schedule, distance: float) -> float:
-    """The noise level ``sigma(t)`` at which ``sigma(t) / m(t) = distance / 2`` (bisection on
-    ``t``; ``sigma / m`` increases with ``t``), or ``sigma(T)`` when it is never reached."""
-    target = 0.5 * distance
-    lo, hi = 0.0, float(schedule.T)
-
-    def ratio(t: float) -> float:
-        tt = torch.tensor(t, dtype=torch.float64)
-        return float(schedule.sigma(tt) / schedule.m(tt))
-
-    if ratio(hi) <= target:
-        return float(schedule.sigma(torch.tensor(hi, dtype=torch.float64)))
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if ratio(mid) < target else (lo, mid)
-    return float(schedule.sigma(torch.tensor(hi, dtype=torch.float64)))
+    """The noise level ``sigma(t)`` at which ``sigma(t) / m(t) = distance / 2``
+    (:meth:`~diffmem.schedules.Schedule.t_of_ratio`), or ``sigma(T)`` when it is never
+    reached."""
+    t = schedule.t_of_ratio(0.5 * float(distance)).clamp(max=schedule.T)
+    return float(schedule.sigma(t))
 
 
 def as_monitored(model: Any) -> Any:

@@ -49,6 +49,14 @@ def _time(t: TimeLike, T: float, name: str = "t") -> Tensor:
     return t
 
 
+def variance_preserving_t_of_ratio(schedule: Schedule, r: TimeLike) -> Tensor:
+    """The ``t`` with ``sigma(t) / m(t) = r`` on a schedule with ``sigma^2 = 1 - m^2``:
+    ``sigma^2 = r^2 / (1 + r^2)``."""
+    r2 = time_tensor(r, "r") ** 2
+    # below 1 (a ratio past 1e8 rounds to sigma^2 = 1, whose time would be infinite)
+    return schedule._t_of_sigma2((r2 / (1 + r2)).clamp(max=1 - 2.0**-53))
+
+
 def expand_as_batch(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample quantity ``v`` of shape ``(batch,)`` (or a scalar) so that it
     broadcasts against ``x`` of shape ``(batch, *data_shape)``."""
@@ -275,11 +283,23 @@ class VP(Schedule):
 
     def t_of_ratio(self, r: TimeLike) -> Tensor:
         """``sigma^2 = 1 - m^2``: ``sigma^2 = r^2 / (1 + r^2)``."""
-        r2 = time_tensor(r, "r") ** 2
-        return self._t_of_sigma2(r2 / (1 + r2))
+        return variance_preserving_t_of_ratio(self, r)
 
 
-class EDM(Schedule):
+class _SigmaIsT(Schedule):
+    """Schedules whose noise level is the time: ``sigma = t``, ``sigma^2 = t^2``."""
+
+    def _sigma2(self, t: Tensor) -> Tensor:
+        return t * t
+
+    def _dsigma2(self, t: Tensor) -> Tensor:
+        return 2 * t
+
+    def _t_of_sigma2(self, sigma2: Tensor) -> Tensor:
+        return torch.sqrt(sigma2)
+
+
+class EDM(_SigmaIsT):
     """EDM-style (Karras et al.): ``sigma(t) = t``, ``m = 1``, ``f = 0``, ``g = sqrt(2 t)``,
     on ``t in [0, sigma_max]``."""
 
@@ -295,21 +315,12 @@ class EDM(Schedule):
     def _dlog_m(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t)
 
-    def _sigma2(self, t: Tensor) -> Tensor:
-        return t * t
-
-    def _dsigma2(self, t: Tensor) -> Tensor:
-        return 2 * t
-
-    def _t_of_sigma2(self, sigma2: Tensor) -> Tensor:
-        return torch.sqrt(sigma2)
-
     def t_of_ratio(self, r: TimeLike) -> Tensor:
         """``m = 1``: ``t = sigma = r``."""
         return time_tensor(r, "r")
 
 
-class RectifiedFlow(Schedule):
+class RectifiedFlow(_SigmaIsT):
     """Flow matching's linear path (rectified flow): ``x_t = (1 - t) x_0 + t z``, a Gaussian
     path with ``m = 1 - t`` and ``sigma = t`` on ``[0, t_max]`` (``t_max < 1``: at ``t = 1``
     the drift ``f = -x / (1 - t)`` and ``g^2 = 2 t / (1 - t)`` are infinite, while the
@@ -333,15 +344,6 @@ class RectifiedFlow(Schedule):
 
     def _dlog_m(self, t: Tensor) -> Tensor:
         return -1 / (1 - t)
-
-    def _sigma2(self, t: Tensor) -> Tensor:
-        return t * t
-
-    def _dsigma2(self, t: Tensor) -> Tensor:
-        return 2 * t
-
-    def _t_of_sigma2(self, sigma2: Tensor) -> Tensor:
-        return torch.sqrt(sigma2)
 
     def t_of_ratio(self, r: TimeLike) -> Tensor:
         """``sigma / m = t / (1 - t) = r``: ``t = r / (1 + r)``."""

@@ -96,6 +96,17 @@ def read_prompts(path: str | Path) -> Prompts:
     return Prompts(texts, labels)
 
 
+def refuse_with_prompts(options: dict[str, Any]) -> None:
+    """Options that have no meaning with ``--prompts`` (the prompts are the conditions, the
+    negative prompt the null one, the pipeline brings its scheduler): the first one given
+    raises ``ValueError`` naming it."""
+    given = [name for name, v in options.items() if v is not None]
+    if given:
+        raise fail(given[0], "no value with --prompts (the prompts are the conditions, the "
+                   "negative prompt the null one, the pipeline brings its scheduler)",
+                   str(options[given[0]]))
+
+
 def _index(folder: Path) -> dict[str, Any]:
     """The pipeline's ``model_index.json``, with every required component present."""
     index_file = folder / "model_index.json"

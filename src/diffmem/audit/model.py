@@ -132,13 +132,9 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *
     import torch
 
     from diffmem.models import output_shape
-    from diffmem.text import load_text_model, read_prompts
+    from diffmem.text import load_text_model, read_prompts, refuse_with_prompts
 
-    given = [name for name, v in rejected.items() if v is not None]
-    if given:
-        raise fail(given[0], "no value with --prompts (the prompts are the conditions, the "
-                   "negative prompt the null one, the pipeline brings its scheduler)",
-                   str(rejected[given[0]]))
+    refuse_with_prompts(rejected)
     text = read_prompts(prompts)
     tm = load_text_model(spec, text, negative=negative_prompt, dtype=dtype, device=device)
     model = tm.model
