@@ -331,3 +331,97 @@ def test_text_to_image_example_fine_tunes_a_pipeline_that_audits(sd, tmp_path):
     a = dict(tuned.pipe.unet.named_parameters())["conv_in.weight"]
     b = dict(before.pipe.unet.named_parameters())["conv_in.weight"]
     assert not torch.equal(a, b)  # trained
+
+
+@pytest.mark.parametrize("layout", ["flux", "pixart-alpha", "pixart-sigma"])
+def test_flux_and_pixart_pipelines_sample_as_their_own_call(tmp_path, layout):
+    """FLUX (CLIP pooled + T5 embeddings, packed latents with positions, distilled guidance
+    as a network input, true classifier-free guidance, FLUX's sigmas with dynamic
+    shifting) at a resolution of our choosing, and PixArt (T5 embeddings with their
+    attention mask, a learned variance): diffmem's pipeline sampler equals the pipelines'
+    own call from the same initial latents."""
+    from tiny_pipelines import flux_pipeline, pixart_pipeline
+
+    from diffmem.models import DiscreteFlow, pack_latents, sample_model, unpack_latents
+    from diffmem.text import Prompts, TextOptions, load_text_model
+
+    flux = layout == "flux"
+    folder = flux_pipeline(tmp_path / "p") if flux else \
+        pixart_pipeline(tmp_path / "p", sigma=layout.endswith("sigma"))
+    tm = load_text_model(folder, Prompts(PROMPTS[:2]),
+                         TextOptions(resolution=(24, 16) if flux else None))
+    model = tm.model
+    assert isinstance(model.schedule, DiscreteFlow) == flux
+    assert model.data_shape == ((4, 12, 8) if flux else (4, 8, 8))
+    assert tm.default_guidance == (1.0 if flux else 4.5)  # FLUX: true_cfg_scale's default
+    x = torch.randn(2, 4, 12, 8)
+    assert torch.equal(unpack_latents(pack_latents(x), 12, 8), x)
+    for w in ([None, 2.5] if flux else [tm.default_guidance]):
+        model.guided(w, None if w is None else torch.tensor(2))
+        out = sample_model(model, 2, tmp_path / f"s{w}.npy", sampler="pipeline", steps=4,
+                           batch=2, progress=False, cond=torch.tensor([1, 0]))
+        z = torch.from_numpy(np.load(tmp_path / f"s{w}_initial_noise.npy"))
+        if flux:
+            ref = tm.pipe(prompt=PROMPTS[1::-1], latents=pack_latents(z), height=24, width=16,
+                          num_inference_steps=4, output_type="pt",
+                          **({} if w is None else {"true_cfg_scale": w,
+                                                   "negative_prompt": ""})).images
+        else:
+            ref = tm.pipe(prompt=PROMPTS[1::-1], latents=z, num_inference_steps=4,
+                          guidance_scale=w, use_resolution_binning=False,
+                          output_type="pt").images
+        assert np.abs(out - ref.numpy()).max() <= 1e-5
+    if not flux:
+        return
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    train = _images(tmp_path / "train", 3, 20)  # resized to --resolution
+    common = ["--model", str(folder), "--prompts", str(prompts), "--resolution", "16,16",
+              "--steps", "3", "--no-progress"]
+    res = CliRunner().invoke(app, ["audit", *common, "--train", str(train), "--sampler",
+                                   "pipeline", "--per-condition", "1", "--bootstrap", "20",
+                                   "--out", str(tmp_path / "audit")])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "audit" / "samples.npy").shape == (3, 3, 16, 16)
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert report["inputs"]["train_resized_to"] == [16, 16]
+    res = CliRunner().invoke(app, ["detect", *common, "--n-noise", "2",
+                                   "--out", str(tmp_path / "detect")])
+    assert res.exit_code == 0, res.output
+    found = json.loads((tmp_path / "detect" / "detect.json").read_text())["conditions"]
+    assert {e["condition"] for e in found} == set(PROMPTS)
+    _refused(["audit", *common, "--train", str(train), "--attention-slicing"],
+             tmp_path / "o", "--attention-slicing: expected a network with sliceable")
+
+
+def test_resolution_and_attention_slicing(sd, tmp_path):
+    """--resolution: the pipeline generates (and the audit compares) at another size, as
+    its own call with that height and width; sizes the network cannot take and the options
+    without --prompts are refused. Attention slicing changes memory, not samples."""
+    from diffmem.models import sample_model
+    from diffmem.text import Prompts, TextOptions, load_text_model
+
+    prompts = Prompts(PROMPTS[:2])
+    outs = []
+    for slicing in (False, True):
+        tm = load_text_model(sd, prompts, TextOptions(resolution=(24, 32),
+                                                      attention_slicing=slicing))
+        assert tm.model.data_shape == (4, 12, 16)
+        tm.model.guided(7.5, torch.tensor(2))
+        outs.append(sample_model(tm.model, 2, tmp_path / f"{slicing}.npy", sampler="pipeline",
+                                 steps=3, batch=2, progress=False, cond=torch.tensor([0, 1])))
+    z = torch.from_numpy(np.load(tmp_path / "True_initial_noise.npy"))
+    ref = tm.pipe(prompt=PROMPTS[:2], latents=z, height=24, width=32, num_inference_steps=3,
+                  output_type="pt").images
+    assert outs[0].shape == (2, 3, 24, 32)
+    assert np.abs(outs[0] - ref.numpy()).max() <= 1e-5
+    assert np.abs(outs[1] - outs[0]).max() <= 1e-5
+    with pytest.raises(ValueError, match="--resolution: expected H,W positive multiples of 4"):
+        load_text_model(sd, prompts, TextOptions(resolution=(18, 16)))
+    p = tmp_path / "p.txt"
+    p.write_text("a cat\n")
+    train = _images(tmp_path / "train", 2, 16)
+    _refused(["audit", "--model", str(sd), "--train", str(train), "--resolution", "24,24"],
+             tmp_path / "o1", "--resolution: expected --prompts")
+    _refused(["audit", "--model", str(sd), "--train", str(train), "--prompts", str(p),
+              "--resolution", "24"], tmp_path / "o2", "--resolution: expected H,W")

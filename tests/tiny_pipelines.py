@@ -1,6 +1,7 @@
-"""Tiny, randomly initialized text-to-image pipelines built here (nothing is downloaded): a
-character-level CLIP tokenizer written from a vocabulary in this file, a 2-layer CLIP text
-encoder, a small UNet2DConditionModel and a one-level AutoencoderKL."""
+"""Tiny, randomly initialized text-to-image pipelines built here (nothing is downloaded):
+character-level CLIP and T5 tokenizers written from a vocabulary in this file, 2-layer text
+encoders, small denoisers (UNets, SD3, PixArt and FLUX transformers) and a two-level
+AutoencoderKL."""
 
 import json
 import string
@@ -165,3 +166,68 @@ def tiny_unet(seed: int = 0):
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
         block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+def t5_pair(folder: Path, max_length: int = 32):
+    """A character-level T5 tokenizer (a unigram model over single letters and digits,
+    with and without the word-start mark, built by ``tokenizers``) and a 2-layer T5 encoder
+    whose vocabulary matches it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    letters = list(string.ascii_lowercase + string.digits)
+    vocab = ["<pad>", "</s>", "<unk>", "\u2581"] + letters + ["\u2581" + c for c in letters]
+    tok = Tokenizer(models.Unigram([(t, 0.0) for t in vocab], unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                         unk_token="<unk>", extra_ids=0, model_max_length=max_length)
+    tmp = folder.parent / f"{folder.name}_t5"
+    t5.save_pretrained(str(tmp))
+    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=37,
+                                      num_layers=2, num_heads=4, pad_token_id=0,
+                                      eos_token_id=1))
+    return T5TokenizerFast.from_pretrained(str(tmp)), encoder
+
+
+def flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny FLUX layout: a CLIP encoder (pooled), a T5 encoder, a FLUX transformer on
+    packed 4-channel latents (with the distilled guidance input), dynamic shifting."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tok, enc = _clip_pair(folder, "tok1", projection=False)
+    tok2, enc2 = t5_pair(folder)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 2, 2))
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, use_dynamic_shifting=True, base_image_seq_len=16,
+        max_image_seq_len=256)
+    pipe = diffusers.FluxPipeline(
+        scheduler=sched, vae=_vae(8, shift_factor=0.06, scaling_factor=1.5), text_encoder=enc,
+        tokenizer=tok, text_encoder_2=enc2, tokenizer_2=tok2, transformer=transformer)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def pixart_pipeline(folder: Path, seed: int = 0, sigma: bool = False) -> Path:
+    """A tiny PixArt-alpha (or -sigma) layout: a T5 encoder, a PixArt transformer with a
+    learned variance, DPM-Solver."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tok, enc = t5_pair(folder)
+    net = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=16,
+        norm_type="ada_norm_single", use_additional_conditions=False)
+    cls = diffusers.PixArtSigmaPipeline if sigma else diffusers.PixArtAlphaPipeline
+    pipe = cls(tokenizer=tok, text_encoder=enc, vae=_vae(8), transformer=net,
+               scheduler=diffusers.DPMSolverMultistepScheduler(num_train_timesteps=100))
+    pipe.save_pretrained(str(folder))
+    return folder

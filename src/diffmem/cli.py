@@ -47,6 +47,12 @@ BATCH_SIZE = typer.Option(64, "--batch-size", help="Samples a model draws at onc
                           "from the last one).")
 DTYPE = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16: the precision "
                      "a --prompts pipeline is loaded in.")
+RESOLUTION = typer.Option(None, "--resolution", help="H,W: the image size a --prompts "
+                          "pipeline generates (default: its own); training images are "
+                          "resized to it.")
+ATTENTION_SLICING = typer.Option(False, "--attention-slicing", help="Compute a --prompts "
+                                 "pipeline's attention in slices (less memory, same images "
+                                 "to rounding; Stable Diffusion and SDXL UNets).")
 MODEL_KIND = typer.Option("score", "--model-kind", help="score or denoiser: what a callable "
                           "model returns.")
 MODEL_INDEX = typer.Option(0, "--model-index", help="Model of a checkpoint's stack.")
@@ -204,16 +210,32 @@ def _in_order(records: list[Record], exps: list[Any]) -> list[Record]:
     return sorted(records, key=lambda r: rank[r.name])
 
 
-def _parse_size(text: str | None) -> tuple[int, int] | None:
+def _parse_size(text: str | None, name: str = "--resize") -> tuple[int, int] | None:
+    """``H,W`` as two positive integers (``None`` when not given); errors name ``name``."""
     if text is None:
         return None
     try:
         h, w = (int(v) for v in text.split(","))
     except ValueError as err:
-        raise fail("--resize", "H,W (two integers)", repr(text)) from err
+        raise fail(name, "H,W (two integers)", repr(text)) from err
     if h < 1 or w < 1:
-        raise fail("--resize", "H,W of integers >= 1", repr(text))
+        raise fail(name, "H,W of integers >= 1", repr(text))
     return h, w
+
+
+def _text_options(prompts: Path | None, negative_prompt: str, dtype: str,
+                  resolution: str | None, attention_slicing: bool) -> Any:
+    """The options of a --prompts pipeline (``None`` without --prompts; then the options
+    that only mean something with it are refused)."""
+    if prompts is None:
+        if resolution is not None or attention_slicing:
+            raise fail("--resolution" if resolution is not None else "--attention-slicing",
+                       "--prompts (a text-to-image pipeline)", "no --prompts")
+        return None
+    from diffmem.text import TextOptions
+
+    return TextOptions(negative_prompt, dtype, _parse_size(resolution, "--resolution"),
+                       attention_slicing)
 
 
 @app.command("audit")
@@ -285,6 +307,8 @@ def audit_command(
     prompts: Path | None = PROMPTS,
     negative_prompt: str = NEGATIVE_PROMPT,
     dtype: str = DTYPE,
+    resolution: str | None = RESOLUTION,
+    attention_slicing: bool = ATTENTION_SLICING,
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
@@ -312,7 +336,8 @@ def audit_command(
         if (samples is None) == (model is None):
             raise fail("SAMPLES", "samples or --model (one of them)",
                        "neither" if samples is None else "both")
-        train_size = _prompt_resolution(model, prompts, size)
+        text = _text_options(prompts, negative_prompt, dtype, resolution, attention_slicing)
+        train_size = _prompt_resolution(model, prompts, size, text)
         train_data = [open_input(t, train_key, train_size if Path(t).is_dir() else size,
                                  "--train") for t in train]
         if len(train_data) > 1 and not all(isinstance(t, str) for t in train_data):
@@ -329,7 +354,7 @@ def audit_command(
                 scheduler_class=scheduler_class, eta=eta,
                 scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
                 kind=model_kind, index=model_index, device=device, prompts=prompts,
-                negative_prompt=negative_prompt, dtype=dtype, batch_size=batch_size)
+                text_options=text, batch_size=batch_size)
             held = None if held_out is None else open_input(held_out, None, size, "--held-out")
         elif prompts is not None:
             raise fail("--prompts", "--model (a text-to-image pipeline folder)", str(prompts))
@@ -383,12 +408,15 @@ def audit_command(
 
 
 def _prompt_resolution(model: str | None, prompts: Path | None,
-                       size: tuple[int, int] | None) -> tuple[int, int] | None:
+                       size: tuple[int, int] | None, text: Any) -> tuple[int, int] | None:
     """The size training images are resized to: ``--resize``, or with ``--prompts`` the
-    pipeline's own resolution."""
+    resolution the pipeline generates (``--resolution`` or its own)."""
     if prompts is None or model is None or size is not None:
         return size
     from diffmem.text import pipeline_resolution
+
+    if text is not None and text.resolution is not None:
+        return text.resolution
 
     return pipeline_resolution(model)
 
@@ -461,6 +489,8 @@ def detect_command(
     prompts: Path | None = PROMPTS,
     negative_prompt: str = NEGATIVE_PROMPT,
     dtype: str = DTYPE,
+    resolution: str | None = RESOLUTION,
+    attention_slicing: bool = ATTENTION_SLICING,
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
@@ -479,9 +509,10 @@ def detect_command(
         check_device(device)
         shape = _parse_shape(data_shape)
         text = None
+        options = _text_options(prompts, negative_prompt, dtype, resolution, attention_slicing)
         if prompts is not None:
             conditions, null_cond, text = _detect_prompts(
-                model, prompts, negative_prompt, dtype, device,
+                model, prompts, options, device,
                 {"--conditions": conditions, "--null-cond": null_cond, "--samples": samples,
                  "--scheduler": scheduler})
         per_condition = conditions is not None
@@ -565,15 +596,14 @@ def detect_command(
                f"{folder / 'index.html'}")
 
 
-def _detect_prompts(model: str, prompts: Path, negative: str, dtype: str, device: str,
+def _detect_prompts(model: str, prompts: Path, options: Any, device: str,
                     rejected: dict[str, Any]) -> tuple[Any, Any, Any]:
     """``detect --prompts``: the pipeline loaded with its prompts encoded; the conditions
     are the prompts' indices and the null condition the negative prompt's."""
     from diffmem.text import load_text_model, read_prompts, refuse_with_prompts
 
     refuse_with_prompts(rejected)
-    text = load_text_model(model, read_prompts(prompts), negative=negative, dtype=dtype,
-                           device=device)
+    text = load_text_model(model, read_prompts(prompts), options, device=device)
     n = len(text.prompts.texts)
     return torch.arange(n), torch.tensor(n), text
 
@@ -622,6 +652,8 @@ def compare_command(
     prompts: Path | None = PROMPTS,
     negative_prompt: str = NEGATIVE_PROMPT,
     dtype: str = DTYPE,
+    resolution: str | None = RESOLUTION,
+    attention_slicing: bool = ATTENTION_SLICING,
     seed: int = SEED,
     device: str = DEVICE,
     progress: bool = PROGRESS,
@@ -639,11 +671,13 @@ def compare_command(
 
     try:
         check_device(device)
-        size_a = _prompt_resolution(model_a, prompts, None)
+        options = _text_options(prompts, negative_prompt, dtype, resolution,
+                                attention_slicing)
+        size_a = _prompt_resolution(model_a, prompts, None, options)
         ta, tb = (open_input(t, None, size_a if t.is_dir() else None, name)
                   for t, name in ((train_a, "--train-a"), (train_b, "--train-b")))
         text: dict[str, Any] = {} if prompts is None else {
-            "prompts": prompts, "negative_prompt": negative_prompt, "dtype": dtype}
+            "prompts": prompts, "text_options": options}
         plans = plan_pair(model_a, model_b, ta, tb, n_samples=n_samples, device=device,
                           sampler=sampler, steps=steps, seed=seed, kind=model_kind,
                           schedule=schedule,

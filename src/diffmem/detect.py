@@ -143,11 +143,11 @@ def sampler_times(model: Any, steps: int) -> Tensor:
     network = getattr(model, "network", None)
     if network is not None:
         from diffmem.models import is_flow_scheduler
-        from diffmem.pipeline import make_scheduler
+        from diffmem.pipeline import make_scheduler, sampling_grid
 
         config = network["scheduler_config"]
         if is_flow_scheduler(config):
-            timesteps = make_scheduler(config, None, steps, tokens=network.get("tokens"))
+            timesteps = make_scheduler(config, None, steps, **sampling_grid(network))
             return (timesteps.timesteps.to(torch.float64) / sch.K).clamp(max=sch.T)
         timesteps = make_scheduler(config, "DDIMScheduler", steps).timesteps
         return (timesteps.to(torch.float64) + 1) / sch.K

@@ -376,9 +376,10 @@ DENOISER_CLASSES = {"UNet2DModel": "class_labels",
                     "DiTTransformer2DModel": "class_labels",
                     "Transformer2DModel": "class_labels",
                     "PixArtTransformer2DModel": "encoder_hidden_states",
-                    "SD3Transformer2DModel": "encoder_hidden_states"}
+                    "SD3Transformer2DModel": "encoder_hidden_states",
+                    "FluxTransformer2DModel": "encoder_hidden_states"}
 #: Networks that need more than one condition tensor: only through a text pipeline.
-NEEDS_PROMPTS = ("SD3Transformer2DModel",)
+NEEDS_PROMPTS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def _denoiser_dir(folder: Path) -> Path:
@@ -469,10 +470,32 @@ def attach_decoder(model: ModelScore, vae: Any) -> None:
                                                      model.data_shape[2] * f))
 
 
+def pack_latents(x: Tensor) -> Tensor:
+    """FLUX's packed latents: ``(B, C, h, w)`` as ``(B, (h/2)(w/2), 4C)``, each token a 2 x 2
+    patch with features ordered ``(c, row, column)``."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(
+        b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of :func:`pack_latents` for latents of ``h x w``."""
+    b, _, f = tokens.shape
+    return tokens.reshape(b, h // 2, w // 2, f // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+        b, f // 4, h, w)
+
+
+def latent_positions(h: int, w: int) -> Tensor:
+    """FLUX's image token positions ``(0, row, column)`` of the ``(h/2) x (w/2)`` packed
+    grid, ``((h/2)(w/2), 3)``."""
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+
+
 def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
                    scheduler_path: str | None = None,
-                   embed: Callable[[Tensor, Tensor], dict[str, Any]] | None = None
-                   ) -> ModelScore:
+                   embed: Callable[[Tensor, Tensor], dict[str, Any]] | None = None,
+                   latent_size: tuple[int, int] | None = None) -> ModelScore:
     """A diffusers network in memory (a UNet or a diffusion transformer of
     :data:`DENOISER_CLASSES`) with its scheduler (an instance or its config) as a score on
     the scheduler's schedule (:func:`scheduler_schedule`), as :func:`load_diffusers` gives
@@ -481,7 +504,13 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
     timestep expanded to the batch, and a learned variance (``out_channels = 2
     in_channels``, DiT and PixArt) dropped, as their pipelines do. ``embed(y, x)``, when
     given, turns the batch's conditions ``y`` into the network's keyword arguments (a text
-    pipeline's prompt indices into their embeddings)."""
+    pipeline's prompt indices into their embeddings). ``latent_size`` ``(h, w)`` overrides
+    the network's ``sample_size`` (a pipeline run at another resolution).
+
+    FLUX's transformer works on packed latents (:func:`pack_latents`): diffmem's samples are
+    the unpacked ``(in_channels / 4, h, w)`` latents, the network receives them packed with
+    their positions (``img_ids``, :func:`latent_positions`) and ``timestep / 1000``, as
+    ``FluxPipeline`` passes them, and its output is unpacked."""
     config = scheduler_config(scheduler)
     prediction = prediction_of(config)
     schedule = scheduler_schedule(config)
@@ -490,12 +519,18 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
         raise fail("unet", f"a network of a class diffmem loads, {tuple(DENOISER_CLASSES)}",
                    class_name)
     cfg = unet.config
-    size = cfg.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    channels = int(cfg.in_channels)
+    flux = class_name == "FluxTransformer2DModel"
+    size = latent_size if latent_size is not None else getattr(cfg, "sample_size", None)
+    if size is None:
+        raise fail("latent_size", f"the latent size of a {class_name} (its config has no "
+                   "sample_size)", None)
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    channels = int(cfg.in_channels) // 4 if flux else int(cfg.in_channels)
     data_shape = (channels, *size)
     takes = DENOISER_CLASSES[class_name]
-    learned_sigma = int(getattr(cfg, "out_channels", None) or channels) == 2 * channels
+    learned_sigma = int(getattr(cfg, "out_channels", None) or cfg.in_channels) == \
+        2 * int(cfg.in_channels)
+    positions = latent_positions(*size) if flux else None
     extra: dict[str, Any] = {}
     if class_name == "PixArtTransformer2DModel":
         extra["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
@@ -516,13 +551,20 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
         timestep = torch.as_tensor(timestep, device=x.device)
         if timestep.dim() == 0:
             timestep = timestep.expand(x.shape[0])
+        inp = x.to(unet.dtype)
+        if flux:
+            assert positions is not None
+            inp, timestep = pack_latents(inp), timestep / 1000
+            kwargs["img_ids"] = positions.to(device=x.device, dtype=unet.dtype)
         was_training = unet.training
         unet.eval()
         try:
             with torch.no_grad():
-                out = unet(x.to(unet.dtype), timestep=timestep, **kwargs).sample
+                out = unet(inp, timestep=timestep, **kwargs).sample
         finally:
             unet.train(was_training)
+        if flux:
+            return unpack_latents(out, *size)
         return out[:, :channels] if learned_sigma else out
 
     def score(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -531,12 +573,13 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
         return network_output_to_score(out.to(x.dtype), x, schedule.m(t64),
                                        schedule.sigma(t64), prediction)
 
-    patch = int(getattr(cfg, "patch_size", None) or 1)
+    patch = 2 if flux else int(getattr(cfg, "patch_size", None) or 1)
     return ModelScore(score, schedule, data_shape, "score", name=name,
                       conditional=conditional,
                       network={"net": net, "unet": unet, "scheduler_config": config,
                                "scheduler_path": scheduler_path, "takes": takes,
-                               "tokens": (size[0] // patch) * (size[1] // patch)})
+                               "tokens": (size[0] // patch) * (size[1] // patch),
+                               "linear_sigmas": flux, "patch": patch})
 
 
 def load_checkpoint_model(path: str | Path, index: int = 0,
@@ -660,7 +703,7 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
     one condition per sample ``(n, *cond_shape)``. A latent model (a text-to-image pipeline,
     :mod:`diffmem.text`) samples its latents and writes the images its VAE decodes them to;
     ``noise_out`` holds the latents' initial noise."""
-    from diffmem.pipeline import make_scheduler, pipeline_sample
+    from diffmem.pipeline import make_scheduler, pipeline_sample, sampling_grid
 
     n, batch, steps = positive_int("n_samples", n), positive_int("batch", batch), \
         positive_int("steps", steps)
@@ -672,7 +715,7 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
             raise fail("--sampler", "'ode' or 'edm' for a model that is not a diffusers one "
                        "('pipeline' runs a diffusers scheduler)", repr(sampler))
         scheduler = make_scheduler(model.network["scheduler_config"], scheduler_class, steps,
-                                   eta, tokens=model.network.get("tokens"))
+                                   eta, **sampling_grid(model.network))
     elif scheduler_class is not None or eta is not None:
         raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
                    "--sampler pipeline", f"--sampler {sampler}")
@@ -721,7 +764,7 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
             assert scheduler is not None and model.network is not None
             x = pipeline_sample(model.network["net"], z.to(device), scheduler, steps,
                                 cond=y, guidance=model.guidance, null=model.null, eta=eta,
-                                generator=gen, tokens=model.network.get("tokens"))
+                                generator=gen, **sampling_grid(model.network))
         if decode is not None:  # a latent model: the images its decoder makes
             x = decode(x)
         arr[lo:hi] = x.detach().cpu().numpy()

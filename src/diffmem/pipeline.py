@@ -22,6 +22,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,22 +43,37 @@ def flow_mu(config: dict[str, Any], tokens: int) -> float:
     return lo + (hi - lo) * (tokens - lo_n) / (hi_n - lo_n)
 
 
-def timestep_options(config: dict[str, Any], tokens: int | None) -> dict[str, Any]:
+def timestep_options(config: dict[str, Any], tokens: int | None, steps: int = 1,
+                     linear_sigmas: bool = False) -> dict[str, Any]:
     """What ``set_timesteps`` needs besides the step count: ``mu`` (:func:`flow_mu`) when
-    the scheduler shifts dynamically."""
+    the scheduler shifts dynamically, and with ``linear_sigmas`` (FLUX's pipelines) the
+    noise levels ``sigma_i = linspace(1, 1/steps, steps)`` before the shift (unless the
+    scheduler makes its own, ``use_flow_sigmas``)."""
+    options: dict[str, Any] = {}
+    if linear_sigmas and not config.get("use_flow_sigmas"):
+        options["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     if not config.get("use_dynamic_shifting"):
-        return {}
+        return options
     if tokens is None:
         raise fail("--sampler", "the number of image tokens for a dynamically shifted "
                    "scheduler", None)
-    return {"mu": flow_mu(config, tokens)}
+    return {**options, "mu": flow_mu(config, tokens)}
+
+
+def sampling_grid(network: dict[str, Any]) -> dict[str, Any]:
+    """What a diffusers model's entry (``ModelScore.network``) says of its timesteps: its
+    number of image ``tokens`` and whether its pipeline sets ``linear_sigmas``."""
+    return {"tokens": network.get("tokens"),
+            "linear_sigmas": bool(network.get("linear_sigmas", False))}
 
 
 def make_scheduler(config: dict[str, Any], class_name: str | None, steps: int,
-                   eta: float | None = None, tokens: int | None = None) -> Any:
+                   eta: float | None = None, tokens: int | None = None,
+                   linear_sigmas: bool = False) -> Any:
     """The diffusers scheduler ``class_name`` (default: the config's ``_class_name``) built
     from the model's scheduler ``config`` and checked: it can be set to ``steps`` steps
-    (with :func:`timestep_options` for ``tokens`` image tokens), and takes ``eta`` when one
+    (with :func:`timestep_options` for ``tokens`` image tokens and ``linear_sigmas``), and
+    takes ``eta`` when one
     is given."""
     try:
         import diffusers
@@ -71,7 +87,8 @@ def make_scheduler(config: dict[str, Any], class_name: str | None, steps: int,
                    repr(name))
     try:
         scheduler = cls.from_config(config)
-        scheduler.set_timesteps(steps, **timestep_options(dict(scheduler.config), tokens))
+        scheduler.set_timesteps(steps, **timestep_options(dict(scheduler.config), tokens, steps,
+                                                          linear_sigmas))
     except Exception as err:  # diffusers' own checks: say what they said
         raise fail("--scheduler-class", f"a scheduler that works with this model's config "
                    f"and {steps} steps", f"{name}: {type(err).__name__}: "
@@ -86,13 +103,14 @@ def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps
                     cond: Tensor | None = None, guidance: float | None = None,
                     null: Tensor | None = None, eta: float | None = None,
                     generator: torch.Generator | None = None,
-                    tokens: int | None = None) -> Tensor:
+                    tokens: int | None = None, linear_sigmas: bool = False) -> Tensor:
     """Samples from standard normal ``z`` by the scheduler's loop (module docstring);
     ``net(x, timestep, y)`` is the network's raw output (``y`` ``None`` when unconditional).
     The scheduler's own noise (DDPM, DDIM with ``eta > 0``, ancestral samplers) is drawn
     from ``generator``, as the pipelines do; ``tokens`` is the number of image tokens
-    (for dynamic shifting)."""
-    scheduler.set_timesteps(steps, **timestep_options(dict(scheduler.config), tokens))
+    (for dynamic shifting), ``linear_sigmas`` FLUX's noise levels (:func:`timestep_options`)."""
+    scheduler.set_timesteps(steps, **timestep_options(dict(scheduler.config), tokens, steps,
+                                                      linear_sigmas))
     scale = getattr(scheduler, "scale_model_input", None)
     takes = inspect.signature(scheduler.step).parameters
     options: dict[str, Any] = {}

@@ -3,26 +3,36 @@ r"""Latent text-to-image pipelines as diffmem models: prompts in, images out.
 A diffusers pipeline folder (``model_index.json`` with ``unet`` or ``transformer``, ``vae``,
 ``text_encoder``\(s), ``tokenizer``\(s) and ``scheduler``, as ``save_pretrained`` writes
 it: Stable Diffusion 1.x/2.x (epsilon or v prediction), SDXL (two text encoders, pooled
-embeddings and size conditioning) and SD3 (a diffusion transformer on flow matching) becomes
-a conditional :class:`~diffmem.models.ModelScore` on its latents:
+embeddings and size conditioning), SD3 (a diffusion transformer on flow matching), FLUX
+(CLIP and T5 encoders, a transformer on packed latents, flow matching) and PixArt-alpha and
+-sigma (a T5 encoder, a transformer with a learned variance) becomes a conditional
+:class:`~diffmem.models.ModelScore` on its latents:
 
 * the prompts (:func:`read_prompts`) are encoded once by the pipeline's own tokenizer and text
-  encoder (``encode_prompt``), and the negative prompt (default the empty one) last: the
-  model's condition is a prompt's index ``y`` and the null condition is the negative
-  prompt's, so classifier-free guidance ``out(null) + w (out(y) - out(null))`` is the
-  pipeline's (applied only for ``w > 1``, as the pipelines do; ``w`` defaults to the
-  pipeline's ``guidance_scale``);
-* the network receives ``encoder_hidden_states = E[y]`` (and the pooled embeddings ``P[y]``
-  as SD3's ``pooled_projections`` or SDXL's ``text_embeds`` with ``time_ids = (H, W, 0, 0,
-  H, W)``; SDXL's null condition is zeros, as its ``force_zeros_for_empty_prompt`` says);
-  its output becomes a score by the scheduler's prediction type, on the scheduler's schedule
-  (``scaled_linear`` betas for SD, the flow-matching path for SD3);
-* samples are decoded by the VAE, ``image = (decode(z / scaling_factor) + 1) / 2`` clipped to
-  ``[0, 1]`` (the pipelines' post-processing, without their safety checker), and audited as
-  images of ``3 x H x W`` (``H = vae_scale_factor * sample_size``).
+  encoder (``encode_prompt``, with its call's ``max_sequence_length``), and the negative
+  prompt (default the empty one) last: the model's condition is a prompt's index ``y`` and
+  the null condition is the negative prompt's, so classifier-free guidance ``out(null) +
+  w (out(y) - out(null))`` is the pipeline's (applied only for ``w > 1``, as the pipelines
+  do; ``w`` defaults to the pipeline's ``guidance_scale``, for FLUX to its
+  ``true_cfg_scale``, 1: none);
+* the network receives ``encoder_hidden_states = E[y]`` and what else its pipeline passes:
+  the pooled embeddings ``P[y]`` as SD3's and FLUX's ``pooled_projections`` or SDXL's
+  ``text_embeds`` with ``time_ids = (H, W, 0, 0, H, W)`` (SDXL's null condition is zeros,
+  as its ``force_zeros_for_empty_prompt`` says); PixArt's ``encoder_attention_mask``;
+  FLUX's ``txt_ids`` and its distilled ``guidance`` (the call's default ``guidance_scale``,
+  3.5, an input of the network, not a guidance of diffmem's). Its output becomes a score by
+  the scheduler's prediction type, on the scheduler's schedule (``scaled_linear`` betas for
+  SD, the flow-matching path for SD3 and FLUX, whose sigmas ``linspace(1, 1/n, n)`` and
+  dynamic shift are its pipeline's);
+* samples are decoded by the VAE, ``image = (decode(z / scaling_factor + shift_factor) +
+  1) / 2`` clipped to ``[0, 1]`` (the pipelines' post-processing, without their safety
+  checker), and audited as images of ``3 x H x W`` (``H = vae_scale_factor * sample_size``
+  by default, FLUX's ``128 vae_scale_factor``; :class:`TextOptions` ``resolution`` sets
+  another).
 
-Prompts longer than the tokenizer's ``model_max_length`` are truncated by the pipeline;
-diffmem counts the tokens first and says which prompts were cut (:attr:`TextModel.truncated`).
+Prompts longer than a tokenizer keeps are truncated by the pipeline; diffmem counts the
+tokens first and says which prompts were cut (:attr:`TextModel.truncated`). PixArt-alpha's
+resolution binning is not applied: diffmem generates at the resolution asked for.
 """
 
 from __future__ import annotations
@@ -48,7 +58,11 @@ REQUIRED = ("vae", "text_encoder", "tokenizer", "scheduler")
 DENOISERS = ("unet", "transformer")
 #: The pipelines diffmem samples with prompts.
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
-             "StableDiffusion3Pipeline")
+             "StableDiffusion3Pipeline", "FluxPipeline", "PixArtAlphaPipeline",
+             "PixArtSigmaPipeline")
+#: FLUX's pipelines generate ``128 * vae_scale_factor`` pixels square by default (their
+#: transformer's config has no ``sample_size``).
+FLUX_SAMPLE_SIZE = 128
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -130,15 +144,10 @@ def _index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def _latent_size(denoiser: Any) -> tuple[int, int]:
-    size = denoiser.config.sample_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def pipeline_resolution(folder: str | Path) -> tuple[int, int]:
     """The image size ``(H, W)`` a pipeline folder generates by default, from its configs
     alone: ``vae_scale_factor * sample_size`` with ``vae_scale_factor = 2^(len(
-    block_out_channels) - 1)``."""
+    block_out_channels) - 1)`` (FLUX: ``sample_size = 128``)."""
     folder = Path(folder)
     _index(folder)
     net = next(folder / d for d in DENOISERS if (folder / d / "config.json").is_file())
@@ -148,10 +157,22 @@ def pipeline_resolution(folder: str | Path) -> tuple[int, int]:
     except (OSError, ValueError) as err:
         raise fail("--model", "readable network and vae/ configs", f"{folder} ({err})"
                    ) from err
-    size = unet.get("sample_size", 64)
+    size = unet.get("sample_size", FLUX_SAMPLE_SIZE)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     return int(h) * factor, int(w) * factor
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How a pipeline is loaded with its prompts: the ``negative`` prompt (the null
+    condition), the ``dtype`` of its weights, the ``resolution`` ``(H, W)`` it generates
+    (``None``: its own) and whether its attention is computed in slices."""
+
+    negative: str = ""
+    dtype: str = "float32"
+    resolution: tuple[int, int] | None = None
+    attention_slicing: bool = False
 
 
 @dataclass
@@ -202,70 +223,170 @@ def _check_tokenizer(pipe: Any) -> None:
                    f"encoder's vocab_size {vocab})", f"a tokenizer of {len(tok)} tokens")
 
 
+def _call_default(pipe: Any, name: str) -> Any:
+    """The default of the pipeline's ``__call__`` parameter ``name`` (``None`` if none)."""
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty \
+        else param.default
+
+
 def _too_long(pipe: Any, texts: list[str]) -> tuple[list[int], int]:
-    """Which prompts have more tokens than the tokenizer's ``model_max_length``."""
-    tok = pipe.tokenizer
-    limit = int(tok.model_max_length)
-    ids = tok(texts, padding=False, truncation=False)["input_ids"]
-    return [i for i, row in enumerate(ids) if len(row) > limit], limit
+    """Which prompts have more tokens than a tokenizer keeps: the CLIP tokenizers'
+    ``model_max_length``, the T5 tokenizers' ``max_sequence_length`` of the pipeline's call
+    (PixArt's, FLUX's second tokenizer); and the smallest such limit."""
+    longest = _call_default(pipe, "max_sequence_length")
+    cut: set[int] = set()
+    limits = []
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is None:
+            continue
+        t5 = longest is not None and "T5" in type(tok).__name__
+        limit = int(longest) if t5 else int(tok.model_max_length)
+        limits.append(limit)
+        ids = tok(texts, padding=False, truncation=False)["input_ids"]
+        cut.update(i for i, row in enumerate(ids) if len(row) > limit)
+    return sorted(cut), min(limits)
 
 
-def _encode(pipe: Any, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """The pipeline's own prompt embeddings of ``texts`` (no guidance, one image each) and,
-    for the pipelines that have them (SDXL, SD3), the pooled embeddings."""
+@dataclass
+class Encoded:
+    """A pipeline's encoding of its prompts: the ``embeds`` ``(n, seq, dim)`` every
+    network takes, and where the pipeline has them the ``pooled`` embeddings ``(n, dim)``
+    (SDXL, SD3, FLUX), the attention ``mask`` ``(n, seq)`` (PixArt) and the text token
+    positions ``text_ids`` ``(seq, 3)`` (FLUX)."""
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+    mask: Tensor | None = None
+    text_ids: Tensor | None = None
+
+
+def _encode(pipe: Any, texts: list[str], device: torch.device) -> Encoded:
+    """The pipeline's own encoding of ``texts`` (no guidance, one image each), with the
+    options its call defaults to (``max_sequence_length``, ``clean_caption``)."""
     sig = inspect.signature(pipe.encode_prompt).parameters
     kwargs: dict[str, Any] = {"device": device, "num_images_per_prompt": 1,
                               "do_classifier_free_guidance": False,
-                              "prompt_2": None, "prompt_3": None}  # the same prompt, as
-    with torch.no_grad():  # the pipelines default to
+                              "prompt_2": None, "prompt_3": None}  # the same prompt
+    for name in ("max_sequence_length", "clean_caption"):
+        if _call_default(pipe, name) is not None:
+            kwargs[name] = _call_default(pipe, name)
+    with torch.no_grad():
         out = pipe.encode_prompt(texts, **{k: v for k, v in kwargs.items() if k in sig})
+    name = type(pipe).__name__
+    if name == "FluxPipeline":  # (embeds, pooled, text_ids)
+        return Encoded(out[0], pooled=out[1], text_ids=out[2])
+    if name.startswith("PixArt"):  # (embeds, mask, negative embeds, negative mask)
+        return Encoded(out[0], mask=out[1])
     if not isinstance(out, tuple):
-        return out, None
-    pooled = out[2] if len(out) >= 4 and isinstance(out[2], Tensor) else None
-    return out[0], pooled
+        return Encoded(out)
+    # SD: (embeds, negative); SDXL and SD3: (embeds, negative, pooled, negative pooled)
+    return Encoded(out[0], pooled=out[2] if len(out) >= 4 else None)
 
 
-def _conditioning(pipe: Any, denoiser: Any, table: Tensor, pooled: Tensor | None,
-                  image_size: tuple[int, int]) -> Any:
+def _conditioning(pipe: Any, denoiser: Any, enc: Encoded, image_size: tuple[int, int]
+                  ) -> Any:
     """``embed(y, x)``: the denoiser's keyword arguments for prompt indices ``y``, as the
-    pipeline passes them: ``encoder_hidden_states``, and SD3's ``pooled_projections`` or
+    pipeline passes them: ``encoder_hidden_states``, and SD3's ``pooled_projections``,
     SDXL's ``added_cond_kwargs`` (pooled text embeddings and the size conditioning
-    ``(H, W, 0, 0, H, W)``: original size, no crop, target size)."""
+    ``(H, W, 0, 0, H, W)``: original size, no crop, target size), PixArt's
+    ``encoder_attention_mask`` (and PixArt-alpha's resolution and aspect ratio at
+    ``sample_size`` 128), or FLUX's pooled projections, ``txt_ids`` and distilled
+    ``guidance`` (the call's default ``guidance_scale``, when the transformer embeds it)."""
     name = type(denoiser).__name__
-    text_time = getattr(denoiser.config, "addition_embed_type", None) == "text_time"
-    if (name == "SD3Transformer2DModel" or text_time) and pooled is None:
+    cfg = denoiser.config
+    text_time = getattr(cfg, "addition_embed_type", None) == "text_time"
+    pooled_by = {"SD3Transformer2DModel": "pooled_projections",
+                 "FluxTransformer2DModel": "pooled_projections"}.get(name)
+    if (pooled_by or text_time) and enc.pooled is None:
         raise fail("--model", f"a pipeline whose encode_prompt gives pooled embeddings for "
                    f"its {name}", type(pipe).__name__)
-    time_ids = torch.tensor([*image_size, 0, 0, *image_size], dtype=table.dtype,
-                            device=table.device)
+    table, pooled, mask = enc.embeds, enc.pooled, enc.mask
+    fixed: dict[str, Any] = {}
+    if text_time:
+        fixed["time_ids"] = torch.tensor([*image_size, 0, 0, *image_size], dtype=table.dtype,
+                                         device=table.device)
+    if name == "FluxTransformer2DModel":
+        assert enc.text_ids is not None
+        fixed["txt_ids"] = enc.text_ids
+        if getattr(cfg, "guidance_embeds", False):
+            fixed["guidance"] = float(_call_default(pipe, "guidance_scale") or 3.5)
+    if name == "PixArtTransformer2DModel" and type(pipe).__name__ == "PixArtAlphaPipeline" \
+            and cfg.sample_size == 128:
+        fixed["resolution"] = torch.tensor([[float(v) for v in image_size]], dtype=table.dtype,
+                                           device=table.device)
+        fixed["aspect_ratio"] = torch.tensor([[image_size[0] / image_size[1]]],
+                                             dtype=table.dtype, device=table.device)
 
     def embed(y: Tensor, x: Tensor) -> dict[str, Any]:
         rows = y.to(table.device).long()
+        b = rows.shape[0]
         kwargs: dict[str, Any] = {"encoder_hidden_states": table[rows]}
-        if name == "SD3Transformer2DModel":
+        if pooled_by is not None:
             assert pooled is not None
-            kwargs["pooled_projections"] = pooled[rows]
+            kwargs[pooled_by] = pooled[rows]
         elif text_time:
             assert pooled is not None
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled[rows],
-                                           "time_ids": time_ids.expand(rows.shape[0], 6)}
+                                           "time_ids": fixed["time_ids"].expand(b, 6)}
+        if mask is not None:
+            kwargs["encoder_attention_mask"] = mask[rows]
+        if "resolution" in fixed:
+            kwargs["added_cond_kwargs"] = {"resolution": fixed["resolution"].expand(b, 2),
+                                           "aspect_ratio": fixed["aspect_ratio"].expand(b, 1)}
+        if "txt_ids" in fixed:
+            kwargs["txt_ids"] = fixed["txt_ids"]
+        if "guidance" in fixed:
+            kwargs["guidance"] = torch.full((b,), fixed["guidance"], device=table.device)
         return kwargs
 
     return embed
 
 
-def load_text_model(folder: str | Path, prompts: Prompts, *, negative: str = "",
-                    dtype: str = "float32", device: str | torch.device = "cpu",
-                    progress: bool = False) -> TextModel:
+def _latent_grid(pipe: Any, denoiser: Any, resolution: tuple[int, int] | None
+                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The image size ``(H, W)`` generated (``resolution``, default the pipeline's) and its
+    latent size ``(H / f, W / f)``, ``f = vae_scale_factor``; ``H`` and ``W`` must be
+    multiples of ``f`` times the network's patch (2 for FLUX's packing) or, for a UNet, of
+    ``f`` times its ``2^(levels - 1)`` downsampling. Raises ``ValueError`` naming
+    ``--resolution``."""
+    f = int(pipe.vae_scale_factor)
+    name = type(denoiser).__name__
+    if resolution is None:
+        size = getattr(denoiser.config, "sample_size", None) or FLUX_SAMPLE_SIZE
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return (h * f, w * f), (h, w)
+    if name.startswith("UNet"):
+        unit = 2 ** (len(denoiser.config.block_out_channels) - 1)
+    else:
+        unit = 2 if name == "FluxTransformer2DModel" else \
+            int(getattr(denoiser.config, "patch_size", 1) or 1)
+    step = f * unit
+    h, w = (int(v) for v in resolution)
+    if h <= 0 or w <= 0 or h % step or w % step:
+        raise fail("--resolution", f"H,W positive multiples of {step} for this pipeline "
+                   f"(VAE factor {f} x {name}'s {unit})", f"{h},{w}")
+    return (h, w), (h // f, w // f)
+
+
+def load_text_model(folder: str | Path, prompts: Prompts, options: TextOptions | None = None,
+                    *, device: str | torch.device = "cpu", progress: bool = False
+                    ) -> TextModel:
     """Load a latent text-to-image pipeline folder (module docstring) with its prompts
-    encoded. Nothing is downloaded. Raises ``ValueError`` naming ``--model``, ``--prompts``
-    or ``--dtype`` on a missing component, a tokenizer that does not match its text
-    encoder, or a dtype diffmem does not know."""
+    encoded (:class:`TextOptions`: the negative prompt, the dtype, the resolution, default
+    the pipeline's, and attention computed in slices, less memory for the same result to
+    rounding, where the network supports it). Nothing is downloaded.
+    Raises ``ValueError`` naming ``--model``, ``--prompts``, ``--resolution`` or
+    ``--dtype`` on a missing component, a tokenizer that does not match its text encoder,
+    a size the network cannot take, or a dtype diffmem does not know."""
     try:
         import diffusers
     except ImportError as err:
         raise fail("--prompts", "diffusers and transformers installed (pip install "
                    "'diffmem[pipelines]')", str(folder)) from err
+    opts = TextOptions() if options is None else options
+    negative, dtype = opts.negative, opts.dtype
     if dtype not in DTYPES:
         raise fail("--dtype", f"one of {tuple(DTYPES)}", repr(dtype))
     folder = Path(folder)
@@ -298,23 +419,36 @@ def load_text_model(folder: str | Path, prompts: Prompts, *, negative: str = "",
         print(f"diffmem: {len(truncated)} prompt(s) longer than the tokenizer's "
               f"{limit} tokens are truncated, as the pipeline does (prompt "
               f"{shown}{', ...' if len(truncated) > 10 else ''})", file=sys.stderr)
-    with _quiet():
-        table, pooled = _encode(pipe, prompts.texts + [negative], torch.device(device))
-    if negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-        table[-1] = 0  # SDXL's null condition: zeros, not the empty prompt's embedding
-        if pooled is not None:
-            pooled[-1] = 0
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-    size = tuple(int(v) * pipe.vae_scale_factor for v in _latent_size(denoiser))
+    size, latent = _latent_grid(pipe, denoiser, opts.resolution)
+    with _quiet():
+        enc = _encode(pipe, prompts.texts + [negative], torch.device(device))
+    if negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        enc.embeds[-1] = 0  # SDXL's null condition: zeros, not the empty prompt's embedding
+        if enc.pooled is not None:
+            enc.pooled[-1] = 0
+    if opts.attention_slicing:
+        _slice_attention(pipe, denoiser)
     model = wrap_diffusers(denoiser, pipe.scheduler, name=f"pipeline {folder.name}",
-                           embed=_conditioning(pipe, denoiser, table, pooled, size))
+                           embed=_conditioning(pipe, denoiser, enc, size), latent_size=latent)
     attach_decoder(model, pipe.vae)
     assert model.network is not None
     model.network["prompts"] = prompts.texts
-    default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
-    guidance = None if default is None or default.default is inspect.Parameter.empty \
-        else float(default.default)
+    # FLUX's guidance_scale is an input of its network; its classifier-free guidance is
+    # true_cfg_scale (1 by default: none)
+    default = _call_default(pipe, "true_cfg_scale" if type(pipe).__name__ == "FluxPipeline"
+                            else "guidance_scale")
+    guidance = None if default is None else float(default)
     return TextModel(model, prompts, negative, guidance, truncated, limit, pipe)
+
+
+def _slice_attention(pipe: Any, denoiser: Any) -> None:
+    """Attention computed a slice of heads at a time (``set_attention_slice('auto')``), where
+    the network has it; raises ``ValueError`` naming ``--attention-slicing`` where not."""
+    if not hasattr(denoiser, "set_attention_slice"):
+        raise fail("--attention-slicing", "a network with sliceable attention (the UNets of "
+                   "Stable Diffusion and SDXL)", type(denoiser).__name__)
+    denoiser.set_attention_slice("auto")
 
 
 def name_by_prompt(entries: list[dict[str, Any]], texts: list[str],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
@@ -17,6 +17,9 @@ from diffmem._checks import fail, positive_int
 from diffmem.centres import Centres, TrainingData
 from diffmem.conditions import as_conditions, distinct, parse_null, per_sample
 from diffmem.models import SAMPLERS, ModelScore, load_model
+
+if TYPE_CHECKING:
+    from diffmem.text import TextOptions
 
 
 @dataclass
@@ -47,13 +50,13 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
               seed: int = 0, scheduler_class: str | None = None, eta: float | None = None,
               scheduler: str | None = None, schedule: str = "VP", kind: str = "score",
               index: int = 0, device: str = "cpu", prompts: str | Path | None = None,
-              negative_prompt: str = "", dtype: str = "float32", batch_size: int = 64
-              ) -> DrawPlan:
+              text_options: TextOptions | None = None, batch_size: int = 64) -> DrawPlan:
     """Load ``spec`` (as :func:`diffmem.models.load_model`) and check the sampling options
     against it. A conditional model samples ``per_condition`` times each of ``conditions``
     (default: each distinct training condition of ``train_cond``; ``per_condition``
     defaults to ``n_samples`` shared out); the model must take the conditions and, with
-    ``guidance``, the ``null_cond``. Raises ``ValueError`` naming the option at fault."""
+    ``guidance``, the ``null_cond``. A text-to-image pipeline with ``prompts`` is loaded
+    with ``text_options``. Raises ``ValueError`` naming the option at fault."""
     n_samples = positive_int("--n-samples", n_samples)
     batch = positive_int("--batch-size", batch_size)
     if sampler not in SAMPLERS:
@@ -61,7 +64,7 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
     if prompts is not None:
         text = _plan_prompts(spec, data_shape, prompts, n_samples=n_samples,
                              per_condition=per_condition, guidance=guidance,
-                             negative_prompt=negative_prompt, dtype=dtype, sampler=sampler,
+                             text_options=text_options, sampler=sampler,
                              steps=steps, seed=seed, scheduler_class=scheduler_class,
                              eta=eta, device=device, rejected={
                                  "--conditions": conditions, "--train-cond": train_cond,
@@ -114,16 +117,16 @@ def _check_sampler(model: ModelScore, sampler: str, steps: int, scheduler_class:
         raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
                    "--sampler pipeline", f"--sampler {sampler}")
     if sampler == "pipeline":
-        from diffmem.pipeline import make_scheduler
+        from diffmem.pipeline import make_scheduler, sampling_grid
 
         assert model.network is not None
         make_scheduler(model.network["scheduler_config"], scheduler_class,
-                       positive_int("--steps", steps), eta, tokens=model.network.get("tokens"))
+                       positive_int("--steps", steps), eta, **sampling_grid(model.network))
 
 
 def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *,
                   n_samples: int, per_condition: int | None, guidance: float | None,
-                  negative_prompt: str, dtype: str, sampler: str, steps: int, seed: int,
+                  text_options: TextOptions | None, sampler: str, steps: int, seed: int,
                   scheduler_class: str | None, eta: float | None, device: str,
                   rejected: dict[str, Any]) -> DrawPlan:
     """A text-to-image pipeline sampled ``per_condition`` times per prompt (default
@@ -136,7 +139,7 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *
 
     refuse_with_prompts(rejected)
     text = read_prompts(prompts)
-    tm = load_text_model(spec, text, negative=negative_prompt, dtype=dtype, device=device)
+    tm = load_text_model(spec, text, text_options, device=device)
     model = tm.model
     if tuple(output_shape(model)) != tuple(data_shape):
         raise fail("--train", f"images of the model's size {output_shape(model)} (a PNG/JPEG "
