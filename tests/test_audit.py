@@ -213,3 +213,27 @@ def test_command_line_errors_name_the_argument_and_write_nothing(tmp_path):
         assert "Traceback" not in res.output
         leftovers = [p.name for p in out.rglob("*")] if out.exists() else []
         assert not [n for n in leftovers if n != "features"], (args, leftovers)
+
+
+def test_duplicated_training_items_count_once_in_the_nn_ratio():
+    """A sample next to an image the training set holds three times is a copy (d1 / d2
+    near 0): d2 skips the nearest item's exact duplicates. Without them nothing changes."""
+    from diffmem.audit import audit
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(6, 3, 4, 4, generator=gen, dtype=torch.float64)
+    train = torch.cat([base, base[2:3].repeat(3, 1, 1, 1)])  # item 2 four times in all
+    samples = torch.stack([base[2] + 1e-3, base[4] + 1e-3, (base[0] + base[1]) / 2])
+    res = audit(samples, train, bootstrap=10)
+    d_other = min(float((base[2] - base[j]).norm()) for j in range(6) if j != 2)
+    assert abs(float(res.d2[0]) - min(float((samples[0] - base[j]).norm())
+                                      for j in range(6) if j != 2)) < 1e-9
+    assert float(res.ratio[0]) < 0.05 < d_other
+    assert res.copies["nn_ratio"].tolist() == [True, True, False]
+    plain = audit(samples, base, bootstrap=10)
+    assert torch.equal(plain.d2, res.d2) and res.search["duplicates_beyond_k"] == 0
+    # all k found neighbours duplicates of the nearest: the k-th distance, counted
+    many = torch.cat([base, base[2:3].repeat(60, 1, 1, 1)])
+    bounded = audit(samples[:1], many, bootstrap=10)
+    assert bounded.search["duplicates_beyond_k"] == 1
+    assert float(bounded.d2[0]) == pytest.approx(float(bounded.d1[0]), rel=1e-9)
