@@ -19,7 +19,10 @@ OUT/pipeline.
 OUT/reconstructions.npy holds the VAE's reconstructions of the distinct training images (in
 OUT/images): a sample that copies a training image decodes to its reconstruction, which a
 well-trained VAE makes equal to the image and a small or untrained one does not, so audit
-against them when the VAE is not a good one.
+against them when the VAE is not a good one, or first fit the VAE to the images with
+--vae-steps (Adam on ``|decode(z) - x|^2 + 1e-6 KL``, ``z`` drawn from the encoder; then the
+scaling factor is set to ``1 / std`` of the latent means, the convention of Stable
+Diffusion's).
 
 Needs: pip install 'diffmem[pipelines]'.
 """
@@ -64,6 +67,26 @@ def read_data(path: Path) -> tuple[list[Path], list[str]]:
     return images, captions
 
 
+def fit_vae(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, seed: int) -> None:
+    """Fit ``vae`` to ``pixels`` (in ``[-1, 1]``) for ``steps`` Adam steps, then set its
+    scaling factor to ``1 / std`` of the latent means."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    vae.train()
+    for step in range(steps):
+        post = vae.encode(pixels).latent_dist
+        loss = F.mse_loss(vae.decode(post.sample()).sample, pixels) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"vae step {step}: loss {loss.item():.5f}")
+    vae.eval()
+    with torch.no_grad():
+        std = float(vae.encode(pixels).latent_dist.mode().std())
+    vae.register_to_config(scaling_factor=1 / std)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", required=True, help="A pipeline folder to fine-tune.")
@@ -75,7 +98,11 @@ def main() -> None:
     parser.add_argument("--drop", type=float, default=0.1, help="Caption dropout.")
     parser.add_argument("--penalty", type=float, default=0.0, help="Tikhonov lambda.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=0,
+                        help="Fit the VAE to the training images first (steps).")
     args = parser.parse_args()
+    if args.vae_steps < 0:
+        raise SystemExit(f"--vae-steps: expected an integer >= 0, received {args.vae_steps}")
     if not 0 <= args.drop < 1:
         raise SystemExit(f"--drop: expected a probability in [0, 1), received {args.drop}")
 
@@ -95,6 +122,9 @@ def main() -> None:
             shutil.copyfile(f, folder / f"{i:04d}{f.suffix}")
         pixels = (load_images(folder, resize=size) * 2 - 1).float()
         rows = torch.tensor([distinct[f] for f in files])
+    if args.vae_steps:
+        fit_vae(pipe.vae, pixels, args.vae_steps, args.seed)
+    with torch.no_grad():
         means = pipe.vae.encode(pixels).latent_dist.mode()
         # what an exact copy looks like after decoding: the VAE's reconstructions
         recon = (pipe.vae.decode(means).sample / 2 + 0.5).clamp(0, 1)

@@ -103,6 +103,8 @@ def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
     assert sorted(e["condition"] for e in report["conditions"]) == sorted(PROMPTS +
                                                                           ["long " * 20])
     assert report["inputs"]["truncated_prompts"] == [3]
+    assert {e["condition"]: e.get("prompt_label") for e in report["conditions"]}[
+        PROMPTS[1]] == "1"
     assert report["inputs"]["train_resized_to"] == [16, 16]
     assert np.load(tmp_path / "audit" / "initial_noise.npy").shape == (8, 4, 8, 8)
     assert np.load(tmp_path / "audit" / "samples.npy").shape == (8, 3, 16, 16)
@@ -425,3 +427,26 @@ def test_resolution_and_attention_slicing(sd, tmp_path):
              tmp_path / "o1", "--resolution: expected --prompts")
     _refused(["audit", "--model", str(sd), "--train", str(train), "--prompts", str(p),
               "--resolution", "24"], tmp_path / "o2", "--resolution: expected H,W")
+
+
+def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
+    """examples/memorize_captions.py (its full run is measured by hand: minutes): the 24
+    captioned pictures, three duplicated, the labelled prompts; and its summary's AUC."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "memorize_captions.py"
+    spec = importlib.util.spec_from_file_location("memorize_captions", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    data, prompts, labels, train = demo.write_data(tmp_path, copies=5)
+    rows = demo._rows(data)
+    assert len(rows) == 21 + 3 * 5 and np.load(train).shape == (36, 3, 16, 16)
+    assert np.load(labels).sum() == 3 and sorted(set(rows)) == list(range(24))
+    texts = read_prompts(prompts)
+    assert len(set(texts.texts)) == 24 and texts.labels.count("1") == 3
+    pics = np.load(train)
+    assert rows[:5] == [0] * 5 and np.array_equal(pics[0], pics[4])  # the red square, 5x
+    assert not np.array_equal(pics[0], pics[rows.index(1)])
+    assert demo.auc(np.array([3.0, 2.0, 1.0, 0.5]), np.array([True, False, True, False])) \
+        == 0.75

@@ -30,9 +30,12 @@ def write_tokenizer(folder: Path, max_length: int = 24) -> int:
 
 def sd_pipeline(folder: Path, *, prediction: str = "epsilon", scheduler: str = "DDIMScheduler",
                 vocab_extra: int = 0, max_length: int = 24, seed: int = 0,
-                latent_size: int = 8, channels: tuple[int, int] = (16, 32)) -> Path:
+                latent_size: int = 8, channels: tuple[int, int] = (16, 32),
+                timesteps: int = 100) -> Path:
     """A tiny Stable Diffusion layout saved in ``folder``: ``latent_size`` squared latents
-    of 4 channels (default 8), RGB images twice that size."""
+    of 4 channels (default 8), RGB images twice that size; Stable Diffusion's betas over
+    ``timesteps`` steps (1000 for a model to train: with 100 the last step keeps most of
+    the signal)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -55,7 +58,7 @@ def sd_pipeline(folder: Path, *, prediction: str = "epsilon", scheduler: str = "
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
         sample_size=2 * latent_size)
     sched = getattr(diffusers, scheduler)(
-        num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
+        num_train_timesteps=timesteps, beta_schedule="scaled_linear", beta_start=0.00085,
         beta_end=0.012, prediction_type=prediction, steps_offset=1,
         **({"clip_sample": False} if scheduler in ("DDIMScheduler", "DDPMScheduler") else {}))
     pipe = diffusers.StableDiffusionPipeline(

@@ -387,7 +387,7 @@ def audit_command(
             if plan is not None and plan.prompts is not None and result.conditions:
                 from diffmem.text import name_by_prompt
 
-                name_by_prompt(result.conditions, plan.prompts)
+                name_by_prompt(result.conditions, plan.prompts, plan.prompt_labels)
                 result.sample_condition = [plan.prompts[int(i)] for i in result.sample_condition]
             if _leader(group):
                 write_audit_report(folder, result, Rows(sample_data), Rows(Centres(whole)),

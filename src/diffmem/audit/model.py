@@ -41,6 +41,8 @@ class DrawPlan:
     #: Samples drawn at once (each batch is written and recorded before the next).
     batch: int = 64
     truncated: list[int] | None = None
+    #: The prompts' labels, where the prompts file gave them.
+    prompt_labels: list[str | None] | None = None
 
 
 def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
@@ -155,7 +157,7 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *
     return DrawPlan(model=model, n=int(cond.shape[0]), cond=cond, conditions=table,
                     sampler=sampler, steps=positive_int("--steps", steps), seed=seed,
                     scheduler_class=scheduler_class, eta=eta, prompts=text.texts,
-                    truncated=tm.truncated)
+                    truncated=tm.truncated, prompt_labels=text.labels)
 
 
 def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = True) -> Path:
