@@ -450,3 +450,20 @@ def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
     assert not np.array_equal(pics[0], pics[rows.index(1)])
     assert demo.auc(np.array([3.0, 2.0, 1.0, 0.5]), np.array([True, False, True, False])) \
         == 0.75
+
+
+def test_every_tokenizer_is_checked_against_its_encoder():
+    """FLUX's and SD3's second and third tokenizers too: ids beyond the encoder's table."""
+    from types import SimpleNamespace
+
+    from diffmem.text import _check_tokenizer
+
+    def enc(v):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=v))
+
+    pipe = SimpleNamespace(tokenizer=[0] * 10, text_encoder=enc(10),
+                           tokenizer_2=[0] * 80, text_encoder_2=enc(76))
+    with pytest.raises(ValueError, match="tokenizer_2 below text_encoder_2's vocab_size 76"):
+        _check_tokenizer(pipe)
+    pipe.text_encoder_2 = enc(80)
+    _check_tokenizer(pipe)

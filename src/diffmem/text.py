@@ -215,12 +215,16 @@ def _quiet() -> Iterator[None]:
 
 
 def _check_tokenizer(pipe: Any) -> None:
-    """The tokenizer's ids must index the text encoder's embedding table."""
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    vocab = getattr(getattr(enc, "config", None), "vocab_size", None)
-    if vocab is not None and len(tok) > int(vocab):
-        raise fail("--model", "a tokenizer that matches its text encoder (token ids below the "
-                   f"encoder's vocab_size {vocab})", f"a tokenizer of {len(tok)} tokens")
+    """Every tokenizer's ids must index its text encoder's embedding table (``tokenizer``
+    with ``text_encoder``, ``tokenizer_2`` with ``text_encoder_2``, ...)."""
+    for suffix in ("", "_2", "_3"):
+        tok = getattr(pipe, f"tokenizer{suffix}", None)
+        enc = getattr(pipe, f"text_encoder{suffix}", None)
+        vocab = getattr(getattr(enc, "config", None), "vocab_size", None)
+        if tok is not None and vocab is not None and len(tok) > int(vocab):
+            raise fail("--model", f"a tokenizer that matches its text encoder (token ids of "
+                       f"tokenizer{suffix} below text_encoder{suffix}'s vocab_size {vocab})",
+                       f"a tokenizer of {len(tok)} tokens")
 
 
 def _call_default(pipe: Any, name: str) -> Any:
