@@ -21,7 +21,8 @@ training, audit and detection with prompts, in a few minutes.
    copy passes the nn-ratio test. ``diffmem detect --prompts --labels``: the prompts ranked
    without the training set, with the ROC against the duplicated ones.
 
-The summary gives the copies per prompt (duplicated prompts against the others), where the
+OUT/samples_by_prompt.png shows each prompt's picture and its samples. The summary gives
+the copies per prompt (duplicated prompts against the others), where the
 detector ranks the duplicated prompts, and how well each detector's score tells the prompts
 the audit found copied (half their samples or more) from the others (AUC).
 
@@ -158,6 +159,21 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
 
 
+def draw_grid(out: Path) -> Path:
+    """OUT/samples_by_prompt.png: a row per prompt, its training picture as the VAE renders
+    it, then its samples (each pixel drawn 3 x 3)."""
+    samples = np.load(out / "audit" / "samples.npy")
+    which = np.load(out / "audit" / "sample_conditions.npy")
+    rendered = np.load(out / "run" / "reconstructions.npy")
+    per = int((which == 0).sum())
+    rows = [np.concatenate([rendered[p], *samples[which == p][:per]], axis=2)
+            for p in range(len(rendered))]
+    grid = (np.concatenate(rows, axis=1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    path = out / "samples_by_prompt.png"
+    Image.fromarray(grid.repeat(3, 0).repeat(3, 1)).save(path)
+    return path
+
+
 def summarize(out: Path) -> None:
     """Copies and detection ranks, duplicated prompts against the others, and how each
     detector agrees with the audit."""
@@ -184,6 +200,7 @@ def summarize(out: Path) -> None:
         print(f"  {name}: AUC {'-' if roc is None else format(roc['auc'], '.3f')} "
               f"(duplicated), {auc(scores, found):.3f} (copied by the audit, "
               f"{int(found.sum())} prompts)")
+    print(f"-> {draw_grid(out)} (a row per prompt: its picture, then its samples)")
 
 
 if __name__ == "__main__":

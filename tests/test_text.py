@@ -450,6 +450,16 @@ def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
     assert not np.array_equal(pics[0], pics[rows.index(1)])
     assert demo.auc(np.array([3.0, 2.0, 1.0, 0.5]), np.array([True, False, True, False])) \
         == 0.75
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "run").mkdir()
+    np.save(tmp_path / "audit" / "samples.npy", np.zeros((6, 3, 16, 16), np.float32))
+    np.save(tmp_path / "audit" / "sample_conditions.npy", np.repeat(np.arange(3), 2))
+    np.save(tmp_path / "run" / "reconstructions.npy", np.ones((3, 3, 16, 16), np.float32))
+    from PIL import Image
+
+    grid = np.asarray(Image.open(demo.draw_grid(tmp_path)))
+    assert grid.shape == (3 * 48, 3 * 48, 3)  # 3 prompts: picture + 2 samples, 3x3 pixels
+    assert (grid[:, :48] == 255).all() and (grid[:, 48:] == 0).all()
 
 
 def test_every_tokenizer_is_checked_against_its_encoder():
