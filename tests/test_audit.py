@@ -230,6 +230,9 @@ def test_duplicated_training_items_count_once_in_the_nn_ratio():
                                       for j in range(6) if j != 2)) < 1e-9
     assert float(res.ratio[0]) < 0.05 < d_other
     assert res.copies["nn_ratio"].tolist() == [True, True, False]
+    from diffmem.metrics import nn_ratio  # the experiments' test: the same d2
+
+    assert nn_ratio(samples, train, bootstrap=10).fraction == pytest.approx(2 / 3)
     plain = audit(samples, base, bootstrap=10)
     assert torch.equal(plain.d2, res.d2) and res.search["duplicates_beyond_k"] == 0
     # all k found neighbours duplicates of the nearest: the k-th distance, counted

@@ -187,17 +187,58 @@ class NNRatio:
     ratios: Tensor
 
 
+#: Neighbours :func:`nn_ratio` searches for a second training item distinct from the nearest.
+RATIO_K = 8
+
+
 def nn_ratio(samples: Tensor, train: TrainingData, threshold: float = 1 / 3,
              bootstrap: int = 1000, level: float = 0.95, seed: int = 0,
              **source: Any) -> NNRatio:
     """Nearest-neighbour ratio test: a sample counts as a copy when the distance to its
-    nearest training point is below ``threshold`` times the distance to the second nearest
-    (``d1 / d2 < threshold``, dimensionless). Needs at least 2 training points."""
+    nearest training point is below ``threshold`` times the distance ``d2`` to the nearest
+    training point that is not an exact duplicate of it (``d1 / d2 < threshold``,
+    dimensionless; :func:`distinct_second` over the :data:`RATIO_K` nearest). Needs at
+    least 2 training points."""
     _some(samples)
-    d, _ = knn(samples, train, 2, **source)
-    if d.shape[1] < 2:
-        raise fail("train", "at least 2 training points for d1/d2", d.shape[1])
-    return ratio_test(d[:, 0], d[:, 1], threshold, bootstrap, level, seed)
+    centres = as_centres(train, process_group=source.get("process_group"),
+                         storage=source.get("storage"))
+    if centres.n_total < 2:
+        raise fail("train", "at least 2 training points for d1/d2", centres.n_total)
+    d, idx = knn(samples, centres, min(RATIO_K, centres.n_total), exact=2,
+                 **{k: v for k, v in source.items() if k not in ("process_group", "storage")})
+    d2, _ = distinct_second(d, idx, centres)
+    return ratio_test(d[:, 0], d2, threshold, bootstrap, level, seed)
+
+
+def distinct_second(dist: Tensor, idx: Tensor, train: Any, batch_size: int = 1024
+                    ) -> tuple[Tensor, int]:
+    """``d2`` of the nn-ratio test: per sample, the distance to the nearest of its ``k``
+    found training items (``dist``, ``idx``: ``(n, k)``, nearest first) whose row differs
+    from the nearest item's, so exact duplicates in the training set count once (a copy of
+    an image held three times is a copy). Where all ``k`` are duplicates of the nearest,
+    the ``k``-th distance (a lower bound of ``d2``: the ratio is then an upper bound).
+    ``train`` is a :class:`~diffmem.centres.Centres`. Returns ``d2`` and how many samples
+    that bound was used for. A training set split over processes is not deduplicated
+    (``d2`` is the second distance; the count is ``-1``)."""
+    n, k = idx.shape
+    if getattr(train, "group", None) is not None:
+        return dist[:, 1].clone(), -1
+    d2 = dist[:, -1].clone()
+    exhausted = 0
+    like = torch.empty(0, dtype=train.source_dtype)  # rows as stored: no converted copy
+    for lo in range(0, n, batch_size):
+        block = idx[lo:lo + batch_size]
+        first = train.take_raw(block[:, 0], like)
+        open_rows = torch.arange(block.shape[0])
+        for j in range(1, k):
+            if open_rows.numel() == 0:
+                break
+            other = train.take_raw(block[open_rows, j], like)
+            differs = (other != first[open_rows]).any(dim=1)
+            d2[lo + open_rows[differs]] = dist[lo + open_rows[differs], j]
+            open_rows = open_rows[~differs]
+        exhausted += int(open_rows.numel())
+    return d2, exhausted
 
 
 def distance_ratios(d1: Tensor, d2: Tensor) -> Tensor:

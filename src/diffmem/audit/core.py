@@ -10,7 +10,8 @@ the functions of :mod:`diffmem.metrics` that the experiments use too:
 * ``nn_ratio``: copies by ``d1 / d2 < threshold`` (dimensionless; 1/3 as in Gu et al. and
   Bonnaire et al.), with a bootstrap interval; ``d2`` is the distance to the nearest training
   item that is not an exact duplicate of the nearest one (:func:`distinct_second`: a copy of
-  an image the training set holds three times is a copy, ``d1 / d2`` near 0, not 1);
+  an image the training set holds three times is a copy, ``d1 / d2`` near 0, not 1, as in
+  :func:`diffmem.metrics.nn_ratio`);
 * ``calibrated_l2``: Carlini et al. (2023)'s ``d1 / (alpha * mean distance to the n nearest
   training points)`` (dimensionless; ``alpha = 0.5``, ``n = 50``); copies below a threshold
   (:data:`CALIBRATED_THRESHOLD`, chosen by the measurement described there);
@@ -47,6 +48,7 @@ from diffmem.metrics import (
     calibrated_l2,
     delta_key,
     distance_ratios,
+    distinct_second,
     ratio_test,
     rms_per_coordinate,
     within,
@@ -188,36 +190,6 @@ def _exact_matches(rows: Rows, centres: Centres, batch_size: int,
     local = (exact_matches((x for _, x in rows.batches(batch_size)), centres) if centres.n
              else torch.zeros(rows.n, dtype=torch.bool))
     return all_reduce(local.to(torch.float64), process_group, "max") > 0
-
-
-def distinct_second(dist: Tensor, idx: Tensor, train: Centres, batch_size: int = 1024
-                    ) -> tuple[Tensor, int]:
-    """``d2`` of the nn-ratio test: per sample, the distance to the nearest of its ``k``
-    found training items (``dist``, ``idx``: ``(n, k)``, nearest first) whose row differs
-    from the nearest item's, so exact duplicates in the training set count once. Where all
-    ``k`` are duplicates of the nearest, the ``k``-th distance (a lower bound of ``d2``: the
-    ratio is then an upper bound). Returns ``d2`` and how many samples that bound was used
-    for. A training set split over processes is not deduplicated (``d2`` is the second
-    distance; the count is ``-1``)."""
-    n, k = idx.shape
-    if getattr(train, "group", None) is not None:
-        return dist[:, 1].clone(), -1
-    d2 = dist[:, -1].clone()
-    exhausted = 0
-    like = torch.empty(0, dtype=torch.float64)
-    for lo in range(0, n, batch_size):
-        block = idx[lo:lo + batch_size]
-        first = train.take_raw(block[:, 0], like)
-        open_rows = torch.arange(block.shape[0])
-        for j in range(1, k):
-            if open_rows.numel() == 0:
-                break
-            other = train.take_raw(block[open_rows, j], like)
-            differs = (other != first[open_rows]).any(dim=1)
-            d2[lo + open_rows[differs]] = dist[lo + open_rows[differs], j]
-            open_rows = open_rows[~differs]
-        exhausted += int(open_rows.numel())
-    return d2, exhausted
 
 
 def _figures(d1: Tensor, d2: Tensor, calibrated_copies: Tensor,
