@@ -530,7 +530,9 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
     takes = DENOISER_CLASSES[class_name]
     learned_sigma = int(getattr(cfg, "out_channels", None) or cfg.in_channels) == \
         2 * int(cfg.in_channels)
-    positions = latent_positions(*size) if flux else None
+    # made once where the network lives: the per-call .to() below is then a no-op
+    positions = latent_positions(*size).to(device=unet.device, dtype=unet.dtype) \
+        if flux else None
     extra: dict[str, Any] = {}
     if class_name == "PixArtTransformer2DModel":
         extra["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
@@ -579,7 +581,7 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
                       network={"net": net, "unet": unet, "scheduler_config": config,
                                "scheduler_path": scheduler_path, "takes": takes,
                                "tokens": (size[0] // patch) * (size[1] // patch),
-                               "linear_sigmas": flux, "patch": patch})
+                               "linear_sigmas": flux})
 
 
 def load_checkpoint_model(path: str | Path, index: int = 0,

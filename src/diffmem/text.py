@@ -274,8 +274,9 @@ def _encode(pipe: Any, texts: list[str], device: torch.device) -> Encoded:
                               "do_classifier_free_guidance": False,
                               "prompt_2": None, "prompt_3": None}  # the same prompt
     for name in ("max_sequence_length", "clean_caption"):
-        if _call_default(pipe, name) is not None:
-            kwargs[name] = _call_default(pipe, name)
+        value = _call_default(pipe, name)
+        if value is not None:
+            kwargs[name] = value
     with torch.no_grad():
         out = pipe.encode_prompt(texts, **{k: v for k, v in kwargs.items() if k in sig})
     name = type(pipe).__name__
@@ -315,7 +316,11 @@ def _conditioning(pipe: Any, denoiser: Any, enc: Encoded, image_size: tuple[int,
         assert enc.text_ids is not None
         fixed["txt_ids"] = enc.text_ids
         if getattr(cfg, "guidance_embeds", False):
-            fixed["guidance"] = float(_call_default(pipe, "guidance_scale") or 3.5)
+            default = _call_default(pipe, "guidance_scale")
+            if default is None:
+                raise fail("--model", f"a pipeline whose call has a default guidance_scale "
+                           f"(the input of its guidance-distilled {name})", type(pipe).__name__)
+            fixed["guidance"] = float(default)
     if name == "PixArtTransformer2DModel" and type(pipe).__name__ == "PixArtAlphaPipeline" \
             and cfg.sample_size == 128:
         fixed["resolution"] = torch.tensor([[float(v) for v in image_size]], dtype=table.dtype,
