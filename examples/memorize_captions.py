@@ -23,8 +23,10 @@ training, audit and detection with prompts, in a few minutes.
 
 OUT/samples_by_prompt.png shows each prompt's picture and its samples. The summary gives
 the copies per prompt (duplicated prompts against the others), where the
-detector ranks the duplicated prompts, and how well each detector's score tells the prompts
-the audit found copied (half their samples or more) from the others (AUC).
+detector ranks the duplicated prompts, how well each detector's score tells the prompts
+the audit found copied (half their samples or more) from the others (AUC), and the TPR and
+FPR of detect's verdicts against the audit (clear prompts: copied at >= 0.75 or <= 0.25,
+counting a sample copied by the nn-ratio test or as a reproduction).
 
 Needs: pip install 'diffmem[pipelines]'.
 """
@@ -200,7 +202,33 @@ def summarize(out: Path) -> None:
         print(f"  {name}: AUC {'-' if roc is None else format(roc['auc'], '.3f')} "
               f"(duplicated), {auc(scores, found):.3f} (copied by the audit, "
               f"{int(found.sum())} prompts)")
+    truth = _copied_by_prompt(out)
+    clear = {i: 1 if c >= 0.75 else 0 if c <= 0.25 else None for i, c in truth.items()}
+    verdict = detect.get("verdict") or {}
+    flags = {e["prompt_index"]: e.get("memorized") for e in detect["conditions"]}
+    pos = [flags[i] for i, c in clear.items() if c == 1]
+    neg = [flags[i] for i, c in clear.items() if c == 0]
+    print(f"verdicts ({verdict.get('rule')}): {sum(bool(f) for f in flags.values())} prompts "
+          f"memorized; against the audit (a sample copied by nn-ratio or reproduction; clear "
+          f"prompts at >= 0.75 or <= 0.25 copied): TPR "
+          f"{np.mean(pos) if pos else float('nan'):.3f} ({len(pos)} prompts), FPR "
+          f"{np.mean(neg) if neg else float('nan'):.3f} ({len(neg)} prompts)")
     print(f"-> {draw_grid(out)} (a row per prompt: its picture, then its samples)")
+
+
+def _copied_by_prompt(out: Path) -> dict[int, float]:
+    """Per prompt index, the fraction of its audited samples that are copies by the
+    nn-ratio test or reproductions of the prompt's training item (per_sample.csv)."""
+    import csv
+
+    audit = json.loads((out / "audit" / "audit.json").read_text())
+    index = {e["condition"]: e["prompt_index"] for e in audit["conditions"]}
+    hits: dict[int, list[int]] = {}
+    with open(out / "audit" / "per_sample.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            copy = int(row["copy_nn_ratio"]) or int(row.get("copy_reproduction") or 0)
+            hits.setdefault(index[row["condition"]], []).append(copy)
+    return {i: float(np.mean(v)) for i, v in hits.items()}
 
 
 if __name__ == "__main__":

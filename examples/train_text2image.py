@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.images import load_images
+from diffmem.prompts import read_prompts
 from diffmem.regularize import diffusers_tikhonov_penalty
-from diffmem.text import load_text_model, pipeline_resolution, read_prompts
+from diffmem.text import load_text_model, pipeline_resolution
 
 
 def count(text: str) -> int:

@@ -197,6 +197,39 @@ def test_audit_per_condition_of_given_samples():
         audit(samples, train, sample_cond=labels[:20], train_cond=labels.bool())
 
 
+def test_reproduction_counts_copies_of_an_image_with_a_close_neighbour():
+    """The issue's case: all 16 samples of a condition lie 0.6-0.9 from one training image
+    whose nearest other training image is 1.5 away. d1/d2 is about 0.45, so the nn-ratio
+    test calls none of them a copy; reproduction counts every one. A condition whose samples
+    spread over the class (each nearest to another item) is not a reproduction."""
+    gen = torch.Generator().manual_seed(3)
+    d = 16
+    far = 10 * torch.eye(d)[:6]  # six well separated items, condition 1's class
+    image = torch.zeros(1, d)
+    neighbour = torch.zeros(1, d)
+    neighbour[0, -1] = 1.5
+    train = torch.cat([image, neighbour, far, far + 0.1, image])  # item 0 held twice
+    direction = torch.randn(16, d, generator=gen)
+    direction[:, -1] = 0  # away from the neighbour, as far from it as from the image
+    direction /= direction.norm(dim=1, keepdim=True)
+    copies = image + direction * torch.linspace(0.6, 0.9, 16)[:, None]
+    spread = far.repeat(3, 1)[:16] + 3 * torch.randn(16, d, generator=gen)
+    samples = torch.cat([copies, spread])
+    cond = torch.cat([torch.zeros(16), torch.ones(16)]).long()
+    r = audit(samples, train, sample_cond=cond, bootstrap=20)
+    by = {e["condition"]: e for e in r.conditions}
+    assert by[0]["nn_ratio"]["fraction"] == 0  # d1 / d2 from 0.6/1.6 to 0.9/1.75: > 1/3
+    assert float(r.ratio[:16].min()) > 1 / 3
+    rep = by[0]["reproduction"]
+    assert rep["fraction"] == 1 and rep["train_index"] == 0
+    assert rep["radius"] == pytest.approx(1.5, rel=1e-6)  # the neighbour; the duplicate skipped
+    assert by[1]["reproduction"]["fraction"] <= 0.25
+    assert r.copies["reproduction"][:16].all()
+    assert r.reproduction["fraction"] == pytest.approx(
+        float(r.copies["reproduction"].double().mean()))
+    assert r.to_json()["conditions"][0]["reproduction"]["fraction"] == 1
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--per-condition", "0"], "--per-condition: expected an integer >= 1"),
     (["--guidance", "2", "--null-cond", "9"], "--null-cond: expected conditions"),

@@ -101,6 +101,67 @@ def test_conditional_measures_known_answers_on_every_schedule():
             assert runs["EDM"][c][m] == pytest.approx(runs["VP"][c][m], rel=1e-6, abs=1e-9)
 
 
+def test_verdicts_by_consistency_and_by_reference_on_constructed_models():
+    """Conditions 0 and 1 are one point each, 2 and 3 the null's own Gaussian denoiser: from
+    the same noise their generations equal the null's, so consistency_ratio is exactly 1,
+    and 0 for the points. Confirmation walks down the collapse ranking and stops at the
+    first chunk that confirms nothing (condition 3 is never generated). With conditions 2-3
+    as the reference, the threshold is their collapse and only 0-1 exceed it."""
+    from diffmem.verdicts import judge, rates, threshold_at_fpr
+
+    model = conditional_model(VP())
+    labels = torch.tensor([1, 1, 0, 0])
+    res = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10, labels=labels)
+    by = {e["condition"]: e for e in res.entries}
+    assert by[0]["consistency_ratio"] == pytest.approx(0, abs=1e-6)
+    assert by[2]["consistency_ratio"] == pytest.approx(1, rel=1e-9)
+    assert "consistency" not in by[3] and res.settings["confirm"] == 3
+    v = judge(res)
+    assert v["kind"] == "consistency" and v["n_memorized"] == 2
+    assert [by[c]["memorized"] for c in range(4)] == [True, True, False, False]
+    assert v["against_labels"] == {"tpr": 1.0, "fpr": 0.0, "n_positive": 2, "n_negative": 2}
+    assert res.to_json()["verdict"]["kind"] == "consistency"
+    ref = detect(model, torch.tensor([2, 3]), torch.tensor(4), n_noise=3, steps=10,
+                 measures=["collapse"], confirm=0)
+    v = judge(res, ref, fpr=0.05)
+    assert v["kind"] == "reference" and v["reference_fpr"] == 0
+    assert [by[c]["memorized"] for c in range(4)] == [True, True, False, False]
+    # the threshold: the value at most fpr of the reference exceed
+    assert threshold_at_fpr([5, 1, 4, 2, 3], 0.0) == 5
+    assert threshold_at_fpr(list(range(100)), 0.05) == 94  # 95..99 exceed it: 5 of 100
+    assert threshold_at_fpr([1.0, float("nan"), 2.0], 0.4) == 2.0
+    with pytest.raises(ValueError, match="--fpr: expected a false-positive rate"):
+        threshold_at_fpr([1, 2], 1.5)
+    with pytest.raises(ValueError, match="--reference: expected at least one"):
+        threshold_at_fpr([None], 0.05)
+    assert rates([True, False, True, None], [1, 1, 0, 1]) == {
+        "tpr": 0.5, "fpr": 1.0, "n_positive": 2, "n_negative": 1}
+
+
+def test_per_sample_verdicts_point_rule_and_reference():
+    """Copies of the mixture's point have local intrinsic dimension ~0 (flipd above
+    1 - 1/(2d)), fresh Gaussian samples ~d S2 / (S2 + lambda^2) > 1/2: the point rule is
+    exact here; a reference of other fresh samples gives a threshold at its FPR."""
+    from diffmem.verdicts import judge
+
+    gen = torch.Generator().manual_seed(4)
+    copies = POINT + 1e-3 * torch.randn(8, D, generator=gen, dtype=torch.float64)
+    fresh = math.sqrt(S2) * torch.randn(60, D, generator=gen, dtype=torch.float64)
+    fresh = fresh[(fresh - POINT).norm(dim=1) > 1.5]
+    test, held = torch.cat([copies, fresh[:20]]), fresh[20:]
+    model = mixture_model(VE())
+    labels = torch.cat([torch.ones(8), torch.zeros(20)]).long()
+    res = detect_samples(model, test, labels=labels, n_noise=4, level=0.2)
+    v = judge(res)
+    assert v["kind"] == "point" and v["threshold"] == pytest.approx(1 - 0.5 / D)
+    assert v["against_labels"] == {"tpr": 1.0, "fpr": 0.0, "n_positive": 8, "n_negative": 20}
+    v = judge(res, detect_samples(model, held, n_noise=4, level=0.2), fpr=0.05)
+    assert v["kind"] == "reference" and v["against_labels"]["tpr"] == 1
+    assert v["against_labels"]["fpr"] <= 0.2
+    res = detect_samples(model, test, n_noise=2, measures=["jacobian"])
+    assert judge(res) is None and "need --reference" in res.verdict["why"]
+
+
 def test_hutchinson_trace_of_a_gaussian_denoiser_is_exact():
     """For x0 ~ N(0, S2 I) the denoiser is linear with J = S2 / (S2 + lambda^2) I: the central
     difference is exact and Rademacher probes give its trace exactly."""
@@ -189,6 +250,18 @@ def test_detect_command_conditions_and_samples(tmp_path):
     assert (tmp_path / "d" / "detect.csv").read_text().startswith("rank,index,condition,")
     page = (tmp_path / "d" / "index.html").read_text()
     assert "AUC" in page and "0.0000" not in page  # significant digits, not fixed decimals
+    assert written["verdict"]["kind"] == "consistency" and "Verdicts" in page
+    assert all(isinstance(e["memorized"], bool) for e in written["conditions"])
+    assert "memorized" in (tmp_path / "d" / "detect.csv").read_text().splitlines()[0]
+    np.save(tmp_path / "ref.npy", np.array([2, 1]))
+    res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "cond"), *sched,
+                              "--conditions", str(tmp_path / "conds.npy"), "--null-cond", "3",
+                              "--reference", str(tmp_path / "ref.npy"), "--fpr", "0.5",
+                              "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    written = json.loads((tmp_path / "r" / "detect.json").read_text())
+    assert written["verdict"]["kind"] == "reference" and len(written["reference"]) == 2
+    assert "verdict:" in res.output
     np.save(tmp_path / "samples.npy", np.random.default_rng(0).uniform(-1, 1, (6, 1, 8, 8)))
     res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "uncond"), *sched,
                               "--samples", str(tmp_path / "samples.npy"),
@@ -221,6 +294,10 @@ def test_detect_command_refuses_bad_input_and_writes_nothing(tmp_path):
              "--samples: expected samples of the model's shape"),
             (uncond + ["--measures", "collapse"], "--measures: expected names among"),
             (uncond + ["--levels", "a"], "--levels: expected positive numbers"),
+            (cond + ["--null-cond", "3", "--reference", str(tmp_path / "wrong.npy")],
+             "--reference: expected entries like those tested"),
+            (uncond + ["--reference", str(tmp_path / "conds.npy")],
+             "--reference: expected entries like those tested"),
             (cond + ["--null-cond", "3", "--data-shape", "a,b"], "--data-shape")]:
         out = tmp_path / "bad"
         res = RUNNER.invoke(app, ["detect", *args, "--out", str(out)])

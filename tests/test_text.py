@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffmem.cli import app
-from diffmem.text import read_prompts
+from diffmem.prompts import read_prompts
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -89,7 +89,7 @@ def _images(folder, n, size, seed=0):
 
 def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p, "label": i}) for i, p in
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "label": i % 2}) for i, p in
                                  enumerate(PROMPTS)) + "\n" + json.dumps(
         {"prompt": "long " * 20}) + "\n")
     train = _images(tmp_path / "train", 5, 24)  # resized to the pipeline's 16 x 16
@@ -119,8 +119,10 @@ def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
     assert res.exit_code == 0, res.output
     found = json.loads((tmp_path / "detect" / "detect.json").read_text())["conditions"]
     assert {e["condition"] for e in found} >= set(PROMPTS)
-    assert {e.get("prompt_label") for e in found if e["condition"] in PROMPTS} == {"0", "1",
-                                                                                 "2"}
+    assert {e.get("prompt_label") for e in found if e["condition"] in PROMPTS} == {"0", "1"}
+    # the file's labels are detect's --labels: the ROC over the labelled prompts
+    assert {e["condition"]: e.get("label") for e in found}[PROMPTS[1]] == 1
+    assert json.loads((tmp_path / "detect" / "detect.json").read_text())["roc"]
 
     half = _images(tmp_path / "half", 5, 16, seed=1)
     res = CliRunner().invoke(app, [

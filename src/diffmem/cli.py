@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import typer
+from torch import Tensor
 
 from diffmem._checks import fail, positive
 from diffmem.experiments import REGISTRY, get_experiment
@@ -481,7 +482,14 @@ def detect_command(
     data_shape: str | None = typer.Option(None, "--data-shape", help="C,H,W (or d) of a "
                                           "callable model's samples."),
     labels: Path | None = typer.Option(  # noqa: B008
-        None, "--labels", help="1 (memorized) or 0 per condition or sample (.npy): ROC, AUC."),
+        None, "--labels", help="1 (memorized) or 0 per condition or sample (.npy): ROC, AUC "
+        "(with --prompts, a label column of the prompts file is read instead)."),
+    reference: Path | None = typer.Option(  # noqa: B008
+        None, "--reference", help="Known not memorized, of the kind tested: a prompts file "
+        "(--prompts), conditions (.npy, --conditions) or samples the model was not trained "
+        "on (.npy, --samples). The verdict threshold is set on them at --fpr."),
+    fpr: float = typer.Option(0.05, "--fpr", help="False-positive rate of the --reference "
+                              "verdict threshold."),
     scheduler: Path | None = SCHEDULER,
     schedule: str = SCHEDULE,
     model_kind: str = MODEL_KIND,
@@ -497,22 +505,24 @@ def detect_command(
 ) -> None:
     """Find what a model memorizes without its training set: per condition of a conditional
     model (--conditions, --null-cond), per prompt of a text-to-image pipeline (--prompts),
-    or per sample of an unconditional one (--samples or --n-samples). Writes
-    OUT/detect.json, OUT/detect.csv and OUT/index.html."""
+    or per sample of an unconditional one (--samples or --n-samples); each gets a verdict,
+    memorized or not, by the rule of diffmem.verdicts (--reference, or the confirmation
+    generations). Writes OUT/detect.json, OUT/detect.csv and OUT/index.html."""
     from diffmem import detect as det
     from diffmem.conditions import as_conditions, parse_null
     from diffmem.experiments.base import FolderLock, check_device, prepare_out
     from diffmem.models import load_model
     from diffmem.report import write_detect_report
+    from diffmem.verdicts import judge
 
     try:
         check_device(device)
         shape = _parse_shape(data_shape)
-        text = None
+        text = ref_table = None
         options = _text_options(prompts, negative_prompt, dtype, resolution, attention_slicing)
         if prompts is not None:
-            conditions, null_cond, text = _detect_prompts(
-                model, prompts, options, device,
+            conditions, ref_table, null_cond, text = _detect_prompts(
+                model, prompts, reference, options, device,
                 {"--conditions": conditions, "--null-cond": null_cond, "--samples": samples,
                  "--scheduler": scheduler})
         per_condition = conditions is not None
@@ -546,7 +556,10 @@ def detect_command(
         if per_condition:
             assert conditions is not None and null_cond is not None
             table = as_conditions(conditions, "--conditions") if text is None else conditions
-            marks = _labels(labels, len(table))
+            if text is None and reference is not None:
+                ref_table = _same_kind(as_conditions(reference, "--reference"), table)
+            marks = _labels(labels, len(table)) if text is None or labels is not None \
+                else _prompt_marks(text, table)
             kw: dict[str, Any] = {} if names is None else {"measures": names}
             if lv is not None:
                 kw["levels"] = lv
@@ -554,20 +567,22 @@ def detect_command(
             result = det.detect(loaded, table, null, n_noise=n_noise, steps=steps,
                                 confirm=confirm, seed=seed, labels=marks, progress=progress,
                                 **kw)
+            ref = None if ref_table is None else det.detect(
+                loaded, ref_table, null, n_noise=n_noise, steps=steps, confirm=0, seed=seed,
+                progress=progress, **{**kw, "measures": [m for m in result.settings[
+                    "measures"] if m != "consistency"] or [result.primary]})
             if text is not None:
                 from diffmem.text import name_by_prompt
 
                 name_by_prompt(result.entries, text.prompts.texts, text.prompts.labels)
+                if ref is not None:
+                    name_by_prompt(ref.entries, text.prompts.texts)
         else:
+            held = None if reference is None else _same_kind(
+                _sample_array(reference, "--reference"),
+                torch.zeros(1, *loaded.data_shape, dtype=torch.float64))
             if samples is not None:
-                import numpy as np
-
-                from diffmem.centres import open_npy
-
-                arr = open_npy(samples, "--samples")
-                if arr.dtype.kind not in "fiu":
-                    raise fail("--samples", "a numeric array", f"dtype {arr.dtype}")
-                given = torch.from_numpy(np.array(arr, dtype=np.float64))
+                given = _sample_array(samples, "--samples")
             else:
                 given = det.draw_samples(loaded, n_samples, steps=steps, seed=seed)
             kw = {} if names is None else {"measures": names}
@@ -576,12 +591,16 @@ def detect_command(
             result = det.detect_samples(loaded, given, n_noise=n_noise, seed=seed,
                                         labels=_labels(labels, given.shape[0]),
                                         progress=progress, **kw)
+            ref = None if held is None else det.detect_samples(
+                loaded, held, n_noise=n_noise, seed=seed, progress=progress, **kw)
+        judge(result, ref, fpr)
         folder = prepare_out(out)
         with FolderLock(folder):
             write_detect_report(folder, result, {
                 "model": model, "conditions": None if conditions is None else str(conditions),
                 "null_cond": null_cond, "samples": None if samples is None else str(samples),
-                "labels": None if labels is None else str(labels)})
+                "labels": None if labels is None else str(labels),
+                "reference": None if reference is None else str(reference)}, reference=ref)
     except ValueError as err:
         _fail(str(err))
         return
@@ -592,20 +611,63 @@ def detect_command(
         for e in top if e.get(result.primary) is not None))
     for name, r in result.roc.items():
         typer.echo(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f}")
+    v = result.verdict or {}
+    typer.echo(f"verdict: {v['n_memorized']} of {len(result.entries)} {what} memorized ("
+               f"{v['rule']})" if v.get("rule") else f"verdict: none ({v.get('why')})")
+    rates = v.get("against_labels")
+    if rates and rates["tpr"] is not None and rates["fpr"] is not None:
+        typer.echo(f"verdicts against the labels: TPR {rates['tpr']:.3f}, FPR "
+                   f"{rates['fpr']:.3f}")
     typer.echo(f"      -> {folder / 'detect.json'}, {folder / 'detect.csv'}, "
                f"{folder / 'index.html'}")
 
 
-def _detect_prompts(model: str, prompts: Path, options: Any, device: str,
-                    rejected: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``detect --prompts``: the pipeline loaded with its prompts encoded; the conditions
-    are the prompts' indices and the null condition the negative prompt's."""
-    from diffmem.text import load_text_model, read_prompts, refuse_with_prompts
+def _detect_prompts(model: str, prompts: Path, reference: Path | None, options: Any,
+                    device: str, rejected: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """``detect --prompts``: the pipeline loaded with its prompts (and the ``--reference``
+    prompts after them) encoded; the conditions are the prompts' indices, the reference's
+    the next ones (``None`` without it), and the null condition the negative prompt's."""
+    from diffmem.prompts import Prompts, read_prompts
+    from diffmem.text import load_text_model, refuse_with_prompts
 
     refuse_with_prompts(rejected)
-    text = load_text_model(model, read_prompts(prompts), options, device=device)
-    n = len(text.prompts.texts)
-    return torch.arange(n), torch.tensor(n), text
+    given = read_prompts(prompts)
+    if reference is not None and reference.suffix == ".npy":
+        raise fail("--reference", "a prompts file, like --prompts", str(reference))
+    ref = Prompts([], [], []) if reference is None else read_prompts(reference)
+    both = Prompts(given.texts + ref.texts, given.labels + ref.labels,
+                   given.memorized + ref.memorized)
+    text = load_text_model(model, both, options, device=device)
+    n, m = len(given.texts), len(ref.texts)
+    return (torch.arange(n), None if reference is None else torch.arange(n, n + m),
+            torch.tensor(n + m), text)
+
+
+def _prompt_marks(text: Any, table: Tensor) -> Tensor | None:
+    """The prompts file's labels of the prompts ``table`` (-1 where unlabelled)."""
+    marks = text.prompts.marks()
+    return None if marks is None else torch.tensor(marks)[table]
+
+
+def _same_kind(ref: Tensor, like: Tensor) -> Tensor:
+    """``--reference`` checked to be of the kind of what is tested (dtype and shape)."""
+    if ref.is_floating_point() != like.is_floating_point() or ref.shape[1:] != like.shape[1:]:
+        raise fail("--reference", f"entries like those tested (dtype {like.dtype}, shape "
+                   f"(n, *{tuple(like.shape[1:])}))",
+                   f"dtype {ref.dtype}, shape {tuple(ref.shape)}")
+    return ref
+
+
+def _sample_array(path: Path, name: str) -> Tensor:
+    """A ``.npy`` of samples as float64 (``name`` in errors)."""
+    import numpy as np
+
+    from diffmem.centres import open_npy
+
+    arr = open_npy(path, name)
+    if arr.dtype.kind not in "fiu":
+        raise fail(name, "a numeric array", f"dtype {arr.dtype}")
+    return torch.from_numpy(np.array(arr, dtype=np.float64))
 
 
 def _parse_shape(data_shape: str | None) -> tuple[int, ...] | None:
@@ -712,7 +774,9 @@ def _echo_audit(result: Any, gap: dict[str, Any] | None, folder: Path) -> None:
                "within delta " + ", ".join(f"{k}: {v:.3f}" for k, v in
                                             result.fraction_within.items())
                + (f", exact matches {result.exact_match:.3f}"
-                  if result.exact_match is not None else ""))
+                  if result.exact_match is not None else "")
+               + (f", reproductions of a condition's item {result.reproduction['fraction']:.3f}"
+                  if result.reproduction is not None else ""))
     if gap is not None:
         from diffmem.audit import follows_down_to
 

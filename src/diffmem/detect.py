@@ -31,7 +31,13 @@ draws ``z`` shared by every condition:
 * ``consistency`` (Carlini et al., USENIX Security 2023, as a confirmation): ``K`` full
   generations per condition (DDIM, ``eta = 0``), the median over them of the RMS distance to
   the nearest other generation, negated (near-duplicate generations: larger). Costly, so
-  computed only for the ``confirm`` conditions ranked highest by the screen.
+  computed only for the conditions ranked highest by the screen: ``confirm`` of them, or by
+  default down the ranking a chunk at a time until a chunk holds no condition whose
+  ``consistency_ratio`` is below :data:`CONSISTENCY_RATIO`.
+* ``consistency_ratio``: the median RMS distance between two of those generations divided
+  by the same for the null condition's, generated from the same noise (dimensionless; near 1
+  when the condition leaves the generations as varied as no condition does, near 0 when they
+  all land on one image). The verdicts of :mod:`diffmem.verdicts` read it.
 
 The primary measure (``PRIMARY``) was chosen on the benchmark of the ``detect-digits``
 experiment (``docs/detect.md`` has the numbers).
@@ -78,8 +84,16 @@ SAMPLE_PRIMARY = "flipd"
 #: Default noise-to-signal levels ``lambda = sigma / m`` of the scale-free measures.
 LEVELS = (0.25,)
 SAMPLE_LEVEL = 0.3
-#: Fraction of the conditions confirmed by full generations by default.
+#: Estimated local intrinsic dimension below which a sample is a point of the model (0
+#: dimensions, to rounding): the per-sample verdict without a reference set is ``flipd > 1 -
+#: LID_POINT / d`` (measured on ``detect-digits``, see docs/detect.md).
+LID_POINT = 0.5
+#: Fraction of the conditions confirmed by full generations at a time (by default down the
+#: ranking until a chunk confirms none).
 CONFIRM = 0.1
+#: ``consistency_ratio`` below which a condition's generations count as one image (the
+#: verdict without a reference set; measured on ``detect-digits``, see docs/detect.md).
+CONSISTENCY_RATIO = 0.5
 #: Weight of the cosine in ``anisotropy`` (Asthana et al. use 0.1 to 2 by model).
 GAMMA = 1.0
 #: Central-difference step, relative to the noise ``sigma`` (Jacobian) or to ``sigma
@@ -108,6 +122,8 @@ class DetectResult:
     kind: str = "conditions"
     primary: str = PRIMARY
     roc: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The verdict rule and its figures (:func:`diffmem.verdicts.judge`).
+    verdict: dict[str, Any] | None = None
 
     @property
     def conditions(self) -> list[dict[str, Any]]:
@@ -127,7 +143,7 @@ class DetectResult:
 
         return {self.kind: self.entries, "settings": self.settings,
                 "units": {n: UNITS[n] for n in self.measures}, "primary": self.primary,
-                "roc": self.roc or None, "versions": versions()}
+                "roc": self.roc or None, "verdict": self.verdict, "versions": versions()}
 
 
 def _value(v: float | None) -> float:
@@ -253,6 +269,19 @@ def ddim(model: Any, x: Tensor, times: Tensor, y: Tensor | None = None) -> Tenso
     return d
 
 
+def _spread(gens: Tensor, k: int, d: int) -> tuple[Tensor, Tensor]:
+    """Per group of ``k`` consecutive generations: the median over them of the RMS distance
+    (``/ sqrt(d)``) to the nearest other generation of the group (Carlini et al.'s), and
+    the median RMS distance over the group's ``k (k - 1) / 2`` pairs (steadier with few
+    generations: what the ratios use)."""
+    g = gens.reshape(-1, k, d)
+    dist = torch.cdist(g, g) / math.sqrt(d)
+    pairs = torch.triu_indices(k, k, 1)
+    median_pair = dist[:, pairs[0], pairs[1]].median(1).values
+    dist = dist + torch.diag(torch.full((k,), math.inf, dtype=dist.dtype))
+    return dist.min(2).values.median(1).values, median_pair
+
+
 def _check_measures(measures: Sequence[str], allowed: Sequence[str]) -> list[str]:
     names = list(measures)
     bad = [n for n in names if n not in allowed]
@@ -269,8 +298,9 @@ def _check_levels(levels: Sequence[float]) -> list[float]:
 
 
 def _check_labels(labels: Tensor | None, n: int, what: str) -> None:
+    """One label per entry: 1 memorized, 0 not (-1: unlabelled, left out of the ROC)."""
     if labels is not None and (labels.dim() != 1 or labels.shape[0] != n
-                               or bool(((labels != 0) & (labels != 1)).any())):
+                               or bool(((labels != 0) & (labels != 1) & (labels != -1)).any())):
         raise fail("--labels", f"{n} labels of 0 or 1, one per {what}",
                    f"shape {tuple(labels.shape)}")
 
@@ -279,9 +309,11 @@ def _add_roc(result: DetectResult, labels: Tensor | None) -> DetectResult:
     if labels is None:
         return result
     for e, lab in zip(result.entries, labels.tolist(), strict=True):
-        e["label"] = int(lab)
+        if lab in (0, 1):
+            e["label"] = int(lab)
     for name in result.measures:
-        keep = [i for i, e in enumerate(result.entries) if e.get(name) is not None]
+        keep = [i for i, e in enumerate(result.entries) if e.get(name) is not None
+                and e.get("label") is not None]
         values = torch.tensor([result.entries[i][name] for i in keep])
         marks = labels[keep]
         if 0 < int(marks.sum()) < len(keep):
@@ -297,8 +329,10 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     """The measures of the module docstring for each of ``conditions`` (``(n, *cond_shape)``;
     integer labels or vectors) of a conditional ``model`` whose null condition is ``null``.
     Conditions are evaluated ``chunk`` at a time, all ``n_noise`` draws in one batch.
-    ``consistency`` is computed for the ``confirm`` conditions (default: the fraction
-    ``CONFIRM`` of them) ranked highest by the other measures (the primary when computed).
+    ``consistency`` is computed for the ``confirm`` conditions ranked highest by the other
+    measures (the primary when computed); by default (``confirm=None``) for chunks of
+    ``CONFIRM`` of them down that ranking until a chunk holds no condition with a
+    ``consistency_ratio`` below ``CONSISTENCY_RATIO``.
     ``labels`` (``(n,)``, 1 for a memorized condition) adds the ROC of each measure."""
     if not getattr(model, "conditional", False):
         raise fail("--model", "a conditional model (its condition and a null one)",
@@ -307,7 +341,8 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     n_noise, steps = positive_int("--n-noise", n_noise), positive_int("--steps", steps)
     lv = _check_levels(levels)
     n = conditions.shape[0]
-    confirm = math.ceil(CONFIRM * n) if confirm is None else max(0, int(confirm))
+    step = max(1, math.ceil(CONFIRM * n))
+    limit = n if confirm is None else max(0, int(confirm))
     _check_labels(labels, conditions.shape[0], "condition")
     model.check_condition(conditions[:2], "--conditions")
     model.check_condition(null[None], "--null-cond")
@@ -381,28 +416,39 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
             if "wen" not in names:
                 e.pop("wen", None)
     screen_s = time.perf_counter() - start
-    if "consistency" in names and confirm > 0:
+    confirmed = 0
+    null_spread = None
+    if "consistency" in names and limit > 0:
         screen = [m for m in (PRIMARY, "collapse", "gap", "anisotropy", "wen", "sharpness")
                   if m in names and m != "consistency"]
         order = sorted(range(n), key=lambda j: -_value(entries[j].get(screen[0]))) \
             if screen else list(range(n))
-        chosen = torch.tensor(order[:confirm])
-        for lo in tqdm(range(0, chosen.numel(), chunk), disable=not progress,
-                       desc="confirming"):
-            pick = chosen[lo : lo + chunk]
+        null_spread = float(_spread(ddim(model, top.sigma * z, times,
+                                         null[None].expand(n_noise, *null.shape)),
+                                    n_noise, d)[1][0])
+        bar = tqdm(total=limit, disable=not progress, desc="confirming")
+        while confirmed < limit:
+            pick = torch.tensor(order[confirmed: min(limit, confirmed + (
+                step if confirm is None else chunk))])
             c = conditions[pick].repeat_interleave(n_noise, 0)
             zz = z.repeat(pick.numel(), *[1] * len(shape))
-            gens = ddim(model, top.sigma * zz, times, c).reshape(pick.numel(), n_noise, -1)
-            dist = torch.cdist(gens, gens) / math.sqrt(d)
-            dist = dist + torch.diag(torch.full((n_noise,), math.inf, dtype=dist.dtype))
-            near = dist.min(2).values.median(1).values
-            for j, v in zip(pick.tolist(), near.tolist(), strict=True):
+            near, spread = _spread(ddim(model, top.sigma * zz, times, c), n_noise, d)
+            for j, v, w in zip(pick.tolist(), near.tolist(), spread.tolist(), strict=True):
                 entries[j]["consistency"] = -v
+                entries[j]["consistency_ratio"] = w / null_spread if null_spread > 0 \
+                    else None
+            confirmed += pick.numel()
+            bar.update(pick.numel())
+            ratios = [entries[j]["consistency_ratio"] for j in pick.tolist()]
+            if confirm is None and not any(r is not None and r < CONSISTENCY_RATIO
+                                           for r in ratios):
+                break  # a whole chunk down the ranking confirmed nothing: stop
+        bar.close()
     total = time.perf_counter() - start
     for e in entries:
         e["seconds"] = total / max(1, n)
     settings = {"n_noise": n_noise, "steps": steps, "levels": lv, "measures": names,
-                "confirm": confirm if "consistency" in names else 0, "seed": seed,
+                "confirm": confirmed, "null_spread": null_spread, "seed": seed,
                 "model": getattr(model, "name", None), "t_first": float(times[0]),
                 "t_last": float(times[-1]), "screen_seconds": screen_s, "seconds": total,
                 "sampler": "DDIM (eta 0) on the model's schedule", "gamma": GAMMA}
@@ -459,7 +505,7 @@ def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
             for i in range(k):
                 entries[lo + i][name] = float(per[i])
     total = time.perf_counter() - start
-    settings = {"n_noise": n_noise, "level": level,
+    settings = {"n_noise": n_noise, "level": level, "dim": d,
                 "measures": names, "seed": seed, "model": getattr(model, "name", None),
                 "seconds": total}
     primary = SAMPLE_PRIMARY if SAMPLE_PRIMARY in names else names[0]

@@ -241,6 +241,44 @@ def distinct_second(dist: Tensor, idx: Tensor, train: Any, batch_size: int = 102
     return d2, exhausted
 
 
+def nearest_other(items: Tensor, train: Any, k: int = 50, chunk_size: int = 4096) -> Tensor:
+    """Per training item of ``items`` (indices into ``train``, a
+    :class:`~diffmem.centres.Centres`), the distance to its nearest *other* training item,
+    exact duplicates of it skipped (:func:`distinct_second` on the item queried against
+    the set, whose nearest is itself at 0); data (or feature) units. Where the ``k``
+    nearest are all duplicates of the item, the ``k``-th distance (a lower bound)."""
+    from diffmem.centres import all_reduce
+
+    like = torch.empty(0, dtype=torch.promote_types(train.source_dtype, torch.float32))
+    local = items - train.start  # rows held here (a split set: each by its owner)
+    mine = (local >= 0) & (local < train.n)
+    rows = torch.zeros(items.shape[0], train.d, dtype=like.dtype)
+    if bool(mine.any()):
+        rows[mine] = train.take_raw(local[mine], like).to(like.dtype)
+    all_reduce(rows, train.group)
+    dist, idx = knn(rows.reshape(-1, *train.data_shape), train,
+                    min(train.n_total, positive_int("k", k)), chunk_size=chunk_size, exact=2)
+    return distinct_second(dist.cpu(), idx.cpu(), train)[0]
+
+
+def reproductions(nearest: Tensor, d1: Tensor, groups: Tensor, radius: Tensor,
+                  modes: Tensor) -> Tensor:
+    """Per sample, whether it reproduces its group's training item: sample ``i`` of group
+    ``g`` (a condition) is a reproduction when its nearest training item is the group's
+    most frequent nearest item ``modes[g]`` and it lies closer to that item than the item's
+    own nearest other training item, ``d1_i < radius[g]``. All the samples of a memorized
+    condition landing on one image count, however typical the image (the nn-ratio test
+    misses a copy of an image with a close neighbour: ``d1 / d2`` near 1/2, not below 1/3).
+    Returns booleans ``(n,)``."""
+    return (nearest == modes[groups].to(nearest)) & (d1 < radius[groups].to(d1))
+
+
+def modal_items(nearest: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """Per group ``0..n_groups-1``, its samples' most frequent nearest training item (the
+    smallest index among ties)."""
+    return torch.stack([torch.mode(nearest[groups == g]).values for g in range(n_groups)])
+
+
 def distance_ratios(d1: Tensor, d2: Tensor) -> Tensor:
     """``d1 / d2`` per sample (dimensionless), 0 where ``d2 = 0`` (a copy of a duplicated
     training point)."""

@@ -306,6 +306,9 @@ def _audit_summary(result: Any) -> list[tuple[str, str]]:
         (f"calibrated-l2 copies (< {result.calibrated_l2['threshold']:.3g}, alpha "
          f"{result.calibrated_l2['alpha']:g}, n {result.calibrated_l2['n']})",
          f"{result.calibrated_l2['fraction']:.3f}"),
+        *([("reproductions of a condition's item", f"{result.reproduction['fraction']:.3f} "
+            f"[{result.reproduction['ci_low']:.3f}, {result.reproduction['ci_high']:.3f}]")]
+          if result.reproduction is not None else []),
         ("fraction within delta", ", ".join(f"{k}: {v:.3f}"
                                             for k, v in result.fraction_within.items())),
         ("distinct training items copied (coverage)",
@@ -345,15 +348,22 @@ def _conditions_section(result: Any, samples: Any, train: Any) -> list[str]:
     """Per condition: a table sorted by nn-ratio copy fraction, and (images) the samples of
     the most-copied conditions beside their nearest training items."""
     entries = result.conditions
-    parts = ["<h2>Per condition</h2><p>Sorted by nn-ratio copy fraction; 'same condition': "
+    parts = ["<h2>Per condition</h2><p>Sorted by the larger of the nn-ratio and reproduction "
+             "fractions. 'Reproduction': the fraction of the condition's samples whose nearest "
+             "training item is the condition's most frequent one and that lie closer to it "
+             "than its own nearest other training item (all the samples of a memorized "
+             "condition landing on one image, however typical the image). 'Same condition': "
              "the fraction of the condition's samples whose nearest training item carries "
              "that condition.</p><table><tr><th>condition</th><th>samples</th><th>nn-ratio "
-             "copies</th><th>calibrated-l2 copies</th><th>same condition</th></tr>"]
+             "copies</th><th>reproduction (item)</th><th>calibrated-l2 copies</th>"
+             "<th>same condition</th></tr>"]
     for e in entries:
-        nn, same = e["nn_ratio"], e["same_condition"]
+        nn, same, rep = e["nn_ratio"], e["same_condition"], e["reproduction"]
         parts.append(f"<tr><td>{html.escape(json.dumps(e['condition']))}</td>"
                      f"<td>{e['n_samples']}</td><td>{nn['fraction']:.3f} [{nn['ci_low']:.3f}, "
-                     f"{nn['ci_high']:.3f}]</td><td>{e['calibrated_l2']['fraction']:.3f}</td>"
+                     f"{nn['ci_high']:.3f}]</td><td>{rep['fraction']:.3f} "
+                     f"[{rep['ci_low']:.3f}, {rep['ci_high']:.3f}] ({rep['train_index']})</td>"
+                     f"<td>{e['calibrated_l2']['fraction']:.3f}</td>"
                      f"<td>{'n/a' if same is None else f'{same:.3f}'}</td></tr>")
     parts.append("</table>")
     if len(result.data_shape) >= 2:
@@ -362,7 +372,9 @@ def _conditions_section(result: Any, samples: Any, train: Any) -> list[str]:
             near = train.take([int(result.nearest[i]) for i in order])
             shown = samples.take(order)
             parts.append(f"<h3>Condition {html.escape(json.dumps(e['condition']))}: "
-                         f"{e['nn_ratio']['fraction']:.0%} copies</h3><div>")
+                         f"{e['nn_ratio']['fraction']:.0%} nn-ratio copies, "
+                         f"{e['reproduction']['fraction']:.0%} reproductions of training "
+                         f"item {e['reproduction']['train_index']}</h3><div>")
             parts += [_pair(result, i, shown[j], near[j]) for j, i in enumerate(order)]
             parts.append("</div>")
     return parts
@@ -434,6 +446,11 @@ def _gap_conditions(gap: dict[str, Any]) -> str:
             "pools them):</p>" + _table(rows))
 
 
+def _cell(v: Any) -> str:
+    """A table cell: yes/no for a verdict, else :func:`_sig`."""
+    return ("yes" if v else "no") if isinstance(v, bool) else _sig(v)
+
+
 def _sig(v: Any, digits: int = 3) -> str:
     """A number to ``digits`` significant digits (``-`` when missing)."""
     if v is None:
@@ -443,10 +460,12 @@ def _sig(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
-def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> None:
-    """``detect.json``, ``detect.csv`` and ``index.html`` (ranking with every measure to
-    three significant digits, the copy fraction or label where known, histograms per label,
-    ROC) in ``folder``, for conditions or samples alike."""
+def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
+                        reference: Any = None) -> None:
+    """``detect.json``, ``detect.csv`` and ``index.html`` (the verdicts and their rule,
+    ranking with every measure to three significant digits, the copy fraction or label
+    where known, histograms per label with the verdict's threshold, ROC) in ``folder``, for
+    conditions or samples alike; ``reference`` is the result on ``--reference``."""
     import csv
     import io
 
@@ -456,10 +475,15 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> No
     from diffmem.detect import UNITS
 
     folder = Path(folder)
-    atomic_write_json(folder / "detect.json", {**result.to_json(), "inputs": inputs})
+    doc = {**result.to_json(), "inputs": inputs}
+    if reference is not None:
+        doc["reference"] = reference.entries
+    atomic_write_json(folder / "detect.json", doc)
     names = result.measures
     key = "condition" if result.kind == "conditions" else "index"
-    extra = [k for k in ("copied", "label") if any(k in e for e in result.entries)]
+    extra = [k for k in ("memorized", "consistency_ratio", "copied", "label")
+             if any(k in e for e in result.entries)]
+    verdict = result.verdict or {}
     buf = io.StringIO()
     fields = ["rank", "index"] + (["condition"] if key == "condition" else []) + names + \
         extra + ["seconds"]
@@ -471,6 +495,8 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> No
     atomic_write_bytes(folder / "detect.csv", buf.getvalue().encode())
 
     shown = [n for n in names if any(e.get(n) is not None for e in result.entries)]
+    if verdict.get("kind") == "consistency":
+        shown.append("consistency_ratio")
     fig, ax = plots.figure(1, len(shown) + (1 if result.roc else 0), size=3.0)
     for k, name in enumerate(shown):
         pairs = [(e[name], e.get("label")) for e in result.entries if e.get(name) is not None]
@@ -484,6 +510,10 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> No
             ax[0, k].legend(fontsize=6)
         else:
             ax[0, k].hist(values, bins=15)
+        if verdict.get("measure") == name:
+            ax[0, k].axvline(verdict["threshold"], color="C3", lw=1.5, ls="--",
+                             label=f"verdict threshold {verdict['threshold']:.3g}")
+            ax[0, k].legend(fontsize=6)
         ax[0, k].set(xlabel=name + (" (primary)" if name == result.primary else ""),
                      ylabel=result.kind)
     if result.roc:
@@ -500,11 +530,21 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> No
     rows = "".join(
         f"<tr><td>{i + 1}</td><td>{html.escape(json.dumps(e[key]))}</td>"
         + "".join(f"<td>{_sig(e.get(n))}</td>" for n in names)
-        + "".join(f"<td>{_sig(e.get(k))}</td>" for k in extra) + "</tr>"
+        + "".join(f"<td>{_cell(e.get(k))}</td>" for k in extra) + "</tr>"
         for i, e in enumerate(result.ranking()))
     auc = "".join(f"<li>{n}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f} "
                   f"({r['n_positive']} memorized, {r['n_negative']} not)</li>"
                   for n, r in result.roc.items())
+    if verdict.get("rule"):
+        lab = verdict.get("against_labels") or {}
+        judged = (f"<p><b>{verdict['n_memorized']} of {len(result.entries)} {result.kind} "
+                  f"memorized</b>. Rule: {html.escape(verdict['rule'])}.")
+        if lab.get("tpr") is not None and lab.get("fpr") is not None:
+            judged += (f" Against the labels: TPR {lab['tpr']:.3f} ({lab['n_positive']} "
+                       f"memorized), FPR {lab['fpr']:.3f} ({lab['n_negative']} not).")
+        judged += "</p>"
+    else:
+        judged = f"<p>No verdicts: {html.escape(str(verdict.get('why')))}.</p>"
     units = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(UNITS[n])}</li>"
                     for n in names)
     st = result.settings
@@ -520,7 +560,7 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any]) -> No
         f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, {what}; "
         f"{_sig(st['seconds'])} s in all. Every measure: larger means more likely "
         f"memorized; ranked by the primary measure, <b>{result.primary}</b>.</p>"
-        f"<ul>{units}</ul>"
+        f"<h2>Verdicts</h2>{judged}<ul>{units}</ul>"
         + (f"<h2>Against the labels</h2><ul>{auc}</ul>" if auc else "")
         + f"<img alt='histograms and ROC' src='{uri}'>"
         f"<h2>Ranking</h2><table><tr><th>rank</th><th>{key}</th>{head}</tr>"

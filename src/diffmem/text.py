@@ -8,13 +8,12 @@ embeddings and size conditioning), SD3 (a diffusion transformer on flow matching
 -sigma (a T5 encoder, a transformer with a learned variance) becomes a conditional
 :class:`~diffmem.models.ModelScore` on its latents:
 
-* the prompts (:func:`read_prompts`) are encoded once by the pipeline's own tokenizer and text
-  encoder (``encode_prompt``, with its call's ``max_sequence_length``), and the negative
-  prompt (default the empty one) last: the model's condition is a prompt's index ``y`` and
-  the null condition is the negative prompt's, so classifier-free guidance ``out(null) +
-  w (out(y) - out(null))`` is the pipeline's (applied only for ``w > 1``, as the pipelines
-  do; ``w`` defaults to the pipeline's ``guidance_scale``, for FLUX to its
-  ``true_cfg_scale``, 1: none);
+* the prompts (:func:`diffmem.prompts.read_prompts`) are encoded once by the pipeline's own
+  tokenizer and text encoder (``encode_prompt``, with its call's ``max_sequence_length``), and the
+  negative prompt (default the empty one) last: the model's condition is a prompt's index ``y``
+  and the null condition is the negative prompt's, so classifier-free guidance ``out(null) + w
+  (out(y) - out(null))`` is the pipeline's (applied only for ``w > 1``, as the pipelines do; ``w``
+  defaults to the pipeline's ``guidance_scale``, for FLUX to its ``true_cfg_scale``, 1: none);
 * the network receives ``encoder_hidden_states = E[y]`` and what else its pipeline passes:
   the pooled embeddings ``P[y]`` as SD3's and FLUX's ``pooled_projections`` or SDXL's
   ``text_embeds`` with ``time_ids = (H, W, 0, 0, H, W)`` (SDXL's null condition is zeros,
@@ -43,7 +42,7 @@ import json
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from torch import Tensor
 
 from diffmem._checks import fail
 from diffmem.models import ModelScore, _load_options, attach_decoder, wrap_diffusers
+from diffmem.prompts import Prompts
 
 #: Components a latent text-to-image pipeline folder must have.
 REQUIRED = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -64,50 +64,6 @@ PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
 #: transformer's config has no ``sample_size``).
 FLUX_SAMPLE_SIZE = 128
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Prompts:
-    """Prompts read from a file: their ``texts`` and optional ``labels``."""
-
-    texts: list[str]
-    labels: list[str | None] = field(default_factory=list)
-
-
-def read_prompts(path: str | Path) -> Prompts:
-    """``--prompts``: a text file with one prompt a line (blank lines skipped), or JSON lines
-    (``.jsonl``, or every non-blank line starting with ``{``) with ``prompt`` and an optional
-    ``label``. Raises ``ValueError`` naming ``--prompts`` (and the line) on an empty file, a
-    line that is not JSON or has no ``prompt``."""
-    p = Path(path)
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise fail("--prompts", "a readable UTF-8 text file of prompts", f"{p} ({err})") from err
-    lines = [(i + 1, line.strip()) for i, line in enumerate(raw.splitlines()) if line.strip()]
-    if not lines:
-        raise fail("--prompts", "at least one prompt (one a line, or JSON lines)",
-                   f"{p}: an empty file")
-    as_json = p.suffix == ".jsonl" or all(line.startswith("{") for _, line in lines)
-    texts: list[str] = []
-    labels: list[str | None] = []
-    for number, line in lines:
-        if not as_json:
-            texts.append(line)
-            labels.append(None)
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise fail("--prompts", "JSON lines with a 'prompt'", f"{p}, line {number}: "
-                       f"{err}") from err
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise fail("--prompts", "JSON lines with a 'prompt' string",
-                       f"{p}, line {number}: {line[:80]}")
-        texts.append(item["prompt"])
-        label = item.get("label")
-        labels.append(None if label is None else str(label))
-    return Prompts(texts, labels)
 
 
 def refuse_with_prompts(options: dict[str, Any]) -> None:

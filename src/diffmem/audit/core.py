@@ -17,6 +17,10 @@ the functions of :mod:`diffmem.metrics` that the experiments use too:
   (:data:`CALIBRATED_THRESHOLD`, chosen by the measurement described there);
 * ``exact_match``: when the training images are binary, the fraction of samples equal to a
   training image after thresholding at 0.5;
+* ``reproduction`` (with the samples' conditions): per condition, the fraction of its
+  samples that land on one training item, the condition's most frequent nearest item, closer
+  to it than that item's own nearest other training item (:func:`diffmem.metrics.reproductions`;
+  it counts the copies of a typical-looking image that the nn-ratio test misses);
 * ``duplicates``: how many samples land on each training item (copies by the nn-ratio
   test), the most-copied items and how many distinct items were copied (coverage);
 * quantiles of ``d1``, ``d1 / d2`` and the calibrated distance.
@@ -49,7 +53,10 @@ from diffmem.metrics import (
     delta_key,
     distance_ratios,
     distinct_second,
+    modal_items,
+    nearest_other,
     ratio_test,
+    reproductions,
     rms_per_coordinate,
     within,
 )
@@ -148,6 +155,13 @@ def audit(
     copies = {f"within_{delta_key(d)}": d1 < d for d in deltas}
     copies["nn_ratio"] = ratio < ratio_threshold
     copies["calibrated_l2"] = calibrated < calibrated_threshold
+    groups = None
+    if sample_cond is not None:  # all a condition's samples on one item: reproductions
+        keys, which = distinct(sample_cond)
+        modes = modal_items(idx[:, 0], which, keys.shape[0])
+        radius = nearest_other(modes, space_train, k, chunk_size)
+        copies["reproduction"] = reproductions(idx[:, 0], d1, which, radius, modes)
+        groups = (keys, which, modes, radius)
     exact = _exact_matches(rows, centres, batch_size, process_group)
     if exact is not None:
         copies["exact_match"] = exact
@@ -167,9 +181,11 @@ def audit(
                    "calibrated": quantiles(calibrated)},
         nearest=idx[:, 0], d1=d1, d2=d2, ratio=ratio, calibrated=calibrated, copies=copies,
         recall=recall, search=search)
-    if sample_cond is not None:
+    if groups is not None:
+        assert sample_cond is not None
+        result.reproduction = _fraction(copies["reproduction"], settings)
         result.conditions, result.sample_condition = _per_condition(
-            result, sample_cond, train_cond, settings)
+            result, sample_cond, train_cond, settings, groups)
     if features is not None:
         vectors = space_rows.data  # the samples' feature vectors, in memory
         near = space_train.take_raw(idx[:, 0], vectors)
@@ -198,23 +214,29 @@ def _figures(d1: Tensor, d2: Tensor, calibrated_copies: Tensor,
     calibrated-l2 copy fraction with its interval, for one set of samples."""
     seed, bootstrap = settings["seed"], settings["bootstrap"]
     test = ratio_test(d1, d2, settings["ratio_threshold"], bootstrap, seed=seed)
-    cal_lo, cal_hi = bootstrap_interval(calibrated_copies, bootstrap, seed=seed)
     return {
         "fraction_within": {delta_key(d): f for d, f in within(d1, settings["deltas"]).items()},
         "nn_ratio": {"threshold": settings["ratio_threshold"], "fraction": test.fraction,
                      "ci_low": test.ci_low, "ci_high": test.ci_high, "level": test.level},
         "calibrated_l2": {"alpha": settings["alpha"], "n": settings["n"],
                           "threshold": settings["calibrated_threshold"],
-                          "fraction": float(calibrated_copies.to(torch.float64).mean()),
-                          "ci_low": cal_lo, "ci_high": cal_hi},
+                          **_fraction(calibrated_copies, settings)},
     }
 
 
+def _fraction(flags: Tensor, settings: dict[str, Any]) -> dict[str, float]:
+    """The fraction of ``flags`` set, with its bootstrap interval."""
+    lo, hi = bootstrap_interval(flags, settings["bootstrap"], seed=settings["seed"])
+    return {"fraction": float(flags.to(torch.float64).mean()), "ci_low": lo, "ci_high": hi}
+
+
 def _per_condition(result: AuditResult, sample_cond: Tensor, train_cond: Tensor | None,
-                   settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """One entry per distinct sample condition (sorted by nn-ratio copy fraction, most
-    copied first), and each sample's condition as written in ``per_sample.csv``."""
-    keys, which = distinct(sample_cond)
+                   settings: dict[str, Any], groups: tuple[Tensor, Tensor, Tensor, Tensor]
+                   ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """One entry per distinct sample condition (sorted by the larger of its nn-ratio and
+    reproduction fractions, most copied first), and each sample's condition as written in
+    ``per_sample.csv``."""
+    keys, which, modes, radius = groups
     same_cond = None
     if train_cond is not None:
         same_cond = same(sample_cond, train_cond[result.nearest])
@@ -225,11 +247,14 @@ def _per_condition(result: AuditResult, sample_cond: Tensor, train_cond: Tensor 
         entry = {"condition": labels[j], "n_samples": int(mask.sum()),
                  **_figures(result.d1[mask], result.d2[mask],
                             result.copies["calibrated_l2"][mask], settings)}
+        entry["reproduction"] = {**_fraction(result.copies["reproduction"][mask], settings),
+                                 "train_index": int(modes[j]), "radius": float(radius[j])}
         entry["same_condition"] = (None if same_cond is None else
                                    float(same_cond[mask].to(torch.float64).mean()))
         entry["samples"] = torch.nonzero(mask).squeeze(1).tolist()
         entries.append(entry)
-    entries.sort(key=lambda e: -e["nn_ratio"]["fraction"])
+    entries.sort(key=lambda e: -max(e["nn_ratio"]["fraction"],
+                                    e["reproduction"]["fraction"]))
     per_sample = [labels[int(j)] if not isinstance(labels[int(j)], list) else int(j)
                   for j in which]
     return entries, per_sample

@@ -137,7 +137,8 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *
     import torch
 
     from diffmem.models import output_shape
-    from diffmem.text import load_text_model, read_prompts, refuse_with_prompts
+    from diffmem.prompts import read_prompts
+    from diffmem.text import load_text_model, refuse_with_prompts
 
     refuse_with_prompts(rejected)
     text = read_prompts(prompts)

@@ -27,6 +27,9 @@ UNITS = {
     "distances": "Euclidean norm of the flattened difference, in data units (feature units "
                  "with features); for images also per-pixel RMS (delta / sqrt(d))",
     "fractions": "fraction of samples in [0, 1]",
+    "reproduction": "fraction of a condition's samples whose nearest training item is the "
+                    "condition's most frequent one and lies closer to it than that item's "
+                    "nearest other training item",
     "ratios": "dimensionless (d1 / d2; calibrated distance)",
     "cosine": "cosine similarity in [-1, 1] between a sample's features and its nearest "
               "training item's",
@@ -64,6 +67,9 @@ class AuditResult:
     search: dict[str, Any] = field(default_factory=dict)
     conditions: list[dict[str, Any]] | None = None
     sample_condition: list[Any] | None = None
+    #: With the samples' conditions: the fraction of samples that reproduce their
+    #: condition's training item (:func:`diffmem.metrics.reproductions`).
+    reproduction: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The aggregates as plain JSON values, with units and versions."""
@@ -79,6 +85,8 @@ class AuditResult:
             out["cosine"] = self.cosine_summary
         if self.recall is not None:
             out["recall"] = self.recall
+        if self.reproduction is not None:
+            out["reproduction"] = self.reproduction
         if self.conditions is not None:
             out["conditions"] = [{k: v for k, v in e.items() if k != "samples"}
                                  for e in self.conditions]

@@ -10,11 +10,15 @@ web data where duplicated captions name one image: ``n_classes`` whole digit cla
 repeated 5, 15 or 50 times (``DUPLICATES``, in turn). A fourth, unconditional model is trained
 on ``uncond_train`` digits plus ``uncond_dup`` images repeated ``uncond_times`` times.
 
-Ground truth comes from the audit (nn-ratio copies against the deduplicated training set):
-per condition, the copied fraction of ``per_condition`` DDIM samples; per sample of the
-unconditional model, whether it is a copy. AUC and TPR at 1% FPR are judged on clear
+Ground truth comes from the audit against the deduplicated training set: a sample is a copy
+when the nn-ratio test says so or it reproduces its condition's training item (the audit's
+``reproduction``, which counts copies of typical-looking digits that the nn-ratio test
+misses); per condition, the copied fraction of ``per_condition`` DDIM samples; per sample of
+the unconditional model, whether it is a copy. AUC and TPR at 1% FPR are judged on clear
 conditions (copied fraction >= 0.75 against <= 0.25); Spearman's correlation with the copied
-fraction over all conditions. The detectors of :mod:`diffmem.detect` never see the training
+fraction over all conditions. The verdicts of :mod:`diffmem.verdicts` are judged on the same
+clear conditions and samples without a reference set: per condition by the consistency rule,
+per sample by ``flipd > 1 - 1 / (2 d)`` (a point of the model). The detectors never see the training
 set.
 """
 
@@ -36,14 +40,21 @@ from diffmem.experiments.base import (
     Experiment,
     Recorded,
     Verdict,
+    status_of,
 )
 from diffmem.experiments.regularize import train_run
+from diffmem.verdicts import rates
 
 CLAIM = ("Without the training set, the primary detector tells memorized conditions from "
          "generalizing ones on every model (linear/epsilon, scaled-linear/v, cosine/sample), "
          "and memorized samples of an unconditional model from the others: AUC >= 0.95 on "
          "clear conditions and on samples.")
+VERDICT_CLAIM = ("The verdicts (without a reference set: consistency per condition, "
+                 "local intrinsic dimension below 1/2 per sample) "
+                 "say which conditions and samples are memorized on every model: TPR >= 0.9 "
+                 "at FPR <= 0.05 on clear conditions and on samples.")
 TARGET_AUC = 0.95
+TARGET_TPR, TARGET_FPR = 0.9, 0.05
 #: Clear ground truth: memorized at or above, not memorized at or below.
 CLEAR_HIGH, CLEAR_LOW = 0.75, 0.25
 DUPLICATES = (5, 15, 50)
@@ -121,6 +132,7 @@ def _sample(run: dict[str, Any], z: torch.Tensor, steps: int,
 def compute(ctx: Context) -> dict[str, Any]:
     from diffmem.detect import MEASURES, detect, detect_samples
     from diffmem.models import wrap_diffusers
+    from diffmem.verdicts import judge as give_verdicts
 
     p = ctx.params
     train, labels, repeats = _conditional_data(p)
@@ -137,6 +149,7 @@ def compute(ctx: Context) -> dict[str, Any]:
         found = detect(model, table, torch.tensor(run["null"]), n_noise=p["n_noise"],
                        steps=p["sample_steps"], measures=MEASURES, confirm=n_cond,
                        seed=ctx.seed, progress=ctx.progress)
+        give_verdicts(found)
         study = {lv: detect(model, table, torch.tensor(run["null"]), n_noise=p["n_noise"],
                             steps=p["sample_steps"], levels=(lv,), measures=("gap", "collapse"),
                             confirm=0, seed=ctx.seed) for lv in LEVEL_STUDY}
@@ -151,6 +164,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     samples = _sample(run, z, p["sample_steps"], None)
     found = detect_samples(model, samples.clamp(-1, 1), n_noise=p["n_noise"], seed=ctx.seed,
                            progress=ctx.progress)
+    give_verdicts(found)
     study = {lv: detect_samples(model, samples.clamp(-1, 1), n_noise=p["n_noise"], level=lv,
                                 measures=("flipd", "jacobian"), seed=ctx.seed)
              for lv in LEVEL_STUDY}
@@ -158,6 +172,20 @@ def compute(ctx: Context) -> dict[str, Any]:
                             "study": study,
                             "steps": run["steps"], "train_s": run["train_s"]}
     return out
+
+
+def _verdict_claim(metrics: Mapping[str, Any]) -> Claim:
+    """The verdicts' TPR and FPR on every model, against :data:`TARGET_TPR` and
+    :data:`TARGET_FPR`."""
+    found = {**{n: m["verdict"] for n, m in metrics["models"].items()},
+             "unconditional": metrics["unconditional"]["verdict"]}
+    parts = [f"{n}: TPR {v['tpr']:.2f}, FPR {v['fpr']:.2f}" if v.get("tpr") is not None
+             and v.get("fpr") is not None else f"{n}: not both kinds" for n, v in found.items()]
+    judgeable = all(v.get("tpr") is not None and v.get("fpr") is not None
+                    for v in found.values())
+    holds = judgeable and all(v["tpr"] >= TARGET_TPR and v["fpr"] <= TARGET_FPR
+                              for v in found.values())
+    return Claim(VERDICT_CLAIM, status_of(holds, judgeable), "; ".join(parts))
 
 
 def _scores(entries: list[dict[str, Any]], name: str, truth: list[float],
@@ -202,7 +230,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     for name, res in raw["models"].items():
         result = audit(_to01(res["samples"]), _to01(train), sample_cond=res["cond"],
                        train_cond=labels, bootstrap=50, seed=ctx.seed)
-        copied = {e["condition"]: e["nn_ratio"]["fraction"] for e in result.conditions}
+        copy = (result.copies["nn_ratio"] | result.copies["reproduction"]).to(torch.float64)
+        copied = {e["condition"]: float(copy[e["samples"]].mean()) for e in result.conditions}
         found = res["detect"]
         entries = [{**e, "copied": copied[e["condition"]],
                     "repeats": raw["repeats"][e["condition"]],
@@ -215,7 +244,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
             "screen_s": found.settings["screen_seconds"], "detect_s": found.settings["seconds"],
             "primary": found.primary,
             "measures": {m: _scores(entries, m, truth, clear) for m in found.measures},
-            "levels": _level_scores(res["study"], truth, clear)}
+            "levels": _level_scores(res["study"], truth, clear),
+            "verdict": {**found.verdict, **rates([e.get("memorized") for e in entries], clear)}}
         for c in range(len(raw["repeats"])):
             arrays[f"{name}_samples_{c}"] = (res["samples"][res["cond"] == c][: p["show"]]
                                               + 1) / 2
@@ -231,7 +261,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
         "primary": found.primary,
         "measures": {m: _scores(entries, m, [float(c) for c in copies],
                                 list(copies)) for m in found.measures},
-        "levels": _level_scores(u["study"], [float(c) for c in copies], list(copies))}
+        "levels": _level_scores(u["study"], [float(c) for c in copies], list(copies)),
+        "verdict": {**found.verdict, **rates([e.get("memorized") for e in entries], copies)}}
     order = torch.argsort(torch.tensor([-e[found.primary] for e in entries]))
     arrays["uncond_ranked"] = (u["samples"][order[: 2 * p["show"]]].clamp(-1, 1) + 1) / 2
     return Recorded(metrics, arrays)
@@ -250,10 +281,11 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
                  "no AUC")
     primary = next(iter(models.values()))["primary"]
     finding = f"primary {primary} / {uncond['primary']}: " + "; ".join(parts)
+    verdicts = _verdict_claim(metrics)
     if any(a is None for a in aucs.values()) or u_auc is None:
-        return Verdict((Claim(CLAIM, INCONCLUSIVE, finding),))
+        return Verdict((Claim(CLAIM, INCONCLUSIVE, finding), verdicts))
     ok = all(a >= TARGET_AUC for a in aucs.values()) and u_auc >= TARGET_AUC
-    return Verdict((Claim(CLAIM, CONFIRMED if ok else NOT_REPRODUCED, finding),))
+    return Verdict((Claim(CLAIM, CONFIRMED if ok else NOT_REPRODUCED, finding), verdicts))
 
 
 def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
