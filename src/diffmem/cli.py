@@ -56,6 +56,29 @@ ATTENTION_SLICING = typer.Option(False, "--attention-slicing", help="Compute a -
                                  "to rounding; Stable Diffusion and SDXL UNets).")
 MODEL_KIND = typer.Option("score", "--model-kind", help="score or denoiser: what a callable "
                           "model returns.")
+MODEL_DRAW = typer.Option(None, "--model", help="Draw the samples from a model: a local "
+                          "diffusers folder, a diffmem checkpoint (.pt) or module:function / "
+                          "file.py:function.")
+SAMPLER = typer.Option("ode", "--sampler", help="ode (probability flow), edm (Heun) or "
+                       "pipeline (a diffusers model's own scheduler).")
+STEPS = typer.Option(18, "--steps", help="Noise levels of the edm sampler; timesteps of the "
+                     "pipeline sampler.")
+SCHEDULER_CLASS = typer.Option(None, "--scheduler-class", help="Diffusers scheduler class "
+                               "for --sampler pipeline (DDPMScheduler, DDIMScheduler, "
+                               "EulerDiscreteScheduler, DPMSolverMultistepScheduler, ...; "
+                               "default: the saved one).")
+ETA = typer.Option(None, "--eta", help="DDIM's eta (--sampler pipeline).")
+TRAIN_COND = typer.Option(None, "--train-cond", help="One condition per training item (.npy: "
+                          "integer labels or vectors).")
+PER_CONDITION = typer.Option(None, "--per-condition", help="Samples per condition (default: "
+                             "--n-samples shared out).")
+GUIDANCE = typer.Option(None, "--guidance", help="Classifier-free guidance weight w: "
+                        "out(null) + w (out(y) - out(null)).")
+NULL_COND = typer.Option(None, "--null-cond", help="The condition meaning 'no condition': a "
+                         "label, a number or a .npy file.")
+CURE = typer.Option([], "--cure", help="NAME=STRENGTH: sample the model with a cure "
+                    "(repeatable, applied in order): tikhonov=LAMBDA, guidance=W, "
+                    "guidance-schedule=FRACTION, nn-guidance=G (see diffmem mitigate).")
 MODEL_INDEX = typer.Option(0, "--model-index", help="Model of a checkpoint's stack.")
 RESUME = typer.Option(False, "--resume", help="Continue network training from the latest "
                       "checkpoint in OUT/NAME/checkpoints (same configuration required).")
@@ -266,37 +289,23 @@ def audit_command(
         0.5, "--calibrated-threshold", help="Copies by Carlini et al.'s calibrated distance "
                                             "below this."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
-    model: str | None = typer.Option(  # noqa: B008
-        None, "--model", help="Draw the samples from a model: a local diffusers folder, a "
-                              "diffmem checkpoint (.pt) or module:function / file.py:function."),
+    model: str | None = MODEL_DRAW,
     n_samples: int = typer.Option(1000, "--n-samples", help="Samples to draw with --model."),
     batch_size: int = BATCH_SIZE,
-    sampler: str = typer.Option("ode", "--sampler", help="ode (probability flow), edm "
-                                "(Heun) or pipeline (a diffusers model's own scheduler)."),
-    steps: int = typer.Option(18, "--steps", help="Noise levels of the edm sampler; "
-                                                  "timesteps of the pipeline sampler."),
+    sampler: str = SAMPLER,
+    steps: int = STEPS,
     scheduler: Path | None = SCHEDULER,
-    scheduler_class: str | None = typer.Option(
-        None, "--scheduler-class", help="Diffusers scheduler class for --sampler pipeline "
-        "(DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, "
-        "...; default: the saved one)."),
-    eta: float | None = typer.Option(None, "--eta", help="DDIM's eta (--sampler pipeline)."),
-    train_cond: Path | None = typer.Option(  # noqa: B008
-        None, "--train-cond", help="One condition per training item (.npy: integer labels "
-                                   "or vectors)."),
+    scheduler_class: str | None = SCHEDULER_CLASS,
+    eta: float | None = ETA,
+    train_cond: Path | None = TRAIN_COND,
     conditions: Path | None = typer.Option(  # noqa: B008
         None, "--conditions", help="Conditions to sample a conditional --model at (.npy; "
         "embeddings (n, seq, dim) for a cross-attention UNet; default: each distinct "
         "--train-cond), or with SAMPLES the condition of each sample."),
-    per_condition: int | None = typer.Option(
-        None, "--per-condition", help="Samples per condition (default: --n-samples shared "
-                                      "out)."),
-    guidance: float | None = typer.Option(
-        None, "--guidance", help="Classifier-free guidance weight w: out(null) + w (out(y) - "
-                                 "out(null))."),
-    null_cond: str | None = typer.Option(
-        None, "--null-cond", help="The condition meaning 'no condition': a label, a number "
-                                  "or a .npy file."),
+    per_condition: int | None = PER_CONDITION,
+    guidance: float | None = GUIDANCE,
+    null_cond: str | None = NULL_COND,
+    cure: list[str] = CURE,
     cond_bandwidth: float | None = typer.Option(
         None, "--cond-bandwidth", help="Kernel width in y of the conditional empirical "
                                        "denoiser for vector conditions (default: exact)."),
@@ -356,9 +365,12 @@ def audit_command(
                 scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
                 kind=model_kind, index=model_index, device=device, prompts=prompts,
                 text_options=text, batch_size=batch_size)
+            plan = _cured_plan(plan, cure, whole)
             held = None if held_out is None else open_input(held_out, None, size, "--held-out")
         elif prompts is not None:
             raise fail("--prompts", "--model (a text-to-image pipeline folder)", str(prompts))
+        elif cure:
+            raise fail("--cure", "--model (a model to cure)", cure[0])
         folder = prepare_out(out)
         gap = None
         scond = None
@@ -399,6 +411,7 @@ def audit_command(
                                     else str(train_cond),
                                     "conditions": None if conditions is None
                                     else str(conditions), "guidance": guidance,
+                                    "cures": list(cure),
                                     **_prompt_settings(plan, prompts, train_size),
                                     "seed": seed}, gap=gap)
     except ValueError as err:  # the library's and the command line's input errors
@@ -406,6 +419,20 @@ def audit_command(
         return
     if _leader(group):
         _echo_audit(result, gap, folder)
+
+
+def _cured_plan(plan: Any, cures: list[str], train: Any = None) -> Any:
+    """``plan`` with its model cured by ``--cure NAME=STRENGTH`` (none: unchanged)."""
+    if not cures:
+        return plan
+    import dataclasses
+
+    from diffmem.centres import Centres
+    from diffmem.mitigate import CureContext, cure_model, parse_cure
+
+    ctx = CureContext(null=plan.null, train=None if train is None else Centres(train))
+    return dataclasses.replace(plan, model=cure_model(plan.model, [parse_cure(c) for c in
+                                                                    cures], ctx))
 
 
 def _prompt_resolution(model: str | None, prompts: Path | None,
@@ -490,6 +517,7 @@ def detect_command(
         "on (.npy, --samples). The verdict threshold is set on them at --fpr."),
     fpr: float = typer.Option(0.05, "--fpr", help="False-positive rate of the --reference "
                               "verdict threshold."),
+    cure: list[str] = CURE,
     scheduler: Path | None = SCHEDULER,
     schedule: str = SCHEDULE,
     model_kind: str = MODEL_KIND,
@@ -547,6 +575,12 @@ def detect_command(
             model, scheduler=None if scheduler is None else str(scheduler),
             schedule=schedule, kind=model_kind, data_shape=shape, index=model_index,
             device=device, conditional=per_condition)
+        if cure:
+            from diffmem.mitigate import CureContext, cure_model, parse_cure
+
+            null0 = null_cond if text is not None else None if null_cond is None else \
+                parse_null(null_cond, as_conditions(conditions, "--conditions"))
+            loaded = cure_model(loaded, [parse_cure(c) for c in cure], CureContext(null=null0))
         if per_condition and not getattr(loaded, "conditional", False):
             raise fail("--conditions", "a conditional model (this one takes no condition: "
                        "drop --conditions to test its samples)", str(conditions))
@@ -600,7 +634,8 @@ def detect_command(
                 "model": model, "conditions": None if conditions is None else str(conditions),
                 "null_cond": null_cond, "samples": None if samples is None else str(samples),
                 "labels": None if labels is None else str(labels),
-                "reference": None if reference is None else str(reference)}, reference=ref)
+                "reference": None if reference is None else str(reference),
+                "cures": list(cure)}, reference=ref)
     except ValueError as err:
         _fail(str(err))
         return
@@ -620,6 +655,121 @@ def detect_command(
                    f"{rates['fpr']:.3f}")
     typer.echo(f"      -> {folder / 'detect.json'}, {folder / 'detect.csv'}, "
                f"{folder / 'index.html'}")
+
+
+@app.command("mitigate")
+def mitigate_command(
+    model: str = typer.Option(..., "--model", help="A diffusers folder, a diffmem checkpoint "
+                              "or module:function / file.py:function."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),  # noqa: B008
+    train: Path | None = typer.Option(  # noqa: B008
+        None, "--train", help="The training set (.npy, .npz or an image folder): copies "
+        "by the audit; without it, by detect's verdicts."),
+    cures: str | None = typer.Option(None, "--cures", help="Comma-separated cures to sweep "
+                                     "(default: every one that applies to the model)."),
+    strengths: list[str] = typer.Option(  # noqa: B008
+        [], "--strengths", help="NAME=a,b,c: the strengths swept for a cure (repeatable; "
+        "default: each cure's own grid)."),
+    target: float = typer.Option(0.1, "--target", help="Copies a recommended cure must not "
+                                 "exceed (fraction of the memorized conditions' samples)."),
+    n_samples: int = typer.Option(256, "--n-samples", help="Samples per run."),
+    batch_size: int = BATCH_SIZE,
+    sampler: str = SAMPLER,
+    steps: int = STEPS,
+    scheduler: Path | None = SCHEDULER,
+    scheduler_class: str | None = SCHEDULER_CLASS,
+    eta: float | None = ETA,
+    train_cond: Path | None = TRAIN_COND,
+    conditions: Path | None = typer.Option(  # noqa: B008
+        None, "--conditions", help="Conditions to sample a conditional --model at (.npy; "
+        "default: each distinct --train-cond)."),
+    per_condition: int | None = PER_CONDITION,
+    guidance: float | None = GUIDANCE,
+    null_cond: str | None = NULL_COND,
+    data_shape: str | None = typer.Option(None, "--data-shape", help="C,H,W (or d) of a "
+                                          "callable model's samples, without --train."),
+    schedule: str = SCHEDULE,
+    model_kind: str = MODEL_KIND,
+    model_index: int = MODEL_INDEX,
+    prompts: Path | None = PROMPTS,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    dtype: str = DTYPE,
+    resolution: str | None = RESOLUTION,
+    attention_slicing: bool = ATTENTION_SLICING,
+    seed: int = SEED,
+    device: str = DEVICE,
+    progress: bool = PROGRESS,
+) -> None:
+    """Which cure stops the model copying, and at what cost? Sample the model uncured and
+    with every applicable cure over a grid of strengths, from the same seeded noise; measure
+    each run's copies and its cost (how far the samples of the conditions that did not copy
+    move); recommend the cheapest run under --target. Writes OUT/mitigate.json and
+    OUT/index.html (the plane of copies against cost); resumable."""
+    from diffmem.audit import Rows, open_input
+    from diffmem.audit.model import load_train_cond, plan_draw, training_shape
+    from diffmem.centres import Centres
+    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.mitigate import CureContext
+    from diffmem.mitigate.sweep import plan_cures, sweep
+    from diffmem.report import write_mitigate_report
+
+    try:
+        check_device(device)
+        options = _text_options(prompts, negative_prompt, dtype, resolution, attention_slicing)
+        size = _prompt_resolution(model, prompts, None, options)
+        data = None if train is None else open_input(train, None, size if train.is_dir()
+                                                     else None, "--train")
+        if not 0 <= target < 1:
+            raise fail("--target", "a copy fraction in [0, 1)", target)
+        if train_cond is not None and data is None:
+            raise fail("--train-cond", "--train (the items they condition)", str(train_cond))
+        tcond = None if data is None else load_train_cond(train_cond, data)
+        plan = plan_draw(
+            model, training_shape(data) if data is not None else _parse_shape(data_shape),
+            n_samples=n_samples, train_cond=tcond, conditions=conditions,
+            per_condition=per_condition, guidance=guidance, null_cond=null_cond,
+            sampler=sampler, steps=steps, seed=seed, scheduler_class=scheduler_class, eta=eta,
+            scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
+            kind=model_kind, index=model_index, device=device, prompts=prompts,
+            text_options=options, batch_size=batch_size)
+        ctx = CureContext(null=plan.null, train=None if data is None else Centres(data))
+        runs, skipped = plan_cures(plan.model, ctx, None if cures is None else [
+            n.strip() for n in cures.split(",") if n.strip()], _strength_grids(strengths))
+        folder = prepare_out(out)
+        with FolderLock(folder):
+            summary = sweep(plan, runs, folder, train=data, train_cond=tcond, ctx=ctx,
+                            target=target, device=device, progress=progress)
+            summary["not_applicable"] = skipped
+            write_mitigate_report(folder, summary, {
+                "model": model, "train": None if train is None else str(train),
+                "prompts": None if prompts is None else str(prompts),
+                "prompt_texts": plan.prompts, "sampler": sampler, "steps": steps,
+                "seed": seed, "n_samples": plan.n},
+                train=None if data is None else Rows(Centres(data)))
+    except ValueError as err:
+        _fail(str(err))
+        return
+    best = summary["recommended"]
+    base = summary["baseline"]
+    typer.echo(f"{len(summary['runs'])} cured runs; uncured copies {base['copy_fraction']:.3f}"
+               + (f"; recommended {best['cure']}={best['strength']:g}: copies "
+                  f"{best['copy_fraction']:.3f}, cost {best['cost']:.4g}" if best else
+                  f"; no cure brings the copies to {target:g} while keeping the samples")
+               + f"\n      -> {folder / 'mitigate.json'}, {folder / 'index.html'}")
+
+
+def _strength_grids(items: list[str]) -> dict[str, list[float]]:
+    """``--strengths NAME=a,b,c`` as ``{NAME: [a, b, c]}``."""
+    grids: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        try:
+            grids[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError as err:
+            raise fail("--strengths", "NAME=a,b,c with numbers", repr(item)) from err
+        if not sep or not grids[name.strip()]:
+            raise fail("--strengths", "NAME=a,b,c with at least one number", repr(item))
+    return grids
 
 
 def _detect_prompts(model: str, prompts: Path, reference: Path | None, options: Any,

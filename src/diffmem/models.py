@@ -150,6 +150,10 @@ class DiscreteVP(Schedule):
         """The network's (fractional) timestep at ``t``: ``K t - 1``."""
         return self.K * t - 1
 
+    def time_of_timestep(self, k: Tensor) -> Tensor:
+        """The inverse of :meth:`timestep`: ``t = (k + 1) / K``."""
+        return (k + 1) / self.K
+
 
 class DiscreteFlow(RectifiedFlow):
     """diffusers' flow-matching schedulers (``FlowMatchEulerDiscreteScheduler``,
@@ -169,6 +173,10 @@ class DiscreteFlow(RectifiedFlow):
     def timestep(self, t: Tensor) -> Tensor:
         """The network's timestep at ``t``: ``K t`` (``K sigma``)."""
         return self.K * t
+
+    def time_of_timestep(self, k: Tensor) -> Tensor:
+        """The inverse of :meth:`timestep`: ``t = k / K``."""
+        return k / self.K
 
 
 def scheduler_config(scheduler: Any) -> dict[str, Any]:
@@ -349,6 +357,24 @@ def network_output_to_score(out: Tensor, x: Tensor, m: Tensor, sigma: Tensor,
         return -(m * out + sigma * x) / sigma
     if prediction_type == "sample":
         return (m * out - x) / (sigma * sigma)
+    raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction_type))
+
+
+def score_to_network_output(score: Tensor, x: Tensor, m: Tensor, sigma: Tensor,
+                            prediction_type: str) -> Tensor:
+    """The inverse of :func:`network_output_to_score`: the output a network of
+    ``prediction_type`` gives for ``score`` at ``x``: ``epsilon`` ``-sigma s``;
+    ``v_prediction`` ``-sigma (s + x) / m``; ``sample`` ``(sigma^2 s + x) / m``; ``flow``
+    ``-(sigma s + x) / m``."""
+    m, sigma = expand_as_batch(m.to(x), x), expand_as_batch(sigma.to(x), x)
+    if prediction_type == "epsilon":
+        return -sigma * score
+    if prediction_type == "flow":
+        return -(sigma * score + x) / m
+    if prediction_type == "v_prediction":
+        return -sigma * (score + x) / m
+    if prediction_type == "sample":
+        return (sigma * sigma * score + x) / m
     raise fail("prediction_type", f"one of {PREDICTION_TYPES}", repr(prediction_type))
 
 
@@ -766,7 +792,8 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
             assert scheduler is not None and model.network is not None
             x = pipeline_sample(model.network["net"], z.to(device), scheduler, steps,
                                 cond=y, guidance=model.guidance, null=model.null, eta=eta,
-                                generator=gen, **sampling_grid(model.network))
+                                generator=gen, post=model.network.get("post"),
+                                **sampling_grid(model.network))
         if decode is not None:  # a latent model: the images its decoder makes
             x = decode(x)
         arr[lo:hi] = x.detach().cpu().numpy()

@@ -103,9 +103,12 @@ def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps
                     cond: Tensor | None = None, guidance: float | None = None,
                     null: Tensor | None = None, eta: float | None = None,
                     generator: torch.Generator | None = None,
-                    tokens: int | None = None, linear_sigmas: bool = False) -> Tensor:
+                    tokens: int | None = None, linear_sigmas: bool = False,
+                    post: Callable[[Tensor, Tensor, Any], Tensor] | None = None) -> Tensor:
     """Samples from standard normal ``z`` by the scheduler's loop (module docstring);
-    ``net(x, timestep, y)`` is the network's raw output (``y`` ``None`` when unconditional).
+    ``net(x, timestep, y)`` is the network's raw output (``y`` ``None`` when unconditional);
+    ``post(out, x, timestep)``, when given, changes the guided output before the scheduler's
+    step (a cure of :mod:`diffmem.mitigate`, in the network's parameterization).
     The scheduler's own noise (DDPM, DDIM with ``eta > 0``, ancestral samplers) is drawn
     from ``generator``, as the pipelines do; ``tokens`` is the number of image tokens
     (for dynamic shifting), ``linear_sigmas`` FLUX's noise levels (:func:`timestep_options`)."""
@@ -132,6 +135,8 @@ def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps
             else:
                 uncond, conditioned = net(torch.cat([inp, inp]), k, pair).chunk(2)
                 out = uncond + guidance * (conditioned - uncond)
+            if post is not None:
+                out = post(out, inp, k)
             x = scheduler.step(out, k, x, **options).prev_sample
     if not bool(torch.isfinite(x).all()):
         raise fail("--sampler", "finite samples from the scheduler's loop", "NaN or inf")

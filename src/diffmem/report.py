@@ -643,3 +643,150 @@ def write_compare_report(folder: Path, result: Any, samples_a: Any, samples_b: A
                  "<code>b/samples.npy</code>.</p></body></html>")
     atomic_write_bytes(folder / "index.html", "\n".join(parts).encode())
 
+
+
+# --- the mitigation page -------------------------------------------------------------------
+#: Samples shown in the mitigation gallery (memorized first, then clean).
+MITIGATE_SHOWN = 8
+
+
+def _plane(summary: dict[str, Any]) -> str:
+    """Copies against cost, one curve per cure (strengths marked), the baseline, the target
+    and the frontier."""
+    from diffmem import plots
+
+    fig, ax = plots.figure(1, 1, size=7.5)
+    a = ax[0, 0]
+    base = summary["baseline"]
+    a.scatter([0], [base["copy_fraction"]], color="k", marker="s", s=40, zorder=3,
+              label="uncured")
+    runs = summary["runs"]
+    for k, name in enumerate(dict.fromkeys(r["cure"] for r in runs)):
+        mine = sorted((r for r in runs if r["cure"] == name), key=lambda r: r["strength"])
+        xs = [0.0] + [r["cost"] or 0.0 for r in mine]
+        ys = [base["copy_fraction"]] + [r["copy_fraction"] for r in mine]
+        a.plot(xs, ys, color=f"C{k}", lw=1, label=name)
+        for r in mine:
+            kept = r.get("keeps_samples") is not False
+            a.scatter([r["cost"] or 0.0], [r["copy_fraction"]], color=f"C{k}", s=30,
+                      facecolors=f"C{k}" if kept else "none", zorder=3)
+            a.annotate(f"{r['strength']:g}", (r["cost"] or 0.0, r["copy_fraction"]),
+                       fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = [r for r in runs if f"{r['cure']}={r['strength']:g}" in summary["frontier"]]
+    front.sort(key=lambda r: r["cost"] or 0.0)
+    a.plot([r["cost"] or 0.0 for r in front], [r["copy_fraction"] for r in front], color="0.5",
+           ls="--", lw=1, label="frontier")
+    a.axhline(summary["target"], color="C3", ls=":", lw=1, label=f"target {summary['target']:g}")
+    best = summary["recommended"]
+    if best is not None:
+        a.scatter([best["cost"] or 0.0], [best["copy_fraction"]], s=160, facecolors="none",
+                  edgecolors="C3", linewidths=2, zorder=4, label="recommended")
+    a.set(xlabel="cost: energy distance to the uncured samples of clean conditions\n"
+                 "(data units)", ylabel="copies (fraction of memorized conditions' samples)",
+          ylim=(-0.03, 1.03))
+    a.set_title("hollow: moves the clean samples' distance to the data or their condition\n"
+                f"by more than {summary['cost_factor']:g}x", fontsize=9)
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[str, Any],
+                          train: Any = None) -> None:
+    """``mitigate.json`` and ``index.html`` (the plane of copies against cost, the runs, the
+    recommended cure with the rule that chose it, and cured samples beside uncured ones and
+    their nearest training item) in ``folder``; ``train`` (:class:`diffmem.audit.Rows`)
+    gives the nearest items' images."""
+    import numpy as np
+
+    folder = Path(folder)
+    atomic_write_json(folder / "mitigate.json", {**summary, "inputs": inputs})
+    base, best = summary["baseline"], summary["recommended"]
+    rows = [("uncured copies", f"{base['copy_fraction']:.3f} (all samples "
+                               f"{base['copy_fraction_all']:.3f})"),
+            ("memorized / clean samples (by the uncured run)",
+             f"{summary['memorized']} / {summary['clean']}"),
+            ("copies measured by", html.escape(summary["copy_measure"])),
+            ("recommended", "none" if best is None else
+             f"{best['cure']}={best['strength']:g}: copies {best['copy_fraction']:.3f}, cost "
+             f"{_sig(best['cost'])}, distance ratio {_sig(best['distance_ratio'])}, "
+             f"condition kept {_sig(best['condition_kept'])}"),
+            ("rule", html.escape(summary["rule"])),
+            ("frontier", html.escape(", ".join(summary["frontier"]))),
+            ("seconds (uncured run / all)",
+             f"{_sig(summary['seconds']['baseline'])} / {_sig(summary['seconds']['all'])}")]
+    for name, why in (summary.get("not_applicable") or {}).items():
+        rows.append((f"{html.escape(name)}: not applicable", html.escape(why)))
+    table = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + \
+        "</table>"
+    head = ("<tr><th>cure</th><th>strength</th><th>copies</th><th>cost</th><th>distance "
+            "ratio</th><th>condition kept</th><th>keeps samples</th><th>seconds</th></tr>")
+    body = "".join(
+        f"<tr><td>{html.escape(str(r['cure']))}</td><td>{_sig(r['strength'])}</td>"
+        f"<td>{r['copy_fraction']:.3f}</td><td>{_sig(r['cost'])}</td>"
+        f"<td>{_sig(r['distance_ratio'])}</td><td>{_sig(r['condition_kept'])}</td>"
+        f"<td>{_cell(r.get('keeps_samples'))}</td><td>{_sig(r['seconds'])}</td></tr>"
+        for r in [base, *summary["runs"]])
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffmem mitigate"
+             f"</title><style>{_STYLE}.pair{{display:inline-block;margin:4px;text-align:"
+             "center;font-size:.72em;border:1px solid #ddd;padding:3px}.pair img{border:0;"
+             "margin:0 1px}</style></head><body><h1>diffmem mitigate: which cure stops the "
+             "model copying, and at what cost?</h1>",
+             f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, "
+             f"{inputs.get('n_samples')} samples a run, every run from the same seeded noise "
+             f"(seed {inputs.get('seed')}, {html.escape(str(inputs.get('sampler')))} sampler). "
+             "A cure that trades copies for noise is not a cure: the cost of each run is "
+             "measured beside its copies, on the samples of the conditions the uncured model "
+             "does not copy.</p>", table,
+             f"<h2>The plane</h2><img alt='copies against cost' src='{_plane(summary)}'>",
+             f"<h2>Every run</h2><table>{head}{body}</table>"]
+    samples = np.load(folder / "baseline" / "samples.npy", mmap_mode="r")
+    if samples.ndim >= 3:
+        parts += _mitigate_gallery(folder, summary, samples, train)
+    parts.append("<p>Files: <code>mitigate.json</code> (every figure with its units); each "
+                 "run's <code>samples.npy</code>, <code>initial_noise.npy</code>, "
+                 "<code>sample_conditions.npy</code> in <code>baseline/</code> and "
+                 "<code>runs/NAME=STRENGTH/</code>.</p></body></html>")
+    atomic_write_bytes(folder / "index.html", "\n".join(parts).encode())
+
+
+def _mitigate_gallery(folder: Path, summary: dict[str, Any], samples: Any,
+                      train: Any) -> list[str]:
+    """Samples of memorized (then clean) conditions: uncured, each cure at its shown
+    strength (the recommended one, else the strongest that keeps the samples, else the
+    strongest), and the uncured sample's nearest training item."""
+    import numpy as np
+
+    with np.load(folder / "baseline" / "measure.npz") as m:
+        copy, nearest = m["copy"], m["nearest"]
+    shown: dict[str, dict[str, Any]] = {}
+    for r in summary["runs"]:
+        cur = shown.get(r["cure"])
+        good = r.get("keeps_samples") is not False
+        if cur is None or (good, r["strength"]) > (cur.get("keeps_samples") is not False,
+                                                   cur["strength"]):
+            shown[r["cure"]] = r
+    best = summary["recommended"]
+    if best is not None:
+        shown[best["cure"]] = best
+    order = [int(i) for i in np.nonzero(copy)[0][:: max(1, int(copy.sum()) // 6 or 1)][:6]]
+    order += [int(i) for i in np.nonzero(~copy.astype(bool))[0][:MITIGATE_SHOWN - len(order)]]
+    cols = [("uncured", samples)] + [
+        (f"{r['cure']}={r['strength']:g}", np.load(folder / r["samples"], mmap_mode="r"))
+        for r in shown.values()]
+    parts = ["<h2>Cured samples beside uncured ones</h2><p>Each row: one sample (same noise) "
+             "uncured, with each cure, and the uncured sample's nearest training item. Rows "
+             "framed red: the uncured sample is a copy.</p>"]
+    for i in order:
+        imgs = "".join(f"<img alt='{html.escape(name)}' title='{html.escape(name)}' "
+                       f"src='{_uri(_image_png(np.asarray(arr[i])))}'>" for name, arr in cols)
+        if train is not None and nearest.size:
+            near = _uri(_image_png(train.take([int(nearest[i])])[0]))
+            imgs += (f"<img alt='nearest training item' title='nearest training item "
+                     f"{int(nearest[i])}' src='{near}'>")
+        frame = "#c62828" if bool(copy[i]) else "#ddd"
+        parts.append(f"<div class='pair' style='border-color:{frame}'>{imgs}<br>sample {i}: "
+                     + " | ".join(html.escape(n) for n, _ in cols)
+                     + (" | nearest" if train is not None and nearest.size else "")
+                     + "</div>")
+    return parts

@@ -43,9 +43,11 @@ class DrawPlan:
     truncated: list[int] | None = None
     #: The prompts' labels, where the prompts file gave them.
     prompt_labels: list[str | None] | None = None
+    #: The null condition (``--null-cond``, a pipeline's negative prompt), where there is one.
+    null: Tensor | None = None
 
 
-def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
+def plan_draw(spec: str, data_shape: tuple[int, ...] | None, *, n_samples: int,
               train_cond: Tensor | None = None, conditions: Any = None,
               per_condition: int | None = None, guidance: float | None = None,
               null_cond: str | None = None, sampler: str = "ode", steps: int = 18,
@@ -54,7 +56,8 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
               index: int = 0, device: str = "cpu", prompts: str | Path | None = None,
               text_options: TextOptions | None = None, batch_size: int = 64) -> DrawPlan:
     """Load ``spec`` (as :func:`diffmem.models.load_model`) and check the sampling options
-    against it. A conditional model samples ``per_condition`` times each of ``conditions``
+    against it (and its data shape against ``data_shape``, when given: a callable needs
+    it). A conditional model samples ``per_condition`` times each of ``conditions``
     (default: each distinct training condition of ``train_cond``; ``per_condition``
     defaults to ``n_samples`` shared out); the model must take the conditions and, with
     ``guidance``, the ``null_cond``. A text-to-image pipeline with ``prompts`` is loaded
@@ -76,13 +79,13 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
     model = load_model(spec, scheduler=scheduler, schedule=schedule, kind=kind,
                        data_shape=data_shape, index=index, device=device,
                        conditional=wants_cond)
-    if tuple(model.data_shape) != tuple(data_shape):
+    if data_shape is not None and tuple(model.data_shape) != tuple(data_shape):
         raise fail("--model", f"a model of the training data's shape {tuple(data_shape)}",
                    f"one of shape {tuple(model.data_shape)}")
     if sampler == "pipeline" and model.network is None:
         raise fail("--sampler", "'ode' or 'edm' for a model that is not a diffusers one "
                    "('pipeline' runs a diffusers scheduler)", repr(sampler))
-    table = cond = None
+    table = cond = null = None
     if model.conditional:
         if conditions is not None:
             table = as_conditions(conditions, "--conditions")
@@ -109,7 +112,7 @@ def plan_draw(spec: str, data_shape: tuple[int, ...], *, n_samples: int,
     return DrawPlan(model=model, n=n_samples if cond is None else int(cond.shape[0]),
                     cond=cond, conditions=table, sampler=sampler,
                     steps=positive_int("--steps", steps), seed=seed,
-                    scheduler_class=scheduler_class, eta=eta, batch=batch)
+                    scheduler_class=scheduler_class, eta=eta, batch=batch, null=null)
 
 
 def _check_sampler(model: ModelScore, sampler: str, steps: int, scheduler_class: str | None,
@@ -126,7 +129,8 @@ def _check_sampler(model: ModelScore, sampler: str, steps: int, scheduler_class:
                        positive_int("--steps", steps), eta, **sampling_grid(model.network))
 
 
-def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *,
+def _plan_prompts(spec: str, data_shape: tuple[int, ...] | None, prompts: str | Path,
+                  *,
                   n_samples: int, per_condition: int | None, guidance: float | None,
                   text_options: TextOptions | None, sampler: str, steps: int, seed: int,
                   scheduler_class: str | None, eta: float | None, device: str,
@@ -144,7 +148,7 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *
     text = read_prompts(prompts)
     tm = load_text_model(spec, text, text_options, device=device)
     model = tm.model
-    if tuple(output_shape(model)) != tuple(data_shape):
+    if data_shape is not None and tuple(output_shape(model)) != tuple(data_shape):
         raise fail("--train", f"images of the model's size {output_shape(model)} (a PNG/JPEG "
                    "folder is resized to it)", f"items of shape {tuple(data_shape)}")
     table = torch.arange(len(text.texts))
@@ -158,7 +162,8 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...], prompts: str | Path, *
     return DrawPlan(model=model, n=int(cond.shape[0]), cond=cond, conditions=table,
                     sampler=sampler, steps=positive_int("--steps", steps), seed=seed,
                     scheduler_class=scheduler_class, eta=eta, prompts=text.texts,
-                    truncated=tm.truncated, prompt_labels=text.labels)
+                    truncated=tm.truncated, prompt_labels=text.labels,
+                    null=torch.tensor(len(text.texts)))
 
 
 def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = True) -> Path:

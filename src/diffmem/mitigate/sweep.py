@@ -1,0 +1,313 @@
+"""``diffmem mitigate``: every applicable cure over a grid of strengths, sampled from the same
+seeded noise as the uncured model, on one plane of copies against cost.
+
+Each run (the uncured ``baseline``, then one per cure and strength) draws into its own
+folder (``OUT/baseline``, ``OUT/runs/NAME=STRENGTH``: ``samples.npy``,
+``initial_noise.npy``, ``sample_conditions.npy``; resumable batch by batch) and is measured
+once (``measure.json``, ``measure.npz``: kept, so a rerun after a kill measures only what is
+left). The baseline decides which conditions are **memorized** (copied fraction at least
+:data:`CLEAR_HIGH`) and which are **clean** (at most :data:`CLEAR_LOW`); per sample of an
+unconditional model, whether it is a copy.
+
+* **copies** (fraction of samples): with a training set, the audit's copy verdict per sample
+  (nn-ratio copy, or a reproduction of its condition's training item: the reproduction
+  measure catches copies of typical-looking images) over the memorized conditions' samples
+  (all samples when none is memorized); without one, the fraction of the baseline's
+  memorized conditions (samples) that detect's verdict still calls memorized.
+* **cost**, on the clean conditions' samples (the baseline's non-copies): the energy distance
+  between the cured and the uncured samples, per condition and averaged (data units;
+  ``metrics.energy_distance`` with every pair counted: 0 when nothing moves); with a training
+  set the median distance to the nearest training item relative to the baseline's
+  (``distance_ratio``, dimensionless) and, with training conditions, the fraction whose nearest
+  item carries their condition (``condition_kept``).
+
+A run **keeps the samples** when ``distance_ratio <= COST_FACTOR`` and ``condition_kept``
+is at least the baseline's divided by ``COST_FACTOR``. The recommended run: the lowest
+energy distance among those that keep the samples and bring the copies to at most
+``target``; when none does, none is recommended and the page says so, with the frontier (the
+runs no other run beats on both copies and cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffmem._checks import fail
+from diffmem.audit.model import DrawPlan, draw
+from diffmem.io import atomic_write_bytes, atomic_write_json
+from diffmem.metrics import energy_distance, within_mean_distance
+from diffmem.mitigate import CURES, Cure, CureContext, cure_model
+
+CLEAR_HIGH, CLEAR_LOW = 0.75, 0.25
+COST_FACTOR = 1.25
+TARGET = 0.1
+
+
+def plan_cures(model: Any, ctx: CureContext, names: Sequence[str] | None = None,
+               grids: dict[str, Sequence[float]] | None = None
+               ) -> tuple[list[Cure], dict[str, str]]:
+    """The runs of the sweep: each cure of ``names`` (default: every cure that applies to
+    ``model``) at each strength of its grid (``grids`` overrides a cure's default), checked
+    to apply; and, by name, why the cures left out do not apply. A cure named explicitly that
+    does not apply raises its ``ValueError``."""
+    grids = dict(grids or {})
+    chosen = list(CURES) if names is None else list(names)
+    unknown = [n for n in chosen + list(grids) if n not in CURES]
+    if unknown:
+        raise fail("--cures", f"names among {tuple(CURES)}", ", ".join(unknown))
+    runs: list[Cure] = []
+    skipped: dict[str, str] = {}
+    for name in chosen:
+        cls = CURES[name]
+        strengths = [float(v) for v in grids.get(name, cls.grid)]
+        probe = cls(strengths[0] if strengths else 0.0)
+        try:
+            probe.check(model, ctx)
+        except ValueError as err:
+            if names is not None:
+                raise
+            skipped[name] = str(err)
+            continue
+        runs += [cls(v) for v in strengths]
+    if not runs:
+        raise fail("--cures", "at least one cure that applies to this model",
+                   "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "none")
+    return runs, skipped
+
+
+def _copies(samples: Tensor, plan: DrawPlan, train: Any, train_cond: Tensor | None,
+            seed: int) -> dict[str, Any]:
+    """Per sample: the audit's copy verdict (nn-ratio or reproduction), the distance to the
+    nearest training item and whether that item carries the sample's condition."""
+    from diffmem.audit import audit
+
+    result = audit(samples, train, sample_cond=plan.cond, train_cond=train_cond,
+                   bootstrap=50, seed=seed)
+    copy = result.copies["nn_ratio"].clone()
+    if "reproduction" in result.copies:
+        copy |= result.copies["reproduction"]
+    same = None
+    if train_cond is not None and plan.cond is not None:
+        from diffmem.conditions import same as same_rows
+
+        same = same_rows(plan.cond, train_cond[result.nearest])
+    return {"copy": copy, "d1": result.d1, "nearest": result.nearest, "same": same}
+
+
+def _detected(model: Any, samples: Tensor, plan: DrawPlan, seed: int, steps: int
+              ) -> dict[str, Any]:
+    """Without a training set: detect's verdict, per condition (repeated for each of its
+    samples) or per sample."""
+    from diffmem.detect import detect, detect_samples
+    from diffmem.verdicts import judge
+
+    if plan.cond is not None:
+        assert plan.conditions is not None and plan.null is not None
+        found = detect(model, plan.conditions, plan.null, steps=steps, seed=seed)
+        judge(found)
+        flags = torch.tensor([bool(e.get("memorized")) for e in found.entries])
+        from diffmem.conditions import distinct
+
+        _, which = distinct(plan.cond)
+        return {"copy": flags[which], "d1": None, "nearest": None, "same": None}
+    found = detect_samples(model, samples.to(torch.float64), seed=seed)
+    judge(found)
+    return {"copy": torch.tensor([bool(e.get("memorized")) for e in found.entries]),
+            "d1": None, "nearest": None, "same": None}
+
+
+def _measure(folder: Path, plan: DrawPlan, train: Any, train_cond: Tensor | None,
+             key: dict[str, Any], steps: int, start: float) -> dict[str, Any]:
+    """A run's per-sample measures, from ``folder/measure.npz`` when a finished earlier
+    run with the same ``key`` left them, and its seconds (drawing and measuring, since
+    ``start``, as first measured)."""
+    done = folder / "measure.json"
+    if done.is_file():
+        try:
+            saved = json.loads(done.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("key") == key and (folder / "measure.npz").is_file():
+            with np.load(folder / "measure.npz") as arrays:
+                return {k: None if arrays[k].size == 0 else torch.from_numpy(arrays[k])
+                        for k in ("copy", "d1", "nearest", "same")} | {
+                    "seconds": saved.get("seconds")}
+    samples = torch.from_numpy(np.load(folder / "samples.npy"))
+    found = _copies(samples, plan, train, train_cond, plan.seed) if train is not None \
+        else _detected(plan.model, samples, plan, plan.seed, steps)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.zeros(0) if v is None else v.numpy() for k, v in found.items()})
+    atomic_write_bytes(folder / "measure.npz", buf.getvalue())
+    found["seconds"] = time.perf_counter() - start
+    atomic_write_json(done, {"key": key, "seconds": found["seconds"]})
+    return found
+
+
+def _groups(plan: DrawPlan, copy: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """From the baseline's copy verdicts: the memorized samples (of memorized conditions, or
+    the copies), the clean ones, and the clean samples grouped by condition."""
+    if plan.cond is None:
+        return copy, ~copy, [torch.nonzero(~copy).squeeze(1)]
+    from diffmem.conditions import distinct
+
+    _, which = distinct(plan.cond)
+    memorized = torch.zeros_like(copy)
+    clean = torch.zeros_like(copy)
+    groups = []
+    for g in range(int(which.max()) + 1):
+        rows = which == g
+        frac = float(copy[rows].to(torch.float64).mean())
+        if frac >= CLEAR_HIGH:
+            memorized |= rows
+        elif frac <= CLEAR_LOW:
+            clean |= rows
+            groups.append(torch.nonzero(rows).squeeze(1))
+    return memorized, clean, groups
+
+
+def _energy(x: Tensor, y: Tensor) -> float:
+    """The energy distance with every pair counted, ``i = j`` included (the V-statistic):
+    0 for identical sets, never negative (the unbiased form swings below 0 with the dozen
+    paired samples of a condition); data units."""
+    n = y.shape[0]
+    return energy_distance(x, y, x_empirical=True,
+                           y_within=within_mean_distance(y) * (n - 1) / n)
+
+
+def _figures(run: dict[str, Any], base: dict[str, Any], samples: Tensor, base_samples: Tensor,
+             memorized: Tensor, clean: Tensor, groups: list[Tensor]) -> dict[str, Any]:
+    """A run's copies and costs against the baseline (module docstring)."""
+    rows = memorized if bool(memorized.any()) else torch.ones_like(memorized)
+    out: dict[str, Any] = {
+        "copy_fraction": float(run["copy"][rows].to(torch.float64).mean()),
+        "copy_fraction_all": float(run["copy"].to(torch.float64).mean())}
+    dists = [_energy(samples[g], base_samples[g]) for g in groups if g.numel() >= 2]
+    out["cost"] = float(np.mean(dists)) if dists else None
+    if run.get("d1") is not None and bool(clean.any()):
+        out["distance_ratio"] = float(run["d1"][clean].median() / base["d1"][clean].median()) \
+            if float(base["d1"][clean].median()) > 0 else None
+        out["median_distance"] = float(run["d1"][clean].median())
+    else:
+        out["distance_ratio"] = out["median_distance"] = None
+    out["condition_kept"] = None if run.get("same") is None or not bool(clean.any()) else \
+        float(run["same"][clean].to(torch.float64).mean())
+    return out
+
+
+def keeps_samples(fig: dict[str, Any], base: dict[str, Any]) -> bool | None:
+    """Whether a run keeps the clean samples (module docstring); ``None`` when nothing
+    measures it (no training set)."""
+    checks = []
+    if fig.get("distance_ratio") is not None:
+        checks.append(fig["distance_ratio"] <= COST_FACTOR)
+    if fig.get("condition_kept") is not None and base.get("condition_kept") is not None:
+        checks.append(fig["condition_kept"] >= base["condition_kept"] / COST_FACTOR)
+    return all(checks) if checks else None
+
+
+def frontier(runs: list[dict[str, Any]]) -> list[int]:
+    """Indices of the runs no other run beats on both copies and cost (both no worse, one
+    better)."""
+    pts = [(r["copy_fraction"], r["cost"] if r["cost"] is not None else math.inf)
+           for r in runs]
+    keep = []
+    for i, (c, k) in enumerate(pts):
+        if not any((c2 <= c and k2 <= k) and (c2 < c or k2 < k) for c2, k2 in pts):
+            keep.append(i)
+    return keep
+
+
+def recommend(runs: list[dict[str, Any]], target: float) -> tuple[int | None, str]:
+    """The recommended run (index) and the rule that chose it (module docstring)."""
+    rule = (f"the lowest cost (energy distance to the uncured samples of the clean "
+            f"conditions) among the runs that bring the copies to at most {target:g} and keep "
+            f"the samples (distance to the data and condition kept within {COST_FACTOR:g}x "
+            f"of the uncured model's)")
+    ok = [i for i, r in enumerate(runs) if r["copy_fraction"] <= target
+          and r.get("keeps_samples") is not False]
+    if not ok:
+        return None, rule + ": no run does"
+    return min(ok, key=lambda i: (runs[i]["cost"] if runs[i]["cost"] is not None
+                                  else math.inf, runs[i]["copy_fraction"])), rule
+
+
+def sweep(plan: DrawPlan, cures: list[Cure], folder: Path, *, train: Any = None,
+          train_cond: Tensor | None = None, ctx: CureContext | None = None,
+          target: float = TARGET, detect_steps: int = 50, device: str = "cpu",
+          progress: bool = True) -> dict[str, Any]:
+    """Draw and measure the baseline and every run of ``cures`` (module docstring) into
+    ``folder``; returns what ``mitigate.json`` holds."""
+    from tqdm.auto import tqdm
+
+    ctx = ctx or CureContext(null=plan.null)
+    key = {"n": plan.n, "seed": plan.seed, "sampler": plan.sampler, "steps": plan.steps,
+           "model": plan.model.name, "train": None if train is None else "given",
+           "detect_steps": detect_steps}
+    runs_info: list[tuple[str, Cure | None]] = [("baseline", None)] + [
+        (f"runs/{c}", c) for c in cures]
+    measured: list[dict[str, Any]] = []
+    bar = tqdm(total=len(runs_info), desc="mitigate", unit="run", disable=not progress)
+    for sub, cure in runs_info:
+        start = time.perf_counter()
+        where = folder / sub
+        where.mkdir(parents=True, exist_ok=True)
+        p = plan if cure is None else dataclasses.replace(
+            plan, model=cure_model(plan.model, [cure], ctx))
+        draw(p, where, device=device, progress=False)
+        measured.append(_measure(where, p, train, train_cond, {**key, "cure": str(cure)},
+                                 detect_steps, start))
+        bar.update()
+    bar.close()
+    base = measured[0]
+    memorized, clean, groups = _groups(plan, base["copy"])
+    base_samples = torch.from_numpy(np.load(folder / "baseline" / "samples.npy"))
+
+    def entry(sub: str, cure: Cure | None, m: dict[str, Any]) -> dict[str, Any]:
+        samples = torch.from_numpy(np.load(folder / sub / "samples.npy"))
+        fig = _figures(m, base, samples, base_samples, memorized, clean, groups)
+        return {"cure": "uncured" if cure is None else cure.name,
+                "strength": None if cure is None else cure.strength, **fig,
+                "samples": f"{sub}/samples.npy",
+                "sample_conditions": None if plan.cond is None
+                else f"{sub}/sample_conditions.npy", "seconds": m["seconds"]}
+
+    baseline = entry("baseline", None, base)
+    baseline["cost"] = 0.0
+    runs = [entry(sub, cure, m) for (sub, cure), m in zip(runs_info[1:], measured[1:],
+                                                          strict=True)]
+    for r in runs:
+        r["keeps_samples"] = keeps_samples(r, baseline)
+    best, rule = recommend(runs, target)
+    front = frontier(runs)
+    return {
+        "baseline": baseline, "runs": runs,
+        "recommended": None if best is None else runs[best], "rule": rule,
+        "frontier": [f"{runs[i]['cure']}={runs[i]['strength']:g}" for i in front],
+        "target": target, "cost_factor": COST_FACTOR,
+        "memorized": int(memorized.sum()), "clean": int(clean.sum()),
+        "copy_measure": ("the audit's copy verdict per sample (nn-ratio copy or reproduction "
+                         "of the condition's training item)" if train is not None else
+                         "detect's verdict (no training set given): the fraction of the "
+                         "baseline's memorized conditions or samples still called memorized"),
+        "units": {"copy_fraction": "fraction of the memorized conditions' samples (the "
+                                   "baseline's copies for an unconditional model)",
+                  "cost": "energy distance to the uncured samples of the clean conditions, "
+                          "per condition and averaged (data units)",
+                  "distance_ratio": "median distance to the nearest training item of the "
+                                    "clean samples, over the baseline's (dimensionless)",
+                  "condition_kept": "fraction of the clean samples whose nearest training "
+                                    "item carries their condition"},
+        "seconds": {"baseline": base["seconds"],
+                    "all": float(sum(m["seconds"] for m in measured))}}

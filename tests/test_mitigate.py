@@ -1,0 +1,362 @@
+"""Cures on trained models and ``diffmem mitigate``: the Tikhonov cure is the closed-form
+Tikhonov score, a cured diffusers network is sampled by its own scheduler in its own
+parameterization, the guidance cures give the condition they state, nearest-neighbour
+guidance keeps predictions off the training items; the sweep on a class-conditional UNet, a
+text-to-image pipeline and a callable, resumed to the same mitigate.json; clear errors."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffmem.cli import app
+from diffmem.mitigate import CureContext, cure_model, parse_cure
+from diffmem.models import (
+    ModelScore,
+    network_output_to_score,
+    sample_model,
+    score_to_network_output,
+)
+from diffmem.schedules import VE, VP
+from diffmem.scores import EmpiricalScore, TikhonovScore
+
+RUNNER = CliRunner()
+
+
+@pytest.mark.parametrize("sch", [VP(), VE()], ids=["VP", "VE"])
+@pytest.mark.parametrize("kind", ["score", "denoiser"])
+def test_tikhonov_cure_is_the_closed_form_tikhonov_score(sch, kind):
+    """The empirical score wrapped as a model (score or denoiser output) and cured with
+    lambda is the paper's Tikhonov minimizer (D_e - x) / (sigma^2 + lambda)."""
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    emp = EmpiricalScore(train, sch)
+    fn = (lambda x, t: emp(x, t)) if kind == "score" else (
+        lambda x, t: x + sch.sigma2(t)[:, None] * emp(x, t))
+    cured = cure_model(ModelScore(fn, sch, (3,), kind=kind), [parse_cure("tikhonov=0.05")])
+    closed = TikhonovScore(train, sch, 0.05)
+    x = 3 * torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    for t in (0.05, 0.3, 0.9):
+        ref = closed(x, t)
+        assert torch.allclose(cured(x, t), ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_network_parameterizations_round_trip():
+    """score_to_network_output inverts network_output_to_score for every prediction type,
+    and each discrete schedule's time of a timestep inverts its timestep."""
+    from diffmem.models import DiscreteFlow, DiscreteVP, discrete_alphas_cumprod
+
+    gen = torch.Generator().manual_seed(1)
+    x, out = torch.randn(4, 2, 3, generator=gen, dtype=torch.float64), torch.randn(
+        4, 2, 3, generator=gen, dtype=torch.float64)
+    m, sigma = torch.tensor([0.9, 0.5, 0.3, 0.99], dtype=torch.float64), torch.tensor(
+        [0.4, 0.8, 0.95, 0.1], dtype=torch.float64)
+    for kind in ("epsilon", "v_prediction", "sample", "flow"):
+        s = network_output_to_score(out, x, m, sigma, kind)
+        assert torch.allclose(score_to_network_output(s, x, m, sigma, kind), out, atol=1e-12)
+    k = torch.tensor([0.0, 17.5, 99.0], dtype=torch.float64)
+    for sch in (DiscreteVP(discrete_alphas_cumprod({"num_train_timesteps": 100})),
+                DiscreteFlow(100)):
+        assert torch.allclose(sch.timestep(sch.time_of_timestep(k)), k, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    """A class-conditional UNet2DModel (labels 0-2, 3 the null one) with a DDIM scheduler of
+    50 training steps, 12 training images in [-1, 1] and their labels."""
+    diffusers = pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("mitigate")
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2, num_class_embeds=4).save_pretrained(root / "net")
+    diffusers.DDIMScheduler(num_train_timesteps=50, clip_sample=False,
+                            prediction_type="v_prediction").save_pretrained(root / "net")
+    gen = np.random.default_rng(0)
+    np.save(root / "train.npy", gen.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32))
+    np.save(root / "labels.npy", np.repeat(np.arange(3), 4))
+    return root
+
+
+def test_pipeline_sampler_samples_the_cured_network(unet):
+    """--sampler pipeline on the cured model equals the scheduler's own loop with the cure
+    written by hand in the network's parameterization (v): v' from the scaled score; at
+    lambda = 0 it is the uncured model's samples exactly."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from diffmem.models import load_model
+
+    model = load_model(str(unet / "net"), scheduler=str(unet / "net"))
+    cond = torch.tensor([0, 1, 2, 1])
+    lam = 0.05
+    cured = cure_model(model, [parse_cure(f"tikhonov={lam}")])
+    got = sample_model(cured, 4, unet / "s.npy", sampler="pipeline", steps=6, seed=3,
+                       cond=cond, progress=False)
+    plain = sample_model(cure_model(model, [parse_cure("tikhonov=0")]), 4, unet / "p.npy",
+                         sampler="pipeline", steps=6, seed=3, cond=cond, progress=False)
+    base = sample_model(model, 4, unet / "b.npy", sampler="pipeline", steps=6, seed=3,
+                        cond=cond, progress=False)
+    assert np.array_equal(plain, base)
+    net = UNet2DModel.from_pretrained(str(unet / "net")).eval()
+    sched = DDIMScheduler.from_pretrained(str(unet / "net"))
+    sched.set_timesteps(6)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    abar = sched.alphas_cumprod.to(torch.float64)
+    with torch.no_grad():
+        for k in sched.timesteps:
+            v = net(x, k, class_labels=cond).sample.double()
+            a = abar[int(k)]
+            m, s2 = a.sqrt(), 1 - a
+            xd = x.double()
+            eps = m * v + s2.sqrt() * xd  # v = m eps - sigma x0
+            eps = eps * s2 / (s2 + lam)  # the Tikhonov score, as the noise it predicts
+            x0 = (xd - s2.sqrt() * eps) / m
+            v_cured = m * eps - s2.sqrt() * x0
+            x = sched.step(v_cured.float(), k, x).prev_sample
+    assert np.abs(got - x.numpy()).max() <= 1e-5
+    assert np.abs(got - base).max() > 1e-3
+
+
+def _recorder(sch):
+    seen = []
+
+    def fn(x, t, y):
+        seen.append((t.clone(), y.clone()))
+        return torch.zeros_like(x)
+
+    return ModelScore(fn, sch, (2,), conditional=True), seen
+
+
+def test_guidance_cures_give_the_condition_they_state():
+    sch = VP()
+    model, seen = _recorder(sch)
+    ctx = CureContext(null=torch.tensor(9))
+    cured = cure_model(model, [parse_cure("guidance-schedule=0.25")], ctx)
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4])
+    for t in (0.9, 0.76, 0.74, 0.1):
+        seen.clear()
+        cured(x, torch.full((4,), t, dtype=torch.float64), y)
+        expect = torch.full((4,), 9) if t > 0.75 else y
+        assert torch.equal(seen[-1][1], expect), t
+    guided = cure_model(model, [parse_cure("guidance=0.5")], ctx)
+    assert guided.guidance == 0.5 and int(guided.null) == 9
+    seen.clear()
+    guided(x, 0.5, y)  # one call of null and condition together, as classifier-free guidance
+    assert torch.equal(seen[-1][1], torch.cat([torch.full((4,), 9), y]))
+
+
+def test_nn_guidance_keeps_predictions_off_the_training_items():
+    """A memorizing denoiser (the empirical one) cured with g: every prediction is moved
+    straight away from its nearest training item n1 to g d2 / 3 of it (d1, d2 before the
+    move); predictions already that far are left."""
+    from diffmem.centres import Centres
+    from diffmem.metrics import knn
+
+    sch = VE()
+    gen = torch.Generator().manual_seed(2)
+    train = torch.randn(12, 4, generator=gen, dtype=torch.float64)
+    emp = EmpiricalScore(train, sch)
+    model = ModelScore(lambda x, t: emp(x, t), sch, (4,))
+    x = train[:6] + 0.05 * torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    ctx = CureContext(train=Centres(train))
+    t = torch.full((6,), 0.2, dtype=torch.float64)  # predictions 0.02 or more from n1
+    before = model.denoiser(x, t)
+    d0, i0 = knn(before, train, 2)
+    n1 = train[i0[:, 0]]
+    for g in (1.0, 2.0):
+        after = cure_model(model, [parse_cure(f"nn-guidance={g}")], ctx).denoiser(x, t)
+        assert bool((d0[:, 0] < g * d0[:, 1] / 3).all())  # copies before the cure
+        assert torch.allclose((after - n1).norm(dim=1), g * d0[:, 1] / 3, rtol=1e-9)
+        direction = torch.nn.functional.cosine_similarity(after - n1, before - n1, dim=1)
+        assert torch.allclose(direction, torch.ones(6, dtype=torch.float64), atol=1e-9)
+    far = ModelScore(lambda x, t: torch.full_like(x, 10.0), sch, (4,), kind="denoiser")
+    assert torch.equal(cure_model(far, [parse_cure("nn-guidance=1")], ctx).denoiser(x, t),
+                       far.denoiser(x, t))
+
+
+def test_bad_cures_are_refused_with_their_reason():
+    for text, message in [("magic=1", "NAME one of"), ("tikhonov=abc", "with a number"),
+                          ("tikhonov=nan", "finite strength"), ("tikhonov=-1", "[0, inf]"),
+                          ("guidance-schedule=1.5", "[0, 1]"), ("tikhonov", "finite")]:
+        with pytest.raises(ValueError, match="--cure: expected") as err:
+            parse_cure(text)
+        assert message in str(err.value), (text, str(err.value))
+    uncond = ModelScore(lambda x, t: -x, VP(), (2,))
+    with pytest.raises(ValueError, match=r"a null condition .* for guidance, received"):
+        cure_model(uncond, [parse_cure("guidance=0.5")])
+    with pytest.raises(ValueError, match=r"a training set \(--train\) for nn-guidance"):
+        cure_model(uncond, [parse_cure("nn-guidance=1")])
+
+
+def _mitigate(args, out):
+    res = RUNNER.invoke(app, ["mitigate", *args, "--no-progress", "--out", str(out)])
+    return res
+
+
+def _without_seconds(doc):
+    if isinstance(doc, dict):
+        return {k: _without_seconds(v) for k, v in doc.items() if k != "seconds"}
+    if isinstance(doc, list):
+        return [_without_seconds(v) for v in doc]
+    return doc
+
+
+def test_mitigate_command_on_a_class_unet_resumes_to_the_same_json(unet, tmp_path):
+    args = ["--model", str(unet / "net"), "--scheduler", str(unet / "net"), "--train",
+            str(unet / "train.npy"), "--train-cond", str(unet / "labels.npy"), "--null-cond",
+            "3", "--sampler", "pipeline", "--steps", "3", "--per-condition", "4",
+            "--strengths", "tikhonov=0.05,0.5", "--strengths", "guidance=0.5",
+            "--strengths", "guidance-schedule=0.5", "--strengths", "nn-guidance=3"]
+    out = tmp_path / "m"
+    res = _mitigate(args, out)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "mitigate.json").read_text())
+    assert set(doc) >= {"baseline", "runs", "recommended", "rule", "frontier", "units"}
+    assert [(r["cure"], r["strength"]) for r in doc["runs"]] == [
+        ("tikhonov", 0.05), ("tikhonov", 0.5), ("guidance", 0.5), ("guidance-schedule", 0.5),
+        ("nn-guidance", 3.0)]
+    for r in [doc["baseline"], *doc["runs"]]:
+        assert {"cure", "strength", "copy_fraction", "cost", "samples",
+                "sample_conditions"} <= set(r)
+        assert np.load(out / r["samples"]).shape == (12, 1, 8, 8)
+        assert np.load(out / r["sample_conditions"]).tolist() == np.repeat(
+            np.arange(3), 4).tolist()
+        assert 0 <= r["copy_fraction"] <= 1 and r["cost"] >= 0
+    assert doc["baseline"]["cost"] == 0 and doc["baseline"]["distance_ratio"] == 1
+    assert np.array_equal(np.load(out / "baseline" / "initial_noise.npy"),
+                          np.load(out / doc["runs"][0]["samples"].replace(
+                              "samples.npy", "initial_noise.npy")))  # the same noise
+    page = (out / "index.html").read_text()
+    assert "The plane" in page and "Cured samples beside uncured ones" in page
+    # killed mid-sweep: the last run's measure and samples gone; the rerun ends the same
+    last = out / "runs" / "nn-guidance=3"
+    (last / "measure.json").unlink()
+    (last / "samples.npy.progress.json").unlink()
+    res = _mitigate(args, out)
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "mitigate.json").read_text())
+    assert _without_seconds(again) == _without_seconds(doc)
+
+
+def test_mitigate_refuses_bad_input_and_writes_nothing(unet, tmp_path):
+    base = ["--model", str(unet / "net"), "--scheduler", str(unet / "net"), "--train",
+            str(unet / "train.npy"), "--train-cond", str(unet / "labels.npy"), "--null-cond",
+            "3", "--steps", "3", "--sampler", "pipeline"]
+    for extra, message in [
+            (["--cures", "tikhonov,magic"], "--cures: expected names among"),
+            (["--strengths", "tikhonov=nan"], "--cure: expected tikhonov=STRENGTH"),
+            (["--strengths", "tikhonov=x"], "--strengths: expected NAME=a,b,c"),
+            (["--strengths", "guidance=60"], "[0, 50]"),
+            (["--target", "1.5"], "--target: expected"),
+            (["--per-condition", "0"], "--per-condition: expected")]:
+        out = tmp_path / "bad"
+        res = _mitigate(base + extra, out)
+        assert res.exit_code == 2 and message in res.output, (extra, res.output)
+        assert not out.exists()
+    res = _mitigate(["--model", str(unet / "net"), "--scheduler", str(unet / "net"),
+                     "--conditions", str(unet / "labels.npy"),
+                     "--steps", "3", "--sampler", "pipeline", "--cures", "guidance"],
+                    tmp_path / "bad")
+    assert res.exit_code == 2 and "for guidance, received" in res.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_mitigate_a_callable_without_the_training_set(tmp_path):
+    """A conditional callable whose labels 0-1 each return one point (memorized) and 2-3 the
+    null's Gaussian denoiser; without --train the copies are detect's verdicts: both
+    memorized conditions before any cure, and guidance 0 (no condition) removes them."""
+    (tmp_path / "cmodel.py").write_text(textwrap.dedent('''
+        import torch
+        POINT = torch.tensor([1.5, -0.5, 0.25, 2.0], dtype=torch.float64)
+        def fn(x, t, y):
+            from diffmem.schedules import VP
+            sch = VP()
+            x, t = x.double(), t.double()
+            m, s2 = sch.m(t)[:, None], sch.sigma2(t)[:, None]
+            d = m * 0.6 / (m * m * 0.6 + s2) * x
+            for c in (0, 1):
+                d[y == c] = m[y == c] * POINT * (1 + c)
+            return d
+    '''))
+    np.save(tmp_path / "conds.npy", np.arange(4))
+    res = _mitigate(["--model", f"{tmp_path / 'cmodel.py'}:fn", "--model-kind", "denoiser",
+                     "--data-shape", "4", "--conditions", str(tmp_path / "conds.npy"),
+                     "--null-cond", "4", "--per-condition", "3", "--cures", "guidance",
+                     "--strengths", "guidance=0"], tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
+    assert "detect's verdict" in doc["copy_measure"]
+    assert doc["baseline"]["copy_fraction"] == 1 and doc["memorized"] == 6
+    assert doc["runs"][0]["copy_fraction"] == 0
+    assert doc["recommended"]["cure"] == "guidance"
+
+
+def test_audit_and_detect_take_cures(unet, tmp_path):
+    common = ["--model", str(unet / "net"), "--scheduler", str(unet / "net"), "--steps", "3",
+              "--no-progress"]
+    res = RUNNER.invoke(app, ["audit", *common, "--train", str(unet / "train.npy"),
+                              "--train-cond", str(unet / "labels.npy"), "--null-cond", "3",
+                              "--sampler", "pipeline", "--per-condition", "2",
+                              "--cure", "tikhonov=0.1", "--cure", "guidance-schedule=0.3",
+                              "--bootstrap", "20", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert doc["inputs"]["cures"] == ["tikhonov=0.1", "guidance-schedule=0.3"]
+    assert "reproduction" in doc["conditions"][0]
+    np.save(tmp_path / "c.npy", np.arange(3))
+    res = RUNNER.invoke(app, ["detect", *common, "--conditions", str(tmp_path / "c.npy"),
+                              "--null-cond", "3", "--n-noise", "2", "--cure",
+                              "guidance-schedule=0.5", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "d" / "detect.json").read_text())["inputs"]["cures"] == [
+        "guidance-schedule=0.5"]
+    for cmd, extra, cure in (
+            ("audit", ["--train", str(unet / "train.npy"), "--train-cond",
+                       str(unet / "labels.npy"), "--per-condition", "2"], "guidance=2"),
+            ("detect", ["--conditions", str(tmp_path / "c.npy"), "--null-cond", "3"],
+             "nn-guidance=1"),  # no training set in detect
+            ("audit", ["--train", str(unet / "train.npy"), "--train-cond",
+                       str(unet / "labels.npy")], "tikhonov=-2")):
+        res = RUNNER.invoke(app, [cmd, *common, *extra, "--cure", cure,
+                                  "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and "--cure" in res.output, res.output
+        assert not (tmp_path / "bad").exists()
+
+
+def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
+    """A tiny SD pipeline with prompts: the cures that apply to it (Tikhonov on its latents,
+    the guidance schedule against the negative prompt) sampled by its own scheduler and
+    audited against images; nearest-neighbour guidance, named, is refused: the training set
+    is images, the model's samples latents."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+    from tiny_pipelines import sd_pipeline
+
+    sd = sd_pipeline(tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(
+            images / f"{i}.png")
+    args = ["--model", str(sd), "--prompts", str(prompts), "--train", str(images),
+            "--sampler", "pipeline", "--steps", "3", "--per-condition", "2"]
+    res = _mitigate(args + ["--strengths", "tikhonov=0.1", "--strengths",
+                            "guidance-schedule=0.5", "--strengths", "guidance=1"],
+                    tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
+    assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "guidance", "guidance-schedule"]
+    assert "nn-guidance" in doc["not_applicable"]
+    assert np.load(tmp_path / "m" / doc["runs"][0]["samples"]).shape == (4, 3, 16, 16)
+    assert doc["inputs"]["prompt_texts"] == ["a red square", "a blue circle"]
+    res = _mitigate(args + ["--cures", "nn-guidance"], tmp_path / "bad")
+    assert res.exit_code == 2 and "for nn-guidance" in res.output
+    assert not (tmp_path / "bad").exists()
