@@ -62,15 +62,49 @@ def test_detect_digits_tiny_run_and_verdicts(tmp_path):
     assert set(m["unconditional"]["measures"]) == {"jacobian", "flipd", "reconstruction"}
     judge = get_experiment("detect-digits").judge
 
-    def metrics(auc, u_auc):
-        model = {"primary": "gap", "measures": {"gap": {"auc": auc}}}
+    for res in m["models"].values():
+        assert res["verdict"]["kind"] == "consistency"
+        assert all(isinstance(c["memorized"], bool) for c in res["conditions"])
+    assert m["unconditional"]["verdict"]["kind"] == "point"
+
+    def metrics(auc, u_auc, tpr=1.0, fpr=0.0):
+        verdict = {"tpr": tpr, "fpr": fpr}
+        model = {"primary": "gap", "measures": {"gap": {"auc": auc}}, "verdict": verdict}
         return {"models": {"a": model, "b": model},
                 "unconditional": {"primary": "flipd", "measures": {"flipd": {"auc": u_auc}},
-                                  "n_copies": 3, "samples": [{}] * 10}}
+                                  "n_copies": 3, "samples": [{}] * 10, "verdict": verdict}}
     assert judge(metrics(0.97, 0.96), {}).status == "confirmed"
     assert judge(metrics(0.97, 0.90), {}).status == "not_reproduced"
     assert judge(metrics(0.80, 0.99), {}).status == "not_reproduced"
     assert judge(metrics(None, 0.99), {}).status == "inconclusive"
+    verdicts = [c.status for c in judge(metrics(0.97, 0.96, 0.95, 0.04), {}).claims]
+    assert verdicts == ["confirmed", "confirmed"]
+    assert judge(metrics(0.97, 0.96, 0.85, 0.0), {}).claims[1].status == "not_reproduced"
+    assert judge(metrics(0.97, 0.96, 1.0, 0.09), {}).claims[1].status == "not_reproduced"
+    assert judge(metrics(0.97, 0.96, None, 0.0), {}).claims[1].status == "inconclusive"
+
+
+def test_mitigate_digits_tiny_run_and_verdicts(tmp_path):
+    pytest.importorskip("diffusers")
+    rec, m = _run(tmp_path, "mitigate-digits", [
+        "steps=10", "every=10", "n_classes=2", "per_class=4", "n_single=3", "width=8",
+        "per_condition=2", "sample_steps=3", "combine=guidance-schedule=0.6+nn-guidance",
+        "per_cure=1"])
+    names = {r["cure"] for r in m["runs"]}
+    assert names == {"tikhonov", "guidance", "guidance-schedule", "nn-guidance",
+                     "guidance-schedule=0.6+nn-guidance"}
+    assert m["baseline"]["cost"] == 0 and all(r["cost"] >= 0 for r in m["runs"])
+    assert (tmp_path / "mitigate-digits" / "plane.png").is_file()
+    assert rec.verdict.status in ("confirmed", "not_reproduced", "inconclusive")
+    judge = get_experiment("mitigate-digits").judge
+    run = {"cure": "tikhonov", "strength": 0.1, "copy_fraction": 0.05, "cost": 0.3,
+           "distance_ratio": 1.1, "condition_kept": 0.9, "keeps_samples": True}
+    base = {"copy_fraction": 1.0, "condition_kept": 0.95}
+    done = {"baseline": base, "recommended": run, "runs": [run], "frontier": ["tikhonov=0.1"],
+            "memorized": 8, "target": 0.1}
+    assert judge(done, {}).status == "confirmed"
+    assert judge({**done, "recommended": None}, {}).status == "not_reproduced"
+    assert judge({**done, "memorized": 0}, {}).status == "inconclusive"
 
 
 def test_size_transition_tiny_run_and_verdicts(tmp_path):
@@ -106,7 +140,8 @@ def test_reproduce_skips_what_is_not_installed(tmp_path, monkeypatch):
                         self.requires else [])
     from diffmem.experiments import REGISTRY
 
-    only = [n for n in REGISTRY if n not in ("regularize-digits", "detect-digits")]
+    only = [n for n in REGISTRY if n not in ("regularize-digits", "detect-digits",
+                                             "mitigate-digits")]
     monkeypatch.setattr("diffmem.cli.REGISTRY", {n: REGISTRY[n] for n in
                                                  ["structured-points", "regularize-digits"]})
     res = CliRunner().invoke(app, ["reproduce", "--quick", "--out", str(tmp_path),

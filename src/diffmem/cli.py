@@ -56,6 +56,8 @@ ATTENTION_SLICING = typer.Option(False, "--attention-slicing", help="Compute a -
                                  "to rounding; Stable Diffusion and SDXL UNets).")
 MODEL_KIND = typer.Option("score", "--model-kind", help="score or denoiser: what a callable "
                           "model returns.")
+DATA_SHAPE = typer.Option(None, "--data-shape", help="C,H,W (or d) of a callable model's "
+                          "samples (without a training set to take it from).")
 MODEL_DRAW = typer.Option(None, "--model", help="Draw the samples from a model: a local "
                           "diffusers folder, a diffmem checkpoint (.pt) or module:function / "
                           "file.py:function.")
@@ -506,8 +508,7 @@ def detect_command(
                                        "(consistency; default a tenth of them)."),
     n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition or sample."),
     steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler."),
-    data_shape: str | None = typer.Option(None, "--data-shape", help="C,H,W (or d) of a "
-                                          "callable model's samples."),
+    data_shape: str | None = DATA_SHAPE,
     labels: Path | None = typer.Option(  # noqa: B008
         None, "--labels", help="1 (memorized) or 0 per condition or sample (.npy): ROC, AUC "
         "(with --prompts, a label column of the prompts file is read instead)."),
@@ -670,6 +671,9 @@ def mitigate_command(
     strengths: list[str] = typer.Option(  # noqa: B008
         [], "--strengths", help="NAME=a,b,c: the strengths swept for a cure (repeatable; "
         "default: each cure's own grid)."),
+    combine: list[str] = typer.Option(  # noqa: B008
+        [], "--combine", help="A=a+B: cures applied together, the last swept over its grid "
+        "(repeatable), e.g. guidance-schedule=0.6+nn-guidance."),
     target: float = typer.Option(0.1, "--target", help="Copies a recommended cure must not "
                                  "exceed (fraction of the memorized conditions' samples)."),
     n_samples: int = typer.Option(256, "--n-samples", help="Samples per run."),
@@ -686,8 +690,7 @@ def mitigate_command(
     per_condition: int | None = PER_CONDITION,
     guidance: float | None = GUIDANCE,
     null_cond: str | None = NULL_COND,
-    data_shape: str | None = typer.Option(None, "--data-shape", help="C,H,W (or d) of a "
-                                          "callable model's samples, without --train."),
+    data_shape: str | None = DATA_SHAPE,
     schedule: str = SCHEDULE,
     model_kind: str = MODEL_KIND,
     model_index: int = MODEL_INDEX,
@@ -734,7 +737,8 @@ def mitigate_command(
             text_options=options, batch_size=batch_size)
         ctx = CureContext(null=plan.null, train=None if data is None else Centres(data))
         runs, skipped = plan_cures(plan.model, ctx, None if cures is None else [
-            n.strip() for n in cures.split(",") if n.strip()], _strength_grids(strengths))
+            n.strip() for n in cures.split(",") if n.strip()], _strength_grids(strengths),
+            combine)
         folder = prepare_out(out)
         with FolderLock(folder):
             summary = sweep(plan, runs, folder, train=data, train_cond=tcond, ctx=ctx,

@@ -220,3 +220,41 @@ def denoiser_gap_figure(gaps: Mapping[str, Mapping[str, Any]], title: str) -> An
     a.set_title(title, fontsize=9)
     a.legend(fontsize=6)
     return fig
+
+
+def mitigation_plane(a: Axes, summary: Mapping[str, Any], title: str | None = None) -> None:
+    """``diffmem mitigate``'s plane on ``a``: copies against cost, one curve per cure
+    (strengths marked; hollow where the run moves the clean samples by more than the cost
+    factor), the uncured model, the frontier, the target and the recommended run."""
+    base = summary["baseline"]
+    a.scatter([0], [base["copy_fraction"]], color="k", marker="s", s=40, zorder=3,
+              label="uncured")
+    runs = summary["runs"]
+    for k, name in enumerate(dict.fromkeys(r["cure"] for r in runs)):
+        mine = sorted((r for r in runs if r["cure"] == name), key=lambda r: r["strength"])
+        xs = [0.0] + [r["cost"] or 0.0 for r in mine]
+        ys = [base["copy_fraction"]] + [r["copy_fraction"] for r in mine]
+        a.plot(xs, ys, color=f"C{k % 10}", lw=1, label=name)
+        for r in mine:
+            kept = r.get("keeps_samples") is not False
+            a.scatter([r["cost"] or 0.0], [r["copy_fraction"]], s=30, zorder=3,
+                      edgecolors=f"C{k % 10}", facecolors=f"C{k % 10}" if kept else "none")
+            a.annotate(f"{r['strength']:g}", (r["cost"] or 0.0, r["copy_fraction"]),
+                       fontsize=7, xytext=(3, 3), textcoords="offset points")
+    labels = set(summary["frontier"])
+    front = sorted((r for r in runs if f"{r['cure']}={r['strength']:g}" in labels),
+                   key=lambda r: r["cost"] or 0.0)
+    a.plot([r["cost"] or 0.0 for r in front], [r["copy_fraction"] for r in front],
+           color="0.5", ls="--", lw=1, label="frontier")
+    a.axhline(summary["target"], color="C3", ls=":", lw=1,
+              label=f"target {summary['target']:g}")
+    best = summary.get("recommended")
+    if best is not None:
+        a.scatter([best["cost"] or 0.0], [best["copy_fraction"]], s=160, facecolors="none",
+                  edgecolors="C3", linewidths=2, zorder=4, label="recommended")
+    a.set(xlabel="cost: energy distance to the uncured samples of clean conditions\n"
+                 "(data units)", ylabel="copies (fraction of memorized conditions' samples)",
+          ylim=(-0.03, 1.03))
+    a.set_title(title or "hollow: moves the clean samples' distance to the data or their "
+                f"condition\nby more than {summary['cost_factor']:g}x", fontsize=9)
+    a.legend(fontsize=7)

@@ -651,42 +651,12 @@ MITIGATE_SHOWN = 8
 
 
 def _plane(summary: dict[str, Any]) -> str:
-    """Copies against cost, one curve per cure (strengths marked), the baseline, the target
-    and the frontier."""
+    """The plane of copies against cost (:func:`diffmem.plots.mitigation_plane`) as a
+    ``data:`` URI."""
     from diffmem import plots
 
     fig, ax = plots.figure(1, 1, size=7.5)
-    a = ax[0, 0]
-    base = summary["baseline"]
-    a.scatter([0], [base["copy_fraction"]], color="k", marker="s", s=40, zorder=3,
-              label="uncured")
-    runs = summary["runs"]
-    for k, name in enumerate(dict.fromkeys(r["cure"] for r in runs)):
-        mine = sorted((r for r in runs if r["cure"] == name), key=lambda r: r["strength"])
-        xs = [0.0] + [r["cost"] or 0.0 for r in mine]
-        ys = [base["copy_fraction"]] + [r["copy_fraction"] for r in mine]
-        a.plot(xs, ys, color=f"C{k}", lw=1, label=name)
-        for r in mine:
-            kept = r.get("keeps_samples") is not False
-            a.scatter([r["cost"] or 0.0], [r["copy_fraction"]], color=f"C{k}", s=30,
-                      facecolors=f"C{k}" if kept else "none", zorder=3)
-            a.annotate(f"{r['strength']:g}", (r["cost"] or 0.0, r["copy_fraction"]),
-                       fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = [r for r in runs if f"{r['cure']}={r['strength']:g}" in summary["frontier"]]
-    front.sort(key=lambda r: r["cost"] or 0.0)
-    a.plot([r["cost"] or 0.0 for r in front], [r["copy_fraction"] for r in front], color="0.5",
-           ls="--", lw=1, label="frontier")
-    a.axhline(summary["target"], color="C3", ls=":", lw=1, label=f"target {summary['target']:g}")
-    best = summary["recommended"]
-    if best is not None:
-        a.scatter([best["cost"] or 0.0], [best["copy_fraction"]], s=160, facecolors="none",
-                  edgecolors="C3", linewidths=2, zorder=4, label="recommended")
-    a.set(xlabel="cost: energy distance to the uncured samples of clean conditions\n"
-                 "(data units)", ylabel="copies (fraction of memorized conditions' samples)",
-          ylim=(-0.03, 1.03))
-    a.set_title("hollow: moves the clean samples' distance to the data or their condition\n"
-                f"by more than {summary['cost_factor']:g}x", fontsize=9)
-    a.legend(fontsize=8)
+    plots.mitigation_plane(ax[0, 0], summary)
     fig.tight_layout()
     return _figure_uri(fig)
 

@@ -8,6 +8,7 @@ from diffmem.experiments import (
     flow,
     imaging,
     memorization_time,
+    mitigation,
     networks,
     regularize,
     structured,
@@ -42,6 +43,7 @@ REGISTRY: dict[str, Experiment] = {
         transition.SIZE_TRANSITION,
         memorization_time.EXPERIMENT,
         flow.EXPERIMENT,
+        mitigation.EXPERIMENT,
     ]
 }
 

@@ -177,8 +177,8 @@ def compute(ctx: Context) -> dict[str, Any]:
 def _verdict_claim(metrics: Mapping[str, Any]) -> Claim:
     """The verdicts' TPR and FPR on every model, against :data:`TARGET_TPR` and
     :data:`TARGET_FPR`."""
-    found = {**{n: m["verdict"] for n, m in metrics["models"].items()},
-             "unconditional": metrics["unconditional"]["verdict"]}
+    found = {**{n: m.get("verdict") or {} for n, m in metrics["models"].items()},
+             "unconditional": metrics["unconditional"].get("verdict") or {}}
     parts = [f"{n}: TPR {v['tpr']:.2f}, FPR {v['fpr']:.2f}" if v.get("tpr") is not None
              and v.get("fpr") is not None else f"{n}: not both kinds" for n, v in found.items()]
     judgeable = all(v.get("tpr") is not None and v.get("fpr") is not None

@@ -54,18 +54,20 @@ TARGET = 0.1
 
 
 def plan_cures(model: Any, ctx: CureContext, names: Sequence[str] | None = None,
-               grids: dict[str, Sequence[float]] | None = None
-               ) -> tuple[list[Cure], dict[str, str]]:
-    """The runs of the sweep: each cure of ``names`` (default: every cure that applies to
-    ``model``) at each strength of its grid (``grids`` overrides a cure's default), checked
-    to apply; and, by name, why the cures left out do not apply. A cure named explicitly that
-    does not apply raises its ``ValueError``."""
+               grids: dict[str, Sequence[float]] | None = None,
+               combine: Sequence[str] = ()) -> tuple[list[list[Cure]], dict[str, str]]:
+    """The runs of the sweep, each a list of cures applied in order: each cure of ``names``
+    (default: every cure that applies to ``model``) at each strength of its grid (``grids``
+    overrides a cure's default), checked to apply; then each chain of ``combine``
+    (``A=a+B=b+C``: the cures before the last at their strength, the last over its grid);
+    and, by name, why the cures left out do not apply. A cure named explicitly that does not
+    apply raises its ``ValueError``."""
     grids = dict(grids or {})
     chosen = list(CURES) if names is None else list(names)
     unknown = [n for n in chosen + list(grids) if n not in CURES]
     if unknown:
         raise fail("--cures", f"names among {tuple(CURES)}", ", ".join(unknown))
-    runs: list[Cure] = []
+    runs: list[list[Cure]] = []
     skipped: dict[str, str] = {}
     for name in chosen:
         cls = CURES[name]
@@ -78,7 +80,18 @@ def plan_cures(model: Any, ctx: CureContext, names: Sequence[str] | None = None,
                 raise
             skipped[name] = str(err)
             continue
-        runs += [cls(v) for v in strengths]
+        runs += [[cls(v)] for v in strengths]
+    for chain in combine:
+        from diffmem.mitigate import parse_cure
+
+        *fixed_text, last = [part.strip() for part in chain.split("+")]
+        if not fixed_text or last not in CURES:
+            raise fail("--combine", "A=a+B: cures at their strength, then a cure name swept "
+                       "over its grid", repr(chain))
+        fixed = [parse_cure(part) for part in fixed_text]
+        for cure in fixed:
+            cure.check(model, ctx)
+        runs += [[*fixed, CURES[last](float(v))] for v in grids.get(last, CURES[last].grid)]
     if not runs:
         raise fail("--cures", "at least one cure that applies to this model",
                    "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "none")
@@ -243,7 +256,14 @@ def recommend(runs: list[dict[str, Any]], target: float) -> tuple[int | None, st
                                   else math.inf, runs[i]["copy_fraction"])), rule
 
 
-def sweep(plan: DrawPlan, cures: list[Cure], folder: Path, *, train: Any = None,
+def _label(cures: list[Cure]) -> tuple[str, float]:
+    """A run's cure name (a chain: the fixed cures with their strengths, then the swept
+    one's name) and its swept strength."""
+    head = "".join(f"{c}+" for c in cures[:-1])
+    return head + cures[-1].name, cures[-1].strength
+
+
+def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any = None,
           train_cond: Tensor | None = None, ctx: CureContext | None = None,
           target: float = TARGET, detect_steps: int = 50, device: str = "cpu",
           progress: bool = True) -> dict[str, Any]:
@@ -255,8 +275,8 @@ def sweep(plan: DrawPlan, cures: list[Cure], folder: Path, *, train: Any = None,
     key = {"n": plan.n, "seed": plan.seed, "sampler": plan.sampler, "steps": plan.steps,
            "model": plan.model.name, "train": None if train is None else "given",
            "detect_steps": detect_steps}
-    runs_info: list[tuple[str, Cure | None]] = [("baseline", None)] + [
-        (f"runs/{c}", c) for c in cures]
+    runs_info: list[tuple[str, list[Cure] | None]] = [("baseline", None)] + [
+        ("runs/" + "+".join(map(str, c)), c) for c in cures]
     measured: list[dict[str, Any]] = []
     bar = tqdm(total=len(runs_info), desc="mitigate", unit="run", disable=not progress)
     for sub, cure in runs_info:
@@ -264,9 +284,9 @@ def sweep(plan: DrawPlan, cures: list[Cure], folder: Path, *, train: Any = None,
         where = folder / sub
         where.mkdir(parents=True, exist_ok=True)
         p = plan if cure is None else dataclasses.replace(
-            plan, model=cure_model(plan.model, [cure], ctx))
+            plan, model=cure_model(plan.model, cure, ctx))
         draw(p, where, device=device, progress=False)
-        measured.append(_measure(where, p, train, train_cond, {**key, "cure": str(cure)},
+        measured.append(_measure(where, p, train, train_cond, {**key, "cure": sub},
                                  detect_steps, start))
         bar.update()
     bar.close()
@@ -274,11 +294,11 @@ def sweep(plan: DrawPlan, cures: list[Cure], folder: Path, *, train: Any = None,
     memorized, clean, groups = _groups(plan, base["copy"])
     base_samples = torch.from_numpy(np.load(folder / "baseline" / "samples.npy"))
 
-    def entry(sub: str, cure: Cure | None, m: dict[str, Any]) -> dict[str, Any]:
+    def entry(sub: str, cure: list[Cure] | None, m: dict[str, Any]) -> dict[str, Any]:
         samples = torch.from_numpy(np.load(folder / sub / "samples.npy"))
         fig = _figures(m, base, samples, base_samples, memorized, clean, groups)
-        return {"cure": "uncured" if cure is None else cure.name,
-                "strength": None if cure is None else cure.strength, **fig,
+        name, strength = ("uncured", None) if cure is None else _label(cure)
+        return {"cure": name, "strength": strength, **fig,
                 "samples": f"{sub}/samples.npy",
                 "sample_conditions": None if plan.cond is None
                 else f"{sub}/sample_conditions.npy", "seconds": m["seconds"]}
