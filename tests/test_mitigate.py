@@ -360,3 +360,43 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     res = _mitigate(args + ["--cures", "nn-guidance"], tmp_path / "bad")
     assert res.exit_code == 2 and "for nn-guidance" in res.output
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("layout", ["dit", "flux"])
+def test_cured_transformers_sample_in_their_own_parameterization(tmp_path, layout):
+    """A DiT (learned variance dropped, epsilon) and FLUX (flow matching, packed latents) cured
+    through their own schedulers: lambda = 0 gives the uncured samples exactly; lambda > 0
+    changes the DiT's, finitely; the tiny FLUX's shifted steps all lie at sigma ~ 1, beyond
+    the schedule's T, where the denoiser cure leaves the velocity as it is (its samples
+    unchanged), while the guidance schedule still changes the condition."""
+    pytest.importorskip("transformers")
+    from tiny_pipelines import dit_pipeline, flux_pipeline
+
+    from diffmem.models import load_model
+    from diffmem.prompts import Prompts
+    from diffmem.text import load_text_model
+
+    if layout == "dit":
+        model = load_model(str(dit_pipeline(tmp_path / "p")))
+        cond, null = torch.tensor([3, 7]), torch.tensor(1000)
+    else:
+        model = load_text_model(flux_pipeline(tmp_path / "p"), Prompts(["a red square",
+                                                                        "a blue dot"])).model
+        cond, null = torch.tensor([0, 1]), torch.tensor(2)
+    ctx = CureContext(null=null)
+
+    def draw(cures, name):
+        m = cure_model(model, [parse_cure(c) for c in cures], ctx)
+        return sample_model(m, 2, tmp_path / f"{name}.npy", sampler="pipeline", steps=3,
+                            seed=1, cond=cond, progress=False)
+
+    base = draw([], "base")
+    assert np.array_equal(draw(["tikhonov=0"], "zero"), base)
+    cured = draw(["tikhonov=0.5"], "half")
+    assert np.isfinite(cured).all()
+    if layout == "dit":
+        assert np.abs(cured - base).max() > 1e-4
+    else:
+        assert np.array_equal(cured, base)
+    scheduled = draw(["guidance-schedule=0.5"], "sched")
+    assert np.isfinite(scheduled).all() and np.abs(scheduled - base).max() > 1e-4

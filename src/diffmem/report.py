@@ -560,7 +560,7 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
         f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, {what}; "
         f"{_sig(st['seconds'])} s in all. Every measure: larger means more likely "
         f"memorized; ranked by the primary measure, <b>{result.primary}</b>.</p>"
-        f"<h2>Verdicts</h2>{judged}<ul>{units}</ul>"
+        f"<ul>{units}</ul><h2>Verdicts</h2>{judged}"
         + (f"<h2>Against the labels</h2><ul>{auc}</ul>" if auc else "")
         + f"<img alt='histograms and ROC' src='{uri}'>"
         f"<h2>Ranking</h2><table><tr><th>rank</th><th>{key}</th>{head}</tr>"

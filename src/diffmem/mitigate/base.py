@@ -12,7 +12,10 @@ that it holds for every sampler (``ode``, ``edm``, ``pipeline``) and for detecti
 its network entry gets a ``net`` that applies the condition hooks, and a ``post`` that turns
 the scheduler's guided output into ``D`` (by the prediction type, at the time of the
 timestep), applies the denoiser hooks and turns it back, so ``--sampler pipeline`` samples
-the cured model in the network's own parameterization. Cures compose in the order given.
+the cured model in the network's own parameterization. A flow-matching scheduler's first
+step at ``sigma = 1`` lies beyond the schedule's ``T``: there ``m = 0`` and a changed denoiser
+has no finite velocity ``-(sigma s + x) / m``, so that one evaluation is left uncured (the
+condition hooks still apply). Cures compose in the order given.
 """
 
 from __future__ import annotations
@@ -163,6 +166,8 @@ class CuredModel(ModelScore):
 
         def post(out: Tensor, x: Tensor, k: Any) -> Tensor:
             t = self._times(k, x.shape[0], x.device)
+            if float(t.max()) > float(self.schedule.T):  # sigma = 1 of a flow scheduler
+                return out
             m, sigma = self.schedule.m(t), self.schedule.sigma(t)
             xx = x.to(torch.float64)
             s = network_output_to_score(out.to(torch.float64), xx, m, sigma, prediction)

@@ -22,15 +22,16 @@ class NearestGuidance(Cure):
     """At every step the model's prediction of the clean sample, ``x0 = D / m``, is compared
     with its nearest training item ``n1`` (distance ``d1``) and the nearest distinct other
     (``d2``); when ``d1 < g d2 / 3`` it is moved along ``x0 - n1`` out to ``d1 = g d2 / 3``,
-    so at ``g = 1`` no step's prediction passes the nn-ratio copy test (``d1 / d2 < 1/3``)
-    and at ``g = 3`` each stays as far from its nearest item as from the next. The training
-    set must be in the model's data space (latents for a latent pipeline). AMG's
-    despecification and caption-negative guidances are not part of it."""
+    so at ``g = 1`` no step's prediction passes the nn-ratio copy test (``d1 / d2 < 1/3``),
+    at ``g = 3`` each stays as far from its nearest item as from the next, and beyond it is
+    pushed further out. The training set must be in the model's data space (latents for a
+    latent pipeline). AMG's despecification and caption-negative guidances are not part of
+    it."""
 
     name: ClassVar[str] = "nn-guidance"
-    high: ClassVar[float] = 3.0
-    grid: ClassVar[tuple[float, ...]] = (0.5, 1.0, 1.5, 2.0, 3.0)
-    meaning: ClassVar[str] = "g in [0, 3]: the smallest d1 / d2 kept, times 3"
+    high: ClassVar[float] = 6.0
+    grid: ClassVar[tuple[float, ...]] = (1.0, 2.0, 3.0, 3.5, 4.0)
+    meaning: ClassVar[str] = "g in [0, 6]: the smallest d1 / d2 kept, times 3"
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
         if ctx.train is None:
