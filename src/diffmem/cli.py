@@ -423,18 +423,23 @@ def audit_command(
         _echo_audit(result, gap, folder)
 
 
-def _cured_plan(plan: Any, cures: list[str], train: Any = None) -> Any:
-    """``plan`` with its model cured by ``--cure NAME=STRENGTH`` (none: unchanged)."""
+def _cured(model: Any, cures: list[str], null: Any = None, train: Any = None) -> Any:
+    """``model`` cured by ``--cure NAME=STRENGTH`` (none: unchanged), with its null
+    condition and training set for the cures that need them."""
     if not cures:
-        return plan
-    import dataclasses
-
+        return model
     from diffmem.centres import Centres
     from diffmem.mitigate import CureContext, cure_model, parse_cure
 
-    ctx = CureContext(null=plan.null, train=None if train is None else Centres(train))
-    return dataclasses.replace(plan, model=cure_model(plan.model, [parse_cure(c) for c in
-                                                                    cures], ctx))
+    ctx = CureContext(null=null, train=None if train is None else Centres(train))
+    return cure_model(model, [parse_cure(c) for c in cures], ctx)
+
+
+def _cured_plan(plan: Any, cures: list[str], train: Any = None) -> Any:
+    """``plan`` with its model cured by ``--cure`` (:func:`_cured`)."""
+    import dataclasses
+
+    return dataclasses.replace(plan, model=_cured(plan.model, cures, plan.null, train))
 
 
 def _prompt_resolution(model: str | None, prompts: Path | None,
@@ -577,11 +582,9 @@ def detect_command(
             schedule=schedule, kind=model_kind, data_shape=shape, index=model_index,
             device=device, conditional=per_condition)
         if cure:
-            from diffmem.mitigate import CureContext, cure_model, parse_cure
-
-            null0 = null_cond if text is not None else None if null_cond is None else \
-                parse_null(null_cond, as_conditions(conditions, "--conditions"))
-            loaded = cure_model(loaded, [parse_cure(c) for c in cure], CureContext(null=null0))
+            loaded = _cured(loaded, cure, null_cond if text is not None or null_cond is None
+                            else parse_null(null_cond, as_conditions(conditions,
+                                                                     "--conditions")))
         if per_condition and not getattr(loaded, "conditional", False):
             raise fail("--conditions", "a conditional model (this one takes no condition: "
                        "drop --conditions to test its samples)", str(conditions))

@@ -255,6 +255,8 @@ def mitigation_plane(a: Axes, summary: Mapping[str, Any], title: str | None = No
     a.set(xlabel="cost: energy distance to the uncured samples of clean conditions\n"
                  "(data units)", ylabel="copies (fraction of memorized conditions' samples)",
           ylim=(-0.03, 1.03))
+    if all(r["cost"] is None for r in runs):
+        title = title or "cost not measured: the uncured model copies every condition"
     a.set_title(title or "hollow: moves the clean samples' distance to the data or their "
                 f"condition\nby more than {summary['cost_factor']:g}x", fontsize=9)
     a.legend(fontsize=7)

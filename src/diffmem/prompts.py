@@ -105,7 +105,7 @@ def _from_records(records: list[dict[str, Any]], where: str) -> Prompts:
         except ValueError:
             unknown.append(str(value))
             memorized.append(None)
-        texts.append(text.strip())
+        texts.append(text)
         labels.append(None if memorized[-1] is None else str(value))
     if unknown:
         shown = sorted(set(unknown))

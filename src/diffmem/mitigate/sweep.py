@@ -249,7 +249,10 @@ def recommend(runs: list[dict[str, Any]], target: float) -> tuple[int | None, st
             f"the samples (distance to the data and condition kept within {COST_FACTOR:g}x "
             f"of the uncured model's)")
     ok = [i for i, r in enumerate(runs) if r["copy_fraction"] <= target
-          and r.get("keeps_samples") is not False]
+          and r["cost"] is not None and r.get("keeps_samples") is not False]
+    if all(r["cost"] is None for r in runs):
+        return None, rule + ": the cost is not measured (the uncured model copies every " \
+            "condition: none is clean), so none is recommended"
     if not ok:
         return None, rule + ": no run does"
     return min(ok, key=lambda i: (runs[i]["cost"] if runs[i]["cost"] is not None
