@@ -98,12 +98,16 @@ def test_mitigate_digits_tiny_run_and_verdicts(tmp_path):
     assert rec.verdict.status in ("confirmed", "not_reproduced", "inconclusive")
     judge = get_experiment("mitigate-digits").judge
     run = {"cure": "tikhonov", "strength": 0.1, "copy_fraction": 0.05, "cost": 0.3,
-           "distance_ratio": 1.1, "condition_kept": 0.9, "keeps_samples": True}
+           "distance_ratio": 1.1, "condition_kept": 0.9, "noise_ratio": 1.2,
+           "keeps_samples": True}
     base = {"copy_fraction": 1.0, "condition_kept": 0.95}
     done = {"baseline": base, "recommended": run, "runs": [run], "frontier": ["tikhonov=0.1"],
             "memorized": 8, "target": 0.1}
     assert judge(done, {}).status == "confirmed"
     assert judge({**done, "recommended": None}, {}).status == "not_reproduced"
+    noisy = {**run, "noise_ratio": 2.0, "keeps_samples": False}
+    verdict = judge({**done, "recommended": None, "runs": [noisy]}, {})
+    assert verdict.status == "not_reproduced" and "noise" in verdict.text
     assert judge({**done, "memorized": 0}, {}).status == "inconclusive"
 
 

@@ -258,5 +258,6 @@ def mitigation_plane(a: Axes, summary: Mapping[str, Any], title: str | None = No
     if all(r["cost"] is None for r in runs):
         title = title or "cost not measured: the uncured model copies every condition"
     a.set_title(title or "hollow: moves the clean samples' distance to the data or their "
-                f"condition\nby more than {summary['cost_factor']:g}x", fontsize=9)
+                f"condition,\nor the cured copies' (noise), by more than "
+                f"{summary['cost_factor']:g}x", fontsize=9)
     a.legend(fontsize=7)

@@ -680,7 +680,8 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
             ("recommended", "none" if best is None else
              f"{best['cure']}={best['strength']:g}: copies {best['copy_fraction']:.3f}, cost "
              f"{_sig(best['cost'])}, distance ratio {_sig(best['distance_ratio'])}, "
-             f"condition kept {_sig(best['condition_kept'])}"),
+             f"condition kept {_sig(best['condition_kept'])}, noise ratio "
+             f"{_sig(best.get('noise_ratio'))}"),
             ("rule", html.escape(summary["rule"])),
             ("frontier", html.escape(", ".join(summary["frontier"]))),
             ("seconds (uncured run / all)",
@@ -690,11 +691,13 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
     table = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + \
         "</table>"
     head = ("<tr><th>cure</th><th>strength</th><th>copies</th><th>cost</th><th>distance "
-            "ratio</th><th>condition kept</th><th>keeps samples</th><th>seconds</th></tr>")
+            "ratio</th><th>condition kept</th><th>noise ratio (cured copies)</th>"
+            "<th>keeps samples</th><th>seconds</th></tr>")
     body = "".join(
         f"<tr><td>{html.escape(str(r['cure']))}</td><td>{_sig(r['strength'])}</td>"
         f"<td>{r['copy_fraction']:.3f}</td><td>{_sig(r['cost'])}</td>"
         f"<td>{_sig(r['distance_ratio'])}</td><td>{_sig(r['condition_kept'])}</td>"
+        f"<td>{_sig(r.get('noise_ratio'))}</td>"
         f"<td>{_cell(r.get('keeps_samples'))}</td><td>{_sig(r['seconds'])}</td></tr>"
         for r in [base, *summary["runs"]])
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffmem mitigate"

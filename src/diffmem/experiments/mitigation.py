@@ -31,7 +31,8 @@ from diffmem.experiments.regularize import train_run
 
 CLAIM = ("A sampling-time cure brings the copies of a trained model's memorized conditions "
          "from >= 0.75 to <= 0.1 while the conditions that did not copy keep their class and "
-         "their distance to the data within 1.25x.")
+         "their distance to the data within 1.25x, and the cured copies are no further from "
+         "the data than 1.25x a generalizing sample (not noise).")
 SHOWN = 6
 
 
@@ -100,12 +101,22 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
                           f"-> {best['copy_fraction']:.2f}, clean conditions' distance to the "
                           f"data x{best['distance_ratio']:.2f}, condition kept "
                           f"{best['condition_kept']:.2f} (uncured "
-                          f"{metrics['baseline']['condition_kept']:.2f})")
+                          f"{metrics['baseline']['condition_kept']:.2f}), cured copies "
+                          f"x{best.get('noise_ratio') or 0:.2f} a clean sample's distance")
     lowest = min((r for r in metrics["runs"] if r.get("keeps_samples")),
                  key=lambda r: r["copy_fraction"], default=None)
     keeps = ("none keeps the samples" if lowest is None else
              f"the fewest copies while keeping the samples: {lowest['cure']}="
              f"{lowest['strength']:g} at {lowest['copy_fraction']:.2f}")
+    clean_only = [r for r in metrics["runs"] if r["copy_fraction"] <= metrics["target"]
+                  and (r.get("distance_ratio") or 9) <= 1.25
+                  and (r.get("noise_ratio") or 0) > 1.25]
+    if clean_only:
+        r = min(clean_only, key=lambda r: r["cost"] or 0.0)
+        keeps += (f"; {r['cure']}={r['strength']:g} reaches {r['copy_fraction']:.2f} with the "
+                  f"clean conditions kept (distance x{r['distance_ratio']:.2f}) but its cured "
+                  f"copies lie x{r['noise_ratio']:.2f} a clean sample's distance from the "
+                  "data: noise")
     return Verdict.of(CLAIM, False, f"no run brings the copies ({base:.2f} uncured) to "
                       f"{metrics['target']:g} while keeping the samples; {keeps}; frontier: "
                       f"{front}")

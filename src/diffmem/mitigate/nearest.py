@@ -30,7 +30,7 @@ class NearestGuidance(Cure):
 
     name: ClassVar[str] = "nn-guidance"
     high: ClassVar[float] = 6.0
-    grid: ClassVar[tuple[float, ...]] = (1.0, 2.0, 3.0, 3.5, 4.0)
+    grid: ClassVar[tuple[float, ...]] = (1.0, 2.0, 3.0, 3.1, 3.2, 3.5, 4.0)
     meaning: ClassVar[str] = "g in [0, 6]: the smallest d1 / d2 kept, times 3"
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:

@@ -21,8 +21,12 @@ unconditional model, whether it is a copy.
   (``distance_ratio``, dimensionless) and, with training conditions, the fraction whose nearest
   item carries their condition (``condition_kept``).
 
-A run **keeps the samples** when ``distance_ratio <= COST_FACTOR`` and ``condition_kept``
-is at least the baseline's divided by ``COST_FACTOR``. The recommended run: the lowest
+A cure that trades copies for noise is not a cure, so the memorized conditions' cured samples
+are measured too: ``noise_ratio``, their median distance to the nearest training item over
+the uncured clean samples' (dimensionless; about 1 for a new sample as far from the data as a
+generalizing one, well above 1 for noise). A run **keeps the samples** when
+``distance_ratio`` and ``noise_ratio`` are at most ``COST_FACTOR`` and ``condition_kept`` is
+at least the baseline's divided by ``COST_FACTOR``. The recommended run: the lowest
 energy distance among those that keep the samples and bring the copies to at most
 ``target``; when none does, none is recommended and the page says so, with the frontier (the
 runs no other run beats on both copies and cost).
@@ -208,12 +212,14 @@ def _figures(run: dict[str, Any], base: dict[str, Any], samples: Tensor, base_sa
         "copy_fraction_all": float(run["copy"].to(torch.float64).mean())}
     dists = [_energy(samples[g], base_samples[g]) for g in groups if g.numel() >= 2]
     out["cost"] = float(np.mean(dists)) if dists else None
+    out["distance_ratio"] = out["median_distance"] = out["noise_ratio"] = None
     if run.get("d1") is not None and bool(clean.any()):
-        out["distance_ratio"] = float(run["d1"][clean].median() / base["d1"][clean].median()) \
-            if float(base["d1"][clean].median()) > 0 else None
+        typical = float(base["d1"][clean].median())
         out["median_distance"] = float(run["d1"][clean].median())
-    else:
-        out["distance_ratio"] = out["median_distance"] = None
+        if typical > 0:
+            out["distance_ratio"] = out["median_distance"] / typical
+            if bool(memorized.any()):  # the cured copies: new samples, or noise?
+                out["noise_ratio"] = float(run["d1"][memorized].median()) / typical
     out["condition_kept"] = None if run.get("same") is None or not bool(clean.any()) else \
         float(run["same"][clean].to(torch.float64).mean())
     return out
@@ -223,8 +229,9 @@ def keeps_samples(fig: dict[str, Any], base: dict[str, Any]) -> bool | None:
     """Whether a run keeps the clean samples (module docstring); ``None`` when nothing
     measures it (no training set)."""
     checks = []
-    if fig.get("distance_ratio") is not None:
-        checks.append(fig["distance_ratio"] <= COST_FACTOR)
+    for ratio in ("distance_ratio", "noise_ratio"):
+        if fig.get(ratio) is not None:
+            checks.append(fig[ratio] <= COST_FACTOR)
     if fig.get("condition_kept") is not None and base.get("condition_kept") is not None:
         checks.append(fig["condition_kept"] >= base["condition_kept"] / COST_FACTOR)
     return all(checks) if checks else None
@@ -246,8 +253,9 @@ def recommend(runs: list[dict[str, Any]], target: float) -> tuple[int | None, st
     """The recommended run (index) and the rule that chose it (module docstring)."""
     rule = (f"the lowest cost (energy distance to the uncured samples of the clean "
             f"conditions) among the runs that bring the copies to at most {target:g} and keep "
-            f"the samples (distance to the data and condition kept within {COST_FACTOR:g}x "
-            f"of the uncured model's)")
+            f"the samples (the clean samples' distance to the data and condition kept within "
+            f"{COST_FACTOR:g}x of the uncured model's, and the cured copies no further from "
+            f"the data than {COST_FACTOR:g}x a clean sample: not noise)")
     ok = [i for i, r in enumerate(runs) if r["copy_fraction"] <= target
           and r["cost"] is not None and r.get("keeps_samples") is not False]
     if all(r["cost"] is None for r in runs):
@@ -330,6 +338,9 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
                           "per condition and averaged (data units)",
                   "distance_ratio": "median distance to the nearest training item of the "
                                     "clean samples, over the baseline's (dimensionless)",
+                  "noise_ratio": "median distance to the nearest training item of the "
+                                 "memorized conditions' samples, over the baseline's clean "
+                                 "samples' (dimensionless)",
                   "condition_kept": "fraction of the clean samples whose nearest training "
                                     "item carries their condition"},
         "seconds": {"baseline": base["seconds"],
