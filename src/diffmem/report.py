@@ -725,9 +725,9 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
 
 def _mitigate_gallery(folder: Path, summary: dict[str, Any], samples: Any,
                       train: Any) -> list[str]:
-    """Samples of memorized (then clean) conditions: uncured, each cure at its shown
-    strength (the recommended one, else the strongest that keeps the samples, else the
-    strongest), and the uncured sample's nearest training item."""
+    """Samples of memorized (then clean) conditions: uncured, each cure at the strength with
+    its fewest copies (the recommended run for its cure), and the uncured sample's nearest
+    training item."""
     import numpy as np
 
     with np.load(folder / "baseline" / "measure.npz") as m:
@@ -735,9 +735,8 @@ def _mitigate_gallery(folder: Path, summary: dict[str, Any], samples: Any,
     shown: dict[str, dict[str, Any]] = {}
     for r in summary["runs"]:
         cur = shown.get(r["cure"])
-        good = r.get("keeps_samples") is not False
-        if cur is None or (good, r["strength"]) > (cur.get("keeps_samples") is not False,
-                                                   cur["strength"]):
+        if cur is None or (r["copy_fraction"], r["cost"] or 0.0) < (cur["copy_fraction"],
+                                                                   cur["cost"] or 0.0):
             shown[r["cure"]] = r
     best = summary["recommended"]
     if best is not None:
@@ -748,8 +747,9 @@ def _mitigate_gallery(folder: Path, summary: dict[str, Any], samples: Any,
         (f"{r['cure']}={r['strength']:g}", np.load(folder / r["samples"], mmap_mode="r"))
         for r in shown.values()]
     parts = ["<h2>Cured samples beside uncured ones</h2><p>Each row: one sample (same noise) "
-             "uncured, with each cure, and the uncured sample's nearest training item. Rows "
-             "framed red: the uncured sample is a copy.</p>"]
+             "uncured, with each cure at the strength that left the fewest copies, and the "
+             "uncured sample's nearest training item. Rows framed red: the uncured sample is "
+             "a copy.</p>"]
     for i in order:
         imgs = "".join(f"<img alt='{html.escape(name)}' title='{html.escape(name)}' "
                        f"src='{_uri(_image_png(np.asarray(arr[i])))}'>" for name, arr in cols)

@@ -197,10 +197,10 @@ def _groups(plan: DrawPlan, copy: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]
 def _energy(x: Tensor, y: Tensor) -> float:
     """The energy distance with every pair counted, ``i = j`` included (the V-statistic):
     0 for identical sets, never negative (the unbiased form swings below 0 with the dozen
-    paired samples of a condition); data units."""
+    paired samples of a condition; the round-off below 0 is cut); data units."""
     n = y.shape[0]
-    return energy_distance(x, y, x_empirical=True,
-                           y_within=within_mean_distance(y) * (n - 1) / n)
+    return max(0.0, energy_distance(x, y, x_empirical=True,
+                                    y_within=within_mean_distance(y) * (n - 1) / n))
 
 
 def _figures(run: dict[str, Any], base: dict[str, Any], samples: Tensor, base_samples: Tensor,
