@@ -604,6 +604,7 @@ def detect_command(
             null = parse_null(null_cond, table) if text is None else null_cond
             result = det.detect(loaded, table, null, n_noise=n_noise, steps=steps,
                                 confirm=confirm, seed=seed, labels=marks, progress=progress,
+                                guidance=None if text is None else text.guidance_applied,
                                 **kw)
             ref = None if ref_table is None else det.detect(
                 loaded, ref_table, null, n_noise=n_noise, steps=steps, confirm=0, seed=seed,

@@ -325,7 +325,8 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
            steps: int = 50, levels: Sequence[float] = LEVELS,
            measures: Sequence[str] = DEFAULT_MEASURES,
            confirm: int | None = None, seed: int = 0, labels: Tensor | None = None,
-           chunk: int = 64, progress: bool = False) -> DetectResult:
+           chunk: int = 64, guidance: float | None = None,
+           progress: bool = False) -> DetectResult:
     """The measures of the module docstring for each of ``conditions`` (``(n, *cond_shape)``;
     integer labels or vectors) of a conditional ``model`` whose null condition is ``null``.
     Conditions are evaluated ``chunk`` at a time, all ``n_noise`` draws in one batch.
@@ -333,7 +334,9 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     measures (the primary when computed); by default (``confirm=None``) for chunks of
     ``CONFIRM`` of them down that ranking until a chunk holds no condition with a
     ``consistency_ratio`` below ``CONSISTENCY_RATIO``.
-    ``labels`` (``(n,)``, 1 for a memorized condition) adds the ROC of each measure."""
+    ``labels`` (``(n,)``, 1 for a memorized condition) adds the ROC of each measure.
+    ``guidance`` (a text pipeline's weight) guides the confirmation generations against
+    ``null`` as the pipeline samples; the screen's measures compare the unguided outputs."""
     if not getattr(model, "conditional", False):
         raise fail("--model", "a conditional model (its condition and a null one)",
                    getattr(model, "name", type(model).__name__))
@@ -423,7 +426,12 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
                   if m in names and m != "consistency"]
         order = sorted(range(n), key=lambda j: -_value(entries[j].get(screen[0]))) \
             if screen else list(range(n))
-        null_spread = float(_spread(ddim(model, top.sigma * z, times,
+        generator = model
+        if guidance is not None:  # generate as the pipeline does: a guided copy of the model
+            import copy
+
+            generator = copy.copy(model).guided(guidance, null)
+        null_spread = float(_spread(ddim(generator, top.sigma * z, times,
                                          null[None].expand(n_noise, *null.shape)),
                                     n_noise, d)[1][0])
         bar = tqdm(total=limit, disable=not progress, desc="confirming")
@@ -432,7 +440,7 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
                 step if confirm is None else chunk))])
             c = conditions[pick].repeat_interleave(n_noise, 0)
             zz = z.repeat(pick.numel(), *[1] * len(shape))
-            near, spread = _spread(ddim(model, top.sigma * zz, times, c), n_noise, d)
+            near, spread = _spread(ddim(generator, top.sigma * zz, times, c), n_noise, d)
             for j, v, w in zip(pick.tolist(), near.tolist(), spread.tolist(), strict=True):
                 entries[j]["consistency"] = -v
                 entries[j]["consistency_ratio"] = w / null_spread if null_spread > 0 \
@@ -450,6 +458,7 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     settings = {"n_noise": n_noise, "steps": steps, "levels": lv, "measures": names,
                 "confirm": confirmed, "null_spread": null_spread, "seed": seed,
                 "model": getattr(model, "name", None), "t_first": float(times[0]),
+                "generation_guidance": guidance,
                 "t_last": float(times[-1]), "screen_seconds": screen_s, "seconds": total,
                 "sampler": "DDIM (eta 0) on the model's schedule", "gamma": GAMMA}
     primary = PRIMARY if PRIMARY in names else next(m for m in MEASURES if m in names)

@@ -145,6 +145,13 @@ class TextModel:
     max_tokens: int
     pipe: Any = None
 
+    @property
+    def guidance_applied(self) -> float | None:
+        """The classifier-free guidance the pipeline applies by default: its weight when
+        above 1 (the pipelines apply none at ``w <= 1``), else ``None``."""
+        w = self.default_guidance
+        return w if w is not None and w > 1 else None
+
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:

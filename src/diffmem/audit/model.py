@@ -153,9 +153,7 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...] | None, prompts: str | 
                    "folder is resized to it)", f"items of shape {tuple(data_shape)}")
     table = torch.arange(len(text.texts))
     k = per_condition if per_condition is not None else max(1, n_samples // len(table))
-    w = tm.default_guidance if guidance is None else guidance
-    if w is not None and not w > 1:
-        w = None
+    w = tm.guidance_applied if guidance is None else guidance if guidance > 1 else None
     model.guided(w, torch.tensor(len(text.texts)) if w is not None else None)
     _check_sampler(model, sampler, steps, scheduler_class, eta)
     cond = per_sample(table, positive_int("--per-condition", k))
