@@ -1,5 +1,7 @@
 """Train a diffusers UNet2DModel with DDPMScheduler in a plain PyTorch loop, with the paper's
-Tikhonov penalty (--penalty LAMBDA) and a memorization monitor that stops training in time.
+Tikhonov penalty (--penalty LAMBDA) and a memorization monitor that stops training in time;
+--dedupe first removes exact duplicates from the training set (the usual cause of
+memorization), by diffmem's exact duplicate search (``diffmem.metrics.distinct_rows``).
 
     python examples/train_diffusers.py --data images.npy --out run --steps 4000 --monitor
     python examples/train_diffusers.py --data pngs/ --out run --penalty 0.01
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffmem.images import load_images
+from diffmem.metrics import distinct_rows
 from diffmem.monitor import MemorizationMonitor
 from diffmem.regularize import diffusers_tikhonov_penalty
 from diffmem.training import Checkpoints, fingerprint, restore_rng
@@ -63,10 +66,17 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=count, default=250)
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
                         "checkpoint in OUT/checkpoints")
+    parser.add_argument("--dedupe", action="store_true", help="train on the distinct images "
+                        "only (exact duplicates removed)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     images = load(args.data)
+    if args.dedupe:
+        kept = images[distinct_rows(images)]
+        print(f"dedupe: {kept.shape[0]} distinct images of {images.shape[0]} "
+              f"({images.shape[0] - kept.shape[0]} exact duplicates removed)")
+        images = kept
     n, channels, size = images.shape[0], images.shape[1], images.shape[-1]
     model = UNet2DModel(
         sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,

@@ -9,12 +9,12 @@ audit and detect it with prompts:
 
 --data is JSON lines with ``image`` (a PNG/JPEG path, relative to the file) and ``caption``;
 an image listed several times is duplicated in the training set, the usual cause of
-memorization. Images are resized to the pipeline's resolution and encoded once by its VAE
-(the latent mean, times its scaling factor); captions are encoded once by its own text
-encoder, and dropped to the empty caption with probability --drop (what classifier-free
-guidance needs). The loss is the scheduler's: the noise (epsilon) or v,
-``|out - target|^2`` at timesteps drawn uniformly. The fine-tuned pipeline is saved in
-OUT/pipeline.
+memorization (--dedupe trains on each distinct picture once, with its first caption). Images
+are resized to the pipeline's resolution and encoded once by its VAE (the latent mean, times
+its scaling factor); captions are encoded once by its own text encoder, and dropped to the
+empty caption with probability --drop (what classifier-free guidance needs). The loss is the
+scheduler's: the noise (epsilon) or v, ``|out - target|^2`` at timesteps drawn uniformly.
+The fine-tuned pipeline is saved in OUT/pipeline.
 
 OUT/reconstructions.npy holds the VAE's reconstructions of the distinct training images (in
 OUT/images): a sample that copies a training image decodes to its reconstruction, which a
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.images import load_images
+from diffmem.metrics import distinct_rows
 from diffmem.prompts import read_prompts
 from diffmem.regularize import diffusers_tikhonov_penalty
 from diffmem.text import load_text_model, pipeline_resolution
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=0,
                         help="Fit the VAE to the training images first (steps).")
+    parser.add_argument("--dedupe", action="store_true", help="Train on each distinct image "
+                        "once, with its first caption (exact duplicates removed).")
     args = parser.parse_args()
     if args.vae_steps < 0:
         raise SystemExit(f"--vae-steps: expected an integer >= 0, received {args.vae_steps}")
@@ -123,6 +126,13 @@ def main() -> None:
             shutil.copyfile(f, folder / f"{i:04d}{f.suffix}")
         pixels = (load_images(folder, resize=size) * 2 - 1).float()
         rows = torch.tensor([distinct[f] for f in files])
+        if args.dedupe:  # each distinct picture once, by its pixels: the first item showing it
+            keep = distinct_rows(pixels[rows])
+            print(f"dedupe: {keep.numel()} distinct images of {rows.numel()} items "
+                  f"({rows.numel() - keep.numel()} exact duplicates removed)")
+            rows = rows[keep]
+            table = torch.cat([table[keep], table[-1:]])
+            captions = [captions[int(i)] for i in keep]
     if args.vae_steps:
         fit_vae(pipe.vae, pixels, args.vae_steps, args.seed)
     with torch.no_grad():

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from constructed import line_with_copies
@@ -98,3 +99,30 @@ def test_energy_distance_and_mmd_known_values():
     assert frechet_distance(x, y) == pytest.approx(5 + 2 * (1 + 4 - 4), abs=0.15)
     with pytest.raises(ValueError, match="y: expected points of dimension 1"):
         energy_distance(a, torch.zeros(3, 2))
+
+
+def test_distinct_rows_finds_exact_duplicates_in_order():
+    from diffmem.metrics import distinct_rows
+
+    a, b, c = torch.zeros(2, 3), torch.ones(2, 3), torch.full((2, 3), 1 + 1e-7)
+    data = torch.stack([b, a, b, c, a, b])  # c differs from b in every value, by 1e-7
+    assert distinct_rows(data).tolist() == [0, 1, 3]
+    assert distinct_rows(data[:1]).tolist() == [0]
+
+
+def test_training_example_dedupes_before_training(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("diffusers")
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, (3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "data.npy", base[[0, 1, 0, 2, 0, 1, 2]])
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_diffusers.py"
+    res = subprocess.run([sys.executable, str(example), "--data", str(tmp_path / "data.npy"),
+                          "--out", str(tmp_path / "run"), "--steps", "1", "--width", "8",
+                          "--batch-size", "2", "--dedupe"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "dedupe: 3 distinct images of 7 (4 exact duplicates removed)" in res.stdout

@@ -335,6 +335,12 @@ def test_text_to_image_example_fine_tunes_a_pipeline_that_audits(sd, tmp_path):
     a = dict(tuned.pipe.unet.named_parameters())["conv_in.weight"]
     b = dict(before.pipe.unet.named_parameters())["conv_in.weight"]
     assert not torch.equal(a, b)  # trained
+    res = subprocess.run([sys.executable, str(example), "--pipeline", str(sd), "--data",
+                          str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "dedup"),
+                          "--steps", "1", "--batch-size", "2", "--dedupe"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "dedupe: 3 distinct images of 5 items (2 exact duplicates removed)" in res.stdout
 
 
 @pytest.mark.parametrize("layout", ["flux", "pixart-alpha", "pixart-sigma"])

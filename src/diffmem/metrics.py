@@ -241,6 +241,17 @@ def distinct_second(dist: Tensor, idx: Tensor, train: Any, batch_size: int = 102
     return d2, exhausted
 
 
+def distinct_rows(data: Tensor) -> Tensor:
+    """The indices of the first occurrence of each distinct row of ``data`` ``(n, ...)``
+    (rows equal in every value are exact duplicates), ascending: ``data[distinct_rows(data)]``
+    is the deduplicated set, in its original order."""
+    flat = data.reshape(data.shape[0], -1)
+    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), flat.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(flat.shape[0]), reduce="amin")
+    return torch.sort(first).values
+
+
 def nearest_other(items: Tensor, train: Any, k: int = 50, chunk_size: int = 4096) -> Tensor:
     """Per training item of ``items`` (indices into ``train``, a
     :class:`~diffmem.centres.Centres`), the distance to its nearest *other* training item,

@@ -109,9 +109,9 @@ def _to01(v: torch.Tensor) -> torch.Tensor:
 
 def _dedupe(train: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
     """The distinct training images (a copy's second-nearest item must be another image)."""
-    _, inverse = torch.unique(train.flatten(1), dim=0, return_inverse=True)
-    keep = torch.stack([torch.nonzero(inverse == j)[0, 0]
-                        for j in range(int(inverse.max()) + 1)])
+    from diffmem.metrics import distinct_rows
+
+    keep = distinct_rows(train)
     return train[keep], None if cond is None else cond[keep]
 
 
