@@ -9,7 +9,9 @@ audit and detect it with prompts:
 
 --data is JSON lines with ``image`` (a PNG/JPEG path, relative to the file) and ``caption``;
 an image listed several times is duplicated in the training set, the usual cause of
-memorization (--dedupe trains on each distinct picture once, with its first caption). Images
+memorization (--dedupe trains on each distinct picture once, with its first caption;
+--embedding-noise adds Gaussian noise to the caption embeddings, Somepalli et al.'s GNI;
+--loss-filter drops the items whose caption steers the output too hard, Wen et al.'s filter). Images
 are resized to the pipeline's resolution and encoded once by its VAE (the latent mean, times
 its scaling factor); captions are encoded once by its own text encoder, and dropped to the
 empty caption with probability --drop (what classifier-free guidance needs). The loss is the
@@ -104,7 +106,18 @@ def main() -> None:
                         help="Fit the VAE to the training images first (steps).")
     parser.add_argument("--dedupe", action="store_true", help="Train on each distinct image "
                         "once, with its first caption (exact duplicates removed).")
+    parser.add_argument("--embedding-noise", type=float, default=0.0, help="Gaussian noise "
+                        "of this standard deviation added to the caption embeddings at each "
+                        "step (Somepalli et al., 2023).")
+    parser.add_argument("--loss-filter", type=float, default=None, help="Drop from the loss "
+                        "the items whose |out(caption) - out(empty caption)| (L2 per item, "
+                        "the network's output units) exceeds this (Wen et al., 2024).")
     args = parser.parse_args()
+    if not args.embedding_noise >= 0:
+        raise SystemExit(f"--embedding-noise: expected a standard deviation >= 0, received "
+                         f"{args.embedding_noise}")
+    if args.loss_filter is not None and not args.loss_filter > 0:
+        raise SystemExit(f"--loss-filter: expected a threshold > 0, received {args.loss_filter}")
     if args.vae_steps < 0:
         raise SystemExit(f"--vae-steps: expected an integer >= 0, received {args.vae_steps}")
     if not 0 <= args.drop < 1:
@@ -147,6 +160,7 @@ def main() -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     unet.train()
     n, K = latents.shape[0], scheduler.config.num_train_timesteps
+    filtered = 0
     for step in range(args.steps):
         idx = torch.randint(0, n, (args.batch_size,), generator=gen)
         x0 = latents[idx]
@@ -155,9 +169,18 @@ def main() -> None:
         noisy = scheduler.add_noise(x0, noise, t)
         dropped = torch.rand(args.batch_size, generator=gen) < args.drop
         cond = table[torch.where(dropped, len(captions), idx)]
+        if args.embedding_noise > 0:
+            cond = cond + args.embedding_noise * torch.randn(cond.shape, generator=gen)
         out = unet(noisy, t, encoder_hidden_states=cond).sample
         target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
-        loss = F.mse_loss(out, target)
+        per_item = ((out - target) ** 2).flatten(1).mean(1)
+        if args.loss_filter is not None:  # Wen et al.: items the caption steers too hard
+            with torch.no_grad():
+                empty = unet(noisy, t, encoder_hidden_states=table[-1:].expand_as(cond)).sample
+            kept = (out.detach() - empty).flatten(1).norm(dim=1) <= args.loss_filter
+            filtered += int((~kept).sum())
+            per_item = per_item * kept
+        loss = per_item.mean()
         if args.penalty > 0:
             loss = loss + diffusers_tikhonov_penalty(out, noisy, t, scheduler,
                                                      args.penalty).mean()
@@ -165,7 +188,8 @@ def main() -> None:
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {loss.item():.4f}")
+            print(f"step {step}: loss {loss.item():.4f}" + (
+                f" ({filtered} items filtered so far)" if args.loss_filter is not None else ""))
     unet.eval()
     pipe.save_pretrained(str(args.out / "pipeline"))
     print(f"-> {args.out / 'pipeline'} (training images in {folder})")

@@ -337,10 +337,17 @@ def test_text_to_image_example_fine_tunes_a_pipeline_that_audits(sd, tmp_path):
     assert not torch.equal(a, b)  # trained
     res = subprocess.run([sys.executable, str(example), "--pipeline", str(sd), "--data",
                           str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "dedup"),
-                          "--steps", "1", "--batch-size", "2", "--dedupe"],
+                          "--steps", "2", "--batch-size", "2", "--dedupe",
+                          "--embedding-noise", "0.1", "--loss-filter", "1e-6"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "dedupe: 3 distinct images of 5 items (2 exact duplicates removed)" in res.stdout
+    assert "step 1: loss 0.0000 (4 items filtered so far)" in res.stdout  # every item: > 1e-6
+    for flag, value in (("--loss-filter", "0"), ("--embedding-noise", "-1")):
+        res = subprocess.run([sys.executable, str(example), "--pipeline", str(sd), "--data",
+                              str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "bad"),
+                              flag, value], capture_output=True, text=True, timeout=300)
+        assert res.returncode != 0 and f"{flag}: expected" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("layout", ["flux", "pixart-alpha", "pixart-sigma"])
