@@ -362,26 +362,28 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("layout", ["dit", "flux"])
+@pytest.mark.parametrize("layout", ["dit", "flux", "sdxl", "sd3", "pixart"])
 def test_cured_transformers_sample_in_their_own_parameterization(tmp_path, layout):
-    """A DiT (learned variance dropped, epsilon) and FLUX (flow matching, packed latents) cured
-    through their own schedulers: lambda = 0 gives the uncured samples exactly; lambda > 0
-    changes the DiT's, finitely; the tiny FLUX's shifted steps all lie at sigma ~ 1, beyond
-    the schedule's T, where the denoiser cure leaves the velocity as it is (its samples
-    unchanged), while the guidance schedule still changes the condition."""
+    """DiT (learned variance dropped), SDXL (pooled embeddings, size conditioning), SD3 (flow
+    matching), PixArt (T5, learned variance) and FLUX (packed latents) cured through their own
+    schedulers: lambda = 0 gives the uncured samples exactly; lambda > 0 changes them,
+    finitely, except the tiny FLUX's, whose shifted steps all lie at sigma ~ 1, beyond the
+    schedule's T, where the denoiser cure leaves the velocity as it is; the guidance schedule
+    changes every model's condition."""
     pytest.importorskip("transformers")
-    from tiny_pipelines import dit_pipeline, flux_pipeline
+    import tiny_pipelines
 
     from diffmem.models import load_model
     from diffmem.prompts import Prompts
     from diffmem.text import load_text_model
 
     if layout == "dit":
-        model = load_model(str(dit_pipeline(tmp_path / "p")))
+        model = load_model(str(tiny_pipelines.dit_pipeline(tmp_path / "p")))
         cond, null = torch.tensor([3, 7]), torch.tensor(1000)
     else:
-        model = load_text_model(flux_pipeline(tmp_path / "p"), Prompts(["a red square",
-                                                                        "a blue dot"])).model
+        build = getattr(tiny_pipelines, f"{layout}_pipeline")
+        model = load_text_model(build(tmp_path / "p"), Prompts(["a red square",
+                                                                "a blue dot"])).model
         cond, null = torch.tensor([0, 1]), torch.tensor(2)
     ctx = CureContext(null=null)
 
@@ -394,9 +396,9 @@ def test_cured_transformers_sample_in_their_own_parameterization(tmp_path, layou
     assert np.array_equal(draw(["tikhonov=0"], "zero"), base)
     cured = draw(["tikhonov=0.5"], "half")
     assert np.isfinite(cured).all()
-    if layout == "dit":
-        assert np.abs(cured - base).max() > 1e-4
-    else:
+    if layout == "flux":
         assert np.array_equal(cured, base)
+    else:
+        assert np.abs(cured - base).max() > 1e-4
     scheduled = draw(["guidance-schedule=0.5"], "sched")
     assert np.isfinite(scheduled).all() and np.abs(scheduled - base).max() > 1e-4
