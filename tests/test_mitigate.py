@@ -402,3 +402,28 @@ def test_cured_transformers_sample_in_their_own_parameterization(tmp_path, layou
         assert np.abs(cured - base).max() > 1e-4
     scheduled = draw(["guidance-schedule=0.5"], "sched")
     assert np.isfinite(scheduled).all() and np.abs(scheduled - base).max() > 1e-4
+
+
+def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
+    """A score MLP checkpoint of diffmem's own (2-D vectors, VP) swept with the ODE sampler:
+    an unconditional model, so copies are over all samples and the cost over the uncured
+    non-copies; vectors get no image gallery."""
+    from diffmem import nn as dnn
+
+    train = torch.randn(12, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    np.save(tmp_path / "train.npy", train.numpy())
+    cfg = dnn.TrainConfig(lambdas=[0.0], parameterizations=["score"], steps=5,
+                          ema_half_life=0.2, mlp={"width": 8})
+    dnn.train_dsm(train, VP(), cfg, checkpoint_dir=tmp_path / "mlp", progress=False)
+    res = _mitigate(["--model", str(tmp_path / "mlp" / "step_000000005.pt"), "--train",
+                     str(tmp_path / "train.npy"), "--n-samples", "6", "--strengths",
+                     "tikhonov=0.5", "--strengths", "nn-guidance=3"], tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
+    assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "nn-guidance"]
+    assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule"}
+    assert doc["baseline"]["sample_conditions"] is None
+    base = np.load(tmp_path / "m" / doc["baseline"]["samples"])
+    cured = np.load(tmp_path / "m" / doc["runs"][0]["samples"])
+    assert base.shape == cured.shape == (6, 2) and np.abs(base - cured).max() > 1e-3
+    assert "Cured samples beside uncured ones" not in (tmp_path / "m" / "index.html").read_text()
