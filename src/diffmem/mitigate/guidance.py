@@ -22,9 +22,7 @@ class Guidance(Cure):
     meaning: ClassVar[str] = "the guidance weight w in [0, 50]"
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
-        if not model.conditional or ctx.null is None:
-            raise refuse(self, "a condition and a null condition (--null-cond, or a "
-                         "pipeline's negative prompt)", model)
+        _needs_null(self, model, ctx)
 
     def guidance_weight(self, w: float | None) -> float | None:
         return float(self.strength)
@@ -43,14 +41,19 @@ class GuidanceSchedule(Cure):
         "the condition"
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
-        if not model.conditional or ctx.null is None:
-            raise refuse(self, "a condition and a null condition (--null-cond, or a "
-                         "pipeline's negative prompt)", model)
+        _needs_null(self, model, ctx)
 
     def condition(self, y: Tensor, t: Tensor, ctx: CureContext) -> Tensor:
         assert ctx.null is not None
         late = t.to(torch.float64) > (1 - self.strength) * ctx.T
         return _where_rows(late, ctx.null, y)
+
+
+def _needs_null(cure: Cure, model: ModelScore, ctx: CureContext) -> None:
+    """The guidance cures act on the condition against the null one: both must be there."""
+    if not model.conditional or ctx.null is None:
+        raise refuse(cure, "a condition and a null condition (--null-cond, or a pipeline's "
+                     "negative prompt)", model)
 
 
 def _where_rows(rows: Tensor, value: Tensor, y: Tensor) -> Tensor:

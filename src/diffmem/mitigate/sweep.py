@@ -50,7 +50,7 @@ from diffmem._checks import fail
 from diffmem.audit.model import DrawPlan, draw
 from diffmem.io import atomic_write_bytes, atomic_write_json
 from diffmem.metrics import energy_distance, within_mean_distance
-from diffmem.mitigate import CURES, Cure, CureContext, cure_model
+from diffmem.mitigate import CURES, Cure, CureContext, cure_model, parse_cure
 
 CLEAR_HIGH, CLEAR_LOW = 0.75, 0.25
 COST_FACTOR = 1.25
@@ -86,8 +86,6 @@ def plan_cures(model: Any, ctx: CureContext, names: Sequence[str] | None = None,
             continue
         runs += [[cls(v)] for v in strengths]
     for chain in combine:
-        from diffmem.mitigate import parse_cure
-
         *fixed_text, last = [part.strip() for part in chain.split("+")]
         if not fixed_text or last not in CURES:
             raise fail("--combine", "A=a+B: cures at their strength, then a cure name swept "
