@@ -18,9 +18,10 @@ import torch
 import typer
 from torch import Tensor
 
-from diffmem._checks import fail, positive
+from diffmem._checks import fail, positive, positive_int
 from diffmem.experiments import REGISTRY, get_experiment
 from diffmem.experiments.base import Record, resolve_params, run_experiment
+from diffmem.parallel import Team
 
 app = typer.Typer(
     add_completion=False,
@@ -90,6 +91,9 @@ def process_group(device: str) -> tuple[Any, str]:
     """The torch.distributed group of a ``torchrun`` launch (``WORLD_SIZE > 1``), initialised
     here, and the device this process uses (``cuda:LOCAL_RANK`` for ``--device cuda``);
     ``(None, device)`` otherwise."""
+    from diffmem.experiments.base import check_device
+
+    check_device(device)  # before any GPU is picked: no CUDA is an error, exit 2
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, device
     import torch
@@ -103,6 +107,18 @@ def process_group(device: str) -> tuple[Any, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.group.WORLD, device
+
+
+def _team(device: str, options: dict[str, Any]) -> tuple[Team, str]:
+    """This command's :class:`diffmem.parallel.Team` (one process, or a ``torchrun`` group)
+    and device; every process must have been given the same ``options`` (the command's
+    ``locals()``: its parameters; checked here, before any work: :meth:`Team.agree`)."""
+    group, device = process_group(device)
+    team = Team.of(group)
+    plain = (str, int, float, bool, Path, list, tuple, type(None))
+    team.agree({k: str(v) for k, v in options.items()
+                if isinstance(v, plain) and k not in ("progress", "device")})
+    return team, device
 
 
 def _leader(group: Any) -> bool:
@@ -337,12 +353,13 @@ def audit_command(
     from diffmem.audit.model import load_train_cond, plan_draw, training_shape
     from diffmem.centres import Centres, shard_rows
     from diffmem.conditions import as_conditions
-    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.experiments.base import FolderLock, prepare_out
+    from diffmem.models import draws_per_process
     from diffmem.report import write_audit_report
 
     try:
-        group, device = process_group(device)
-        check_device(device)
+        team, device = _team(device, locals())
+        group = team.group
         deltas = [positive("--delta", d) for d in delta] or list(DEFAULT_DELTAS)
         size = _parse_size(resize)
         if (samples is None) == (model is None):
@@ -376,14 +393,22 @@ def audit_command(
         folder = prepare_out(out)
         gap = None
         scond = None
+        drawn: dict[str, Any] = {}
         if plan is not None:
-            gap = _draw_from_model(plan, whole, folder, group, tcond, held, cond_bandwidth,
+            gap = _draw_from_model(plan, whole, folder, team, tcond, held, cond_bandwidth,
                                    device, progress)
+            drawn = {"draws_per_process": draws_per_process(folder / "samples.npy")}
             samples = folder / "samples.npy"
             scond = plan.cond
         sample_data = open_input(samples, key, size, "SAMPLES")
         if plan is None and conditions is not None:
             scond = as_conditions(conditions, "--conditions", Rows(sample_data).n)
+        if plan is not None and group is not None:
+            # a model's samples are audited by process 0 against the whole training set
+            # (every process holds it for the denoiser gap): the one-process audit.json
+            if not team.leader:
+                return
+            group = None
         block = whole
         if group is not None:  # this process's contiguous block of the training set
             full = Centres(whole)
@@ -415,7 +440,7 @@ def audit_command(
                                     else str(conditions), "guidance": guidance,
                                     "cures": list(cure),
                                     **_prompt_settings(plan, prompts, train_size),
-                                    "seed": seed}, gap=gap)
+                                    "seed": seed}, gap=gap, extra=drawn)
     except ValueError as err:  # the library's and the command line's input errors
         _fail(str(err))
         return
@@ -466,27 +491,22 @@ def _prompt_settings(plan: Any, prompts: Path | None,
             "truncated_prompts": plan.truncated, "train_resized_to": size}
 
 
-def _draw_from_model(plan: Any, train: Any, folder: Path, group: Any, train_cond: Any,
+def _draw_from_model(plan: Any, train: Any, folder: Path, team: Team, train_cond: Any,
                      held: Any, bandwidth: float | None, device: str,
                      progress: bool) -> dict[str, Any] | None:
     """Draw the model's samples into ``folder/samples.npy`` (resumable) and measure its
-    denoiser against the closed forms; process 0 does the work and returns the denoiser
-    gap, the others wait and return None."""
-    import torch.distributed as dist
-
+    denoiser against the closed forms, both split over ``team``'s processes (process 0
+    writes); returns the denoiser gap (``None`` for a text pipeline, whose denoiser works on
+    latents, not on the images)."""
     from diffmem.audit.model import draw, model_gap
     from diffmem.experiments.base import FolderLock
 
-    gap = None
-    if _leader(group):
-        with FolderLock(folder):
-            draw(plan, folder, device=device, progress=progress)
-            if plan.prompts is None:  # a text pipeline denoises latents, not the images
-                gap = model_gap(plan, train, train_cond=train_cond, held=held,
-                                bandwidth=bandwidth, seed=plan.seed)
-    if group is not None:
-        dist.barrier(group)
-    return gap
+    with FolderLock(folder) if team.leader else contextlib.nullcontext():
+        draw(plan, folder, device=device, progress=progress, team=team)
+        if plan.prompts is not None:
+            return None
+        return model_gap(plan, train, train_cond=train_cond, held=held, bandwidth=bandwidth,
+                         seed=plan.seed, team=team)
 
 
 @app.command("detect")
@@ -513,6 +533,9 @@ def detect_command(
                                        "(consistency; default a tenth of them)."),
     n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition or sample."),
     steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Network inputs at once: "
+                                   "conditions (or samples) x --n-noise a chunk; the chunks "
+                                   "are split over the processes of a torchrun launch."),
     data_shape: str | None = DATA_SHAPE,
     labels: Path | None = typer.Option(  # noqa: B008
         None, "--labels", help="1 (memorized) or 0 per condition or sample (.npy): ROC, AUC "
@@ -544,13 +567,13 @@ def detect_command(
     generations). Writes OUT/detect.json, OUT/detect.csv and OUT/index.html."""
     from diffmem import detect as det
     from diffmem.conditions import as_conditions, parse_null
-    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.models import load_model
     from diffmem.report import write_detect_report
     from diffmem.verdicts import judge
 
     try:
-        check_device(device)
+        team, device = _team(device, locals())
         shape = _parse_shape(data_shape)
         text = ref_table = None
         options = _text_options(prompts, negative_prompt, dtype, resolution, attention_slicing)
@@ -567,6 +590,7 @@ def detect_command(
             raise fail("--null-cond", "the condition that means 'no condition', with "
                        "--conditions", None)
         names = None if measures is None else [m.strip() for m in measures.split(",")]
+        chunk = max(1, positive_int("--batch-size", batch_size) // max(1, n_noise))
         allowed = det.MEASURES if per_condition else det.SAMPLE_MEASURES
         if names is not None:
             det._check_measures(names, allowed)
@@ -605,11 +629,12 @@ def detect_command(
             result = det.detect(loaded, table, null, n_noise=n_noise, steps=steps,
                                 confirm=confirm, seed=seed, labels=marks, progress=progress,
                                 guidance=None if text is None else text.guidance_applied,
-                                **kw)
+                                chunk=chunk, team=team, **kw)
             ref = None if ref_table is None else det.detect(
                 loaded, ref_table, null, n_noise=n_noise, steps=steps, confirm=0, seed=seed,
-                progress=progress, **{**kw, "measures": [m for m in result.settings[
-                    "measures"] if m != "consistency"] or [result.primary]})
+                progress=progress, chunk=chunk, team=team, **{**kw, "measures": [
+                    m for m in result.settings["measures"] if m != "consistency"]
+                    or [result.primary]})
             if text is not None:
                 from diffmem.text import name_by_prompt
 
@@ -623,16 +648,21 @@ def detect_command(
             if samples is not None:
                 given = _sample_array(samples, "--samples")
             else:
-                given = det.draw_samples(loaded, n_samples, steps=steps, seed=seed)
+                given = det.draw_samples(loaded, n_samples, steps=steps, seed=seed,
+                                         batch=positive_int("--batch-size", batch_size),
+                                         team=team)
             kw = {} if names is None else {"measures": names}
             if lv is not None:
                 kw["level"] = lv[0]
             result = det.detect_samples(loaded, given, n_noise=n_noise, seed=seed,
                                         labels=_labels(labels, given.shape[0]),
-                                        progress=progress, **kw)
+                                        progress=progress, chunk=chunk, team=team, **kw)
             ref = None if held is None else det.detect_samples(
-                loaded, held, n_noise=n_noise, seed=seed, progress=progress, **kw)
+                loaded, held, n_noise=n_noise, seed=seed, progress=progress, chunk=chunk,
+                team=team, **kw)
         judge(result, ref, fpr)
+        if not team.leader:
+            return
         folder = prepare_out(out)
         with FolderLock(folder):
             write_detect_report(folder, result, {
@@ -715,13 +745,13 @@ def mitigate_command(
     from diffmem.audit import Rows, open_input
     from diffmem.audit.model import load_train_cond, plan_draw, training_shape
     from diffmem.centres import Centres
-    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.mitigate import CureContext
     from diffmem.mitigate.sweep import plan_cures, sweep
     from diffmem.report import write_mitigate_report
 
     try:
-        check_device(device)
+        team, device = _team(device, locals())
         options = _text_options(prompts, negative_prompt, dtype, resolution, attention_slicing)
         size = _prompt_resolution(model, prompts, None, options)
         data = None if train is None else open_input(train, None, size if train.is_dir()
@@ -744,10 +774,12 @@ def mitigate_command(
             n.strip() for n in cures.split(",") if n.strip()], _strength_grids(strengths),
             combine)
         folder = prepare_out(out)
-        with FolderLock(folder):
+        with FolderLock(folder) if team.leader else contextlib.nullcontext():
             summary = sweep(plan, runs, folder, train=data, train_cond=tcond, ctx=ctx,
-                            target=target, device=device, progress=progress)
+                            target=target, device=device, progress=progress, team=team)
             summary["not_applicable"] = skipped
+            if not team.leader:
+                return
             write_mitigate_report(folder, summary, {
                 "model": model, "train": None if train is None else str(train),
                 "prompts": None if prompts is None else str(prompts),
@@ -886,11 +918,11 @@ def compare_command(
 
     from diffmem.audit import open_input
     from diffmem.audit.compare import compare, plan_pair
-    from diffmem.experiments.base import FolderLock, check_device, prepare_out
+    from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.report import write_compare_report
 
     try:
-        check_device(device)
+        team, device = _team(device, locals())
         options = _text_options(prompts, negative_prompt, dtype, resolution,
                                 attention_slicing)
         size_a = _prompt_resolution(model_a, prompts, None, options)
@@ -904,16 +936,19 @@ def compare_command(
                           scheduler=None if scheduler is None else str(scheduler),
                           batch_size=batch_size, **text)
         folder = prepare_out(out)
-        with FolderLock(folder):
+        with FolderLock(folder) if team.leader else contextlib.nullcontext():
             result = compare(plans, ta, tb, folder, bootstrap=bootstrap, progress=progress,
-                             device=device)
-            write_compare_report(folder, result, np.load(folder / "a" / "samples.npy"),
-                                 np.load(folder / "b" / "samples.npy"),
-                                 {"model_a": model_a, "model_b": model_b,
-                                  "train_a": str(train_a), "train_b": str(train_b),
-                                  "sampler": sampler, "seed": seed})
+                             device=device, team=team)
+            if team.leader:
+                write_compare_report(folder, result, np.load(folder / "a" / "samples.npy"),
+                                     np.load(folder / "b" / "samples.npy"),
+                                     {"model_a": model_a, "model_b": model_b,
+                                      "train_a": str(train_a), "train_b": str(train_b),
+                                      "sampler": sampler, "seed": seed})
     except ValueError as err:
         _fail(str(err))
+        return
+    if not team.leader:
         return
     s = result.to_json()
     typer.echo(f"{s['n_pairs']} pairs: agreement {s['agreement']:.3f} "

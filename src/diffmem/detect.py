@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 
 from diffmem._checks import fail, positive_int
 from diffmem.conditions import describe
+from diffmem.parallel import SOLO, Team
 from diffmem.schedules import Schedule, expand_as_batch
 
 MEASURES = ("wen", "sharpness", "anisotropy", "gap", "collapse", "consistency")
@@ -124,6 +125,8 @@ class DetectResult:
     roc: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The verdict rule and its figures (:func:`diffmem.verdicts.judge`).
     verdict: dict[str, Any] | None = None
+    #: How many of the entries each process screened (one number per process).
+    per_process: list[int] | None = None
 
     @property
     def conditions(self) -> list[dict[str, Any]]:
@@ -143,7 +146,8 @@ class DetectResult:
 
         return {self.kind: self.entries, "settings": self.settings,
                 "units": {n: UNITS[n] for n in self.measures}, "primary": self.primary,
-                "roc": self.roc or None, "verdict": self.verdict, "versions": versions()}
+                "roc": self.roc or None, "verdict": self.verdict, "versions": versions(),
+                f"{self.kind}_per_process": self.per_process}
 
 
 def _value(v: float | None) -> float:
@@ -326,7 +330,7 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
            measures: Sequence[str] = DEFAULT_MEASURES,
            confirm: int | None = None, seed: int = 0, labels: Tensor | None = None,
            chunk: int = 64, guidance: float | None = None,
-           progress: bool = False) -> DetectResult:
+           progress: bool = False, team: Team | None = None) -> DetectResult:
     """The measures of the module docstring for each of ``conditions`` (``(n, *cond_shape)``;
     integer labels or vectors) of a conditional ``model`` whose null condition is ``null``.
     Conditions are evaluated ``chunk`` at a time, all ``n_noise`` draws in one batch.
@@ -336,7 +340,12 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     ``consistency_ratio`` below ``CONSISTENCY_RATIO``.
     ``labels`` (``(n,)``, 1 for a memorized condition) adds the ROC of each measure.
     ``guidance`` (a text pipeline's weight) guides the confirmation generations against
-    ``null`` as the pipeline samples; the screen's measures compare the unguided outputs."""
+    ``null`` as the pipeline samples; the screen's measures compare the unguided outputs.
+
+    With a :class:`diffmem.parallel.Team`, the chunks of the screen and of the confirmation
+    (as many chunks at once as processes; those past the stopping chunk are dropped) are
+    split over its processes, with the numbers of one process."""
+    team = team or SOLO
     if not getattr(model, "conditional", False):
         raise fail("--model", "a conditional model (its condition and a null one)",
                    getattr(model, "name", type(model).__name__))
@@ -361,7 +370,9 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     top = _Probe(model, float(times[0]), 1)
     low = _Probe(model, float(times[-1]), 1)
     at = [_Probe(model, time_at_level(model.schedule, v), 1) for v in lv]
-    for lo in tqdm(range(0, n, chunk), disable=not progress, desc="conditions"):
+
+    def screen(lo: int) -> dict[str, list[float]]:
+        """The screen's measures of conditions ``lo`` to ``lo + chunk``, per condition."""
         idx = torch.arange(lo, min(n, lo + chunk))
         k = idx.numel()
         c = conditions[idx].repeat_interleave(n_noise, 0)
@@ -407,17 +418,23 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
             if tr_c:
                 found["trace_c"] = torch.stack(tr_c).sum(0) / (len(at) * d)
                 found["trace_null"] = torch.stack(tr_n).sum(0) / (len(at) * d)
-        for name, value in found.items():
-            per = value.reshape(k, n_noise)
-            for i, j in enumerate(idx.tolist()):
-                entries[j][name] = float(per[i].mean())
-        for j in idx.tolist():
-            e = entries[j]
-            if "trace_c" in e:
-                e["collapse"] = 1 - e["trace_c"] / e["trace_null"] if e["trace_null"] > 0 \
-                    else None
-            if "wen" not in names:
-                e.pop("wen", None)
+        return {name: value.reshape(k, n_noise).mean(1).tolist()
+                for name, value in found.items()}
+
+    starts = list(range(0, n, chunk))
+    screened, per_process = team.map(screen, starts, progress=progress, desc="conditions",
+                                     weight=lambda lo: min(chunk, n - lo))
+    assert screened is not None
+    for lo, found in zip(starts, screened, strict=True):
+        for name, values in found.items():
+            for i, v in enumerate(values):
+                entries[lo + i][name] = v
+    for e in entries:
+        if "trace_c" in e:
+            e["collapse"] = 1 - e["trace_c"] / e["trace_null"] if e["trace_null"] > 0 \
+                else None
+        if "wen" not in names:
+            e.pop("wen", None)
     screen_s = time.perf_counter() - start
     confirmed = 0
     null_spread = None
@@ -434,23 +451,35 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
         null_spread = float(_spread(ddim(generator, top.sigma * z, times,
                                          null[None].expand(n_noise, *null.shape)),
                                     n_noise, d)[1][0])
-        bar = tqdm(total=limit, disable=not progress, desc="confirming")
-        while confirmed < limit:
-            pick = torch.tensor(order[confirmed: min(limit, confirmed + (
-                step if confirm is None else chunk))])
+        bar = tqdm(total=limit, disable=not (progress and team.leader), desc="confirming")
+        width = step if confirm is None else chunk
+
+        def generate(lo: int) -> tuple[list[float], list[float]]:
+            """Confirmation generations of the conditions ranked ``lo`` to ``lo + width``."""
+            pick = torch.tensor(order[lo: min(limit, lo + width)])
             c = conditions[pick].repeat_interleave(n_noise, 0)
             zz = z.repeat(pick.numel(), *[1] * len(shape))
             near, spread = _spread(ddim(generator, top.sigma * zz, times, c), n_noise, d)
-            for j, v, w in zip(pick.tolist(), near.tolist(), spread.tolist(), strict=True):
-                entries[j]["consistency"] = -v
-                entries[j]["consistency_ratio"] = w / null_spread if null_spread > 0 \
-                    else None
-            confirmed += pick.numel()
-            bar.update(pick.numel())
-            ratios = [entries[j]["consistency_ratio"] for j in pick.tolist()]
-            if confirm is None and not any(r is not None and r < CONSISTENCY_RATIO
-                                           for r in ratios):
-                break  # a whole chunk down the ranking confirmed nothing: stop
+            return near.tolist(), spread.tolist()
+
+        stop = False
+        while confirmed < limit and not stop:  # one chunk a process at a time, in order
+            starts = list(range(confirmed, limit, width))[:team.size]
+            found, _ = team.map(generate, starts)
+            assert found is not None
+            for lo, (near, spread) in zip(starts, found, strict=True):
+                pick = order[lo: min(limit, lo + width)]
+                for j, v, w in zip(pick, near, spread, strict=True):
+                    entries[j]["consistency"] = -v
+                    entries[j]["consistency_ratio"] = w / null_spread if null_spread > 0 \
+                        else None
+                confirmed += len(pick)
+                bar.update(len(pick))
+                ratios = [entries[j]["consistency_ratio"] for j in pick]
+                if confirm is None and not any(r is not None and r < CONSISTENCY_RATIO
+                                               for r in ratios):
+                    stop = True  # a whole chunk down the ranking confirmed nothing: stop
+                    break
         bar.close()
     total = time.perf_counter() - start
     for e in entries:
@@ -462,16 +491,18 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
                 "t_last": float(times[-1]), "screen_seconds": screen_s, "seconds": total,
                 "sampler": "DDIM (eta 0) on the model's schedule", "gamma": GAMMA}
     primary = PRIMARY if PRIMARY in names else next(m for m in MEASURES if m in names)
-    return _add_roc(DetectResult(entries, settings, "conditions", primary), labels)
+    return _add_roc(DetectResult(entries, settings, "conditions", primary,
+                                 per_process=per_process), labels)
 
 
 def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
                    level: float = SAMPLE_LEVEL,
                    measures: Sequence[str] = SAMPLE_MEASURES, seed: int = 0,
                    labels: Tensor | None = None, chunk: int = 128,
-                   progress: bool = False) -> DetectResult:
+                   progress: bool = False, team: Team | None = None) -> DetectResult:
     """Per-sample measures of the module docstring for ``samples`` (``(n, *data_shape)``)
-    of an unconditional ``model``: which of them are copies, from the model alone."""
+    of an unconditional ``model``: which of them are copies, from the model alone; the
+    chunks split over ``team``'s processes."""
     if getattr(model, "conditional", False):
         raise fail("--model", "an unconditional model for per-sample detection (a "
                    "conditional one takes --conditions)", getattr(model, "name", "model"))
@@ -494,9 +525,10 @@ def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
     probe = _Probe(model, time_at_level(model.schedule, level), 1)
     entries: list[dict[str, Any]] = [{"index": j} for j in range(n)]
     start = time.perf_counter()
-    for lo in tqdm(range(0, n, chunk), disable=not progress, desc="samples"):
+
+    def measure(lo: int) -> dict[str, list[float]]:
+        """The measures of samples ``lo`` to ``lo + chunk``."""
         hi = min(n, lo + chunk)
-        k = hi - lo
         x0 = x0_all[lo:hi].repeat_interleave(n_noise, 0)
         zz, vv = z[lo:hi].flatten(0, 1), v[lo:hi].flatten(0, 1)
         found: dict[str, Tensor] = {}
@@ -509,27 +541,39 @@ def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
             xc = probe.m * x0
             tr, mid = probe.vjv(xc, vv, None)
             found["flipd"] = 1 - (tr + _rows(mid - x0) ** 2 / level ** 2) / d
-        for name in names:
-            per = found[name].reshape(k, n_noise).mean(1)
-            for i in range(k):
-                entries[lo + i][name] = float(per[i])
+        return {name: found[name].reshape(hi - lo, n_noise).mean(1).tolist()
+                for name in names}
+
+    starts = list(range(0, n, chunk))
+    measured, per_process = (team or SOLO).map(measure, starts, progress=progress,
+                                               desc="samples",
+                                               weight=lambda lo: min(chunk, n - lo))
+    assert measured is not None
+    for lo, found in zip(starts, measured, strict=True):
+        for name, values in found.items():
+            for i, value in enumerate(values):
+                entries[lo + i][name] = value
     total = time.perf_counter() - start
     settings = {"n_noise": n_noise, "level": level, "dim": d,
                 "measures": names, "seed": seed, "model": getattr(model, "name", None),
                 "seconds": total}
     primary = SAMPLE_PRIMARY if SAMPLE_PRIMARY in names else names[0]
-    return _add_roc(DetectResult(entries, settings, "samples", primary), labels)
+    return _add_roc(DetectResult(entries, settings, "samples", primary,
+                                 per_process=per_process), labels)
 
 
 def draw_samples(model: Any, n: int, *, steps: int = 50, seed: int = 0,
-                 batch: int = 256) -> Tensor:
-    """``n`` samples of an unconditional model by :func:`ddim` from ``sigma(t_0) z``."""
+                 batch: int = 256, team: Team | None = None) -> Tensor:
+    """``n`` samples of an unconditional model by :func:`ddim` from ``sigma(t_0) z``, the
+    batches split over ``team``'s processes (every one returns them all)."""
     n, steps = positive_int("--n-samples", n), positive_int("--steps", steps)
     times = sampler_times(model, steps)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, *model.data_shape, generator=gen, dtype=torch.float64)
     sigma0 = float(model.schedule.sigma(times[:1]))
-    return torch.cat([ddim(model, sigma0 * z[lo : lo + batch], times)
-                      for lo in range(0, n, batch)])
+    drawn, _ = (team or SOLO).map(lambda lo: ddim(model, sigma0 * z[lo: lo + batch], times),
+                                  list(range(0, n, batch)))
+    assert drawn is not None
+    return torch.cat(drawn)
 
 

@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from diffmem._checks import fail, positive_int
 from diffmem.edm import edm_sample, karras_sigmas
 from diffmem.io import atomic_write_json
+from diffmem.parallel import SOLO, Team
 from diffmem.samplers import sample_ode
 from diffmem.schedules import (
     EDM,
@@ -713,13 +713,21 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
                  steps: int = 18, seed: int = 0, batch: int = 64, t_end: float | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  cond: Tensor | None = None, scheduler_class: str | None = None,
-                 eta: float | None = None, noise_out: Path | None = None) -> np.ndarray:
+                 eta: float | None = None, noise_out: Path | None = None,
+                 team: Team | None = None) -> np.ndarray:
     """``n`` samples of ``model`` written to ``out`` (a ``.npy`` file) batch by batch, the
     standard normal noise each started from to ``noise_out`` (default: ``out``'s name with
     ``_initial_noise`` added), and a
     progress record (``out.progress.json``): a run interrupted and started again with the
-    same arguments continues after the last finished batch, drawing nothing twice (the
-    noise of batch ``i`` comes from a generator seeded ``seed + i``).
+    same arguments continues from the finished batches, drawing nothing twice (the
+    noise of batch ``i``, draws ``i * batch`` to ``(i + 1) * batch``, comes from a generator
+    seeded ``seed + i``).
+
+    With a :class:`diffmem.parallel.Team` of several processes the batches are dealt out
+    round-robin and gathered on process 0, which writes them: the files are byte-identical
+    to one process's, for any number of processes (a rerun with another number goes on from
+    the finished batches); the record keeps ``draws_per_process``. Every process returns
+    the samples (read from ``out``: a file system every process sees).
 
     ``sampler`` is ``'ode'`` (probability-flow ODE, adaptive, to ``t_end``, then one
     denoising step ``x_0 = D(x, t_end) / m(t_end)``, as a DDIM sampler's last step),
@@ -759,29 +767,29 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
            "eta": eta, "guidance": model.guidance,
            "cond": None if cond is None else _digest(cond),
            "null": None if model.null is None else _digest(model.null)}
+    team = team or SOLO
+    team.agree(key)
     noise_out = out.with_name(f"{out.stem}_initial_noise.npy") if noise_out is None \
         else noise_out
     record = Path(str(out) + ".progress.json")
-    done = 0
-    if out.is_file() and noise_out.is_file() and record.is_file():
-        try:
-            saved = json.loads(record.read_text())
-        except ValueError:
-            saved = {}
-        if saved.get("key") == key:
-            done = int(saved.get("done", 0))
+    n_batches = -(-n // batch)
+    done = team.broadcast(_finished_batches(record, key, batch, out, noise_out)
+                          if team.leader else None)
     decode = None if model.network is None else model.network.get("decode")
-    if done == 0:
-        arr = _new_map(out, (n, *output_shape(model)))
-        noise = _new_map(noise_out, (n, *model.data_shape))
-    else:
-        arr, noise = np.load(out, mmap_mode="r+"), np.load(noise_out, mmap_mode="r+")
+    arr = noise = None
+    if team.leader:
+        if not done:
+            arr = _new_map(out, (n, *output_shape(model)))
+            noise = _new_map(noise_out, (n, *model.data_shape))
+        else:
+            arr, noise = np.load(out, mmap_mode="r+"), np.load(noise_out, mmap_mode="r+")
     end = (1 / sch.K if isinstance(sch, DiscreteVP | DiscreteFlow) else 1e-3 * sch.T) \
         if t_end is None else t_end
-    bar = tqdm(total=n, initial=done, disable=not progress, desc=f"sampling {model.name}")
-    for lo in range(done, n, batch):
-        hi = min(n, lo + batch)
-        gen = torch.Generator().manual_seed(seed + lo // batch)
+
+    def one(b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``b``: draws ``b * batch`` to ``(b + 1) * batch``, noise seeded ``seed + b``."""
+        lo, hi = b * batch, min(n, (b + 1) * batch)
+        gen = torch.Generator().manual_seed(seed + b)
         z = torch.randn(hi - lo, *model.data_shape, generator=gen, dtype=torch.float32)
         y = None if cond is None else cond[lo:hi].to(device)
         if sampler == "ode":
@@ -796,14 +804,54 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
                                 **sampling_grid(model.network))
         if decode is not None:  # a latent model: the images its decoder makes
             x = decode(x)
-        arr[lo:hi] = x.detach().cpu().numpy()
-        noise[lo:hi] = z.numpy()
+        return x.detach().cpu().numpy().astype(np.float32, copy=False), z.numpy()
+
+    def write(pairs: list[tuple[int, tuple[np.ndarray, np.ndarray]]]) -> None:
+        assert arr is not None and noise is not None
+        for b, (x, z) in pairs:
+            arr[b * batch: b * batch + x.shape[0]] = x
+            noise[b * batch: b * batch + z.shape[0]] = z
+            done.add(b)
         arr.flush()
         noise.flush()
-        atomic_write_json(record, {"key": key, "done": hi})
-        bar.update(hi - lo)
-    bar.close()
-    return arr
+        atomic_write_json(record, {"key": key, "batches": sorted(done),
+                                   "done": sum(min(batch, n - b * batch) for b in done)})
+
+    todo = [b for b in range(n_batches) if b not in done]
+    _, per_process = team.map(one, todo, to_all=False, on_round=write, progress=progress,
+                              weight=lambda b: min(batch, n - b * batch),
+                              desc=f"sampling {model.name}")
+    if team.leader:
+        atomic_write_json(record, {"key": key, "batches": sorted(done), "done": n,
+                                   "draws_per_process": per_process})
+    team.barrier()
+    return arr if arr is not None else np.load(out, mmap_mode="r")
+
+
+def _finished_batches(record: Path, key: dict[str, Any], batch: int, out: Path,
+                      noise_out: Path) -> set[int]:
+    """The batches an earlier run with the same ``key`` finished (its progress record)."""
+    if not (out.is_file() and noise_out.is_file() and record.is_file()):
+        return set()
+    try:
+        saved = json.loads(record.read_text())
+    except ValueError:
+        return set()
+    if saved.get("key") != key:
+        return set()
+    if "batches" in saved:
+        return {int(b) for b in saved["batches"]}
+    return set(range(int(saved.get("done", 0)) // batch))
+
+
+def draws_per_process(out: Path) -> list[int] | None:
+    """How many draws each process made in the latest run of :func:`sample_model` into
+    ``out`` (``None`` when not recorded)."""
+    record = Path(str(out) + ".progress.json")
+    try:
+        return json.loads(record.read_text()).get("draws_per_process")
+    except (OSError, ValueError):
+        return None
 
 
 def output_shape(model: ModelScore) -> tuple[int, ...]:

@@ -245,16 +245,19 @@ def _count(n: int, one: str, many: str) -> str:
 
 
 def write_audit_report(out_dir: Path, result: Any, samples: Any, train: Any,
-                       inputs: dict[str, Any], gap: dict[str, Any] | None = None) -> None:
+                       inputs: dict[str, Any], gap: dict[str, Any] | None = None,
+                       extra: dict[str, Any] | None = None) -> None:
     """``out_dir/audit.json``, ``per_sample.csv`` and ``index.html`` (one offline page: the
     numbers, histograms with thresholds, and the most copy-like samples beside their nearest
     training items, or a 2-D PCA scatter for vectors). ``samples`` and ``train`` are
-    :class:`diffmem.audit.Rows` of the data (not the features)."""
+    :class:`diffmem.audit.Rows` of the data (not the features); ``extra`` joins audit.json
+    (e.g. ``draws_per_process``)."""
     import csv
     import io
 
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "audit.json", {**result.to_json(), "inputs": inputs})
+    atomic_write_json(out_dir / "audit.json", {**result.to_json(), "inputs": inputs,
+                                               **(extra or {})})
     rows = list(result.per_sample())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

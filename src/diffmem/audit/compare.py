@@ -119,10 +119,12 @@ def plan_pair(model_a: str, model_b: str, train_a: Any, train_b: Any, *,
 
 
 def compare(plans: dict[str, Any], train_a: Any, train_b: Any, out: Any, *,
-            bootstrap: int = 1000, progress: bool = False, device: str = "cpu") -> CompareResult:
+            bootstrap: int = 1000, progress: bool = False, device: str = "cpu",
+            team: Any = None) -> CompareResult:
     """Draw each planned model's samples from the same initial noise (recorded in
     ``out/initial_noise.npy``; samples in ``out/a/samples.npy`` and ``out/b/samples.npy``,
-    resumable) and compare them (:func:`compare_samples`)."""
+    resumable; the batches split over ``team``'s processes, process 0 writing) and compare
+    them (:func:`compare_samples`, on every process)."""
     import shutil
     from pathlib import Path
 
@@ -135,11 +137,12 @@ def compare(plans: dict[str, Any], train_a: Any, train_b: Any, out: Any, *,
     for side, plan in plans.items():
         sub = folder / side
         sub.mkdir(parents=True, exist_ok=True)
-        samples[side] = torch.from_numpy(np.array(np.load(draw(plan, sub, device=device,
-                                                               progress=progress))))
+        samples[side] = torch.from_numpy(np.array(np.load(draw(
+            plan, sub, device=device, progress=progress, team=team))))
     noise_a, noise_b = (np.load(folder / s / "initial_noise.npy") for s in ("a", "b"))
     if not np.array_equal(noise_a, noise_b):  # same seed, batch and shape: cannot happen
         raise fail("--seed", "the same initial noise for both models", "different noise")
-    shutil.copyfile(folder / "a" / "initial_noise.npy", folder / "initial_noise.npy")
+    if team is None or team.leader:
+        shutil.copyfile(folder / "a" / "initial_noise.npy", folder / "initial_noise.npy")
     return compare_samples(samples["a"], samples["b"], train_a, train_b, bootstrap=bootstrap,
                            seed=plans["a"].seed)

@@ -14,6 +14,7 @@ from torch import Tensor
 from diffmem._checks import fail, positive_int
 from diffmem.audit.inputs import Rows
 from diffmem.centres import TrainingData, as_centres
+from diffmem.parallel import SOLO, Team, generator
 
 
 def model_denoiser(model: Any, x: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
@@ -33,7 +34,7 @@ def model_denoiser(model: Any, x: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
 def denoiser_gap(model: Any, train: TrainingData, *, held: Any = None,
                  sigmas: Sequence[float] | None = None,
                  references: dict[str, Any] | None = None, n_points: int = 256,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, team: Team | None = None) -> dict[str, Any]:
     """How far a model's denoiser is from the empirical (memorizing) one at each noise level:
 
         gap(sigma) = E |D_model(x, t) - D_e(x, t)|^2 / E |D_e(x, t) - x|^2
@@ -47,7 +48,11 @@ def denoiser_gap(model: Any, train: TrainingData, *, held: Any = None,
     closed form (the empirical one included) nearest to the model in absolute terms, by
     ``E |D_model - D_ref|^2`` (the ratios have different denominators: a model that barely
     denoises is at ratio about 1 from every closed form, yet nearest to the one that barely
-    denoises too)."""
+    denoises too).
+
+    The points of each set and the noise at each level come from their own generators
+    (:func:`diffmem.parallel.generator` of ``seed``), so the levels split over ``team``'s
+    processes with the numbers of one process."""
     from diffmem.scores import EmpiricalScore
 
     sch = model.schedule
@@ -55,52 +60,55 @@ def denoiser_gap(model: Any, train: TrainingData, *, held: Any = None,
     if sigmas is None:
         sigmas = _default_sigmas(sch)
     forms = {"empirical": EmpiricalScore(centres, sch), **(references or {})}
-    gen = torch.Generator().manual_seed(seed)
     sets: dict[str, Rows] = {"train": Rows(centres, "train")}
     if held is not None:
         sets["held"] = Rows(held, "held")
+    labels = list(sets)
+    n_points = positive_int("n_points", n_points)
+    points = {}
+    for i, label in enumerate(labels):  # the points of each set: its own seeded draw
+        pick = torch.randint(0, sets[label].n, (n_points,), generator=generator(seed, i))
+        points[label] = sets[label].take(pick.tolist()).to(torch.float64)
+    units = [(i, j) for i in range(len(labels)) for j in range(len(sigmas))]
+    found, _ = (team or SOLO).map(lambda u: _level_gaps(
+        model, forms, points[labels[u[0]]], sigmas[u[1]], generator(seed, u[0], u[1] + 1)),
+        units)
+    assert found is not None
     out: dict[str, Any] = {"sigma": list(sigmas), "units": "dimensionless (squared-distance "
                            "ratio)", "closest": {}}
-    for label, points in sets.items():
-        pick = torch.randint(0, points.n, (positive_int("n_points", n_points),),
-                             generator=gen)
-        y = points.take(pick.tolist()).to(torch.float64)
-        distances, scales = _squared_gaps(model, forms, y, sigmas, gen)
-        out[label] = {name: [g / sc if sc > 0 else float("inf")
-                             for g, sc in zip(distances[name], scales[name], strict=True)]
-                      for name in forms}
-        out["closest"][label] = [min(forms, key=lambda n, i=i: distances[n][i])
-                                 for i in range(len(sigmas))]
+    for i, label in enumerate(labels):
+        mine = [found[k] for k, u in enumerate(units) if u[0] == i]
+        out[label] = {name: [g[name] / sc[name] if sc[name] > 0 else float("inf")
+                             for g, sc in mine] for name in forms}
+        out["closest"][label] = [min(forms, key=lambda n, g=g: g[n]) for g, _ in mine]
     return out
 
 
-def _squared_gaps(model: Any, forms: dict[str, Any], y: Tensor, sigmas: Sequence[float],
-                  gen: torch.Generator, cond: Tensor | None = None
-                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """For each form and level: ``E |D_model(x) - D_ref(x)|^2`` and ``E |D_ref(x) - x|^2``
-    over ``x = m y + sigma z`` (conditioned on ``cond``, one row per point, when given)."""
+def _level_gaps(model: Any, forms: dict[str, Any], y: Tensor, sigma: float,
+                gen: torch.Generator, cond: Tensor | None = None
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """For each form at noise ``sigma``: ``E |D_model(x) - D_ref(x)|^2`` and ``E |D_ref(x) -
+    x|^2`` over ``x = m y + sigma z``, ``z`` from ``gen`` (conditioned on ``cond``, one row
+    per point, when given)."""
     sch = model.schedule
     extra = () if cond is None else (cond,)
-    distances: dict[str, list[float]] = {name: [] for name in forms}
-    scales: dict[str, list[float]] = {name: [] for name in forms}
-    for sigma in sigmas:
-        t = sch.t_of_s(torch.tensor(-math.log(sigma), dtype=torch.float64))
-        tt = t.expand(y.shape[0]).contiguous()
-        m = float(sch.m(t))
-        x = m * y + float(sch.sigma(t)) * torch.randn(y.shape, generator=gen,
-                                                      dtype=torch.float64)
-        d_model = model_denoiser(model, x, tt, *extra).to(torch.float64)
-        for name, form in forms.items():
-            d_ref = form.denoiser(x, tt, *extra)
-            scales[name].append(float((d_ref - x).flatten(1).pow(2).sum(1).mean()))
-            distances[name].append(float((d_model - d_ref).flatten(1).pow(2).sum(1).mean()))
+    t = sch.t_of_s(torch.tensor(-math.log(sigma), dtype=torch.float64))
+    tt = t.expand(y.shape[0]).contiguous()
+    x = float(sch.m(t)) * y + float(sch.sigma(t)) * torch.randn(y.shape, generator=gen,
+                                                                dtype=torch.float64)
+    d_model = model_denoiser(model, x, tt, *extra).to(torch.float64)
+    distances, scales = {}, {}
+    for name, form in forms.items():
+        d_ref = form.denoiser(x, tt, *extra)
+        scales[name] = float((d_ref - x).flatten(1).pow(2).sum(1).mean())
+        distances[name] = float((d_model - d_ref).flatten(1).pow(2).sum(1).mean())
     return distances, scales
 
 
 def conditional_denoiser_gap(model: Any, train: TrainingData, train_cond: Tensor,
                              conditions: Tensor, *, bandwidth: float | None = None,
                              sigmas: Sequence[float] | None = None, n_points: int = 64,
-                             seed: int = 0) -> dict[str, Any]:
+                             seed: int = 0, team: Team | None = None) -> dict[str, Any]:
     """:func:`denoiser_gap` of a conditional model against the paper's conditional empirical
     denoiser ``D_e(x, t | y)`` (:class:`diffmem.scores.ConditionalEmpiricalScore`: the
     training items of condition ``y`` exactly, or with ``bandwidth`` a Gaussian kernel of
@@ -119,25 +127,38 @@ def conditional_denoiser_gap(model: Any, train: TrainingData, train_cond: Tensor
         sigmas = _default_sigmas(sch)
     mode = "kernel" if bandwidth is not None else "labels"
     form = ConditionalEmpiricalScore(centres, train_cond, sch, mode=mode, bandwidth=bandwidth)
-    gen = torch.Generator().manual_seed(seed)
     rows = Rows(centres, "train")
-    total_num, total_den = [0.0] * len(sigmas), [0.0] * len(sigmas)
-    entries = []
-    for j, key in enumerate(keys):
+    n_points = positive_int("n_points", n_points)
+
+    def one(j: int) -> dict[str, Any] | None:
+        """Condition ``j``'s squared gaps at every level (its own seeded draws)."""
+        key = keys[j]
         carriers = torch.nonzero(same(train_cond, key[None].expand_as(train_cond))).squeeze(1)
         if carriers.numel() == 0:
-            continue
-        pick = carriers[torch.randint(0, carriers.numel(), (positive_int("n_points", n_points),),
-                                      generator=gen)]
+            return None
+        pick = carriers[torch.randint(0, carriers.numel(), (n_points,),
+                                      generator=generator(seed, j))]
         y = rows.take(pick.tolist()).to(torch.float64)
         cond = key[None].expand(y.shape[0], *key.shape)
-        dist, scale = _squared_gaps(model, {"empirical": form}, y, sigmas, gen, cond)
+        found = [_level_gaps(model, {"empirical": form}, y, sigma,
+                             generator(seed, j, i + 1), cond) for i, sigma in enumerate(sigmas)]
+        return {"dist": [g["empirical"] for g, _ in found],
+                "scale": [sc["empirical"] for _, sc in found],
+                "n_points": int(y.shape[0]), "carriers": int(carriers.numel())}
+
+    per, _ = (team or SOLO).map(one, list(range(len(keys))))
+    assert per is not None
+    total_num, total_den = [0.0] * len(sigmas), [0.0] * len(sigmas)
+    entries = []
+    for j, got in enumerate(per):
+        if got is None:
+            continue
         gaps = [g / sc if sc > 0 else float("inf")
-                for g, sc in zip(dist["empirical"], scale["empirical"], strict=True)]
-        total_num = [a + b for a, b in zip(total_num, dist["empirical"], strict=True)]
-        total_den = [a + b for a, b in zip(total_den, scale["empirical"], strict=True)]
-        entry = {"condition": describe(key, j), "n_points": int(y.shape[0]), "gap": gaps,
-                 "training_items": int(carriers.numel())}
+                for g, sc in zip(got["dist"], got["scale"], strict=True)]
+        total_num = [a + b for a, b in zip(total_num, got["dist"], strict=True)]
+        total_den = [a + b for a, b in zip(total_den, got["scale"], strict=True)]
+        entry = {"condition": describe(keys[j], j), "n_points": got["n_points"], "gap": gaps,
+                 "training_items": got["carriers"]}
         entry["follows_down_to"] = follows_down_to(
             {"sigma": list(sigmas), "train": {"empirical": gaps}})
         entries.append(entry)

@@ -17,6 +17,7 @@ from diffmem._checks import fail, positive_int
 from diffmem.centres import Centres, TrainingData
 from diffmem.conditions import as_conditions, distinct, parse_null, per_sample
 from diffmem.models import SAMPLERS, ModelScore, load_model
+from diffmem.parallel import SOLO, Team
 
 if TYPE_CHECKING:
     from diffmem.text import TextOptions
@@ -164,14 +165,17 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...] | None, prompts: str | 
                     null=torch.tensor(len(text.texts)))
 
 
-def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = True) -> Path:
+def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = True,
+         team: Team | None = None) -> Path:
     """Sample ``plan`` into ``folder/samples.npy`` (with ``initial_noise.npy`` and, for a
-    conditional model, ``sample_conditions.npy``); resumable."""
+    conditional model, ``sample_conditions.npy``); resumable; split over ``team``'s
+    processes (process 0 writes)."""
+    team = team or SOLO
     from diffmem.io import atomic_write_bytes
     from diffmem.models import sample_model
 
     out = folder / "samples.npy"
-    if plan.cond is not None:
+    if plan.cond is not None and team.leader:
         import io
 
         buf = io.BytesIO()
@@ -181,15 +185,16 @@ def draw(plan: DrawPlan, folder: Path, *, device: str = "cpu", progress: bool = 
                  batch=plan.batch,
                  seed=plan.seed, device=device, progress=progress, cond=plan.cond,
                  scheduler_class=plan.scheduler_class, eta=plan.eta,
-                 noise_out=folder / "initial_noise.npy")
+                 noise_out=folder / "initial_noise.npy", team=team)
     return out
 
 
 def model_gap(plan: DrawPlan, train: TrainingData, *, train_cond: Tensor | None = None,
               held: Any = None, bandwidth: float | None = None,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, team: Team | None = None) -> dict[str, Any]:
     """The model's denoiser gap: against the conditional empirical denoiser, per condition
-    and pooled, for a conditional model with ``train_cond``; else the unconditional one."""
+    and pooled, for a conditional model with ``train_cond``; else the unconditional one;
+    split over ``team``'s processes (every one returns it)."""
     from diffmem.audit.gap import conditional_denoiser_gap, denoiser_gap
 
     if plan.model.conditional:
@@ -197,8 +202,8 @@ def model_gap(plan: DrawPlan, train: TrainingData, *, train_cond: Tensor | None 
             raise fail("--train-cond", "the training conditions, to compare a conditional "
                        "model with the conditional empirical denoiser", None)
         return conditional_denoiser_gap(plan.model, train, train_cond, plan.conditions,
-                                        bandwidth=bandwidth, seed=seed)
-    return denoiser_gap(plan.model, train, held=held, seed=seed)
+                                        bandwidth=bandwidth, seed=seed, team=team)
+    return denoiser_gap(plan.model, train, held=held, seed=seed, team=team)
 
 
 def training_shape(train: TrainingData) -> tuple[int, ...]:

@@ -51,6 +51,7 @@ from diffmem.audit.model import DrawPlan, draw
 from diffmem.io import atomic_write_bytes, atomic_write_json
 from diffmem.metrics import energy_distance, within_mean_distance
 from diffmem.mitigate import CURES, Cure, CureContext, cure_model, parse_cure
+from diffmem.parallel import SOLO, Team
 
 CLEAR_HIGH, CLEAR_LOW = 0.75, 0.25
 COST_FACTOR = 1.25
@@ -119,55 +120,67 @@ def _copies(samples: Tensor, plan: DrawPlan, train: Any, train_cond: Tensor | No
     return {"copy": copy, "d1": result.d1, "nearest": result.nearest, "same": same}
 
 
-def _detected(model: Any, samples: Tensor, plan: DrawPlan, seed: int, steps: int
-              ) -> dict[str, Any]:
+def _detected(model: Any, samples: Tensor, plan: DrawPlan, seed: int, steps: int,
+              team: Team) -> dict[str, Any]:
     """Without a training set: detect's verdict, per condition (repeated for each of its
-    samples) or per sample."""
+    samples) or per sample (split over ``team``'s processes)."""
     from diffmem.detect import detect, detect_samples
     from diffmem.verdicts import judge
 
     if plan.cond is not None:
         assert plan.conditions is not None and plan.null is not None
-        found = detect(model, plan.conditions, plan.null, steps=steps, seed=seed)
+        found = detect(model, plan.conditions, plan.null, steps=steps, seed=seed, team=team)
         judge(found)
         flags = torch.tensor([bool(e.get("memorized")) for e in found.entries])
         from diffmem.conditions import distinct
 
         _, which = distinct(plan.cond)
         return {"copy": flags[which], "d1": None, "nearest": None, "same": None}
-    found = detect_samples(model, samples.to(torch.float64), seed=seed)
+    found = detect_samples(model, samples.to(torch.float64), seed=seed, team=team)
     judge(found)
     return {"copy": torch.tensor([bool(e.get("memorized")) for e in found.entries]),
             "d1": None, "nearest": None, "same": None}
 
 
 def _measure(folder: Path, plan: DrawPlan, train: Any, train_cond: Tensor | None,
-             key: dict[str, Any], steps: int, start: float) -> dict[str, Any]:
+             key: dict[str, Any], steps: int, start: float, team: Team) -> dict[str, Any]:
     """A run's per-sample measures, from ``folder/measure.npz`` when a finished earlier
-    run with the same ``key`` left them, and its seconds (drawing and measuring, since
-    ``start``, as first measured)."""
-    done = folder / "measure.json"
-    if done.is_file():
-        try:
-            saved = json.loads(done.read_text())
-        except ValueError:
-            saved = {}
-        if saved.get("key") == key and (folder / "measure.npz").is_file():
-            with np.load(folder / "measure.npz") as arrays:
-                return {k: None if arrays[k].size == 0 else torch.from_numpy(arrays[k])
-                        for k in ("copy", "d1", "nearest", "same")} | {
-                    "seconds": saved.get("seconds")}
+    run with the same ``key`` left them (as process 0 finds it), and its seconds (drawing and
+    measuring, since ``start``, as first measured). Every process measures (detect splits
+    over them); process 0 writes."""
+    saved = _saved_measure(folder, key) if team.leader else None
+    saved = team.broadcast(saved)
+    if saved is not None:
+        return saved
     samples = torch.from_numpy(np.load(folder / "samples.npy"))
     found = _copies(samples, plan, train, train_cond, plan.seed) if train is not None \
-        else _detected(plan.model, samples, plan, plan.seed, steps)
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.zeros(0) if v is None else v.numpy() for k, v in found.items()})
-    atomic_write_bytes(folder / "measure.npz", buf.getvalue())
+        else _detected(plan.model, samples, plan, plan.seed, steps, team)
     found["seconds"] = time.perf_counter() - start
-    atomic_write_json(done, {"key": key, "seconds": found["seconds"]})
+    if team.leader:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.zeros(0) if v is None else v.numpy() for k, v in found.items()
+                         if k != "seconds"})
+        atomic_write_bytes(folder / "measure.npz", buf.getvalue())
+        atomic_write_json(folder / "measure.json", {"key": key, "seconds": found["seconds"]})
     return found
+
+
+def _saved_measure(folder: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The measures an earlier run with the same ``key`` left in ``folder`` (or ``None``)."""
+    done = folder / "measure.json"
+    if not (done.is_file() and (folder / "measure.npz").is_file()):
+        return None
+    try:
+        saved = json.loads(done.read_text())
+    except ValueError:
+        return None
+    if saved.get("key") != key:
+        return None
+    with np.load(folder / "measure.npz") as arrays:
+        return {k: None if arrays[k].size == 0 else torch.from_numpy(arrays[k])
+                for k in ("copy", "d1", "nearest", "same")} | {"seconds": saved.get("seconds")}
 
 
 def _groups(plan: DrawPlan, copy: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -275,11 +288,14 @@ def _label(cures: list[Cure]) -> tuple[str, float]:
 def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any = None,
           train_cond: Tensor | None = None, ctx: CureContext | None = None,
           target: float = TARGET, detect_steps: int = 50, device: str = "cpu",
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, team: Team | None = None) -> dict[str, Any]:
     """Draw and measure the baseline and every run of ``cures`` (module docstring) into
-    ``folder``; returns what ``mitigate.json`` holds."""
+    ``folder``; returns what ``mitigate.json`` holds. With a :class:`diffmem.parallel.Team`
+    each run's draws (and detect's work) split over its processes; process 0 writes, and
+    every process returns the same summary."""
     from tqdm.auto import tqdm
 
+    team = team or SOLO
     ctx = ctx or CureContext(null=plan.null)
     key = {"n": plan.n, "seed": plan.seed, "sampler": plan.sampler, "steps": plan.steps,
            "model": plan.model.name, "train": None if train is None else "given",
@@ -287,16 +303,17 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
     runs_info: list[tuple[str, list[Cure] | None]] = [("baseline", None)] + [
         ("runs/" + "+".join(map(str, c)), c) for c in cures]
     measured: list[dict[str, Any]] = []
-    bar = tqdm(total=len(runs_info), desc="mitigate", unit="run", disable=not progress)
+    bar = tqdm(total=len(runs_info), desc="mitigate", unit="run",
+               disable=not (progress and team.leader))
     for sub, cure in runs_info:
         start = time.perf_counter()
         where = folder / sub
         where.mkdir(parents=True, exist_ok=True)
         p = plan if cure is None else dataclasses.replace(
             plan, model=cure_model(plan.model, cure, ctx))
-        draw(p, where, device=device, progress=False)
+        draw(p, where, device=device, progress=False, team=team)
         measured.append(_measure(where, p, train, train_cond, {**key, "cure": sub},
-                                 detect_steps, start))
+                                 detect_steps, start, team))
         bar.update()
     bar.close()
     base = measured[0]
