@@ -19,6 +19,9 @@ float32 array. It times, one after the other in this process:
   flat search alternately ``--repeat`` times (their ratio, robust to a machine that slows
   down or speeds up during the run);
 and the peak anonymous memory (RssAnon, sampled every 2 ms) above the process's before.
+
+``--device cuda`` (the device script ``benchmarks/gpu.sh``): the audit and the product on the
+GPU, against faiss's GPU flat index where faiss has GPU support (else its CPU index, said so).
 """
 
 from __future__ import annotations
@@ -67,7 +70,13 @@ def measured(fn: Callable[[], object]) -> tuple[float, int]:
     return elapsed, max(0, peak[0] - base)
 
 
-def run(n_samples: int, n_train: int, d: int, folder: Path, repeat: int) -> None:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(n_samples: int, n_train: int, d: int, folder: Path, repeat: int,
+        device: str = "cpu") -> None:
     gen = np.random.default_rng(0)
     path = folder / f"train_{n_train}_{d}.npy"
     train = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_train, d))
@@ -84,15 +93,18 @@ def run(n_samples: int, n_train: int, d: int, folder: Path, repeat: int) -> None
     x = torch.from_numpy(samples)
     print(f"\n{n_samples} samples against {n_train} training vectors of d = {d} "
           f"({path.stat().st_size / 2**20:.0f} MB memory-mapped), "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, device {device}")
     print(f"{'method':<44} {'seconds':>8} {'fraction of product rate':>25} {'peak MB':>8}")
+
+    xd = x.to(device)
 
     def product() -> None:
         with warnings.catch_warnings():  # read only, never written through
             warnings.simplefilter("ignore", UserWarning)
             y = torch.from_numpy(np.asarray(mm))
         for lo in range(0, n_train, 4096):
-            _ = x @ y[lo:lo + 4096].T
+            _ = xd @ y[lo:lo + 4096].to(device).T
+        _sync(device)
 
     product()  # page the file in
     t_prod, m_prod = measured(product)
@@ -100,7 +112,7 @@ def run(n_samples: int, n_train: int, d: int, folder: Path, repeat: int) -> None
           f"{m_prod / 2**20:>8.0f}")
     result: dict[str, object] = {}
     t_audit, m_audit = measured(lambda: result.setdefault("r", audit(
-        samples, str(path), bootstrap=200, batch_size=1024)))
+        samples, str(path), bootstrap=200, batch_size=1024, device=device)))
     r = result["r"]
     print(f"{'diffmem audit (exact, k = 50, all figures)':<44} {t_audit:>8.2f} "
           f"{t_prod / t_audit:>25.2f} {m_audit / 2**20:>8.0f}   "
@@ -110,16 +122,18 @@ def run(n_samples: int, n_train: int, d: int, folder: Path, repeat: int) -> None
         search.shortlist_kernel = lambda: "torch"
         try:
             t_torch, m_torch = measured(lambda: audit(samples, str(path), bootstrap=200,
-                                                      batch_size=1024))
+                                                      batch_size=1024, device=device))
         finally:
             search.shortlist_kernel = kernel
         print(f"{'diffmem audit, torch products':<44} {t_torch:>8.2f} "
               f"{t_prod / t_torch:>25.2f} {m_torch / 2**20:>8.0f}")
     y = torch.from_numpy(np.array(mm))
+    yd = y.to(device)
 
     def cdist_topk() -> None:
         for lo in range(0, n_samples, 1000):
-            torch.cdist(x[lo:lo + 1000], y).topk(50, largest=False)
+            torch.cdist(xd[lo:lo + 1000], yd).topk(50, largest=False)
+        _sync(device)
 
     t_cd, m_cd = measured(cdist_topk)
     print(f"{'torch.cdist + topk (batches of 1000)':<44} {t_cd:>8.2f} {t_prod / t_cd:>25.2f} "
@@ -129,19 +143,25 @@ def run(n_samples: int, n_train: int, d: int, folder: Path, repeat: int) -> None
     except ImportError:
         print("faiss not installed")
     else:
+        gpu = device.startswith("cuda") and hasattr(faiss, "StandardGpuResources")
+        if device.startswith("cuda") and not gpu:
+            print("faiss has no GPU support here: its CPU index is timed")
+        resources = faiss.StandardGpuResources() if gpu else None
+
         def flat() -> None:
-            index = faiss.IndexFlatL2(d)
+            index = faiss.GpuIndexFlatL2(resources, d) if gpu else faiss.IndexFlatL2(d)
             index.add(np.asarray(y.numpy()))
             index.search(samples, 50)
 
         t_f, m_f = measured(flat)
-        print(f"{'faiss IndexFlatL2 (k = 50)':<44} {t_f:>8.2f} {t_prod / t_f:>25.2f} "
+        label = f"faiss {'GPU' if gpu else ''}IndexFlatL2 (k = 50)"
+        print(f"{label:<44} {t_f:>8.2f} {t_prod / t_f:>25.2f} "
               f"{m_f / 2**20:>8.0f}")
         print(f"exact audit / faiss flat search time: {t_audit / t_f:.2f}")
         ratios = []
         for _ in range(repeat):  # alternated, so that both see the same machine
             t_a = measured(lambda: audit(samples, str(path), bootstrap=200,
-                                         batch_size=1024))[0]
+                                         batch_size=1024, device=device))[0]
             t_f = measured(flat)[0]
             ratios.append(t_a / t_f)
         if ratios:
@@ -158,6 +178,7 @@ def main() -> None:
     parser.add_argument("--size", help="one size, SAMPLES,TRAIN,D (e.g. 5000,50000,768)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="audit and faiss flat search timed alternately this many times")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     sizes = [(1000, 10_000, 256), (2000, 20_000, 768)] if args.quick else [
         (5000, 50_000, 768), (10_000, 100_000, 3072)]
@@ -167,7 +188,7 @@ def main() -> None:
     print(f"torch {torch.__version__}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("DIFFMEM_BENCH_DIR")) as tmp:
         for n_samples, n_train, d in sizes:
-            run(n_samples, n_train, d, Path(tmp), args.repeat)
+            run(n_samples, n_train, d, Path(tmp), args.repeat, args.device)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ here: CLIP tokenizer and text encoder, a UNet2DConditionModel on 16x16x4 latents
 32x32 images, DDIM): ``diffmem.text`` sampling with guidance 7.5 and VAE decoding against
 ``StableDiffusionPipeline.__call__`` from the same latents (prompts encoded once by diffmem,
 at every call by the pipeline).
+
+On a GPU (``--device cuda --dtype float16 --latent 64 --text-only``, the device script
+``benchmarks/gpu.sh``): the same comparison for an SD-layout pipeline on 64x64 latents in
+half precision.
 """
 
 from __future__ import annotations
@@ -43,8 +47,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="of the text-to-image pipeline")
+    parser.add_argument("--latent", type=int, default=16, help="text-to-image latent size")
+    parser.add_argument("--channels", default="32,64", help="text-to-image UNet widths")
+    parser.add_argument("--text-only", action="store_true")
     args = parser.parse_args()
     size, n, steps = (16, 16, 20) if args.quick else (32, 64, 50)
+    channels = tuple(int(v) for v in args.channels.split(","))
+    if args.text_only:
+        text_to_image(8 if args.quick else 16, steps, args.device, args.dtype, args.latent,
+                      channels)
+        return
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
         sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
@@ -82,22 +96,27 @@ def main() -> None:
             mine = np.clip(out["ours"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
             print(f"{sched.__name__:<16} {min(t_ref):>12.2f} {min(t_ours):>10.2f} "
                   f"{min(t_ours) / min(t_ref):>7.3f} {np.abs(mine - out['ref']).max():>11.2e}")
-    text_to_image(8 if args.quick else 16, steps)
+    text_to_image(8 if args.quick else 16, steps, args.device, args.dtype, args.latent,
+                  channels)
 
 
-def text_to_image(n: int, steps: int) -> None:
+def text_to_image(n: int, steps: int, device: str = "cpu", dtype: str = "float32",
+                  latent: int = 16, channels: tuple[int, ...] = (32, 64)) -> None:
     """The latent text-to-image comparison (module docstring)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from tiny_pipelines import sd_pipeline
 
-    from diffmem.text import Prompts, load_text_model
+    from diffmem.text import Prompts, TextOptions, load_text_model
 
     prompts = [f"a photo of thing {i}" for i in range(4)]
+    print(f"SD layout: {latent}x{latent}x4 latents, UNet widths {channels}, {dtype}, "
+          f"{device}, {n} images, {steps} steps, guidance 7.5")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = sd_pipeline(Path(tmp) / "sd", latent_size=16, channels=(32, 64))
-        tm = load_text_model(folder, Prompts(prompts))
+        folder = sd_pipeline(Path(tmp) / "sd", latent_size=latent, channels=channels)
+        tm = load_text_model(folder, Prompts(prompts), TextOptions(dtype=dtype),
+                             device=device)
         model, pipe = tm.model, tm.pipe
         model.guided(7.5, torch.tensor(len(prompts)))
         cond = torch.arange(n) % len(prompts)
@@ -107,10 +126,12 @@ def text_to_image(n: int, steps: int) -> None:
             (Path(tmp) / "s.npy").unlink(missing_ok=True)
             out["ours"] = np.array(sample_model(model, n, Path(tmp) / "s.npy",
                                                 sampler="pipeline", steps=steps, seed=0,
-                                                batch=n, progress=False, cond=cond))
+                                                batch=n, progress=False, cond=cond,
+                                                device=device))
 
         def theirs() -> None:
-            z = torch.from_numpy(np.load(Path(tmp) / "s_initial_noise.npy"))
+            z = torch.from_numpy(np.load(Path(tmp) / "s_initial_noise.npy")).to(
+                device, getattr(torch, dtype))
             out["ref"] = pipe(prompt=[prompts[i] for i in cond], latents=z,
                               num_inference_steps=steps, guidance_scale=7.5,
                               output_type="np").images

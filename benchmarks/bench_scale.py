@@ -1,6 +1,6 @@
 """Scale benchmarks, measured side by side in one run (CI does not run this).
 
-    python benchmarks/bench_scale.py            # all parts (about 10 minutes on 2 cores)
+    python benchmarks/bench_scale.py            # all parts (about 15 minutes on 2 cores)
     python benchmarks/bench_scale.py --quick    # smaller sizes, for a smoke test
     python benchmarks/bench_scale.py --parts b  # one part
 
@@ -16,6 +16,12 @@ B. CIFAR-10-sized closed-form sampling: N = 20,000 and 50,000 images of d = 3,07
    products), memory-mapped from a .npy file, stored in float16/bfloat16 (with the error it
    adds to the samples), and split over 2 processes (torchrun, gloo, 1 thread each) against
    1 process with 2 threads.
+C. Model sampling across processes: the wall time of ``diffmem audit --model --prompts`` on
+   the tiny Stable Diffusion layout of the tests (16x16x4 latents, 8 prompts x 4 draws,
+   DDIM 25 steps with guidance, batches of 2), one process of 1 thread against
+   ``--processes`` processes of 1 thread each (torchrun, gloo; one GPU each with
+   ``--device cuda``, NCCL), best of two interleaved runs, and whether the samples are the
+   same bytes. The target on 2 CPU processes: at least 1.7x.
 On a GPU (``--device cuda``) part B runs on it, float32 and with TF32 matrix products.
 """
 
@@ -212,11 +218,55 @@ def part_b(quick: bool, folder: Path, device: str) -> None:
                   f"processes over 1: {seconds['in memory, float32'] / sec:.2f}x)", flush=True)
 
 
+def _audit_model(args: list[str], out: Path, processes: int) -> float:
+    """Wall time of ``diffmem audit ARGS --out OUT`` in ``processes`` processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "diffmem"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={processes}", "-m", "diffmem"]
+    start = time.perf_counter()
+    done = subprocess.run([*launch, "audit", *args, "--out", str(out), "--no-progress"],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
+    return time.perf_counter() - start
+
+
+def part_c(quick: bool, folder: Path, device: str, processes: int) -> None:
+    sys.path.insert(0, str(HERE.parent.parent / "tests"))
+    from tiny_pipelines import sd_pipeline
+
+    latent, per, steps = (8, 2, 10) if quick else (16, 4, 25)
+    sd = sd_pipeline(folder / "sd", latent_size=latent, channels=(32, 64))
+    prompts = folder / "prompts.txt"
+    prompts.write_text("".join(f"a photo of thing {i}\n" for i in range(8)))
+    gen = np.random.default_rng(0)
+    np.save(folder / "c_train.npy",
+            gen.uniform(-1, 1, (16, 3, 2 * latent, 2 * latent)).astype(np.float32))
+    args = ["--model", str(sd), "--prompts", str(prompts), "--train",
+            str(folder / "c_train.npy"), "--sampler", "pipeline", "--steps", str(steps),
+            "--per-condition", str(per), "--batch-size", "2", "--bootstrap", "100",
+            "--device", device]
+    print(f"\nC. audit --model --prompts, tiny SD layout ({latent}x{latent}x4 latents, "
+          f"{8 * per} draws, {steps} steps, batches of 2), device {device}")
+    one, many = [], []
+    for r in range(2):  # interleaved: both see the same machine
+        one.append(_audit_model(args, folder / f"c1_{r}", 1))
+        many.append(_audit_model(args, folder / f"c{processes}_{r}", processes))
+    same = all((folder / "c1_0" / name).read_bytes()
+               == (folder / f"c{processes}_{r}" / name).read_bytes()
+               for r in range(2) for name in ("samples.npy", "initial_noise.npy"))
+    print(f"1 process x 1 thread: {min(one):.2f} s; {processes} processes x 1 thread: "
+          f"{min(many):.2f} s; speed-up {min(one) / min(many):.2f}x; samples and noise "
+          f"{'the same bytes' if same else 'DIFFERENT'}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--parts", default="ab")
+    parser.add_argument("--parts", default="abc")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--processes", type=int, default=2, help="of part C")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -229,6 +279,8 @@ def main() -> None:
             part_a(args.quick, folder)
         if "b" in args.parts:
             part_b(args.quick, folder, args.device)
+        if "c" in args.parts:
+            part_c(args.quick, folder, args.device, args.processes)
 
 
 if __name__ == "__main__":

@@ -984,13 +984,19 @@ def _echo_audit(result: Any, gap: dict[str, Any] | None, folder: Path) -> None:
 def main() -> None:
     """The ``diffmem`` command: a full disk ends it with the message of
     :class:`diffmem.io.DiskFullError` (the file, what to do) and exit status 1, not a
-    traceback; under ``torchrun`` the process group is destroyed before the process exits."""
+    traceback, and so does the death of another process of a ``torchrun`` launch
+    (:class:`diffmem.parallel.LostProcess`, naming it); under ``torchrun`` the process group
+    is destroyed before the process exits."""
     from diffmem.io import DiskFullError
+    from diffmem.parallel import LostProcess
 
     try:
         app()
     except DiskFullError as err:
         typer.secho(f"Error: {err.strerror}", err=True, fg=typer.colors.RED)
+        raise SystemExit(1) from None
+    except LostProcess as err:  # another process of the launch died: say which, exit 1
+        typer.secho(f"Error: {err}", err=True, fg=typer.colors.RED)
         raise SystemExit(1) from None
     finally:  # a torchrun process leaves its group before exiting (gloo's threads joined)
         import torch.distributed as dist

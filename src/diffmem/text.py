@@ -229,9 +229,30 @@ class Encoded:
     text_ids: Tensor | None = None
 
 
+#: Prompts the text encoders take at once (the table of all of them is kept on the CPU).
+ENCODE_CHUNK = 64
+
+
 def _encode(pipe: Any, texts: list[str], device: torch.device) -> Encoded:
     """The pipeline's own encoding of ``texts`` (no guidance, one image each), with the
-    options its call defaults to (``max_sequence_length``, ``clean_caption``)."""
+    options its call defaults to (``max_sequence_length``, ``clean_caption``), on ``device``
+    :data:`ENCODE_CHUNK` prompts at a time, the tables kept on the CPU: the device's memory
+    grows with the batch sampled, not with the number of prompts."""
+    parts = [_encode_chunk(pipe, texts[lo:lo + ENCODE_CHUNK], device)
+             for lo in range(0, len(texts), ENCODE_CHUNK)]
+
+    def joined(name: str) -> Tensor | None:
+        found = [getattr(e, name) for e in parts]
+        return None if found[0] is None else torch.cat([f.cpu() for f in found])
+
+    embeds = joined("embeds")
+    assert embeds is not None
+    return Encoded(embeds, pooled=joined("pooled"), mask=joined("mask"),
+                   text_ids=None if parts[0].text_ids is None else parts[0].text_ids.cpu())
+
+
+def _encode_chunk(pipe: Any, texts: list[str], device: torch.device) -> Encoded:
+    """One call of the pipeline's ``encode_prompt`` (:func:`_encode`)."""
     sig = inspect.signature(pipe.encode_prompt).parameters
     kwargs: dict[str, Any] = {"device": device, "num_images_per_prompt": 1,
                               "do_classifier_free_guidance": False,
@@ -292,25 +313,32 @@ def _conditioning(pipe: Any, denoiser: Any, enc: Encoded, image_size: tuple[int,
                                              dtype=table.dtype, device=table.device)
 
     def embed(y: Tensor, x: Tensor) -> dict[str, Any]:
-        rows = y.to(table.device).long()
+        """The batch's rows of the (CPU) tables, on the batch's device."""
+        rows = y.cpu().long()
         b = rows.shape[0]
-        kwargs: dict[str, Any] = {"encoder_hidden_states": table[rows]}
+        dev = x.device
+
+        def at(v: Tensor) -> Tensor:
+            return v.to(dev)
+
+        kwargs: dict[str, Any] = {"encoder_hidden_states": at(table[rows])}
         if pooled_by is not None:
             assert pooled is not None
-            kwargs[pooled_by] = pooled[rows]
+            kwargs[pooled_by] = at(pooled[rows])
         elif text_time:
             assert pooled is not None
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[rows],
-                                           "time_ids": fixed["time_ids"].expand(b, 6)}
+            kwargs["added_cond_kwargs"] = {"text_embeds": at(pooled[rows]),
+                                           "time_ids": at(fixed["time_ids"]).expand(b, 6)}
         if mask is not None:
-            kwargs["encoder_attention_mask"] = mask[rows]
+            kwargs["encoder_attention_mask"] = at(mask[rows])
         if "resolution" in fixed:
-            kwargs["added_cond_kwargs"] = {"resolution": fixed["resolution"].expand(b, 2),
-                                           "aspect_ratio": fixed["aspect_ratio"].expand(b, 1)}
+            kwargs["added_cond_kwargs"] = {
+                "resolution": at(fixed["resolution"]).expand(b, 2),
+                "aspect_ratio": at(fixed["aspect_ratio"]).expand(b, 1)}
         if "txt_ids" in fixed:
-            kwargs["txt_ids"] = fixed["txt_ids"]
+            kwargs["txt_ids"] = at(fixed["txt_ids"])
         if "guidance" in fixed:
-            kwargs["guidance"] = torch.full((b,), fixed["guidance"], device=table.device)
+            kwargs["guidance"] = torch.full((b,), fixed["guidance"], device=dev)
         return kwargs
 
     return embed
