@@ -32,6 +32,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -818,12 +819,14 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
                                    "done": sum(min(batch, n - b * batch) for b in done)})
 
     todo = [b for b in range(n_batches) if b not in done]
+    started = time.perf_counter()
     _, per_process = team.map(one, todo, to_all=False, on_round=write, progress=progress,
                               weight=lambda b: min(batch, n - b * batch),
                               desc=f"sampling {model.name}")
     if team.leader:
         atomic_write_json(record, {"key": key, "batches": sorted(done), "done": n,
-                                   "draws_per_process": per_process})
+                                   "draws_per_process": per_process,
+                                   "seconds": time.perf_counter() - started})
     team.barrier()
     return arr if arr is not None else np.load(out, mmap_mode="r")
 
