@@ -349,11 +349,13 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     args = ["--model", str(sd), "--prompts", str(prompts), "--train", str(images),
             "--sampler", "pipeline", "--steps", "3", "--per-condition", "2"]
     res = _mitigate(args + ["--strengths", "tikhonov=0.1", "--strengths",
-                            "guidance-schedule=0.5", "--strengths", "guidance=1"],
+                            "guidance-schedule=0.5", "--strengths", "guidance=1",
+                            "--strengths", "prompt-opt=1"],
                     tmp_path / "m")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
-    assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "guidance", "guidance-schedule"]
+    assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "guidance", "guidance-schedule",
+                                                "prompt-opt"]
     assert "nn-guidance" in doc["not_applicable"]
     assert np.load(tmp_path / "m" / doc["runs"][0]["samples"]).shape == (4, 3, 16, 16)
     assert doc["inputs"]["prompt_texts"] == ["a red square", "a blue circle"]
@@ -427,3 +429,52 @@ def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
     cured = np.load(tmp_path / "m" / doc["runs"][0]["samples"])
     assert base.shape == cured.shape == (6, 2) and np.abs(base - cured).max() > 1e-3
     assert "Cured samples beside uncured ones" not in (tmp_path / "m" / "index.html").read_text()
+
+
+def test_prompt_optimization_moves_only_the_atypical_prompts(tmp_path):
+    """prompt-opt=s: the prompts whose first-step text-conditional noise prediction exceeds
+    s times the median are moved (Adam steps) and end at or below it, or at least lower; the
+    others, and the negative prompt, keep their embeddings bit for bit; s so large that no
+    prompt exceeds it is the model itself, sample for sample."""
+    pytest.importorskip("transformers")
+    from tiny_pipelines import sd_pipeline
+
+    from diffmem.mitigate import CureContext, PromptOptimization, cure_model
+    from diffmem.mitigate.prompt import first_step_gaps
+    from diffmem.models import sample_model
+    from diffmem.prompts import Prompts
+    from diffmem.text import load_text_model
+
+    texts = ["a red square", "a blue circle", "a green cross", "a red circle", "a dog"]
+    tm = load_text_model(sd_pipeline(tmp_path / "sd"), Prompts(texts))
+    null = torch.tensor(len(texts))
+    model = tm.model.guided(7.5, null)
+    table = model.network["embeds"]
+    gaps = first_step_gaps(model, table, len(texts))
+    assert gaps[-1] == 0 and bool((gaps[:-1] > 0).all())
+    s = 0.9
+    tau = s * float(gaps[:-1].median())
+    cured = cure_model(model, [PromptOptimization(s)], CureContext(null=null))
+    moved = cured.network["embeds"]
+    after = first_step_gaps(cured, moved, len(texts))
+    above = [j for j in range(len(texts)) if float(gaps[j]) > tau]
+    assert 0 < len(above) < len(texts)
+    for j in range(len(texts) + 1):
+        if j in above:
+            assert not torch.equal(moved[j], table[j])
+            assert float(after[j]) < float(gaps[j])
+        else:
+            assert torch.equal(moved[j], table[j]), j
+    assert sum(float(after[j]) <= tau * (1 + 1e-6) for j in above) >= 1
+    cond = torch.arange(len(texts))
+    same = cure_model(model, [PromptOptimization(100.0)], CureContext(null=null))
+    a = sample_model(model, 5, tmp_path / "a.npy", sampler="pipeline", steps=3, cond=cond,
+                     progress=False)
+    b = sample_model(same, 5, tmp_path / "b.npy", sampler="pipeline", steps=3, cond=cond,
+                     progress=False)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    c = sample_model(cured, 5, tmp_path / "c.npy", sampler="pipeline", steps=3, cond=cond,
+                     progress=False)
+    changed = [j for j in range(len(texts)) if not np.array_equal(np.asarray(a)[j],
+                                                                 np.asarray(c)[j])]
+    assert changed == above  # only the moved prompts' samples change

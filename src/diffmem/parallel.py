@@ -18,7 +18,7 @@ forever in a collective. Process 0 first checks that every process runs the same
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,12 +44,6 @@ def generator(seed: int, *keys: int) -> torch.Generator:
     independent streams for the units of one run, the same in every process."""
     state = np.random.SeedSequence([int(seed) & (2**63 - 1), *(int(k) for k in keys)])
     return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
-
-
-def share(n_units: int, size: int, rank: int) -> list[int]:
-    """The units of ``range(n_units)`` process ``rank`` of ``size`` computes: ``rank``,
-    ``rank + size``, ... (round-robin, so that every round holds ``size`` neighbours)."""
-    return list(range(rank, n_units, size))
 
 
 @dataclass(frozen=True)
@@ -174,8 +168,9 @@ class Team:
         process 0 (on every process when ``to_all``), which calls ``on_round`` with them
         (``(unit, result)`` in unit order) before the next round. Returns the results in
         unit order (``None`` on the other processes without ``to_all``) and the weight of
-        the units each process computed (``weight``: default 1 a unit). One progress bar,
-        on process 0, counts the units' weights."""
+        the units each process computed (``weight``: default 1 a unit; without ``to_all``
+        only process 0 knows the others'). One progress bar, on process 0, counts the
+        units' weights."""
         weigh = weight or (lambda _u: 1)
         bar = tqdm(total=sum(weigh(u) for u in units), disable=not (progress and self.leader),
                    desc=desc)
@@ -183,8 +178,8 @@ class Team:
         per_process = [0] * self.size
         for lo in range(0, len(units), self.size):
             batch = list(units[lo:lo + self.size])
-            mine = batch[self.rank] if self.rank < len(batch) else None
-            value = fn(mine) if self.rank < len(batch) else None  # type: ignore[arg-type]
+            busy = self.rank < len(batch)  # the last round may leave processes idle
+            value = fn(batch[self.rank]) if busy else None
             got = self.all_gather(value) if to_all else self.gather(value)
             if got is not None:
                 pairs = list(zip(batch, got[:len(batch)], strict=True))
@@ -194,25 +189,15 @@ class Team:
                 for r, u in enumerate(batch):
                     per_process[r] += weigh(u)
                     bar.update(weigh(u))
-            elif mine is not None:
-                per_process[self.rank] += weigh(mine)
+            elif busy:
+                per_process[self.rank] += weigh(batch[self.rank])
         bar.close()
         if not to_all and not self.leader:
             return None, per_process
         return results, per_process
 
 
-def chunks(n: int, size: int) -> list[tuple[int, int]]:
-    """``[(lo, hi), ...]``: ``range(n)`` cut into consecutive pieces of ``size``."""
-    return [(lo, min(n, lo + size)) for lo in range(0, n, max(1, size))]
-
-
-def flatten(parts: Iterable[Sequence[Any]]) -> list[Any]:
-    """The items of ``parts``, in order."""
-    return [item for part in parts for item in part]
-
-
+#: This process alone (no group): :meth:`Team.map` is a plain loop.
 SOLO = Team()
 
-__all__ = ["SOLO", "Disagreement", "LostProcess", "Team", "chunks", "flatten", "generator",
-           "share"]
+__all__ = ["SOLO", "Disagreement", "LostProcess", "Team", "generator"]

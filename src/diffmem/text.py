@@ -37,6 +37,7 @@ resolution binning is not applied: diffmem generates at the resolution asked for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import sys
@@ -429,11 +430,27 @@ def load_text_model(folder: str | Path, prompts: Prompts, options: TextOptions |
             enc.pooled[-1] = 0
     if opts.attention_slicing:
         _slice_attention(pipe, denoiser)
+    embed = _conditioning(pipe, denoiser, enc, size)
     model = wrap_diffusers(denoiser, pipe.scheduler, name=f"pipeline {folder.name}",
-                           embed=_conditioning(pipe, denoiser, enc, size), latent_size=latent)
+                           embed=embed, latent_size=latent)
     attach_decoder(model, pipe.vae)
     assert model.network is not None
     model.network["prompts"] = prompts.texts
+    model.network["embeds"] = enc.embeds
+    model.network["embed"] = embed
+
+    def with_embeddings(table: Tensor, like: ModelScore) -> ModelScore:
+        """``like`` (this model, guided as it is) with the prompts' embeddings ``table``
+        (``(n + 1, seq, dim)``, the negative prompt's last): a prompt-embedding cure."""
+        embed = _conditioning(pipe, denoiser, dataclasses.replace(enc, embeds=table), size)
+        new = wrap_diffusers(denoiser, pipe.scheduler, name=like.name, embed=embed,
+                             latent_size=latent)
+        assert new.network is not None and like.network is not None
+        new.network = {**like.network, "net": new.network["net"], "embeds": table,
+                       "embed": embed}
+        return new.guided(like.guidance, like.null)
+
+    model.network["with_embeddings"] = with_embeddings
     # FLUX's guidance_scale is an input of its network; its classifier-free guidance is
     # true_cfg_scale (1 by default: none)
     default = _call_default(pipe, "true_cfg_scale" if type(pipe).__name__ == "FluxPipeline"

@@ -8,7 +8,10 @@ time and the field's mitigations, as wrappers of any loaded model (one cure a mo
 * :class:`~diffmem.mitigate.guidance.GuidanceSchedule` (``guidance-schedule``): no condition
   for the first part of sampling (Jain et al., CVPR 2025, static);
 * :class:`~diffmem.mitigate.nearest.NearestGuidance` (``nn-guidance``): the prediction kept
-  away from its nearest training item (AMG's dissimilarity guidance, exact search).
+  away from its nearest training item (AMG's dissimilarity guidance, exact search);
+* :class:`~diffmem.mitigate.prompt.PromptOptimization` (``prompt-opt``): each prompt's
+  embedding moved until its first-step text-conditional noise prediction is typical (Wen et
+  al., ICLR 2024).
 
 ``NAME=STRENGTH`` (:func:`parse_cure`) names one at one strength; :func:`cure_model` applies
 a list of them to a model.
@@ -20,11 +23,12 @@ from diffmem._checks import fail
 from diffmem.mitigate.base import Cure, CureContext, CuredModel, cure_model
 from diffmem.mitigate.guidance import Guidance, GuidanceSchedule
 from diffmem.mitigate.nearest import NearestGuidance
+from diffmem.mitigate.prompt import PromptOptimization
 from diffmem.mitigate.tikhonov import Tikhonov
 
 #: The cures, by name.
 CURES: dict[str, type[Cure]] = {c.name: c for c in (Tikhonov, Guidance, GuidanceSchedule,
-                                                     NearestGuidance)}
+                                                     NearestGuidance, PromptOptimization)}
 
 
 def parse_cure(text: str) -> Cure:
@@ -43,4 +47,4 @@ def parse_cure(text: str) -> Cure:
 
 
 __all__ = ["CURES", "Cure", "CureContext", "CuredModel", "Guidance", "GuidanceSchedule",
-           "NearestGuidance", "Tikhonov", "cure_model", "parse_cure"]
+           "NearestGuidance", "PromptOptimization", "Tikhonov", "cure_model", "parse_cure"]

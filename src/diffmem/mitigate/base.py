@@ -1,7 +1,8 @@
 """What a cure is, and a model with cures applied.
 
-A cure changes how a trained model samples, at one of three places of every evaluation, so
-that it holds for every sampler (``ode``, ``edm``, ``pipeline``) and for detection alike:
+A cure changes how a trained model samples, once before sampling (:meth:`Cure.prepare`: a
+new model, e.g. with other prompt embeddings) or at one of three places of every evaluation,
+so that it holds for every sampler (``ode``, ``edm``, ``pipeline``) and for detection alike:
 
 * the **condition** ``y`` given at time ``t`` (:meth:`Cure.condition`);
 * the classifier-free **guidance** weight (:meth:`Cure.guidance_weight`);
@@ -75,6 +76,10 @@ class Cure:
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
         """Raise ``ValueError`` naming the cure and what ``model`` (or ``ctx``) lacks."""
+
+    def prepare(self, model: ModelScore, ctx: CureContext) -> ModelScore:
+        """The model to sample, made once before sampling (default: ``model``)."""
+        return model
 
     def condition(self, y: Tensor, t: Tensor, ctx: CureContext) -> Tensor:
         """The condition given at per-row times ``t``."""
@@ -187,4 +192,7 @@ def cure_model(model: ModelScore, cures: list[Cure], ctx: CureContext | None = N
         return model
     ctx = ctx or CureContext(null=model.null)
     ctx.T = float(model.schedule.T)
+    for cure in cures:
+        cure.check(model, ctx)
+        model = cure.prepare(model, ctx)
     return CuredModel(model, cures, ctx)

@@ -1,0 +1,140 @@
+"""A prompt-embedding cure: Wen et al.'s inference-time mitigation (ICLR 2024), each prompt's
+embedding moved until its text-conditional noise prediction is no larger than a typical
+prompt's."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from diffmem.mitigate.base import Cure, CureContext, refuse
+from diffmem.models import ModelScore, network_output_to_score, prediction_of
+from diffmem.parallel import generator
+
+#: Noise draws ``z`` per prompt, gradient steps at most, and the Adam step relative to the
+#: embeddings' RMS.
+DRAWS, STEPS, RATE = 4, 10, 0.05
+#: Prompts optimized at once.
+CHUNK = 16
+
+
+class PromptOptimization(Cure):
+    """Wen et al. (ICLR 2024), inference-time mitigation: each prompt's embedding ``e``
+    (its text encoder's hidden states, ``(seq, dim)``) is moved by Adam steps on
+
+        g(e)^2 = mean_z |eps(x_T, e) - eps(x_T, null)|^2 / d
+
+    (the first-step text-conditional noise prediction, noise units per coordinate, at
+    ``x_T = sigma(T) z`` for :data:`DRAWS` seeded draws of ``z``) until ``g(e) <= tau`` or
+    :data:`STEPS` steps are done, with ``tau = s median_j g(e_j)``: ``s`` times the median
+    over the prompts of their own starting ``g`` (scale-free: a memorized prompt stands far
+    above the median, Wen et al.'s detection). Prompts already at or below ``tau`` keep their
+    embedding; the negative prompt's is never changed. The step is :data:`RATE` times the
+    RMS of the embeddings. Larger ``s``: fewer prompts touched."""
+
+    name: ClassVar[str] = "prompt-opt"
+    high: ClassVar[float] = 100.0
+    grid: ClassVar[tuple[float, ...]] = (2.0, 1.5, 1.0, 0.75)
+    meaning: ClassVar[str] = "the factor s in [0, 100] of the prompts' median first-step " \
+        "text-conditional noise prediction that each prompt's is brought under"
+
+    def check(self, model: ModelScore, ctx: CureContext) -> None:
+        net = model.network or {}
+        if "with_embeddings" not in net or ctx.null is None or \
+                type(net.get("unet")).__name__ != "UNet2DConditionModel":
+            raise refuse(self, "prompts embedded by a UNet text-to-image pipeline (Stable "
+                         "Diffusion 1.x/2.x, SDXL: --prompts) and its negative prompt", model)
+
+    def prepare(self, model: ModelScore, ctx: CureContext) -> ModelScore:
+        assert model.network is not None and ctx.null is not None
+        table = model.network["embeds"]
+        gaps = first_step_gaps(model, table, int(ctx.null))
+        tau = self.strength * float(gaps[:-1].median())
+        moved = table.clone()
+        todo = [j for j in range(table.shape[0] - 1) if float(gaps[j]) > tau]
+        for lo in range(0, len(todo), CHUNK):
+            rows = todo[lo:lo + CHUNK]
+            moved[rows] = _optimize(model, table, rows, int(ctx.null), tau).to(table.dtype)
+        return model.network["with_embeddings"](moved, model)
+
+
+def _eps(model: ModelScore, table: Tensor, emb: Tensor, rows: list[int], null: int
+         ) -> tuple[Tensor, Tensor]:
+    """``eps(x_T, e) - eps(x_T, null)`` for the prompts ``rows`` with embeddings ``emb``
+    (differentiable in ``emb``), :data:`DRAWS` draws each (prompt ``j``'s noise from the
+    generator seeded ``(0, j)``), and its per-coordinate mean square per prompt."""
+    net = model.network
+    assert net is not None
+    unet, embed = net["unet"], net["embed"]
+    sch = model.schedule
+    T = torch.tensor(float(sch.T), dtype=torch.float64)
+    m, sigma = sch.m(T), sch.sigma(T)
+    dev, dt = unet.device, unet.dtype
+    z = torch.cat([torch.randn(DRAWS, *model.data_shape, generator=generator(0, j))
+                   for j in rows]).to(dev)
+    x = float(sigma) * z
+    y = torch.tensor(rows).repeat_interleave(DRAWS)
+    k = sch.timestep(T.to(torch.float32)).to(dev).expand(x.shape[0])
+    prediction = prediction_of(net["scheduler_config"])
+    c = int(model.data_shape[0])
+
+    def eps(kwargs: dict, hidden: Tensor) -> Tensor:
+        out = unet(x.to(dt), timestep=k, **{**kwargs, "encoder_hidden_states": hidden.to(
+            dev, dt)}).sample[:, :c].to(torch.float32)
+        return -float(sigma) * network_output_to_score(out, x, m.to(x), sigma.to(x), prediction)
+
+    with torch.no_grad():
+        nul = torch.full_like(y, null)
+        e_null = eps(embed(nul, x), table[nul])
+    delta = eps(embed(y, x), emb.repeat_interleave(DRAWS, 0)) - e_null
+    return delta, delta.flatten(1).pow(2).mean(1).reshape(len(rows), DRAWS).mean(1)
+
+
+def first_step_gaps(model: ModelScore, table: Tensor, null: int) -> Tensor:
+    """``g(e_j)`` of :class:`PromptOptimization` for every row of ``table`` (the negative
+    prompt's, 0, last)."""
+    out = torch.zeros(table.shape[0], dtype=torch.float64)
+    rows = list(range(table.shape[0] - 1))
+    with torch.no_grad():
+        for lo in range(0, len(rows), CHUNK):
+            part = rows[lo:lo + CHUNK]
+            out[part] = _eps(model, table, table[part], part, null)[1].double().sqrt()
+    return out
+
+
+def _optimize(model: ModelScore, table: Tensor, rows: list[int], null: int, tau: float
+              ) -> Tensor:
+    """Adam on the embeddings of ``rows`` until each prompt's ``g <= tau`` (it then stops
+    moving) or :data:`STEPS` steps."""
+    unet = model.network["unet"] if model.network else None
+    assert unet is not None
+    start = table[rows].to(torch.float32)
+    emb = start.clone().requires_grad_(True)
+    rate = RATE * float(start.pow(2).mean().sqrt())
+    opt = torch.optim.Adam([emb], lr=rate if math.isfinite(rate) and rate > 0 else RATE)
+    was = [p.requires_grad for p in unet.parameters()]
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    held = torch.zeros(len(rows), dtype=torch.bool)  # prompts that reached tau: kept there
+    kept = start.clone()
+    try:
+        with torch.enable_grad():
+            for _ in range(STEPS):
+                _, g2 = _eps(model, table, emb, rows, null)
+                reached = (g2.detach().sqrt() <= tau).cpu() & ~held
+                kept[reached] = emb.detach()[reached]
+                held |= reached
+                if bool(held.all()):
+                    break
+                opt.zero_grad()
+                (g2 * (~held).to(g2)).sum().backward()
+                opt.step()
+                with torch.no_grad():  # Adam's momentum would carry them on
+                    emb[held] = kept[held]
+    finally:
+        for p, flag in zip(unet.parameters(), was, strict=True):
+            p.requires_grad_(flag)
+    return emb.detach()
