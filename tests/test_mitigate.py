@@ -423,7 +423,9 @@ def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "nn-guidance"]
-    assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule"}
+    assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule", "prompt-opt"}
+    assert "prompts embedded by a UNet text-to-image pipeline" in \
+        doc["not_applicable"]["prompt-opt"]
     assert doc["baseline"]["sample_conditions"] is None
     base = np.load(tmp_path / "m" / doc["baseline"]["samples"])
     cured = np.load(tmp_path / "m" / doc["runs"][0]["samples"])
