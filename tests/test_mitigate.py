@@ -350,12 +350,12 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
             "--sampler", "pipeline", "--steps", "3", "--per-condition", "2"]
     res = _mitigate(args + ["--strengths", "tikhonov=0.1", "--strengths",
                             "guidance-schedule=0.5", "--strengths", "guidance=1",
-                            "--strengths", "prompt-opt=1"],
+                            "--strengths", "prompt-opt=1", "--strengths", "random-tokens=2"],
                     tmp_path / "m")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "guidance", "guidance-schedule",
-                                                "prompt-opt"]
+                                                "prompt-opt", "random-tokens"]
     assert "nn-guidance" in doc["not_applicable"]
     assert np.load(tmp_path / "m" / doc["runs"][0]["samples"]).shape == (4, 3, 16, 16)
     assert doc["inputs"]["prompt_texts"] == ["a red square", "a blue circle"]
@@ -423,7 +423,8 @@ def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "nn-guidance"]
-    assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule", "prompt-opt"}
+    assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule", "prompt-opt",
+                                          "random-tokens"}
     assert "prompts embedded by a UNet text-to-image pipeline" in \
         doc["not_applicable"]["prompt-opt"]
     assert doc["baseline"]["sample_conditions"] is None
@@ -480,3 +481,43 @@ def test_prompt_optimization_moves_only_the_atypical_prompts(tmp_path):
     changed = [j for j in range(len(texts)) if not np.array_equal(np.asarray(a)[j],
                                                                  np.asarray(c)[j])]
     assert changed == above  # only the moved prompts' samples change
+
+
+def test_random_tokens_add_seeded_words_to_every_prompt(tmp_path):
+    """random-tokens=k: every prompt gets k words of the tokenizer's vocabulary (seeded per
+    prompt: the same words again), encoded by the pipeline as if typed; the negative prompt's
+    embedding is unchanged; k = 0 is the model, sample for sample; a fractional k is refused."""
+    pytest.importorskip("transformers")
+    from tiny_pipelines import sd_pipeline
+
+    from diffmem.mitigate import CureContext, RandomTokens, cure_model, parse_cure
+    from diffmem.models import sample_model
+    from diffmem.prompts import Prompts
+    from diffmem.text import load_text_model
+
+    texts = ["a red square", "a blue circle"]
+    sd = sd_pipeline(tmp_path / "sd")
+    model = load_text_model(sd, Prompts(texts)).model.guided(7.5, torch.tensor(2))
+    words = model.network["words"]
+    assert "a" in words and all(w.isalpha() for w in words)
+    ctx = CureContext(null=torch.tensor(2))
+    cured = cure_model(model, [RandomTokens(3)], ctx)
+    table, base = cured.network["embeds"], model.network["embeds"]
+    assert torch.equal(table[2], base[2])
+    assert not torch.equal(table[0], base[0]) and not torch.equal(table[1], base[1])
+    # the words the cure adds, typed into the prompts, encode to the same table
+    from diffmem.parallel import generator
+
+    typed = [t + "".join(" " + words[int(i)] for i in torch.randint(
+        len(words), (3,), generator=generator(0, j))) for j, t in enumerate(texts)]
+    direct = load_text_model(sd, Prompts(typed)).model.network["embeds"]
+    assert torch.equal(direct, table)
+    assert torch.equal(cure_model(model, [RandomTokens(3)], ctx).network["embeds"], table)
+    cond = torch.arange(2)
+    a = sample_model(model, 2, tmp_path / "a.npy", sampler="pipeline", steps=3, cond=cond,
+                     progress=False)
+    b = sample_model(cure_model(model, [RandomTokens(0)], ctx), 2, tmp_path / "b.npy",
+                     sampler="pipeline", steps=3, cond=cond, progress=False)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="random-tokens=K with a whole number K"):
+        parse_cure("random-tokens=1.5")

@@ -422,12 +422,18 @@ def load_text_model(folder: str | Path, prompts: Prompts, options: TextOptions |
               f"{shown}{', ...' if len(truncated) > 10 else ''})", file=sys.stderr)
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     size, latent = _latent_grid(pipe, denoiser, opts.resolution)
-    with _quiet():
-        enc = _encode(pipe, prompts.texts + [negative], torch.device(device))
-    if negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-        enc.embeds[-1] = 0  # SDXL's null condition: zeros, not the empty prompt's embedding
-        if enc.pooled is not None:
-            enc.pooled[-1] = 0
+
+    def encoded(texts: list[str]) -> Encoded:
+        """``texts`` and the negative prompt (last) as the pipeline encodes them."""
+        with _quiet():
+            out = _encode(pipe, texts + [negative], torch.device(device))
+        if negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            out.embeds[-1] = 0  # SDXL's null condition: zeros, not the empty prompt's
+            if out.pooled is not None:
+                out.pooled[-1] = 0
+        return out
+
+    enc = encoded(prompts.texts)
     if opts.attention_slicing:
         _slice_attention(pipe, denoiser)
     embed = _conditioning(pipe, denoiser, enc, size)
@@ -439,24 +445,52 @@ def load_text_model(folder: str | Path, prompts: Prompts, options: TextOptions |
     model.network["embeds"] = enc.embeds
     model.network["embed"] = embed
 
-    def with_embeddings(table: Tensor, like: ModelScore) -> ModelScore:
-        """``like`` (this model, guided as it is) with the prompts' embeddings ``table``
-        (``(n + 1, seq, dim)``, the negative prompt's last): a prompt-embedding cure."""
-        embed = _conditioning(pipe, denoiser, dataclasses.replace(enc, embeds=table), size)
+    def rewrapped(new_enc: Encoded, like: ModelScore) -> ModelScore:
+        """``like`` (this model, guided as it is) with the prompts encoded as ``new_enc``."""
+        embed = _conditioning(pipe, denoiser, new_enc, size)
         new = wrap_diffusers(denoiser, pipe.scheduler, name=like.name, embed=embed,
                              latent_size=latent)
         assert new.network is not None and like.network is not None
-        new.network = {**like.network, "net": new.network["net"], "embeds": table,
+        new.network = {**like.network, "net": new.network["net"], "embeds": new_enc.embeds,
                        "embed": embed}
         return new.guided(like.guidance, like.null)
 
+    def with_embeddings(table: Tensor, like: ModelScore) -> ModelScore:
+        """``like`` with the prompts' embeddings ``table`` (``(n + 1, seq, dim)``, the
+        negative prompt's last): a prompt-embedding cure."""
+        return rewrapped(dataclasses.replace(enc, embeds=table), like)
+
+    def reencoded(texts: list[str], like: ModelScore) -> ModelScore:
+        """``like`` with its prompts replaced by ``texts`` (one each, in order), encoded by
+        the pipeline: a prompt-text cure."""
+        if len(texts) != len(prompts.texts):
+            raise fail("texts", f"{len(prompts.texts)} prompts", len(texts))
+        return rewrapped(encoded(list(texts)), like)
+
     model.network["with_embeddings"] = with_embeddings
+    model.network["reencoded"] = reencoded
+    model.network["words"] = _words(pipe)
     # FLUX's guidance_scale is an input of its network; its classifier-free guidance is
     # true_cfg_scale (1 by default: none)
     default = _call_default(pipe, "true_cfg_scale" if type(pipe).__name__ == "FluxPipeline"
                             else "guidance_scale")
     guidance = None if default is None else float(default)
     return TextModel(model, prompts, negative, guidance, truncated, limit, pipe)
+
+
+def _words(pipe: Any) -> list[str]:
+    """The whole alphabetic words of the pipeline's (first) tokenizer's vocabulary, sorted:
+    CLIP's tokens ending in ``</w>``, T5's starting with ``▁``."""
+    tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tok is None:
+        return []
+    words = set()
+    for token in tok.get_vocab():
+        word = token[:-4] if token.endswith("</w>") else token[1:] \
+            if token.startswith("▁") else ""
+        if word.isalpha():
+            words.add(word)
+    return sorted(words)
 
 
 def _slice_attention(pipe: Any, denoiser: Any) -> None:

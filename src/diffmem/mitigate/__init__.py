@@ -11,7 +11,9 @@ time and the field's mitigations, as wrappers of any loaded model (one cure a mo
   away from its nearest training item (AMG's dissimilarity guidance, exact search);
 * :class:`~diffmem.mitigate.prompt.PromptOptimization` (``prompt-opt``): each prompt's
   embedding moved until its first-step text-conditional noise prediction is typical (Wen et
-  al., ICLR 2024).
+  al., ICLR 2024);
+* :class:`~diffmem.mitigate.prompt.RandomTokens` (``random-tokens``): random words added to
+  each prompt (Somepalli et al., NeurIPS 2023).
 
 ``NAME=STRENGTH`` (:func:`parse_cure`) names one at one strength; :func:`cure_model` applies
 a list of them to a model.
@@ -23,12 +25,13 @@ from diffmem._checks import fail
 from diffmem.mitigate.base import Cure, CureContext, CuredModel, cure_model
 from diffmem.mitigate.guidance import Guidance, GuidanceSchedule
 from diffmem.mitigate.nearest import NearestGuidance
-from diffmem.mitigate.prompt import PromptOptimization
+from diffmem.mitigate.prompt import PromptOptimization, RandomTokens
 from diffmem.mitigate.tikhonov import Tikhonov
 
 #: The cures, by name.
 CURES: dict[str, type[Cure]] = {c.name: c for c in (Tikhonov, Guidance, GuidanceSchedule,
-                                                     NearestGuidance, PromptOptimization)}
+                                                     NearestGuidance, PromptOptimization,
+                                                     RandomTokens)}
 
 
 def parse_cure(text: str) -> Cure:
@@ -47,4 +50,5 @@ def parse_cure(text: str) -> Cure:
 
 
 __all__ = ["CURES", "Cure", "CureContext", "CuredModel", "Guidance", "GuidanceSchedule",
-           "NearestGuidance", "PromptOptimization", "Tikhonov", "cure_model", "parse_cure"]
+           "NearestGuidance", "PromptOptimization", "RandomTokens", "Tikhonov", "cure_model",
+           "parse_cure"]

@@ -1,6 +1,7 @@
-"""A prompt-embedding cure: Wen et al.'s inference-time mitigation (ICLR 2024), each prompt's
-embedding moved until its text-conditional noise prediction is no larger than a typical
-prompt's."""
+"""Prompt cures of a text-to-image pipeline: Wen et al.'s inference-time mitigation (ICLR
+2024), each prompt's embedding moved until its text-conditional noise prediction is no larger
+than a typical prompt's; and Somepalli et al.'s random tokens (NeurIPS 2023), words added to
+each prompt."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from diffmem._checks import fail
 from diffmem.mitigate.base import Cure, CureContext, refuse
 from diffmem.models import ModelScore, network_output_to_score, prediction_of
 from diffmem.parallel import generator
@@ -138,3 +140,38 @@ def _optimize(model: ModelScore, table: Tensor, rows: list[int], null: int, tau:
         for p, flag in zip(unet.parameters(), was, strict=True):
             p.requires_grad_(flag)
     return emb.detach()
+
+
+class RandomTokens(Cure):
+    """Somepalli et al. (NeurIPS 2023), random token addition at sampling time: ``k`` words
+    drawn uniformly from the pipeline's tokenizer vocabulary (its whole alphabetic words) are
+    appended to each prompt, which the pipeline encodes again; prompt ``j``'s words come
+    from the generator seeded ``(0, j)`` (the same words for all its samples: Somepalli et
+    al. draw them per generation). Words past the tokenizer's length are cut, as the
+    pipeline cuts them. ``k = 0`` is the model."""
+
+    name: ClassVar[str] = "random-tokens"
+    high: ClassVar[float] = 32.0
+    grid: ClassVar[tuple[float, ...]] = (1.0, 2.0, 4.0, 8.0)
+    meaning: ClassVar[str] = "the whole number k in [0, 32] of random words added to each " \
+        "prompt"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if float(self.strength) != int(self.strength):
+            raise fail("--cure", f"{self.name}=K with a whole number K ({self.meaning})",
+                       f"{self.name}={self.strength}")
+
+    def check(self, model: ModelScore, ctx: CureContext) -> None:
+        net = model.network or {}
+        if "reencoded" not in net or not net.get("words"):
+            raise refuse(self, "prompts encoded by a text-to-image pipeline (--prompts) "
+                         "whose tokenizer has whole words", model)
+
+    def prepare(self, model: ModelScore, ctx: CureContext) -> ModelScore:
+        assert model.network is not None
+        words, k = model.network["words"], int(self.strength)
+        texts = [text + "".join(" " + words[int(i)] for i in torch.randint(
+            len(words), (k,), generator=generator(0, j)))
+            for j, text in enumerate(model.network["prompts"])]
+        return model.network["reencoded"](texts, model)
