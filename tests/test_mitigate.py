@@ -5,6 +5,7 @@ guidance keeps predictions off the training items; the sweep on a class-conditio
 text-to-image pipeline and a callable, resumed to the same mitigate.json; clear errors."""
 
 import json
+import math
 import textwrap
 
 import numpy as np
@@ -350,12 +351,14 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
             "--sampler", "pipeline", "--steps", "3", "--per-condition", "2"]
     res = _mitigate(args + ["--strengths", "tikhonov=0.1", "--strengths",
                             "guidance-schedule=0.5", "--strengths", "guidance=1",
-                            "--strengths", "prompt-opt=1", "--strengths", "random-tokens=2"],
+                            "--strengths", "prompt-opt=1", "--strengths", "random-tokens=2",
+                            "--strengths", "embedding-noise=0.5"],
                     tmp_path / "m")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "guidance", "guidance-schedule",
-                                                "prompt-opt", "random-tokens"]
+                                                "prompt-opt", "random-tokens",
+                                                "embedding-noise"]
     assert "nn-guidance" in doc["not_applicable"]
     assert np.load(tmp_path / "m" / doc["runs"][0]["samples"]).shape == (4, 3, 16, 16)
     assert doc["inputs"]["prompt_texts"] == ["a red square", "a blue circle"]
@@ -424,7 +427,7 @@ def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "nn-guidance"]
     assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule", "prompt-opt",
-                                          "random-tokens"}
+                                          "random-tokens", "embedding-noise"}
     assert "prompts embedded by a UNet text-to-image pipeline" in \
         doc["not_applicable"]["prompt-opt"]
     assert doc["baseline"]["sample_conditions"] is None
@@ -521,3 +524,31 @@ def test_random_tokens_add_seeded_words_to_every_prompt(tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="random-tokens=K with a whole number K"):
         parse_cure("random-tokens=1.5")
+
+
+def test_embedding_noise_has_the_stated_scale_and_spares_the_negative_prompt(tmp_path):
+    """embedding-noise=s: each prompt's embedding moves by s rms(E) z with z standard normal
+    (the sample standard deviation of the moves within 5 standard errors of s rms(E)), the
+    same noise on a second call, the negative prompt's embedding unchanged; s = 0 leaves
+    the table bit for bit."""
+    pytest.importorskip("transformers")
+    from tiny_pipelines import sd_pipeline
+
+    from diffmem.mitigate import CureContext, EmbeddingNoise, cure_model
+    from diffmem.prompts import Prompts
+    from diffmem.text import load_text_model
+
+    model = load_text_model(sd_pipeline(tmp_path / "sd"), Prompts(
+        ["a red square", "a blue circle", "a dog"])).model.guided(7.5, torch.tensor(3))
+    ctx = CureContext(null=torch.tensor(3))
+    table = model.network["embeds"]
+    rms = float(table[:-1].pow(2).mean().sqrt())
+    noisy = cure_model(model, [EmbeddingNoise(0.5)], ctx).network["embeds"]
+    moves = (noisy[:-1] - table[:-1]).double().flatten()
+    n = moves.numel()
+    std = float(moves.std())
+    assert abs(std - 0.5 * rms) < 5 * 0.5 * rms / math.sqrt(2 * n), (std, 0.5 * rms, n)
+    assert abs(float(moves.mean())) < 5 * 0.5 * rms / math.sqrt(n)
+    assert torch.equal(noisy[-1], table[-1])
+    assert torch.equal(cure_model(model, [EmbeddingNoise(0.5)], ctx).network["embeds"], noisy)
+    assert torch.equal(cure_model(model, [EmbeddingNoise(0.0)], ctx).network["embeds"], table)

@@ -13,7 +13,8 @@ time and the field's mitigations, as wrappers of any loaded model (one cure a mo
   embedding moved until its first-step text-conditional noise prediction is typical (Wen et
   al., ICLR 2024);
 * :class:`~diffmem.mitigate.prompt.RandomTokens` (``random-tokens``): random words added to
-  each prompt (Somepalli et al., NeurIPS 2023).
+  each prompt, and :class:`~diffmem.mitigate.prompt.EmbeddingNoise` (``embedding-noise``):
+  Gaussian noise on each prompt's embedding (Somepalli et al., NeurIPS 2023).
 
 ``NAME=STRENGTH`` (:func:`parse_cure`) names one at one strength; :func:`cure_model` applies
 a list of them to a model.
@@ -25,13 +26,13 @@ from diffmem._checks import fail
 from diffmem.mitigate.base import Cure, CureContext, CuredModel, cure_model
 from diffmem.mitigate.guidance import Guidance, GuidanceSchedule
 from diffmem.mitigate.nearest import NearestGuidance
-from diffmem.mitigate.prompt import PromptOptimization, RandomTokens
+from diffmem.mitigate.prompt import EmbeddingNoise, PromptOptimization, RandomTokens
 from diffmem.mitigate.tikhonov import Tikhonov
 
 #: The cures, by name.
 CURES: dict[str, type[Cure]] = {c.name: c for c in (Tikhonov, Guidance, GuidanceSchedule,
                                                      NearestGuidance, PromptOptimization,
-                                                     RandomTokens)}
+                                                     RandomTokens, EmbeddingNoise)}
 
 
 def parse_cure(text: str) -> Cure:
@@ -49,6 +50,7 @@ def parse_cure(text: str) -> Cure:
     return CURES[name](strength)
 
 
-__all__ = ["CURES", "Cure", "CureContext", "CuredModel", "Guidance", "GuidanceSchedule",
+__all__ = ["CURES", "Cure", "CureContext", "CuredModel", "EmbeddingNoise", "Guidance",
+           "GuidanceSchedule",
            "NearestGuidance", "PromptOptimization", "RandomTokens", "Tikhonov", "cure_model",
            "parse_cure"]

@@ -1,7 +1,7 @@
 """Prompt cures of a text-to-image pipeline: Wen et al.'s inference-time mitigation (ICLR
 2024), each prompt's embedding moved until its text-conditional noise prediction is no larger
-than a typical prompt's; and Somepalli et al.'s random tokens (NeurIPS 2023), words added to
-each prompt."""
+than a typical prompt's; and Somepalli et al.'s (NeurIPS 2023) random tokens, words added to
+each prompt, and Gaussian noise on each prompt's embedding."""
 
 from __future__ import annotations
 
@@ -175,3 +175,32 @@ class RandomTokens(Cure):
             len(words), (k,), generator=generator(0, j)))
             for j, text in enumerate(model.network["prompts"])]
         return model.network["reencoded"](texts, model)
+
+
+class EmbeddingNoise(Cure):
+    """Somepalli et al. (NeurIPS 2023), Gaussian noise on the text embedding at sampling time:
+    each prompt's embedding ``e`` (``(seq, dim)``) becomes ``e + s rms(E) z`` with ``z``
+    standard normal from the generator seeded ``(0, j)`` for prompt ``j`` (the same noise for
+    all its samples: Somepalli et al. draw it per generation), ``rms(E)`` the RMS of the
+    prompts' embeddings; the negative prompt's is unchanged. ``s = 0`` is the model."""
+
+    name: ClassVar[str] = "embedding-noise"
+    high: ClassVar[float] = 10.0
+    grid: ClassVar[tuple[float, ...]] = (0.1, 0.2, 0.5, 1.0)
+    meaning: ClassVar[str] = "the noise's standard deviation s in [0, 10], in units of the " \
+        "embeddings' RMS"
+
+    def check(self, model: ModelScore, ctx: CureContext) -> None:
+        if "with_embeddings" not in (model.network or {}):
+            raise refuse(self, "prompts embedded by a text-to-image pipeline (--prompts)",
+                         model)
+
+    def prepare(self, model: ModelScore, ctx: CureContext) -> ModelScore:
+        assert model.network is not None
+        table = model.network["embeds"]
+        scale = self.strength * float(table[:-1].to(torch.float32).pow(2).mean().sqrt())
+        noisy = table.clone()
+        for j in range(table.shape[0] - 1):
+            z = torch.randn(table.shape[1:], generator=generator(0, j))
+            noisy[j] = (table[j].to(torch.float32) + scale * z).to(table.dtype)
+        return model.network["with_embeddings"](noisy, model)
