@@ -352,13 +352,14 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     res = _mitigate(args + ["--strengths", "tikhonov=0.1", "--strengths",
                             "guidance-schedule=0.5", "--strengths", "guidance=1",
                             "--strengths", "prompt-opt=1", "--strengths", "random-tokens=2",
-                            "--strengths", "embedding-noise=0.5"],
+                            "--strengths", "embedding-noise=0.5", "--strengths",
+                            "attention-rescale=1.2"],
                     tmp_path / "m")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "guidance", "guidance-schedule",
                                                 "prompt-opt", "random-tokens",
-                                                "embedding-noise"]
+                                                "embedding-noise", "attention-rescale"]
     assert "nn-guidance" in doc["not_applicable"]
     assert np.load(tmp_path / "m" / doc["runs"][0]["samples"]).shape == (4, 3, 16, 16)
     assert doc["inputs"]["prompt_texts"] == ["a red square", "a blue circle"]
@@ -427,7 +428,8 @@ def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "nn-guidance"]
     assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule", "prompt-opt",
-                                          "random-tokens", "embedding-noise"}
+                                          "random-tokens", "embedding-noise",
+                                          "attention-rescale"}
     assert "prompts embedded by a UNet text-to-image pipeline" in \
         doc["not_applicable"]["prompt-opt"]
     assert doc["baseline"]["sample_conditions"] is None
@@ -552,3 +554,42 @@ def test_embedding_noise_has_the_stated_scale_and_spares_the_negative_prompt(tmp
     assert torch.equal(noisy[-1], table[-1])
     assert torch.equal(cure_model(model, [EmbeddingNoise(0.5)], ctx).network["embeds"], noisy)
     assert torch.equal(cure_model(model, [EmbeddingNoise(0.0)], ctx).network["embeds"], table)
+
+
+def test_attention_rescale_scales_the_start_token_and_masks_the_summary(tmp_path):
+    """attention-rescale=C: its processor at C = 1 without a mask is the UNet's own attention
+    (to float32 round-off); with the summary tokens masked, changing a prompt's embedding at
+    those positions changes nothing of its prediction; C > 1 changes it; and the uncured
+    model, called after the cured one, gives its own outputs again (processors restored)."""
+    pytest.importorskip("transformers")
+    from tiny_pipelines import sd_pipeline
+
+    from diffmem.mitigate import AttentionRescale, CureContext, cure_model
+    from diffmem.mitigate.attention import Rescaled, summary_mask, with_processors
+    from diffmem.prompts import Prompts
+    from diffmem.text import load_text_model
+
+    model = load_text_model(sd_pipeline(tmp_path / "sd"), Prompts(
+        ["a red square", "a blue circle"])).model.guided(7.5, torch.tensor(2))
+    net, unet = model.network, model.network["unet"]
+    x = torch.randn(2, *model.data_shape, generator=torch.Generator().manual_seed(0))
+    y, k = torch.tensor([0, 1]), torch.tensor(40)
+    own = net["net"](x, k, y)
+    plain = {n: Rescaled(p, 1.0) for n, p in unet.attn_processors.items()}
+    same = with_processors(model, unet, plain).network["net"](x, k, y)
+    assert torch.allclose(same, own, rtol=1e-4, atol=1e-5 * float(own.abs().max()))
+    mask = summary_mask(net["tokenize"](net["texts"]), net["end_token"])
+    assert mask[:, 0].tolist() == [1, 1, 1] and mask[-1].min() == 1
+    end = int(mask[0].sum())  # "a red square": start, 10 letters, then the end token
+    assert end == 11 and mask[0, end:].max() == 0
+    ctx = CureContext(null=torch.tensor(2))
+    cured = cure_model(model, [AttentionRescale(1.2)], ctx)
+    out = cured.network["net"](x, k, y)
+    table = net["embeds"].clone()
+    table[0, end:] += 3.0  # only the masked positions of prompt 0
+    moved = cure_model(net["with_embeddings"](table, model), [AttentionRescale(1.2)], ctx)
+    again = moved.network["net"](x, k, y)
+    assert torch.allclose(again[0], out[0], rtol=0, atol=1e-6 * float(out.abs().max()))
+    flat = cure_model(model, [AttentionRescale(1.0)], ctx).network["net"](x, k, y)
+    assert float((flat - out).abs().max()) > 1e-4 * float(out.abs().max())
+    assert torch.equal(net["net"](x, k, y), own)

@@ -82,7 +82,8 @@ NULL_COND = typer.Option(None, "--null-cond", help="The condition meaning 'no co
 CURE = typer.Option([], "--cure", help="NAME=STRENGTH: sample the model with a cure "
                     "(repeatable, applied in order): tikhonov=LAMBDA, guidance=W, "
                     "guidance-schedule=FRACTION, nn-guidance=G, prompt-opt=S, "
-                    "random-tokens=K, embedding-noise=S (see diffmem mitigate).")
+                    "random-tokens=K, embedding-noise=S, attention-rescale=C (see "
+                    "diffmem mitigate).")
 MODEL_INDEX = typer.Option(0, "--model-index", help="Model of a checkpoint's stack.")
 RESUME = typer.Option(False, "--resume", help="Continue network training from the latest "
                       "checkpoint in OUT/NAME/checkpoints (same configuration required).")

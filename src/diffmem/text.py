@@ -444,31 +444,53 @@ def load_text_model(folder: str | Path, prompts: Prompts, options: TextOptions |
     model.network["prompts"] = prompts.texts
     model.network["embeds"] = enc.embeds
     model.network["embed"] = embed
+    model.network["encoded"] = enc
+    model.network["texts"] = list(prompts.texts)
 
-    def rewrapped(new_enc: Encoded, like: ModelScore) -> ModelScore:
-        """``like`` (this model, guided as it is) with the prompts encoded as ``new_enc``."""
+    def rewrapped(new_enc: Encoded, like: ModelScore, texts: list[str] | None = None
+                  ) -> ModelScore:
+        """``like`` (this model, guided as it is) with the prompts encoded as ``new_enc``
+        (from ``texts``, when they changed)."""
         embed = _conditioning(pipe, denoiser, new_enc, size)
         new = wrap_diffusers(denoiser, pipe.scheduler, name=like.name, embed=embed,
                              latent_size=latent)
         assert new.network is not None and like.network is not None
         new.network = {**like.network, "net": new.network["net"], "embeds": new_enc.embeds,
-                       "embed": embed}
+                       "embed": embed, "encoded": new_enc,
+                       "texts": like.network["texts"] if texts is None else list(texts)}
         return new.guided(like.guidance, like.null)
 
     def with_embeddings(table: Tensor, like: ModelScore) -> ModelScore:
         """``like`` with the prompts' embeddings ``table`` (``(n + 1, seq, dim)``, the
         negative prompt's last): a prompt-embedding cure."""
-        return rewrapped(dataclasses.replace(enc, embeds=table), like)
+        assert like.network is not None
+        return rewrapped(dataclasses.replace(like.network["encoded"], embeds=table), like)
+
+    def with_mask(mask: Tensor, like: ModelScore) -> ModelScore:
+        """``like`` with the cross-attention mask ``mask`` (``(n + 1, seq)``, 1 kept, 0
+        masked) given to the network with each row: a cross-attention cure."""
+        assert like.network is not None
+        return rewrapped(dataclasses.replace(like.network["encoded"], mask=mask), like)
 
     def reencoded(texts: list[str], like: ModelScore) -> ModelScore:
         """``like`` with its prompts replaced by ``texts`` (one each, in order), encoded by
         the pipeline: a prompt-text cure."""
         if len(texts) != len(prompts.texts):
             raise fail("texts", f"{len(prompts.texts)} prompts", len(texts))
-        return rewrapped(encoded(list(texts)), like)
+        return rewrapped(encoded(list(texts)), like, texts)
+
+    def tokens(texts: list[str]) -> Tensor:
+        """The first tokenizer's ids of ``texts``, padded to its length, as the pipeline
+        tokenizes them."""
+        tok = pipe.tokenizer
+        return torch.as_tensor(tok(list(texts), padding="max_length", truncation=True,
+                                   max_length=tok.model_max_length).input_ids)
 
     model.network["with_embeddings"] = with_embeddings
+    model.network["with_mask"] = with_mask
     model.network["reencoded"] = reencoded
+    model.network["tokenize"] = tokens
+    model.network["end_token"] = getattr(getattr(pipe, "tokenizer", None), "eos_token_id", None)
     model.network["words"] = _words(pipe)
     # FLUX's guidance_scale is an input of its network; its classifier-free guidance is
     # true_cfg_scale (1 by default: none)

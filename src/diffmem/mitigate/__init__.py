@@ -14,7 +14,10 @@ time and the field's mitigations, as wrappers of any loaded model (one cure a mo
   al., ICLR 2024);
 * :class:`~diffmem.mitigate.prompt.RandomTokens` (``random-tokens``): random words added to
   each prompt, and :class:`~diffmem.mitigate.prompt.EmbeddingNoise` (``embedding-noise``):
-  Gaussian noise on each prompt's embedding (Somepalli et al., NeurIPS 2023).
+  Gaussian noise on each prompt's embedding (Somepalli et al., NeurIPS 2023);
+* :class:`~diffmem.mitigate.attention.AttentionRescale` (``attention-rescale``): the start
+  token's cross-attention logits scaled up and the summary tokens masked (Ren et al., ECCV
+  2024).
 
 ``NAME=STRENGTH`` (:func:`parse_cure`) names one at one strength; :func:`cure_model` applies
 a list of them to a model.
@@ -23,6 +26,7 @@ a list of them to a model.
 from __future__ import annotations
 
 from diffmem._checks import fail
+from diffmem.mitigate.attention import AttentionRescale
 from diffmem.mitigate.base import Cure, CureContext, CuredModel, cure_model
 from diffmem.mitigate.guidance import Guidance, GuidanceSchedule
 from diffmem.mitigate.nearest import NearestGuidance
@@ -32,7 +36,8 @@ from diffmem.mitigate.tikhonov import Tikhonov
 #: The cures, by name.
 CURES: dict[str, type[Cure]] = {c.name: c for c in (Tikhonov, Guidance, GuidanceSchedule,
                                                      NearestGuidance, PromptOptimization,
-                                                     RandomTokens, EmbeddingNoise)}
+                                                     RandomTokens, EmbeddingNoise,
+                                                     AttentionRescale)}
 
 
 def parse_cure(text: str) -> Cure:
@@ -50,7 +55,8 @@ def parse_cure(text: str) -> Cure:
     return CURES[name](strength)
 
 
-__all__ = ["CURES", "Cure", "CureContext", "CuredModel", "EmbeddingNoise", "Guidance",
+__all__ = ["CURES", "AttentionRescale", "Cure", "CureContext", "CuredModel", "EmbeddingNoise",
+           "Guidance",
            "GuidanceSchedule",
            "NearestGuidance", "PromptOptimization", "RandomTokens", "Tikhonov", "cure_model",
            "parse_cure"]
