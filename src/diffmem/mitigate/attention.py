@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from diffmem.mitigate.base import Cure, CureContext, refuse
+from diffmem.mitigate.prompt import text_unet
 from diffmem.models import ModelScore
 
 
@@ -35,9 +36,7 @@ class AttentionRescale(Cure):
         "logits"
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
-        net = model.network or {}
-        if "with_mask" not in net or net.get("end_token") is None or \
-                type(net.get("unet")).__name__ != "UNet2DConditionModel":
+        if not text_unet(model, "with_mask", "end_token"):
             raise refuse(self, "the cross-attention of a UNet text-to-image pipeline "
                          "(Stable Diffusion 1.x/2.x, SDXL: --prompts)", model)
 
@@ -101,14 +100,15 @@ def with_processors(model: ModelScore, unet: Any, processors: dict[str, Any]) ->
     """``model`` whose every network call runs with ``processors`` set on ``unet`` (the
     previous ones restored after the call: the uncured model is untouched)."""
 
+    before = unet.attn_processors  # the model's own, restored after each cured call
+
     @contextlib.contextmanager
     def swapped() -> Iterator[None]:
-        before = unet.attn_processors
         unet.set_attn_processor(dict(processors))  # (diffusers empties the dict it is given)
         try:
             yield
         finally:
-            unet.set_attn_processor(before)
+            unet.set_attn_processor(dict(before))
 
     fn, net = model.fn, model.network["net"] if model.network else None
 

@@ -6,7 +6,7 @@ each prompt, and Gaussian noise on each prompt's embedding."""
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -44,9 +44,7 @@ class PromptOptimization(Cure):
         "text-conditional noise prediction that each prompt's is brought under"
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
-        net = model.network or {}
-        if "with_embeddings" not in net or ctx.null is None or \
-                type(net.get("unet")).__name__ != "UNet2DConditionModel":
+        if ctx.null is None or not text_unet(model, "with_embeddings"):
             raise refuse(self, "prompts embedded by a UNet text-to-image pipeline (Stable "
                          "Diffusion 1.x/2.x, SDXL: --prompts) and its negative prompt", model)
 
@@ -63,36 +61,45 @@ class PromptOptimization(Cure):
         return model.network["with_embeddings"](moved, model)
 
 
-def _eps(model: ModelScore, table: Tensor, emb: Tensor, rows: list[int], null: int
-         ) -> tuple[Tensor, Tensor]:
-    """``eps(x_T, e) - eps(x_T, null)`` for the prompts ``rows`` with embeddings ``emb``
-    (differentiable in ``emb``), :data:`DRAWS` draws each (prompt ``j``'s noise from the
-    generator seeded ``(0, j)``), and its per-coordinate mean square per prompt."""
-    net = model.network
-    assert net is not None
-    unet, embed = net["unet"], net["embed"]
-    sch = model.schedule
-    T = torch.tensor(float(sch.T), dtype=torch.float64)
-    m, sigma = sch.m(T), sch.sigma(T)
-    dev, dt = unet.device, unet.dtype
-    z = torch.cat([torch.randn(DRAWS, *model.data_shape, generator=generator(0, j))
-                   for j in rows]).to(dev)
-    x = float(sigma) * z
-    y = torch.tensor(rows).repeat_interleave(DRAWS)
-    k = sch.timestep(T.to(torch.float32)).to(dev).expand(x.shape[0])
-    prediction = prediction_of(net["scheduler_config"])
-    c = int(model.data_shape[0])
+class _FirstStep:
+    """``g(e)^2`` of :class:`PromptOptimization` for the prompts ``rows``: their noises
+    (:data:`DRAWS` each, prompt ``j``'s from the generator seeded ``(0, j)``) and the
+    negative prompt's prediction on them, made once; :meth:`gap2` is differentiable in the
+    embeddings."""
 
-    def eps(kwargs: dict, hidden: Tensor) -> Tensor:
-        out = unet(x.to(dt), timestep=k, **{**kwargs, "encoder_hidden_states": hidden.to(
-            dev, dt)}).sample[:, :c].to(torch.float32)
-        return -float(sigma) * network_output_to_score(out, x, m.to(x), sigma.to(x), prediction)
-
-    with torch.no_grad():
+    def __init__(self, model: ModelScore, table: Tensor, rows: list[int], null: int) -> None:
+        net = model.network
+        assert net is not None
+        self.unet, self.rows = net["unet"], rows
+        sch = model.schedule
+        T = torch.tensor(float(sch.T), dtype=torch.float64)
+        self.m, self.sigma = sch.m(T), sch.sigma(T)
+        dev = self.unet.device
+        z = torch.cat([torch.randn(DRAWS, *model.data_shape, generator=generator(0, j))
+                       for j in rows]).to(dev)
+        self.x = float(self.sigma) * z
+        self.k = sch.timestep(T.to(torch.float32)).to(dev).expand(self.x.shape[0])
+        self.prediction = prediction_of(net["scheduler_config"])
+        self.channels = int(model.data_shape[0])
+        y = torch.tensor(rows).repeat_interleave(DRAWS)
+        self.kwargs = net["embed"](y, self.x)
         nul = torch.full_like(y, null)
-        e_null = eps(embed(nul, x), table[nul])
-    delta = eps(embed(y, x), emb.repeat_interleave(DRAWS, 0)) - e_null
-    return delta, delta.flatten(1).pow(2).mean(1).reshape(len(rows), DRAWS).mean(1)
+        with torch.no_grad():
+            self.e_null = self._eps(net["embed"](nul, self.x), table[nul])
+
+    def _eps(self, kwargs: dict[str, Any], hidden: Tensor) -> Tensor:
+        """The network's noise prediction at ``x_T`` with the text states ``hidden``."""
+        x, unet = self.x, self.unet
+        out = unet(x.to(unet.dtype), timestep=self.k, **{
+            **kwargs, "encoder_hidden_states": hidden.to(x.device, unet.dtype)}).sample
+        s = network_output_to_score(out[:, :self.channels].to(torch.float32), x,
+                                    self.m.to(x), self.sigma.to(x), self.prediction)
+        return -float(self.sigma) * s
+
+    def gap2(self, emb: Tensor) -> Tensor:
+        """``g^2`` per prompt for the embeddings ``emb`` (one per row of ``rows``)."""
+        delta = self._eps(self.kwargs, emb.repeat_interleave(DRAWS, 0)) - self.e_null
+        return delta.flatten(1).pow(2).mean(1).reshape(len(self.rows), DRAWS).mean(1)
 
 
 def first_step_gaps(model: ModelScore, table: Tensor, null: int) -> Tensor:
@@ -103,7 +110,7 @@ def first_step_gaps(model: ModelScore, table: Tensor, null: int) -> Tensor:
     with torch.no_grad():
         for lo in range(0, len(rows), CHUNK):
             part = rows[lo:lo + CHUNK]
-            out[part] = _eps(model, table, table[part], part, null)[1].double().sqrt()
+            out[part] = _FirstStep(model, table, part, null).gap2(table[part]).double().sqrt()
     return out
 
 
@@ -111,8 +118,8 @@ def _optimize(model: ModelScore, table: Tensor, rows: list[int], null: int, tau:
               ) -> Tensor:
     """Adam on the embeddings of ``rows`` until each prompt's ``g <= tau`` (it then stops
     moving) or :data:`STEPS` steps."""
-    unet = model.network["unet"] if model.network else None
-    assert unet is not None
+    step = _FirstStep(model, table, rows, null)
+    unet = step.unet
     start = table[rows].to(torch.float32)
     emb = start.clone().requires_grad_(True)
     rate = RATE * float(start.pow(2).mean().sqrt())
@@ -125,7 +132,7 @@ def _optimize(model: ModelScore, table: Tensor, rows: list[int], null: int, tau:
     try:
         with torch.enable_grad():
             for _ in range(STEPS):
-                _, g2 = _eps(model, table, emb, rows, null)
+                g2 = step.gap2(emb)
                 reached = (g2.detach().sqrt() <= tau).cpu() & ~held
                 kept[reached] = emb.detach()[reached]
                 held |= reached
@@ -140,6 +147,14 @@ def _optimize(model: ModelScore, table: Tensor, rows: list[int], null: int, tau:
         for p, flag in zip(unet.parameters(), was, strict=True):
             p.requires_grad_(flag)
     return emb.detach()
+
+
+def text_unet(model: ModelScore, *needs: str) -> bool:
+    """Whether ``model`` is a text-to-image pipeline on a ``UNet2DConditionModel`` (Stable
+    Diffusion 1.x/2.x, SDXL) whose network entry has the hooks ``needs``."""
+    net = model.network or {}
+    return type(net.get("unet")).__name__ == "UNet2DConditionModel" and \
+        all(net.get(n) is not None for n in needs)
 
 
 class RandomTokens(Cure):
