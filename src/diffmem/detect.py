@@ -325,6 +325,23 @@ def _add_roc(result: DetectResult, labels: Tensor | None) -> DetectResult:
     return result
 
 
+def _in_chunks(team: Team, fn: Any, entries: list[dict[str, Any]], chunk: int,
+               progress: bool, desc: str) -> list[int]:
+    """``fn(lo)`` (measure name -> one value per entry from ``lo``) over the chunks of
+    ``entries``, split over ``team``'s processes; the values written into the entries.
+    Returns how many entries each process measured."""
+    n = len(entries)
+    starts = list(range(0, n, chunk))
+    found, per_process = team.map(fn, starts, progress=progress, desc=desc,
+                                  weight=lambda lo: min(chunk, n - lo))
+    assert found is not None
+    for lo, values in zip(starts, found, strict=True):
+        for name, column in values.items():
+            for i, value in enumerate(column):
+                entries[lo + i][name] = value
+    return per_process
+
+
 def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
            steps: int = 50, levels: Sequence[float] = LEVELS,
            measures: Sequence[str] = DEFAULT_MEASURES,
@@ -421,14 +438,7 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
         return {name: value.reshape(k, n_noise).mean(1).tolist()
                 for name, value in found.items()}
 
-    starts = list(range(0, n, chunk))
-    screened, per_process = team.map(screen, starts, progress=progress, desc="conditions",
-                                     weight=lambda lo: min(chunk, n - lo))
-    assert screened is not None
-    for lo, found in zip(starts, screened, strict=True):
-        for name, values in found.items():
-            for i, v in enumerate(values):
-                entries[lo + i][name] = v
+    per_process = _in_chunks(team, screen, entries, chunk, progress, "conditions")
     for e in entries:
         if "trace_c" in e:
             e["collapse"] = 1 - e["trace_c"] / e["trace_null"] if e["trace_null"] > 0 \
@@ -544,15 +554,7 @@ def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
         return {name: found[name].reshape(hi - lo, n_noise).mean(1).tolist()
                 for name in names}
 
-    starts = list(range(0, n, chunk))
-    measured, per_process = (team or SOLO).map(measure, starts, progress=progress,
-                                               desc="samples",
-                                               weight=lambda lo: min(chunk, n - lo))
-    assert measured is not None
-    for lo, found in zip(starts, measured, strict=True):
-        for name, values in found.items():
-            for i, value in enumerate(values):
-                entries[lo + i][name] = value
+    per_process = _in_chunks(team or SOLO, measure, entries, chunk, progress, "samples")
     total = time.perf_counter() - start
     settings = {"n_noise": n_noise, "level": level, "dim": d,
                 "measures": names, "seed": seed, "model": getattr(model, "name", None),
