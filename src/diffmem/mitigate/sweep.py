@@ -146,15 +146,20 @@ def _measure(folder: Path, plan: DrawPlan, train: Any, train_cond: Tensor | None
              key: dict[str, Any], steps: int, start: float, team: Team) -> dict[str, Any]:
     """A run's per-sample measures, from ``folder/measure.npz`` when a finished earlier
     run with the same ``key`` left them (as process 0 finds it), and its seconds (drawing and
-    measuring, since ``start``, as first measured). Every process measures (detect splits
-    over them); process 0 writes."""
+    measuring, since ``start``, as first measured). Process 0 audits and sends the verdicts
+    to the others; without a training set detect splits over them; process 0 writes."""
     saved = _saved_measure(folder, key) if team.leader else None
     saved = team.broadcast(saved)
     if saved is not None:
         return saved
-    samples = torch.from_numpy(np.load(folder / "samples.npy"))
-    found = _copies(samples, plan, train, train_cond, plan.seed) if train is not None \
-        else _detected(plan.model, samples, plan, plan.seed, steps, team)
+    def samples() -> Tensor:
+        return torch.from_numpy(np.load(folder / "samples.npy"))
+
+    if train is not None:  # the audit, on process 0 alone: the others get its verdicts
+        found = team.broadcast(_copies(samples(), plan, train, train_cond, plan.seed)
+                               if team.leader else None)
+    else:  # detect splits its work over the processes
+        found = _detected(plan.model, samples(), plan, plan.seed, steps, team)
     found["seconds"] = time.perf_counter() - start
     if team.leader:
         import io
