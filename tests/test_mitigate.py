@@ -68,19 +68,10 @@ def test_network_parameterizations_round_trip():
 def unet(tmp_path_factory):
     """A class-conditional UNet2DModel (labels 0-2, 3 the null one) with a DDIM scheduler of
     50 training steps, 12 training images in [-1, 1] and their labels."""
-    diffusers = pytest.importorskip("diffusers")
-    root = tmp_path_factory.mktemp("mitigate")
-    torch.manual_seed(0)
-    diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-        layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2, num_class_embeds=4).save_pretrained(root / "net")
-    diffusers.DDIMScheduler(num_train_timesteps=50, clip_sample=False,
-                            prediction_type="v_prediction").save_pretrained(root / "net")
-    gen = np.random.default_rng(0)
-    np.save(root / "train.npy", gen.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32))
-    np.save(root / "labels.npy", np.repeat(np.arange(3), 4))
-    return root
+    pytest.importorskip("diffusers")
+    from tiny_pipelines import class_unet
+
+    return class_unet(tmp_path_factory.mktemp("mitigate"), "v_prediction")
 
 
 def test_pipeline_sampler_samples_the_cured_network(unet):

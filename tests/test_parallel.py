@@ -110,18 +110,10 @@ def same_files(a: Path, b: Path, names: list[str]) -> None:
 def unet(tmp_path_factory):
     """A class-conditional UNet2DModel (labels 0-2, 3 the null one) with a DDIM scheduler,
     12 training images and their labels, the conditions to detect."""
-    diffusers = pytest.importorskip("diffusers")
-    root = tmp_path_factory.mktemp("parallel")
-    torch.manual_seed(0)
-    diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-        layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2, num_class_embeds=4).save_pretrained(root / "net")
-    diffusers.DDIMScheduler(num_train_timesteps=50, clip_sample=False).save_pretrained(
-        root / "net")
-    gen = np.random.default_rng(0)
-    np.save(root / "train.npy", gen.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32))
-    np.save(root / "labels.npy", np.repeat(np.arange(3), 4))
+    pytest.importorskip("diffusers")
+    from tiny_pipelines import class_unet
+
+    root = class_unet(tmp_path_factory.mktemp("parallel"))
     np.save(root / "conditions.npy", np.arange(3))
     return root
 

@@ -234,3 +234,23 @@ def pixart_pipeline(folder: Path, seed: int = 0, sigma: bool = False) -> Path:
                scheduler=diffusers.DPMSolverMultistepScheduler(num_train_timesteps=100))
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def class_unet(root: Path, prediction: str = "epsilon") -> Path:
+    """A class-conditional UNet2DModel in ``root/net`` (8x8 grey images, labels 0-2, 3 the
+    null one) with a DDIM scheduler of 50 training steps and ``prediction``, 12 training
+    images in [-1, 1] (``root/train.npy``) and their labels (``root/labels.npy``, 4 each)."""
+    import diffusers
+    import numpy as np
+
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2, num_class_embeds=4).save_pretrained(root / "net")
+    diffusers.DDIMScheduler(num_train_timesteps=50, clip_sample=False,
+                            prediction_type=prediction).save_pretrained(root / "net")
+    gen = np.random.default_rng(0)
+    np.save(root / "train.npy", gen.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32))
+    np.save(root / "labels.npy", np.repeat(np.arange(3), 4))
+    return root
