@@ -4,11 +4,14 @@ training, audit and detection with prompts, in a few minutes.
     python examples/memorize_captions.py --out memo
 
 1. Data: 16 x 16 pictures of a coloured shape on the left or right, captioned "a red square
-   on the left" (3 shapes x 4 colours x 2 sides = 24 images). Three of them are duplicated
-   ``--copies`` times in the training set (the usual cause of memorization); the others
-   appear once. OUT/data holds the images, the captions (data.jsonl), the training set as
-   trained (train.npy, duplicates included), the prompts with their labels (prompts.jsonl,
-   1 = duplicated) and the labels alone (labels.npy).
+   on the left" (3 shapes x 4 colours x 2 sides = 24 captions). Three captions show one
+   picture, duplicated ``--copies`` times in the training set (the usual cause of
+   memorization); each of the others shows ``--variants`` different pictures (the shape
+   shifted by up to 1.5 pixels, scaled by 0.8 to 1.15, its colour shaded by 0.75 to 1), so
+   a model that learns the caption need not copy any one of them. OUT/data holds the
+   images, the captions (data.jsonl), the training set as trained (train.npy, duplicates
+   included), the prompts with their labels (prompts.jsonl, 1 = duplicated; ``picture``:
+   the caption's first picture) and the labels alone (labels.npy).
 2. Model: the tiny Stable Diffusion layout of the test suite (tests/tiny_pipelines.py: a
    character-level CLIP tokenizer and text encoder, a UNet on 8 x 8 x 4 latents, a two-level
    VAE), its VAE fitted to the images and its UNet trained on the captions by
@@ -52,38 +55,51 @@ DUPLICATED = (("square", "red", "left"), ("circle", "green", "right"),
 SIZE = 16
 
 
-def picture(shape: str, colour: str, side: str) -> np.ndarray:
-    """A ``3 x 16 x 16`` picture in ``[0, 1]``: the shape, about 7 pixels across, centred at
-    column 5 (left) or 11 (right), on a dark background."""
+def picture(shape: str, colour: str, side: str, shift: tuple[float, float] = (0.0, 0.0),
+            scale: float = 1.0, shade: float = 1.0) -> np.ndarray:
+    """A ``3 x 16 x 16`` picture in ``[0, 1]``: the shape, about ``7 scale`` pixels across,
+    centred at column 5 (left) or 11 (right) and row 8, moved by ``shift`` (columns, rows),
+    in its colour times ``shade``, on a dark background."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    cx, cy = (5.0 if side == "left" else 11.0), 8.0
+    cx, cy = (5.0 if side == "left" else 11.0) + shift[0], 8.0 + shift[1]
     if shape == "square":
-        mask = (abs(xx - cx) < 3.5) & (abs(yy - cy) < 3.5)
+        mask = (abs(xx - cx) < 3.5 * scale) & (abs(yy - cy) < 3.5 * scale)
     elif shape == "circle":
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < 3.8 ** 2
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < (3.8 * scale) ** 2
     else:
-        mask = ((abs(xx - cx) < 1.2) & (abs(yy - cy) < 4.5)) | \
-            ((abs(yy - cy) < 1.2) & (abs(xx - cx) < 4.5))
+        mask = ((abs(xx - cx) < 1.2 * scale) & (abs(yy - cy) < 4.5 * scale)) | \
+            ((abs(yy - cy) < 1.2 * scale) & (abs(xx - cx) < 4.5 * scale))
     img = np.full((SIZE, SIZE, 3), 0.05)
-    img[mask] = COLOURS[colour]
+    img[mask] = np.array(COLOURS[colour]) * shade
     return img.transpose(2, 0, 1).astype(np.float32)
 
 
-def write_data(folder: Path, copies: int) -> tuple[Path, Path, Path, Path]:
-    """The pictures, captions, training set and labelled prompts (module docstring)."""
+def write_data(folder: Path, copies: int, variants: int = 1, seed: int = 0
+               ) -> tuple[Path, Path, Path, Path]:
+    """The pictures, captions, training set and labelled prompts (module docstring): each
+    duplicated caption's picture ``copies`` times, each other caption's ``variants``
+    pictures once (the first unchanged, the others drawn from ``seed``)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     items = [(s, c, side) for s in SHAPES for c in COLOURS for side in SIDES]
+    rng = np.random.default_rng(seed)
     lines, prompts, rows = [], [], []
-    for i, (shape, colour, side) in enumerate(items):
-        img = picture(shape, colour, side)
-        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(
-            folder / "images" / f"{i:02d}.png")
+    count = 0
+    for shape, colour, side in items:
         caption = f"a {colour} {shape} on the {side}"
         dup = (shape, colour, side) in DUPLICATED
-        for _ in range(copies if dup else 1):
-            lines.append({"image": f"images/{i:02d}.png", "caption": caption})
-            rows.append(i)
-        prompts.append({"prompt": caption, "label": int(dup)})
+        prompts.append({"prompt": caption, "label": int(dup), "picture": count})
+        for v in range(1 if dup else variants):
+            jitter = {} if v == 0 else {"shift": tuple(rng.uniform(-1.5, 1.5, 2)),
+                                        "scale": rng.uniform(0.8, 1.15),
+                                        "shade": rng.uniform(0.75, 1.0)}
+            img = picture(shape, colour, side, **jitter)
+            name = f"images/{count:03d}.png"
+            Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(
+                folder / name)
+            for _ in range(copies if dup else 1):
+                lines.append({"image": name, "caption": caption})
+                rows.append(count)
+            count += 1
     data = folder / "data.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     prompt_file = folder / "prompts.jsonl"
@@ -91,7 +107,7 @@ def write_data(folder: Path, copies: int) -> tuple[Path, Path, Path, Path]:
     labels = folder / "labels.npy"
     np.save(labels, np.array([p["label"] for p in prompts]))
     # the training set as trained, read back from the PNGs (what the audit compares with)
-    pics = np.stack([np.asarray(Image.open(folder / "images" / f"{i:02d}.png"),
+    pics = np.stack([np.asarray(Image.open(folder / "images" / f"{i:03d}.png"),
                                 dtype=np.float32).transpose(2, 0, 1) / 255 for i in rows])
     train = folder / "train.npy"
     np.save(train, pics)
@@ -109,22 +125,25 @@ def run(args: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--copies", type=int, default=12,
+    parser.add_argument("--copies", type=int, default=20,
                         help="Copies of each duplicated picture in the training set.")
+    parser.add_argument("--variants", type=int, default=20,
+                        help="Pictures of each caption that is not duplicated.")
     parser.add_argument("--steps", type=int, default=1000, help="UNet training steps.")
     parser.add_argument("--vae-steps", type=int, default=300, help="VAE fitting steps.")
     parser.add_argument("--per-prompt", type=int, default=8, help="Audit samples per prompt.")
     parser.add_argument("--sample-steps", type=int, default=25, help="Sampler steps.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for name in ("copies", "steps", "per_prompt", "sample_steps"):
+    for name in ("copies", "variants", "steps", "per_prompt", "sample_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, "
                              f"received {getattr(args, name)}")
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_pipelines import sd_pipeline
 
-    data, prompts, labels, _ = write_data(args.out / "data", args.copies)
+    data, prompts, labels, _ = write_data(args.out / "data", args.copies, args.variants,
+                                          args.seed)
     base = sd_pipeline(args.out / "base", max_length=32, channels=(32, 64), seed=args.seed,
                        timesteps=1000)
     py = sys.executable
@@ -133,7 +152,7 @@ def main() -> None:
          "--batch-size", "16", "--vae-steps", str(args.vae_steps), "--seed", str(args.seed)])
     model = str(args.out / "run" / "pipeline")
     # the training set as the VAE renders it: the example's reconstructions of the distinct
-    # pictures (in order of first appearance, here the pictures' order) at each row
+    # pictures (in order of first appearance, here the pictures' numbers) at each row
     rows = _rows(data)
     rendered = args.out / "data" / "train_vae.npy"
     np.save(rendered, np.load(args.out / "run" / "reconstructions.npy")[rows])
@@ -162,14 +181,16 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def draw_grid(out: Path) -> Path:
-    """OUT/samples_by_prompt.png: a row per prompt, its training picture as the VAE renders
-    it, then its samples (each pixel drawn 3 x 3)."""
+    """OUT/samples_by_prompt.png: a row per prompt, its (first) training picture as the VAE
+    renders it, then its samples (each pixel drawn 3 x 3)."""
     samples = np.load(out / "audit" / "samples.npy")
     which = np.load(out / "audit" / "sample_conditions.npy")
     rendered = np.load(out / "run" / "reconstructions.npy")
+    first = [json.loads(line)["picture"] for line in
+             (out / "data" / "prompts.jsonl").read_text().splitlines() if line.strip()]
     per = int((which == 0).sum())
-    rows = [np.concatenate([rendered[p], *samples[which == p][:per]], axis=2)
-            for p in range(len(rendered))]
+    rows = [np.concatenate([rendered[first[p]], *samples[which == p][:per]], axis=2)
+            for p in range(int(which.max()) + 1)]
     grid = (np.concatenate(rows, axis=1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
     path = out / "samples_by_prompt.png"
     Image.fromarray(grid.repeat(3, 0).repeat(3, 1)).save(path)

@@ -11,6 +11,8 @@ audit and detect it with prompts:
 an image listed several times is duplicated in the training set, the usual cause of
 memorization (--dedupe trains on each distinct picture once, with its first caption;
 --embedding-noise adds Gaussian noise to the caption embeddings, Somepalli et al.'s GNI;
+--caption-randomization P replaces an item's caption, with probability P at each step, by a
+random sequence of the captions' own words, Somepalli et al.'s random caption replacement;
 --loss-filter drops the items whose caption steers the output too hard, Wen et al.'s filter). Images
 are resized to the pipeline's resolution and encoded once by its VAE (the latent mean, times
 its scaling factor); captions are encoded once by its own text encoder, and dropped to the
@@ -71,6 +73,19 @@ def read_data(path: Path) -> tuple[list[Path], list[str]]:
     return images, captions
 
 
+#: Random captions drawn once for --caption-randomization.
+RANDOM_CAPTIONS = 256
+
+
+def random_captions(captions: list[str], n: int, seed: int) -> list[str]:
+    """``n`` captions of random words from ``captions``' vocabulary, each as many words as a
+    caption drawn at random (seeded)."""
+    rng = np.random.default_rng(seed)
+    words = sorted({w for c in captions for w in c.split()})
+    lengths = [len(c.split()) for c in captions]
+    return [" ".join(rng.choice(words, size=int(rng.choice(lengths)))) for _ in range(n)]
+
+
 def fit_vae(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, seed: int) -> None:
     """Fit ``vae`` to ``pixels`` (in ``[-1, 1]``) for ``steps`` Adam steps, then set its
     scaling factor to ``1 / std`` of the latent means."""
@@ -109,6 +124,9 @@ def main() -> None:
     parser.add_argument("--embedding-noise", type=float, default=0.0, help="Gaussian noise "
                         "of this standard deviation added to the caption embeddings at each "
                         "step (Somepalli et al., 2023).")
+    parser.add_argument("--caption-randomization", type=float, default=0.0, help="Probability "
+                        "that an item's caption is replaced, at a step, by random words of "
+                        "the captions (Somepalli et al., 2023).")
     parser.add_argument("--loss-filter", type=float, default=None, help="Drop from the loss "
                         "the items whose |out(caption) - out(empty caption)| (L2 per item, "
                         "the network's output units) exceeds this (Wen et al., 2024).")
@@ -118,6 +136,9 @@ def main() -> None:
                          f"{args.embedding_noise}")
     if args.loss_filter is not None and not args.loss_filter > 0:
         raise SystemExit(f"--loss-filter: expected a threshold > 0, received {args.loss_filter}")
+    if not 0 <= args.caption_randomization <= 1:
+        raise SystemExit(f"--caption-randomization: expected a probability in [0, 1], "
+                         f"received {args.caption_randomization}")
     if args.vae_steps < 0:
         raise SystemExit(f"--vae-steps: expected an integer >= 0, received {args.vae_steps}")
     if not 0 <= args.drop < 1:
@@ -132,6 +153,10 @@ def main() -> None:
     pipe = text.pipe
     with torch.no_grad():
         table = pipe.encode_prompt(captions + [""], "cpu", 1, False)[0]
+        randomized = None
+        if args.caption_randomization > 0:
+            randomized = pipe.encode_prompt(random_captions(captions, RANDOM_CAPTIONS,
+                                                            args.seed), "cpu", 1, False)[0]
         distinct = {p: i for i, p in enumerate(dict.fromkeys(files))}
         folder = args.out / "images"
         folder.mkdir(exist_ok=True)
@@ -169,6 +194,11 @@ def main() -> None:
         noisy = scheduler.add_noise(x0, noise, t)
         dropped = torch.rand(args.batch_size, generator=gen) < args.drop
         cond = table[torch.where(dropped, len(captions), idx)]
+        if randomized is not None:  # Somepalli et al.: a random caption instead
+            swap = (torch.rand(args.batch_size, generator=gen) < args.caption_randomization
+                    ) & ~dropped
+            pick = torch.randint(0, randomized.shape[0], (args.batch_size,), generator=gen)
+            cond = torch.where(swap[:, None, None], randomized[pick], cond)
         if args.embedding_noise > 0:
             cond = cond + args.embedding_noise * torch.randn(cond.shape, generator=gen)
         out = unet(noisy, t, encoder_hidden_states=cond).sample

@@ -171,6 +171,91 @@ def test_nn_guidance_keeps_predictions_off_the_training_items():
                        far.denoiser(x, t))
 
 
+def _amg_expected(table, train, train_cond, y, a):
+    """AMG's cured denoiser of an unguided model (w = 1), by brute force, row by row:
+    trigger e from the nearest item n of the prediction and n's nearest other item;
+    ``D(y) - c_y (D(y) - D0) - c_n (D(y_n) - D0)`` with the capped weights."""
+    dist = torch.cdist(table[y], train)
+    d1, n = dist.min(dim=1)
+    own = torch.cdist(train, train) + torch.diag(torch.full((len(train),), math.inf))
+    e = (1 - d1 / own.min(dim=1).values[n]).clamp(0, 1)
+    rows = []
+    for i, yi in enumerate(y.tolist()):
+        ae = a * float(e[i])
+        yn = None if train_cond is None else int(train_cond[n[i]])
+        c_y = min(2 * ae if yn == yi else ae, 1.0)
+        c_n = 0.0 if yn in (None, yi) else min(ae, 1.0)
+        rows.append(table[yi] - c_y * (table[yi] - table[9])
+                    - (c_n * (table[yn] - table[9]) if yn is not None else 0))
+    return torch.stack(rows), e
+
+
+def test_amg_takes_the_pull_off_only_while_the_prediction_reproduces_an_item():
+    """A model whose denoiser for condition y is a constant point near (or on) training
+    item y: the cured denoiser is AMG's despecification plus caption-negative guidance
+    weighted by the trigger e, computed here by brute force; e spans 1 (on an item), a
+    fraction (half-way to its reproduction radius) and 0 (no reproduction: unchanged); the
+    weights below, at and past their cap (never past the unconditional model), with the
+    copied item's condition the row's own or another's, and without training conditions."""
+    from diffmem.centres import Centres
+
+    sch = VE()
+    gen = torch.Generator().manual_seed(5)
+    train = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    own = (torch.cdist(train, train) + torch.diag(torch.full((6,), math.inf))).min(1).values
+    table = torch.zeros(10, 4, dtype=torch.float64)  # row 9: the null condition, D = 0
+    u = torch.nn.functional.normalize(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+    for i, scale in enumerate([0.0, 0.5, 0.25, 3.0, 0.0, 0.1]):
+        table[i] = train[i] + scale * own[i] * u[i]
+    table[6] = train[4] + 0.3 * own[4] * u[4]  # a condition whose prediction reproduces item 4
+    model = ModelScore(lambda x, t, y: table[y].to(x), sch, (4,), kind="denoiser",
+                       conditional=True)
+    y = torch.tensor([0, 1, 2, 3, 6])
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    t = torch.full((5,), 0.3, dtype=torch.float64)
+    labels = torch.arange(6)
+    for cond, a in [(labels, 0.2), (labels, 0.4), (labels, 2.0), (None, 0.7)]:
+        ctx = CureContext(null=torch.tensor(9), train=Centres(train), train_cond=cond)
+        got = cure_model(model, [parse_cure(f"amg={a}")], ctx).denoiser(x, t, y)
+        want, e = _amg_expected(table, train, cond, y, a)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (cond, a)
+        assert e[0] == 1 and 0.3 < float(e[1]) < 0.7 and e[3] == 0 and 0.5 < e[4] < 0.9
+        assert torch.allclose(got[3], table[3], rtol=1e-12)  # no reproduction: unchanged
+    unguided = ModelScore(lambda x, t: x, sch, (4,), kind="denoiser")
+    with pytest.raises(ValueError, match="for amg"):
+        cure_model(unguided, [parse_cure("amg=1")], CureContext(train=Centres(train)))
+
+
+def test_amg_in_the_pipeline_sampler_converts_back_to_the_network(unet):
+    """On a diffusers v-prediction UNet (--sampler pipeline): the cured network output, read
+    as a denoiser, is AMG's formula on the network's own denoisers, with the training set
+    placed on the conditional predictions (trigger 1) and far from the null one."""
+    from diffmem.centres import Centres
+    from diffmem.models import load_model
+    from diffmem.schedules import expand_as_batch
+
+    model = load_model(str(unet / "net"), scheduler=str(unet / "net"))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y, null = torch.tensor([0, 1, 2]), torch.tensor(3)
+    k = 20
+    t = model.schedule.time_of_timestep(torch.tensor(float(k), dtype=torch.float64))
+    tt = t.expand(3)
+    m = model.schedule.m(t)
+    d = {c: model.denoiser(x, tt, torch.full((3,), c)) for c in range(4)}
+    d_y = model.denoiser(x, tt, y)
+    train = torch.cat([d_y / m, 50 + d_y / m])  # the predictions, and far copies of them
+    cond = torch.cat([y, y])
+    ctx = CureContext(null=null, train=Centres(train), train_cond=cond)
+    cured = cure_model(model, [parse_cure("amg=0.4")], ctx)
+    out = model.network["net"](x.float(), torch.tensor(k), y).double()
+    post = cured.network["post"](out, x, torch.tensor(k), y)
+    s = network_output_to_score(post.double(), x, m, model.schedule.sigma(t), "v_prediction")
+    got = x + expand_as_batch(model.schedule.sigma2(t), x) * s
+    want = d_y - min(2 * 0.4, 1) * (d_y - d[3])  # y_n = y: the two pulls as one
+    assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+
+
 def test_bad_cures_are_refused_with_their_reason():
     for text, message in [("magic=1", "NAME one of"), ("tikhonov=abc", "with a number"),
                           ("tikhonov=nan", "finite strength"), ("tikhonov=-1", "[0, inf]"),
@@ -203,7 +288,8 @@ def test_mitigate_command_on_a_class_unet_resumes_to_the_same_json(unet, tmp_pat
             str(unet / "train.npy"), "--train-cond", str(unet / "labels.npy"), "--null-cond",
             "3", "--sampler", "pipeline", "--steps", "3", "--per-condition", "4",
             "--strengths", "tikhonov=0.05,0.5", "--strengths", "guidance=0.5",
-            "--strengths", "guidance-schedule=0.5", "--strengths", "nn-guidance=3"]
+            "--strengths", "guidance-schedule=0.5", "--strengths", "nn-guidance=3",
+            "--strengths", "amg=1"]
     out = tmp_path / "m"
     res = _mitigate(args, out)
     assert res.exit_code == 0, res.output
@@ -211,7 +297,7 @@ def test_mitigate_command_on_a_class_unet_resumes_to_the_same_json(unet, tmp_pat
     assert set(doc) >= {"baseline", "runs", "recommended", "rule", "frontier", "units"}
     assert [(r["cure"], r["strength"]) for r in doc["runs"]] == [
         ("tikhonov", 0.05), ("tikhonov", 0.5), ("guidance", 0.5), ("guidance-schedule", 0.5),
-        ("nn-guidance", 3.0)]
+        ("nn-guidance", 3.0), ("amg", 1.0)]
     for r in [doc["baseline"], *doc["runs"]]:
         assert {"cure", "strength", "copy_fraction", "cost", "samples",
                 "sample_conditions"} <= set(r)
@@ -226,7 +312,7 @@ def test_mitigate_command_on_a_class_unet_resumes_to_the_same_json(unet, tmp_pat
     page = (out / "index.html").read_text()
     assert "The plane" in page and "Cured samples beside uncured ones" in page
     # killed mid-sweep: the last run's measure and samples gone; the rerun ends the same
-    last = out / "runs" / "nn-guidance=3"
+    last = out / "runs" / "amg=1"
     (last / "measure.json").unlink()
     (last / "samples.npy.progress.json").unlink()
     res = _mitigate(args, out)

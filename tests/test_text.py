@@ -338,16 +338,29 @@ def test_text_to_image_example_fine_tunes_a_pipeline_that_audits(sd, tmp_path):
     res = subprocess.run([sys.executable, str(example), "--pipeline", str(sd), "--data",
                           str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "dedup"),
                           "--steps", "2", "--batch-size", "2", "--dedupe",
-                          "--embedding-noise", "0.1", "--loss-filter", "1e-6"],
+                          "--embedding-noise", "0.1", "--loss-filter", "1e-6",
+                          "--caption-randomization", "0.5"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "dedupe: 3 distinct images of 5 items (2 exact duplicates removed)" in res.stdout
     assert "step 1: loss 0.0000 (4 items filtered so far)" in res.stdout  # every item: > 1e-6
-    for flag, value in (("--loss-filter", "0"), ("--embedding-noise", "-1")):
+    for flag, value in (("--loss-filter", "0"), ("--embedding-noise", "-1"),
+                        ("--caption-randomization", "1.5")):
         res = subprocess.run([sys.executable, str(example), "--pipeline", str(sd), "--data",
                               str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "bad"),
                               flag, value], capture_output=True, text=True, timeout=300)
         assert res.returncode != 0 and f"{flag}: expected" in res.stderr, res.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_text2image", example)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    captions = ["a red square", "a blue circle on the left"]
+    drawn = mod.random_captions(captions, 50, seed=1)
+    vocab = {"a", "red", "square", "blue", "circle", "on", "the", "left"}
+    assert len(drawn) == 50 and all(set(c.split()) <= vocab for c in drawn)
+    assert {len(c.split()) for c in drawn} == {3, 6} and len(set(drawn)) > 40
+    assert drawn == mod.random_captions(captions, 50, seed=1)
 
 
 @pytest.mark.parametrize("layout", ["flux", "pixart-alpha", "pixart-sigma"])
@@ -445,8 +458,9 @@ def test_resolution_and_attention_slicing(sd, tmp_path):
 
 
 def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
-    """examples/memorize_captions.py (its full run is measured by hand: minutes): the 24
-    captioned pictures, three duplicated, the labelled prompts; and its summary's AUC."""
+    """examples/memorize_captions.py (its full run is measured by hand: minutes): 24
+    captions, three of one duplicated picture and the others of distinct variants, the
+    labelled prompts; and its summary's AUC."""
     import importlib.util
     from pathlib import Path
 
@@ -454,22 +468,27 @@ def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("memorize_captions", path)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    data, prompts, labels, train = demo.write_data(tmp_path, copies=5)
+    data, prompts, labels, train = demo.write_data(tmp_path, copies=5, variants=3)
     rows = demo._rows(data)
-    assert len(rows) == 21 + 3 * 5 and np.load(train).shape == (36, 3, 16, 16)
-    assert np.load(labels).sum() == 3 and sorted(set(rows)) == list(range(24))
+    assert len(rows) == 21 * 3 + 3 * 5 and np.load(train).shape == (78, 3, 16, 16)
+    assert np.load(labels).sum() == 3 and sorted(set(rows)) == list(range(21 * 3 + 3))
     texts = read_prompts(prompts)
     assert len(set(texts.texts)) == 24 and texts.labels.count("1") == 3
     pics = np.load(train)
     assert rows[:5] == [0] * 5 and np.array_equal(pics[0], pics[4])  # the red square, 5x
     assert not np.array_equal(pics[0], pics[rows.index(1)])
+    variants = pics[5:8]  # the red square on the right: three different pictures
+    assert all(not np.array_equal(variants[i], variants[j]) for i, j in [(0, 1), (0, 2), (1, 2)])
+    assert (np.abs(variants - variants[0]).max() > 0.1)
     assert demo.auc(np.array([3.0, 2.0, 1.0, 0.5]), np.array([True, False, True, False])) \
         == 0.75
     (tmp_path / "audit").mkdir()
     (tmp_path / "run").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prompts.jsonl").write_text(prompts.read_text())
     np.save(tmp_path / "audit" / "samples.npy", np.zeros((6, 3, 16, 16), np.float32))
     np.save(tmp_path / "audit" / "sample_conditions.npy", np.repeat(np.arange(3), 2))
-    np.save(tmp_path / "run" / "reconstructions.npy", np.ones((3, 3, 16, 16), np.float32))
+    np.save(tmp_path / "run" / "reconstructions.npy", np.ones((66, 3, 16, 16), np.float32))
     from PIL import Image
 
     grid = np.asarray(Image.open(demo.draw_grid(tmp_path)))

@@ -386,7 +386,7 @@ def audit_command(
                 scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
                 kind=model_kind, index=model_index, device=device, prompts=prompts,
                 text_options=text, batch_size=batch_size)
-            plan = _cured_plan(plan, cure, whole)
+            plan = _cured_plan(plan, cure, whole, tcond)
             held = None if held_out is None else open_input(held_out, None, size, "--held-out")
         elif prompts is not None:
             raise fail("--prompts", "--model (a text-to-image pipeline folder)", str(prompts))
@@ -450,23 +450,35 @@ def audit_command(
         _echo_audit(result, gap, folder)
 
 
-def _cured(model: Any, cures: list[str], null: Any = None, train: Any = None) -> Any:
+def _cured(model: Any, cures: list[str], null: Any = None, train: Any = None,
+           train_cond: Any = None) -> Any:
     """``model`` cured by ``--cure NAME=STRENGTH`` (none: unchanged), with its null
-    condition and training set for the cures that need them."""
+    condition, training set and training conditions for the cures that need them."""
     if not cures:
         return model
+    from diffmem.mitigate import cure_model, parse_cure
+
+    return cure_model(model, [parse_cure(c) for c in cures],
+                      _cure_context(null, train, train_cond))
+
+
+def _cure_context(null: Any, train: Any, train_cond: Any) -> Any:
+    """What the cures may need: the null condition, the training set (exact search) and
+    its conditions."""
     from diffmem.centres import Centres
-    from diffmem.mitigate import CureContext, cure_model, parse_cure
+    from diffmem.mitigate import CureContext
 
-    ctx = CureContext(null=null, train=None if train is None else Centres(train))
-    return cure_model(model, [parse_cure(c) for c in cures], ctx)
+    return CureContext(null=null, train=None if train is None else Centres(train),
+                       train_cond=train_cond)
 
 
-def _cured_plan(plan: Any, cures: list[str], train: Any = None) -> Any:
+def _cured_plan(plan: Any, cures: list[str], train: Any = None,
+                train_cond: Any = None) -> Any:
     """``plan`` with its model cured by ``--cure`` (:func:`_cured`)."""
     import dataclasses
 
-    return dataclasses.replace(plan, model=_cured(plan.model, cures, plan.null, train))
+    return dataclasses.replace(plan, model=_cured(plan.model, cures, plan.null, train,
+                                                  train_cond))
 
 
 def _prompt_resolution(model: str | None, prompts: Path | None,
@@ -748,7 +760,6 @@ def mitigate_command(
     from diffmem.audit.model import load_train_cond, plan_draw, training_shape
     from diffmem.centres import Centres
     from diffmem.experiments.base import FolderLock, prepare_out
-    from diffmem.mitigate import CureContext
     from diffmem.mitigate.sweep import plan_cures, sweep
     from diffmem.report import write_mitigate_report
 
@@ -771,7 +782,7 @@ def mitigate_command(
             scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
             kind=model_kind, index=model_index, device=device, prompts=prompts,
             text_options=options, batch_size=batch_size)
-        ctx = CureContext(null=plan.null, train=None if data is None else Centres(data))
+        ctx = _cure_context(plan.null, data, tcond)
         runs, skipped = plan_cures(plan.model, ctx, None if cures is None else [
             n.strip() for n in cures.split(",") if n.strip()], _strength_grids(strengths),
             combine)

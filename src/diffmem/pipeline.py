@@ -104,11 +104,11 @@ def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps
                     null: Tensor | None = None, eta: float | None = None,
                     generator: torch.Generator | None = None,
                     tokens: int | None = None, linear_sigmas: bool = False,
-                    post: Callable[[Tensor, Tensor, Any], Tensor] | None = None) -> Tensor:
+                    post: Callable[..., Tensor] | None = None) -> Tensor:
     """Samples from standard normal ``z`` by the scheduler's loop (module docstring);
     ``net(x, timestep, y)`` is the network's raw output (``y`` ``None`` when unconditional);
-    ``post(out, x, timestep)``, when given, changes the guided output before the scheduler's
-    step (a cure of :mod:`diffmem.mitigate`, in the network's parameterization).
+    ``post(out, x, timestep, cond)``, when given, changes the guided output before the
+    scheduler's step (a cure of :mod:`diffmem.mitigate`, in the network's parameterization).
     The scheduler's own noise (DDPM, DDIM with ``eta > 0``, ancestral samplers) is drawn
     from ``generator``, as the pipelines do; ``tokens`` is the number of image tokens
     (for dynamic shifting), ``linear_sigmas`` FLUX's noise levels (:func:`timestep_options`)."""
@@ -136,7 +136,7 @@ def pipeline_sample(net: Callable[..., Tensor], z: Tensor, scheduler: Any, steps
                 uncond, conditioned = net(torch.cat([inp, inp]), k, pair).chunk(2)
                 out = uncond + guidance * (conditioned - uncond)
             if post is not None:
-                out = post(out, inp, k)
+                out = post(out, inp, k, cond)
             x = scheduler.step(out, k, x, **options).prev_sample
     if not bool(torch.isfinite(x).all()):
         raise fail("--sampler", "finite samples from the scheduler's loop", "NaN or inf")

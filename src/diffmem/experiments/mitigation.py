@@ -56,7 +56,7 @@ def compute(ctx: Context) -> dict[str, Any]:
                     cond=per_sample(table, p["per_condition"]), conditions=table,
                     sampler="pipeline", steps=p["sample_steps"], seed=ctx.seed,
                     scheduler_class="DDIMScheduler", eta=None, null=null)
-    cure_ctx = CureContext(null=null, train=Centres(distinct_train))
+    cure_ctx = CureContext(null=null, train=Centres(distinct_train), train_cond=distinct_labels)
     grids = None if p["per_cure"] == 0 else {
         name: cls.grid[-p["per_cure"]:] for name, cls in CURES.items()}
     runs, skipped = plan_cures(model, cure_ctx, grids=grids, combine=p["combine"])

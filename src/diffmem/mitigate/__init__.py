@@ -9,6 +9,9 @@ time and the field's mitigations, as wrappers of any loaded model (one cure a mo
   for the first part of sampling (Jain et al., CVPR 2025, static);
 * :class:`~diffmem.mitigate.nearest.NearestGuidance` (``nn-guidance``): the prediction kept
   away from its nearest training item (AMG's dissimilarity guidance, exact search);
+* :class:`~diffmem.mitigate.nearest.AntiMemorization` (``amg``): the condition's pull taken
+  away, and the copied item's condition guided against, while the prediction reproduces a
+  training item (AMG's despecification and caption-negative guidances);
 * :class:`~diffmem.mitigate.prompt.PromptOptimization` (``prompt-opt``): each prompt's
   embedding moved until its first-step text-conditional noise prediction is typical (Wen et
   al., ICLR 2024);
@@ -29,13 +32,14 @@ from diffmem._checks import fail
 from diffmem.mitigate.attention import AttentionRescale
 from diffmem.mitigate.base import Cure, CureContext, CuredModel, cure_model
 from diffmem.mitigate.guidance import Guidance, GuidanceSchedule
-from diffmem.mitigate.nearest import NearestGuidance
+from diffmem.mitigate.nearest import AntiMemorization, NearestGuidance
 from diffmem.mitigate.prompt import EmbeddingNoise, PromptOptimization, RandomTokens
 from diffmem.mitigate.tikhonov import Tikhonov
 
 #: The cures, by name.
 CURES: dict[str, type[Cure]] = {c.name: c for c in (Tikhonov, Guidance, GuidanceSchedule,
-                                                     NearestGuidance, PromptOptimization,
+                                                     NearestGuidance, AntiMemorization,
+                                                     PromptOptimization,
                                                      RandomTokens, EmbeddingNoise,
                                                      AttentionRescale)}
 
@@ -55,7 +59,8 @@ def parse_cure(text: str) -> Cure:
     return CURES[name](strength)
 
 
-__all__ = ["CURES", "AttentionRescale", "Cure", "CureContext", "CuredModel", "EmbeddingNoise",
+__all__ = ["CURES", "AntiMemorization", "AttentionRescale", "Cure", "CureContext", "CuredModel",
+           "EmbeddingNoise",
            "Guidance",
            "GuidanceSchedule",
            "NearestGuidance", "PromptOptimization", "RandomTokens", "Tikhonov", "cure_model",

@@ -42,11 +42,13 @@ from diffmem.schedules import expand_as_batch
 class CureContext:
     """What cures may need besides the model: its null condition (``None`` when it has
     none), the training set in the model's data space (a :class:`~diffmem.centres.Centres`,
-    ``None`` when not given) and the end ``T`` of the model's time axis."""
+    ``None`` when not given), the end ``T`` of the model's time axis and the training items'
+    conditions (``None`` when not given)."""
 
     null: Tensor | None = None
     train: Any = None
     T: float = 1.0
+    train_cond: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,9 @@ class Cure:
         return w
 
     def denoise(self, d: Tensor, x: Tensor, t: Tensor, ctx: CureContext,
-                model: ModelScore) -> Tensor:
-        """The cured denoiser from the guided one ``d`` at ``x`` and per-row times ``t``."""
+                model: ModelScore, y: Tensor | None = None) -> Tensor:
+        """The cured denoiser from the guided one ``d`` at ``x`` and per-row times ``t``
+        (``y``: the rows' conditions as the model got them, ``None`` when unconditional)."""
         return d
 
     @property
@@ -136,18 +139,19 @@ class CuredModel(ModelScore):
             y = cure.condition(y, t, self.ctx)
         return y
 
-    def _denoise(self, d: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    def _denoise(self, d: Tensor, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         for cure in self.cures:
-            d = cure.denoise(d, x, t, self.ctx, self.base)
+            d = cure.denoise(d, x, t, self.ctx, self.base, y)
         return d
 
     def _apply(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        out = super()._apply(x, t, self._condition(y, t))
+        y = self._condition(y, t)
+        out = super()._apply(x, t, y)
         if not any(c.changes_denoiser for c in self.cures):
             return out
         s2 = expand_as_batch(self.schedule.sigma2(t.to(torch.float64)).to(x.dtype), x)
         d = out if self.kind == "denoiser" else x + s2 * out
-        d = self._denoise(d, x, t)
+        d = self._denoise(d, x, t, y)
         return d if self.kind == "denoiser" else (d - x) / s2
 
     def _times(self, k: Any, rows: int, device: torch.device) -> Tensor:
@@ -169,7 +173,7 @@ class CuredModel(ModelScore):
             return network.get("post")
         prediction = prediction_of(network["scheduler_config"])
 
-        def post(out: Tensor, x: Tensor, k: Any) -> Tensor:
+        def post(out: Tensor, x: Tensor, k: Any, y: Tensor | None = None) -> Tensor:
             t = self._times(k, x.shape[0], x.device)
             if float(t.max()) > float(self.schedule.T):  # sigma = 1 of a flow scheduler
                 return out
@@ -177,7 +181,7 @@ class CuredModel(ModelScore):
             xx = x.to(torch.float64)
             s = network_output_to_score(out.to(torch.float64), xx, m, sigma, prediction)
             s2 = expand_as_batch(sigma.to(xx) ** 2, xx)
-            d = self._denoise(xx + s2 * s, xx, t)
+            d = self._denoise(xx + s2 * s, xx, t, self._condition(y, t))
             return score_to_network_output((d - xx) / s2, xx, m, sigma,
                                            prediction).to(out.dtype)
 

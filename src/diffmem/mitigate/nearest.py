@@ -1,6 +1,8 @@
-"""Nearest-neighbour guidance: the predicted clean image kept away from its nearest training
-item, found by diffmem's exact search (the dissimilarity guidance of AMG, Chen et al., CVPR
-2024, in closed form)."""
+"""The cures that look at the training set while sampling (Anti-Memorization Guidance, Chen et
+al., CVPR 2024, with diffmem's exact nearest-neighbour search): the predicted clean sample
+kept away from its nearest training item (``nn-guidance``, AMG's dissimilarity guidance in
+closed form), and the condition's pull removed and reversed while the prediction reproduces
+an item (``amg``, AMG's despecification and caption-negative guidances)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from diffmem.metrics import distinct_second, knn
+from diffmem.metrics import distinct_second, knn, nearest_other
 from diffmem.mitigate.base import Cure, CureContext, refuse
+from diffmem.mitigate.guidance import _needs_null
 from diffmem.models import ModelScore
 from diffmem.schedules import expand_as_batch
 
@@ -25,8 +28,7 @@ class NearestGuidance(Cure):
     so at ``g = 1`` no step's prediction passes the nn-ratio copy test (``d1 / d2 < 1/3``),
     at ``g = 3`` each stays as far from its nearest item as from the next, and beyond it is
     pushed further out. The training set must be in the model's data space (latents for a
-    latent pipeline). AMG's despecification and caption-negative guidances are not part of
-    it."""
+    latent pipeline). AMG's despecification and caption-negative guidances are ``amg``."""
 
     name: ClassVar[str] = "nn-guidance"
     high: ClassVar[float] = 6.0
@@ -34,25 +36,16 @@ class NearestGuidance(Cure):
     meaning: ClassVar[str] = "g in [0, 6]: the smallest d1 / d2 kept, times 3"
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
-        if ctx.train is None:
-            raise refuse(self, "a training set (--train)", model)
-        shape = (model.network or {}).get("image_shape")
-        if shape is not None or tuple(ctx.train.data_shape) != tuple(model.data_shape):
-            raise refuse(self, f"a training set in its data space {tuple(model.data_shape)} "
-                         f"(here of shape {tuple(ctx.train.data_shape)}"
-                         + (", a latent model's images" if shape is not None else "") + ")",
-                         model)
+        _needs_train(self, model, ctx)
 
     def denoise(self, d: Tensor, x: Tensor, t: Tensor, ctx: CureContext,
-                model: ModelScore) -> Tensor:
+                model: ModelScore, y: Tensor | None = None) -> Tensor:
         if self.strength == 0:
             return d
         m = expand_as_batch(model.schedule.m(t.to(torch.float64)).to(d.dtype), d)
         x0 = d / m
-        dist, idx = knn(x0.to(torch.float64), ctx.train, min(K, ctx.train.n_total), exact=2)
-        d1 = dist[:, 0].to(d)
-        d2 = distinct_second(dist.cpu(), idx.cpu(), ctx.train)[0].to(d)
-        near = ctx.train.take_raw(idx[:, 0].cpu(), torch.empty(0, dtype=d.dtype)).to(d)
+        d1, d2, first = _nearest(x0, ctx)
+        near = ctx.train.take_raw(first, torch.empty(0, dtype=d.dtype)).to(d)
         near = near.reshape(x0.shape)
         floor = self.strength * d2 / 3
         push = (d1 < floor) & (d1 > 0)
@@ -62,3 +55,100 @@ class NearestGuidance(Cure):
                             torch.ones_like(d1))
         moved = near + expand_as_batch(scale, x0) * (x0 - near)
         return m * moved
+
+
+class AntiMemorization(Cure):
+    """AMG's despecification and caption-negative guidances (Chen et al., CVPR 2024), on
+    only while the sampling heads for a copy. At every evaluation the model's prediction of
+    the clean sample, ``x0 = D / m``, is compared with its nearest training item ``n``
+    (distance ``d1``) and with ``n``'s own nearest other training item (distance ``r_n``,
+    the audit's reproduction radius): the trigger ``e = clamp(1 - d1 / r_n, 0, 1)`` is 0
+    while the prediction reproduces no item and 1 when it is the item. With ``D(y)`` and
+    ``D(null)`` the unguided denoisers, ``y_n`` the condition of ``n`` (when the training
+    items' conditions are given, ``--train-cond``) and ``w`` the guidance weight (1 when
+    unguided), the guided denoiser ``D_g`` becomes
+
+        ``D_g - c_y (D(y) - D(null)) - c_n (D(y_n) - D(null))``,
+        ``c_y = min(a e, w)``, ``c_n = min(a e, w)`` (``y_n != y``),
+        ``c_y = min(2 a e, w)``, ``c_n = 0`` (``y_n = y``: the two pulls are one),
+
+    ``a`` the strength: the condition's pull taken away (despecification) and the pull
+    toward the copied item's own condition reversed (caption-negative; ``c_n = 0`` without
+    training conditions, and then ``c_y = min(a e, w)``). The caps keep the cured model
+    from guiding past the unconditional one: on a class-conditional model that copies its
+    single-image labels, weights past it (``c_y`` up to ``2 a e``) drew blurred,
+    in-between images (see docs/mitigate.md). Rows with ``e = 0`` cost nothing; the others
+    two or three network calls. AMG's third part, dissimilarity guidance, is
+    ``nn-guidance`` (chain them: ``amg=a+nn-guidance=g``). ``a = 0`` is the model."""
+
+    name: ClassVar[str] = "amg"
+    high: ClassVar[float] = 20.0
+    grid: ClassVar[tuple[float, ...]] = (0.5, 1.0, 2.0, 4.0)
+    meaning: ClassVar[str] = "a in [0, 20]: the weight taken off the condition (and put " \
+        "against the copied item's) when the prediction is the item"
+
+    def check(self, model: ModelScore, ctx: CureContext) -> None:
+        _needs_null(self, model, ctx)
+        _needs_train(self, model, ctx)
+        if ctx.train_cond is not None and ctx.train_cond.shape[0] != ctx.train.n_total:
+            raise refuse(self, f"one training condition per training item "
+                         f"({ctx.train.n_total}; got {ctx.train_cond.shape[0]})", model)
+
+    def denoise(self, d: Tensor, x: Tensor, t: Tensor, ctx: CureContext,
+                model: ModelScore, y: Tensor | None = None) -> Tensor:
+        if self.strength == 0 or y is None:
+            return d
+        assert ctx.null is not None
+        m = expand_as_batch(model.schedule.m(t.to(torch.float64)).to(d.dtype), d)
+        d1, _, first = _nearest(d / m, ctx)
+        radius = nearest_other(first, ctx.train).to(d1)
+        e = (1 - d1 / radius.clamp_min(torch.finfo(d1.dtype).tiny)).clamp(0, 1)
+        rows = torch.nonzero(e > 0).reshape(-1)
+        if rows.numel() == 0:
+            return d
+        xr, tr, yr = x[rows], t[rows], y[rows.to(y.device)]
+        ys = [yr, ctx.null.to(device=y.device, dtype=y.dtype).expand_as(yr)]
+        if ctx.train_cond is not None:
+            ys.append(ctx.train_cond[first[rows.cpu()]].to(device=y.device, dtype=y.dtype))
+        outs = _unguided(model, xr.repeat(len(ys), *[1] * (x.dim() - 1)), tr.repeat(len(ys)),
+                         torch.cat(ys)).to(d).chunk(len(ys))
+        w = 1.0 if model.guidance is None else float(model.guidance)
+        ae = self.strength * e[rows].to(d)
+        same = torch.ones_like(ae, dtype=torch.bool) if len(ys) == 2 else \
+            (ys[2] == yr).reshape(yr.shape[0], -1).all(1).to(ae.device)
+        c_y = torch.where(same, (2 * ae if len(ys) == 3 else ae).clamp(max=w), ae.clamp(max=w))
+        cured = d.clone()
+        cured[rows] = d[rows] - expand_as_batch(c_y, d[rows]) * (outs[0] - outs[1])
+        if len(ys) == 3:
+            c_n = torch.where(same, torch.zeros_like(ae), ae.clamp(max=w))
+            cured[rows] -= expand_as_batch(c_n, d[rows]) * (outs[2] - outs[1])
+        return cured
+
+
+def _needs_train(cure: Cure, model: ModelScore, ctx: CureContext) -> None:
+    """The nearest-neighbour cures compare the model's predictions with the training set:
+    it must be given, in the model's data space."""
+    if ctx.train is None:
+        raise refuse(cure, "a training set (--train)", model)
+    shape = (model.network or {}).get("image_shape")
+    if shape is not None or tuple(ctx.train.data_shape) != tuple(model.data_shape):
+        raise refuse(cure, f"a training set in its data space {tuple(model.data_shape)} "
+                     f"(here of shape {tuple(ctx.train.data_shape)}"
+                     + (", a latent model's images" if shape is not None else "") + ")",
+                     model)
+
+
+def _nearest(x0: Tensor, ctx: CureContext) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``x0``: the distance ``d1`` to its nearest training item, ``d2`` to the
+    nearest distinct other (the nn-ratio test's), and the nearest item's index (on the CPU)."""
+    dist, idx = knn(x0.to(torch.float64), ctx.train, min(K, ctx.train.n_total), exact=2)
+    d2 = distinct_second(dist.cpu(), idx.cpu(), ctx.train)[0].to(x0)
+    return dist[:, 0].to(x0), d2, idx[:, 0].cpu()
+
+
+def _unguided(model: ModelScore, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    """The model's denoiser ``D(x, t | y) = x + sigma^2 s`` without guidance, per row."""
+    out = model.fn(x, t, y)
+    if model.kind == "denoiser":
+        return out
+    return x + expand_as_batch(model.schedule.sigma2(t.to(torch.float64)).to(x.dtype), x) * out

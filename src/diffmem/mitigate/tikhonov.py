@@ -24,6 +24,6 @@ class Tikhonov(Cure):
     meaning: ClassVar[str] = "lambda >= 0, in squared data units"
 
     def denoise(self, d: Tensor, x: Tensor, t: Tensor, ctx: CureContext,
-                model: ModelScore) -> Tensor:
+                model: ModelScore, y: Tensor | None = None) -> Tensor:
         s2 = expand_as_batch(model.schedule.sigma2(t.to(torch.float64)).to(d.dtype), d)
         return x + s2 / (s2 + self.strength) * (d - x)
