@@ -89,10 +89,15 @@ def test_mitigate_digits_tiny_run_and_verdicts(tmp_path):
     rec, m = _run(tmp_path, "mitigate-digits", [
         "steps=10", "every=10", "n_classes=2", "per_class=4", "n_single=3", "width=8",
         "per_condition=2", "sample_steps=3", "combine=guidance-schedule=0.6+nn-guidance",
-        "per_cure=1"])
-    names = {r["cure"] for r in m["runs"]}
-    assert names == {"tikhonov", "guidance", "guidance-schedule", "nn-guidance",
+        "per_cure=1", "retrain=dedupe=1,label-randomization=0.5,loss-filter=0.01"])
+    names = {r["cure"] for r in m["runs"] if r["when"] == "sampling"}
+    assert names == {"tikhonov", "guidance", "guidance-schedule", "nn-guidance", "amg",
                      "guidance-schedule=0.6+nn-guidance"}
+    again = [(r["cure"], r["strength"]) for r in m["runs"] if r["when"] == "training"]
+    assert again == [("dedupe", 1), ("label-randomization", 0.5), ("loss-filter", 0.01)]
+    info = m["retraining"]
+    assert info["dedupe=1"]["items"] == 2 * 4 + 3 < info["loss-filter=0.01"]["items"]
+    assert info["loss-filter=0.01"]["filtered"] > 0 and info["dedupe=1"]["filtered"] == 0
     assert m["baseline"]["cost"] == 0 and all(r["cost"] >= 0 for r in m["runs"])
     assert (tmp_path / "mitigate-digits" / "plane.png").is_file()
     assert rec.verdict.status in ("confirmed", "not_reproduced", "inconclusive")
@@ -104,7 +109,12 @@ def test_mitigate_digits_tiny_run_and_verdicts(tmp_path):
     done = {"baseline": base, "recommended": run, "runs": [run], "frontier": ["tikhonov=0.1"],
             "memorized": 8, "target": 0.1}
     assert judge(done, {}).status == "confirmed"
-    assert judge({**done, "recommended": None}, {}).status == "not_reproduced"
+    kept_none = {**run, "keeps_samples": False}
+    assert judge({**done, "runs": [kept_none]}, {}).status == "not_reproduced"
+    retrained = {**run, "when": "training", "cure": "dedupe", "strength": 1}
+    verdict = judge({**done, "runs": [kept_none, retrained]}, {})
+    assert verdict.status == "not_reproduced" and "retrained: dedupe=1 copies 0.05" in \
+        verdict.text  # a training-time cure is reported, not counted for the claim
     noisy = {**run, "noise_ratio": 2.0, "keeps_samples": False}
     verdict = judge({**done, "recommended": None, "runs": [noisy]}, {})
     assert verdict.status == "not_reproduced" and "noise" in verdict.text

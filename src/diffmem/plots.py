@@ -225,20 +225,25 @@ def denoiser_gap_figure(gaps: Mapping[str, Mapping[str, Any]], title: str) -> An
 def mitigation_plane(a: Axes, summary: Mapping[str, Any], title: str | None = None) -> None:
     """``diffmem mitigate``'s plane on ``a``: copies against cost, one curve per cure
     (strengths marked; hollow where the run moves the clean samples by more than the cost
-    factor), the uncured model, the frontier, the target and the recommended run."""
+    factor; diamonds without a curve for a model trained again with a training-time cure),
+    the uncured model, the frontier, the target and the recommended run."""
     base = summary["baseline"]
     a.scatter([0], [base["copy_fraction"]], color="k", marker="s", s=40, zorder=3,
               label="uncured")
     runs = summary["runs"]
     for k, name in enumerate(dict.fromkeys(r["cure"] for r in runs)):
         mine = sorted((r for r in runs if r["cure"] == name), key=lambda r: r["strength"])
-        xs = [0.0] + [r["cost"] or 0.0 for r in mine]
-        ys = [base["copy_fraction"]] + [r["copy_fraction"] for r in mine]
-        a.plot(xs, ys, color=f"C{k % 10}", lw=1, label=name)
-        for r in mine:
+        again = all(r.get("when") == "training" for r in mine)
+        if not again:
+            xs = [0.0] + [r["cost"] or 0.0 for r in mine]
+            ys = [base["copy_fraction"]] + [r["copy_fraction"] for r in mine]
+            a.plot(xs, ys, color=f"C{k % 10}", lw=1, label=name)
+        for j, r in enumerate(mine):
             kept = r.get("keeps_samples") is not False
-            a.scatter([r["cost"] or 0.0], [r["copy_fraction"]], s=30, zorder=3,
-                      edgecolors=f"C{k % 10}", facecolors=f"C{k % 10}" if kept else "none")
+            a.scatter([r["cost"] or 0.0], [r["copy_fraction"]], s=45 if again else 30,
+                      zorder=3, marker="D" if again else "o", edgecolors=f"C{k % 10}",
+                      facecolors=f"C{k % 10}" if kept else "none",
+                      label=f"{name} (retrained)" if again and j == 0 else None)
             a.annotate(f"{r['strength']:g}", (r["cost"] or 0.0, r["copy_fraction"]),
                        fontsize=7, xytext=(3, 3), textcoords="offset points")
     labels = set(summary["frontier"])

@@ -18,6 +18,7 @@ records included.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -83,15 +84,21 @@ def train_target(scheduler: Any, batch: torch.Tensor, noise: torch.Tensor,
 def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
               monitor: Any = None, labels: torch.Tensor | None = None,
               p_uncond: float = 0.1, scheduler: dict[str, Any] | None = None,
-              seed: int | None = None) -> dict[str, Any]:
+              seed: int | None = None, cure: Mapping[str, float] | None = None
+              ) -> dict[str, Any]:
     """One training run (module docstring), checkpointed every ``every`` steps. With
     ``labels`` the UNet is class-conditional: ``labels.max() + 2`` embeddings, the last the
     null class, given instead of the label with probability ``p_uncond`` (label dropout for
     classifier-free guidance). ``scheduler`` is a ``DDPMScheduler`` config (default: linear
     betas, epsilon prediction); the loss is the mean squared error to its prediction type's
     target (:func:`train_target`). ``seed`` (default the context's) seeds the network and the
-    batches. Returns the model, its scheduler, the steps run, the training and monitoring
-    seconds."""
+    batches. ``cure`` (class-conditional only) adds training-time cures:
+    ``label_randomization: p``, each item's label replaced with probability ``p`` by a label
+    drawn uniformly (Somepalli et al.'s caption randomization, for labels), and
+    ``loss_filter: tau``, the items whose ``|out(y) - out(null)| / sqrt(d)`` (the network's
+    output units per coordinate) exceeds ``tau`` left out of the loss (Wen et al.'s filter).
+    Returns the model, its scheduler, the steps run, the training and monitoring seconds and
+    the items the filter left out."""
     from diffusers import DDPMScheduler
 
     from diffmem.regularize import diffusers_tikhonov_penalty
@@ -107,15 +114,18 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
     ckpt = Checkpoints(ctx.out / f"checkpoints_{name}",
                        fingerprint({**config, "lam": lam, "monitor": monitor is not None,
                                     "seed": seed, "p_uncond": p_uncond,
+                                    **({"cure": dict(cure)} if cure else {}),
                                     "scheduler": {k: v for k, v in scheduler.config.items()
                                                   if not k.startswith("_")}}, train,
                                    None if labels is None else labels.double()), keep=2)
-    start, losses, monitor_s = 0, [], 0.0
+    cure = dict(cure or {})
+    start, losses, monitor_s, filtered = 0, [], 0.0, 0
     if ctx.resume and (state := ckpt.load_latest()) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         restore_rng(gen, state["rng"])
         start, losses = int(state["step"]), list(state["losses"])
+        filtered = int(state.get("filtered", 0))
         if monitor is not None:
             monitor.restore(json.loads(state["monitor"]))
     began = time.perf_counter()
@@ -132,9 +142,22 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
             pred = model(noisy, k).sample
         else:
             drop = torch.rand(batch.shape[0], generator=gen) < p_uncond
-            y = torch.where(drop, torch.full_like(labels[rows], null), labels[rows])
+            y = labels[rows]
+            if cure.get("label_randomization", 0) > 0:  # a random label instead
+                swap = torch.rand(batch.shape[0], generator=gen) < cure["label_randomization"]
+                y = torch.where(swap, torch.randint(0, null, y.shape, generator=gen), y)
+            y = torch.where(drop, torch.full_like(y, null), y)
             pred = model(noisy, k, class_labels=y).sample
-        loss = F.mse_loss(pred, train_target(scheduler, batch, noise, k))
+        target = train_target(scheduler, batch, noise, k)
+        if labels is not None and cure.get("loss_filter") is not None:
+            with torch.no_grad():
+                empty = model(noisy, k, class_labels=torch.full_like(y, null)).sample
+            gap = (pred.detach() - empty).flatten(1).norm(dim=1) / math.sqrt(batch[0].numel())
+            kept = (gap <= cure["loss_filter"]) | (y == null)
+            filtered += int((~kept).sum())
+            loss = (((pred - target) ** 2).flatten(1).mean(1) * kept).mean()
+        else:
+            loss = F.mse_loss(pred, target)
         if lam > 0:
             loss = loss + diffusers_tikhonov_penalty(pred, noisy, k, scheduler, lam).mean()
         opt.zero_grad()
@@ -149,11 +172,12 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
                 monitor.update(step, (model, scheduler))
                 monitor_s += time.perf_counter() - tick
             ckpt.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                             "rng": gen.get_state(), "losses": losses,
+                             "rng": gen.get_state(), "losses": losses, "filtered": filtered,
                              "monitor": json.dumps(monitor.records if monitor else [])})
     total = time.perf_counter() - began
     return {"model": model.eval(), "scheduler": scheduler, "steps": steps_run, "null": null,
-            "train_s": total - monitor_s, "monitor_s": monitor_s, "losses": losses}
+            "train_s": total - monitor_s, "monitor_s": monitor_s, "losses": losses,
+            "filtered": filtered}
 
 
 def compute(ctx: Context) -> dict[str, Any]:

@@ -293,9 +293,14 @@ def _label(cures: list[Cure]) -> tuple[str, float]:
 def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any = None,
           train_cond: Tensor | None = None, ctx: CureContext | None = None,
           target: float = TARGET, detect_steps: int = 50, device: str = "cpu",
-          progress: bool = True, team: Team | None = None) -> dict[str, Any]:
+          progress: bool = True, team: Team | None = None,
+          retrained: Sequence[tuple[str, float, Any]] = ()) -> dict[str, Any]:
     """Draw and measure the baseline and every run of ``cures`` (module docstring) into
-    ``folder``; returns what ``mitigate.json`` holds. With a :class:`diffmem.parallel.Team`
+    ``folder``, then each model of ``retrained`` (``(cure name, strength, model)``: the
+    model trained again with a training-time cure, drawn from the same noise into
+    ``folder/retrained/NAME=STRENGTH`` and measured against the same baseline; its entry's
+    ``"when"`` is ``"training"``, the others' ``"sampling"``); returns what
+    ``mitigate.json`` holds. With a :class:`diffmem.parallel.Team`
     each run's draws (and detect's work) split over its processes; process 0 writes, and
     every process returns the same summary."""
     from tqdm.auto import tqdm
@@ -305,17 +310,22 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
     key = {"n": plan.n, "seed": plan.seed, "sampler": plan.sampler, "steps": plan.steps,
            "model": plan.model.name, "train": None if train is None else "given",
            "detect_steps": detect_steps}
-    runs_info: list[tuple[str, list[Cure] | None]] = [("baseline", None)] + [
-        ("runs/" + "+".join(map(str, c)), c) for c in cures]
+    # (folder, the model to draw from, (name, strength) or None for the baseline, when)
+    runs_info: list[tuple[str, Any, tuple[str, float] | None, str]] = [
+        ("baseline", lambda: plan.model, None, "")]
+    runs_info += [("runs/" + "+".join(map(str, c)),
+                   lambda c=c: cure_model(plan.model, c, ctx), _label(c), "sampling")
+                  for c in cures]
+    runs_info += [(f"retrained/{name}={strength:g}", lambda m=m: m, (name, strength),
+                   "training") for name, strength, m in retrained]
     measured: list[dict[str, Any]] = []
     bar = tqdm(total=len(runs_info), desc="mitigate", unit="run",
                disable=not (progress and team.leader))
-    for sub, cure in runs_info:
+    for sub, model, _, _ in runs_info:
         start = time.perf_counter()
         where = folder / sub
         where.mkdir(parents=True, exist_ok=True)
-        p = plan if cure is None else dataclasses.replace(
-            plan, model=cure_model(plan.model, cure, ctx))
+        p = dataclasses.replace(plan, model=model())
         draw(p, where, device=device, progress=False, team=team)
         measured.append(_measure(where, p, train, train_cond, {**key, "cure": sub},
                                  detect_steps, start, team))
@@ -325,19 +335,20 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
     memorized, clean, groups = _groups(plan, base["copy"])
     base_samples = torch.from_numpy(np.load(folder / "baseline" / "samples.npy"))
 
-    def entry(sub: str, cure: list[Cure] | None, m: dict[str, Any]) -> dict[str, Any]:
+    def entry(sub: str, label: tuple[str, float] | None, when: str,
+              m: dict[str, Any]) -> dict[str, Any]:
         samples = torch.from_numpy(np.load(folder / sub / "samples.npy"))
         fig = _figures(m, base, samples, base_samples, memorized, clean, groups)
-        name, strength = ("uncured", None) if cure is None else _label(cure)
-        return {"cure": name, "strength": strength, **fig,
-                "samples": f"{sub}/samples.npy",
+        name, strength = ("uncured", None) if label is None else label
+        return {"cure": name, "strength": strength, **({"when": when} if when else {}),
+                **fig, "samples": f"{sub}/samples.npy",
                 "sample_conditions": None if plan.cond is None
                 else f"{sub}/sample_conditions.npy", "seconds": m["seconds"]}
 
-    baseline = entry("baseline", None, base)
+    baseline = entry("baseline", None, "", base)
     baseline["cost"] = 0.0
-    runs = [entry(sub, cure, m) for (sub, cure), m in zip(runs_info[1:], measured[1:],
-                                                          strict=True)]
+    runs = [entry(sub, label, when, m) for (sub, _, label, when), m in
+            zip(runs_info[1:], measured[1:], strict=True)]
     for r in runs:
         r["keeps_samples"] = keeps_samples(r, baseline)
     best, rule = recommend(runs, target)
