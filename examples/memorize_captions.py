@@ -10,8 +10,9 @@ training, audit and detection with prompts, in a few minutes.
    shifted by up to 1.5 pixels, scaled by 0.8 to 1.15, its colour shaded by 0.75 to 1), so
    a model that learns the caption need not copy any one of them. OUT/data holds the
    images, the captions (data.jsonl), the training set as trained (train.npy, duplicates
-   included), the prompts with their labels (prompts.jsonl, 1 = duplicated; ``picture``:
-   the caption's first picture) and the labels alone (labels.npy).
+   included), each training row's prompt (train_cond.npy: its line in prompts.jsonl), the
+   prompts with their labels (prompts.jsonl, 1 = duplicated; ``picture``: the caption's
+   first picture) and the labels alone (labels.npy).
 2. Model: the tiny Stable Diffusion layout of the test suite (tests/tiny_pipelines.py: a
    character-level CLIP tokenizer and text encoder, a UNet on 8 x 8 x 4 latents, a two-level
    VAE), its VAE fitted to the images and its UNet trained on the captions by
@@ -82,7 +83,7 @@ def write_data(folder: Path, copies: int, variants: int = 1, seed: int = 0
     (folder / "images").mkdir(parents=True, exist_ok=True)
     items = [(s, c, side) for s in SHAPES for c in COLOURS for side in SIDES]
     rng = np.random.default_rng(seed)
-    lines, prompts, rows = [], [], []
+    lines, prompts, rows, conds = [], [], [], []
     count = 0
     for shape, colour, side in items:
         caption = f"a {colour} {shape} on the {side}"
@@ -99,6 +100,7 @@ def write_data(folder: Path, copies: int, variants: int = 1, seed: int = 0
             for _ in range(copies if dup else 1):
                 lines.append({"image": name, "caption": caption})
                 rows.append(count)
+                conds.append(len(prompts) - 1)
             count += 1
     data = folder / "data.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -106,6 +108,7 @@ def write_data(folder: Path, copies: int, variants: int = 1, seed: int = 0
     prompt_file.write_text("\n".join(json.dumps(x) for x in prompts) + "\n")
     labels = folder / "labels.npy"
     np.save(labels, np.array([p["label"] for p in prompts]))
+    np.save(folder / "train_cond.npy", np.array(conds))  # each training row's prompt line
     # the training set as trained, read back from the PNGs (what the audit compares with)
     pics = np.stack([np.asarray(Image.open(folder / "images" / f"{i:03d}.png"),
                                 dtype=np.float32).transpose(2, 0, 1) / 255 for i in rows])
@@ -158,7 +161,8 @@ def main() -> None:
     np.save(rendered, np.load(args.out / "run" / "reconstructions.npy")[rows])
     common = ["--model", model, "--prompts", str(prompts), "--no-progress",
               "--seed", str(args.seed)]
-    run([py, "-m", "diffmem", "audit", *common, "--train", str(rendered), "--sampler",
+    run([py, "-m", "diffmem", "audit", *common, "--train", str(rendered), "--train-cond",
+         str(args.out / "data" / "train_cond.npy"), "--sampler",
          "pipeline", "--steps", str(args.sample_steps), "--per-condition",
          str(args.per_prompt), "--bootstrap", "200", "--out", str(args.out / "audit")])
     run([py, "-m", "diffmem", "detect", *common, "--labels", str(labels), "--steps",
@@ -202,19 +206,20 @@ def summarize(out: Path) -> None:
     detector agrees with the audit."""
     audit = json.loads((out / "audit" / "audit.json").read_text())
     detect = json.loads((out / "detect" / "detect.json").read_text())
-    copied = {e["prompt_index"]: e["nn_ratio"]["fraction"] for e in audit["conditions"]}
+    truth = _copied_by_prompt(out)
     groups: dict[str, list[float]] = {"1": [], "0": []}
     for e in audit["conditions"]:
-        groups[e["prompt_label"]].append(e["nn_ratio"]["fraction"])
-    print(f"nn-ratio copies per prompt: duplicated {np.mean(groups['1']):.2f} "
-          f"({len(groups['1'])} prompts), once {np.mean(groups['0']):.2f} "
-          f"({len(groups['0'])} prompts); all samples {audit['nn_ratio']['fraction']:.2f}")
+        groups[e["prompt_label"]].append(truth[e["prompt_index"]])
+    print(f"copies per prompt (nn-ratio or reproduction): duplicated "
+          f"{np.mean(groups['1']):.2f} ({len(groups['1'])} prompts), once "
+          f"{np.mean(groups['0']):.2f} ({len(groups['0'])} prompts); nn-ratio copies of all "
+          f"samples {audit['nn_ratio']['fraction']:.2f}")
     primary = detect["primary"]
     ranked = sorted(detect["conditions"], key=lambda e: -(e.get(primary) or -np.inf))
     ranks = [i + 1 for i, e in enumerate(ranked) if e.get("prompt_label") == "1"]
     print(f"detect ({primary}): the duplicated prompts rank {ranks} of {len(ranked)}")
     entries = sorted(detect["conditions"], key=lambda e: e["prompt_index"])
-    found = np.array([copied[e["prompt_index"]] >= 0.5 for e in entries])
+    found = np.array([truth[e["prompt_index"]] >= 0.5 for e in entries])
     for name in detect["units"]:
         scores = np.array([np.nan if e.get(name) is None else e[name] for e in entries])
         if np.isnan(scores).any():
@@ -223,7 +228,6 @@ def summarize(out: Path) -> None:
         print(f"  {name}: AUC {'-' if roc is None else format(roc['auc'], '.3f')} "
               f"(duplicated), {auc(scores, found):.3f} (copied by the audit, "
               f"{int(found.sum())} prompts)")
-    truth = _copied_by_prompt(out)
     clear = {i: 1 if c >= 0.75 else 0 if c <= 0.25 else None for i, c in truth.items()}
     verdict = detect.get("verdict") or {}
     flags = {e["prompt_index"]: e.get("memorized") for e in detect["conditions"]}

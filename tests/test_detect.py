@@ -101,21 +101,37 @@ def test_conditional_measures_known_answers_on_every_schedule():
             assert runs["EDM"][c][m] == pytest.approx(runs["VP"][c][m], rel=1e-6, abs=1e-9)
 
 
-def test_verdicts_by_consistency_and_by_reference_on_constructed_models():
+def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypatch):
     """Conditions 0 and 1 are one point each, 2 and 3 the null's own Gaussian denoiser: from
     the same noise their generations equal the null's, so consistency_ratio is exactly 1,
-    and 0 for the points. Confirmation walks down the collapse ranking and stops at the
-    first chunk that confirms nothing (condition 3 is never generated). With conditions 2-3
-    as the reference, the threshold is their collapse and only 0-1 exceed it."""
+    and 0 for the points. A few conditions are all confirmed; beyond CONFIRM_ALL the
+    confirmation walks down the collapse ranking and stops at the first chunk that confirms
+    nothing (condition 3 is never generated). With conditions 2-3 as the reference, the
+    threshold is their collapse and only 0-1 exceed it."""
+    import diffmem.detect as det
     from diffmem.verdicts import judge, rates, threshold_at_fpr
 
     model = conditional_model(VP())
     labels = torch.tensor([1, 1, 0, 0])
+    every = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10)
+    assert every.settings["confirm"] == 4 and "consistency" in every.entries[3]
+    monkeypatch.setattr(det, "CONFIRM_ALL", 2)
     res = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10, labels=labels)
     by = {e["condition"]: e for e in res.entries}
     assert by[0]["consistency_ratio"] == pytest.approx(0, abs=1e-6)
     assert by[2]["consistency_ratio"] == pytest.approx(1, rel=1e-9)
     assert "consistency" not in by[3] and res.settings["confirm"] == 3
+    more = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10,
+                  generations=3)  # from the screen's noise; by default 16 of their own
+    assert more.settings["generations"] == 3 and res.settings["generations"] == 16
+    for c, e in enumerate(more.entries):
+        assert e["collapse"] == by[c]["collapse"] and e["gap"] == by[c]["gap"]
+    assert more.entries[0]["consistency_ratio"] == pytest.approx(0, abs=1e-6)
+    assert more.entries[2]["consistency_ratio"] == pytest.approx(1, rel=1e-9)
+    assert more.entries[0]["consistency"] != by[0]["consistency"] or \
+        more.entries[2]["consistency"] != by[2]["consistency"]
+    with pytest.raises(ValueError, match="--generations: expected at least 2"):
+        detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10, generations=1)
     v = judge(res)
     assert v["kind"] == "consistency" and v["n_memorized"] == 2
     assert [by[c]["memorized"] for c in range(4)] == [True, True, False, False]

@@ -506,7 +506,8 @@ def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "nn-guidance"]
     assert set(doc["not_applicable"]) == {"guidance", "guidance-schedule", "prompt-opt",
                                           "random-tokens", "embedding-noise",
-                                          "attention-rescale"}
+                                          "attention-rescale", "amg"}
+    assert "a condition and a null condition" in doc["not_applicable"]["amg"]
     assert "prompts embedded by a UNet text-to-image pipeline" in \
         doc["not_applicable"]["prompt-opt"]
     assert doc["baseline"]["sample_conditions"] is None

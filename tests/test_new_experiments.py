@@ -59,6 +59,10 @@ def test_detect_digits_tiny_run_and_verdicts(tmp_path):
         assert all(0 <= c["copied"] <= 1 for c in res["conditions"])
         assert set(res["measures"]) >= {"wen", "gap", "collapse", "consistency"}
     assert len(m["unconditional"]["samples"]) == 4
+    u = m["unconditional"]
+    assert all(e["copy"] >= e["copy_nn_ratio"] for e in u["samples"])  # nn-ratio or calibrated
+    assert u["n_copies"] == sum(e["copy"] for e in u["samples"]) >= u["n_copies_nn_ratio"]
+    assert set(u["verdict"]["against_nn_ratio_alone"]) >= {"tpr", "fpr"}
     assert set(m["unconditional"]["measures"]) == {"jacobian", "flipd", "reconstruction"}
     judge = get_experiment("detect-digits").judge
 

@@ -112,6 +112,22 @@ def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
                                                                               2, 3, 3]
     page = (tmp_path / "audit" / "index.html").read_text()
     assert "a blue circle" in page
+    assert all(e["same_condition"] is None for e in report["conditions"])
+    np.save(tmp_path / "tcond.npy", np.array([0, 1, 2, 3, 0]))  # each image's prompt line
+    res = CliRunner().invoke(app, [
+        "audit", "--model", str(sd), "--prompts", str(prompts), "--train", str(train),
+        "--train-cond", str(tmp_path / "tcond.npy"), "--sampler", "pipeline", "--steps", "3",
+        "--per-condition", "2", "--no-progress", "--out", str(tmp_path / "audit_tc")])
+    assert res.exit_code == 0, res.output
+    with_cond = json.loads((tmp_path / "audit_tc" / "audit.json").read_text())
+    import csv
+
+    with open(tmp_path / "audit_tc" / "per_sample.csv", newline="") as f:
+        nearest = np.array([int(row["nearest"]) for row in csv.DictReader(f)])
+    same = np.array([0, 1, 2, 3, 0])[nearest] == np.repeat(np.arange(4), 2)
+    got = {e["prompt_index"]: e["same_condition"] for e in with_cond["conditions"]}
+    for j in range(4):  # the fraction of the prompt's samples nearest an image of its own
+        assert got[j] == pytest.approx(same[2 * j: 2 * j + 2].mean())
 
     res = CliRunner().invoke(app, [
         "detect", "--model", str(sd), "--prompts", str(prompts), "--steps", "4",
@@ -169,6 +185,10 @@ def test_bad_pipelines_and_prompts_are_refused_before_anything_is_written(sd, tm
     _refused(base + ["--conditions", str(tmp_path / "small.npy")], tmp_path / "o5",
              "--conditions: expected no value with --prompts")
     _refused(base + ["--dtype", "float8"], tmp_path / "o6", "--dtype: expected one of")
+    np.save(tmp_path / "tc.npy", np.array([0, 1, 1]))  # one prompt: line 1 does not exist
+    _refused(base + ["--train-cond", str(tmp_path / "tc.npy")], tmp_path / "o7",
+             "--train-cond: expected with --prompts, one prompt index per training item",
+             "values 0 to 1")
 
 
 @pytest.mark.parametrize("layout", ["sdxl", "sd3"])
@@ -476,6 +496,10 @@ def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
     assert len(set(texts.texts)) == 24 and texts.labels.count("1") == 3
     pics = np.load(train)
     assert rows[:5] == [0] * 5 and np.array_equal(pics[0], pics[4])  # the red square, 5x
+    conds = np.load(tmp_path / "train_cond.npy")
+    assert len(conds) == len(rows) and conds[:8].tolist() == [0] * 5 + [1] * 3
+    counts = np.bincount(conds, minlength=24)  # rows per prompt: 5 for a duplicated one
+    assert (counts == np.where(np.load(labels) == 1, 5, 3)).all()
     assert not np.array_equal(pics[0], pics[rows.index(1)])
     variants = pics[5:8]  # the red square on the right: three different pictures
     assert all(not np.array_equal(variants[i], variants[j]) for i, j in [(0, 1), (0, 2), (1, 2)])

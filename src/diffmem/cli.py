@@ -546,6 +546,9 @@ def detect_command(
                                        "the screen, confirmed by full generations "
                                        "(consistency; default a tenth of them)."),
     n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition or sample."),
+    generations: int | None = typer.Option(None, "--generations", help="Confirmation "
+                                           "generations per condition (default 16, at "
+                                           "least --n-noise)."),
     steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler."),
     batch_size: int = typer.Option(256, "--batch-size", help="Network inputs at once: "
                                    "conditions (or samples) x --n-noise a chunk; the chunks "
@@ -643,7 +646,7 @@ def detect_command(
             result = det.detect(loaded, table, null, n_noise=n_noise, steps=steps,
                                 confirm=confirm, seed=seed, labels=marks, progress=progress,
                                 guidance=None if text is None else text.guidance_applied,
-                                chunk=chunk, team=team, **kw)
+                                chunk=chunk, team=team, generations=generations, **kw)
             ref = None if ref_table is None else det.detect(
                 loaded, ref_table, null, n_noise=n_noise, steps=steps, confirm=0, seed=seed,
                 progress=progress, chunk=chunk, team=team, **{**kw, "measures": [

@@ -32,8 +32,9 @@ draws ``z`` shared by every condition:
   generations per condition (DDIM, ``eta = 0``), the median over them of the RMS distance to
   the nearest other generation, negated (near-duplicate generations: larger). Costly, so
   computed only for the conditions ranked highest by the screen: ``confirm`` of them, or by
-  default down the ranking a chunk at a time until a chunk holds no condition whose
-  ``consistency_ratio`` is below :data:`CONSISTENCY_RATIO`.
+  default all of them up to :data:`CONFIRM_ALL` conditions and beyond that down the ranking
+  a chunk at a time until a chunk holds no condition whose ``consistency_ratio`` is below
+  :data:`CONSISTENCY_RATIO`.
 * ``consistency_ratio``: the median RMS distance between two of those generations divided
   by the same for the null condition's, generated from the same noise (dimensionless; near 1
   when the condition leaves the generations as varied as no condition does, near 0 when they
@@ -92,6 +93,13 @@ LID_POINT = 0.5
 #: Fraction of the conditions confirmed by full generations at a time (by default down the
 #: ranking until a chunk confirms none).
 CONFIRM = 0.1
+#: Confirmation generations per condition by default (at least ``n_noise``): the verdict's
+#: ratio is a median over their pairs, and with 4 a memorized digit condition sat at 0.52 on
+#: ``detect-digits``' quick linear-eps model, at 0.47 with 16 (docs/detect.md).
+GENERATIONS = 16
+#: Up to this many conditions, all are confirmed by default (the verdict does not hang on the
+#: screen's ranking: on a small text model the screen ranked the memorized prompts last).
+CONFIRM_ALL = 64
 #: ``consistency_ratio`` below which a condition's generations count as one image (the
 #: verdict without a reference set; measured on ``detect-digits``, see docs/detect.md).
 CONSISTENCY_RATIO = 0.5
@@ -346,15 +354,19 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
            steps: int = 50, levels: Sequence[float] = LEVELS,
            measures: Sequence[str] = DEFAULT_MEASURES,
            confirm: int | None = None, seed: int = 0, labels: Tensor | None = None,
-           chunk: int = 64, guidance: float | None = None,
+           chunk: int = 64, guidance: float | None = None, generations: int | None = None,
            progress: bool = False, team: Team | None = None) -> DetectResult:
     """The measures of the module docstring for each of ``conditions`` (``(n, *cond_shape)``;
     integer labels or vectors) of a conditional ``model`` whose null condition is ``null``.
-    Conditions are evaluated ``chunk`` at a time, all ``n_noise`` draws in one batch.
+    Conditions are evaluated ``chunk`` at a time, all ``n_noise`` draws in one batch; the
+    confirmation generates ``generations`` per condition (default the larger of
+    ``GENERATIONS`` and ``n_noise``; from the screen's noise when equal to ``n_noise``,
+    otherwise from their own, drawn after it, the same for every condition and the null).
     ``consistency`` is computed for the ``confirm`` conditions ranked highest by the other
-    measures (the primary when computed); by default (``confirm=None``) for chunks of
-    ``CONFIRM`` of them down that ranking until a chunk holds no condition with a
-    ``consistency_ratio`` below ``CONSISTENCY_RATIO``.
+    measures (the primary when computed); by default (``confirm=None``) for all of them when
+    there are at most ``CONFIRM_ALL``, otherwise for chunks of ``CONFIRM`` of them down that
+    ranking until a chunk holds no condition with a ``consistency_ratio`` below
+    ``CONSISTENCY_RATIO``.
     ``labels`` (``(n,)``, 1 for a memorized condition) adds the ROC of each measure.
     ``guidance`` (a text pipeline's weight) guides the confirmation generations against
     ``null`` as the pipeline samples; the screen's measures compare the unguided outputs.
@@ -368,6 +380,11 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
                    getattr(model, "name", type(model).__name__))
     names = _check_measures(measures, MEASURES)
     n_noise, steps = positive_int("--n-noise", n_noise), positive_int("--steps", steps)
+    k_gen = max(GENERATIONS, n_noise) if generations is None else \
+        positive_int("--generations", generations)
+    if k_gen < 2:
+        raise fail("--generations", "at least 2 generations per condition (their spread)",
+                   k_gen)
     lv = _check_levels(levels)
     n = conditions.shape[0]
     step = max(1, math.ceil(CONFIRM * n))
@@ -381,6 +398,8 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n_noise, *shape, generator=gen, dtype=torch.float64)
     probes = _rademacher((len(lv), n_noise, *shape), gen)
+    z_gen = z if k_gen == n_noise else torch.randn(k_gen, *shape, generator=gen,
+                                                   dtype=torch.float64)
     entries: list[dict[str, Any]] = [{"condition": describe(conditions[j], j), "index": j}
                                      for j in range(n)]
     start = time.perf_counter()
@@ -458,18 +477,18 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
             import copy
 
             generator = copy.copy(model).guided(guidance, null)
-        null_spread = float(_spread(ddim(generator, top.sigma * z, times,
-                                         null[None].expand(n_noise, *null.shape)),
-                                    n_noise, d)[1][0])
+        null_spread = float(_spread(ddim(generator, top.sigma * z_gen, times,
+                                         null[None].expand(k_gen, *null.shape)),
+                                    k_gen, d)[1][0])
         bar = tqdm(total=limit, disable=not (progress and team.leader), desc="confirming")
         width = step if confirm is None else chunk
 
         def generate(lo: int) -> tuple[list[float], list[float]]:
             """Confirmation generations of the conditions ranked ``lo`` to ``lo + width``."""
             pick = torch.tensor(order[lo: min(limit, lo + width)])
-            c = conditions[pick].repeat_interleave(n_noise, 0)
-            zz = z.repeat(pick.numel(), *[1] * len(shape))
-            near, spread = _spread(ddim(generator, top.sigma * zz, times, c), n_noise, d)
+            c = conditions[pick].repeat_interleave(k_gen, 0)
+            zz = z_gen.repeat(pick.numel(), *[1] * len(shape))
+            near, spread = _spread(ddim(generator, top.sigma * zz, times, c), k_gen, d)
             return near.tolist(), spread.tolist()
 
         stop = False
@@ -486,15 +505,16 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
                 confirmed += len(pick)
                 bar.update(len(pick))
                 ratios = [entries[j]["consistency_ratio"] for j in pick]
-                if confirm is None and not any(r is not None and r < CONSISTENCY_RATIO
-                                               for r in ratios):
+                if confirm is None and n > CONFIRM_ALL and not any(
+                        r is not None and r < CONSISTENCY_RATIO for r in ratios):
                     stop = True  # a whole chunk down the ranking confirmed nothing: stop
                     break
         bar.close()
     total = time.perf_counter() - start
     for e in entries:
         e["seconds"] = total / max(1, n)
-    settings = {"n_noise": n_noise, "steps": steps, "levels": lv, "measures": names,
+    settings = {"n_noise": n_noise, "generations": k_gen, "steps": steps, "levels": lv,
+                "measures": names,
                 "confirm": confirmed, "null_spread": null_spread, "seed": seed,
                 "model": getattr(model, "name", None), "t_first": float(times[0]),
                 "generation_guidance": guidance,

@@ -72,9 +72,9 @@ def plan_draw(spec: str, data_shape: tuple[int, ...] | None, *, n_samples: int,
                              per_condition=per_condition, guidance=guidance,
                              text_options=text_options, sampler=sampler,
                              steps=steps, seed=seed, scheduler_class=scheduler_class,
-                             eta=eta, device=device, rejected={
-                                 "--conditions": conditions, "--train-cond": train_cond,
-                                 "--null-cond": null_cond, "--scheduler": scheduler})
+                             eta=eta, device=device, train_cond=train_cond, rejected={
+                                 "--conditions": conditions, "--null-cond": null_cond,
+                                 "--scheduler": scheduler})
         return dataclasses.replace(text, batch=batch)
     wants_cond = train_cond is not None or conditions is not None
     model = load_model(spec, scheduler=scheduler, schedule=schedule, kind=kind,
@@ -135,10 +135,11 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...] | None, prompts: str | 
                   n_samples: int, per_condition: int | None, guidance: float | None,
                   text_options: TextOptions | None, sampler: str, steps: int, seed: int,
                   scheduler_class: str | None, eta: float | None, device: str,
-                  rejected: dict[str, Any]) -> DrawPlan:
+                  rejected: dict[str, Any], train_cond: Tensor | None = None) -> DrawPlan:
     """A text-to-image pipeline sampled ``per_condition`` times per prompt (default
     ``n_samples`` shared out), guided by ``guidance`` (default the pipeline's; none at
-    ``w <= 1``, as the pipelines do) against the negative prompt."""
+    ``w <= 1``, as the pipelines do) against the negative prompt. ``train_cond``, when
+    given, is each training item's prompt: its 0-based line in the prompts file."""
     import torch
 
     from diffmem.models import output_shape
@@ -147,6 +148,13 @@ def _plan_prompts(spec: str, data_shape: tuple[int, ...] | None, prompts: str | 
 
     refuse_with_prompts(rejected)
     text = read_prompts(prompts)
+    if train_cond is not None and (train_cond.dim() != 1 or train_cond.is_floating_point()
+                                   or int(train_cond.min()) < 0
+                                   or int(train_cond.max()) >= len(text.texts)):
+        raise fail("--train-cond", f"with --prompts, one prompt index per training item "
+                   f"(integers 0 to {len(text.texts) - 1}: lines of the prompts file)",
+                   f"{train_cond.dtype}, shape {tuple(train_cond.shape)}, values "
+                   f"{int(train_cond.min())} to {int(train_cond.max())}")
     tm = load_text_model(spec, text, text_options, device=device)
     model = tm.model
     if data_shape is not None and tuple(output_shape(model)) != tuple(data_shape):

@@ -14,12 +14,14 @@ Ground truth comes from the audit against the deduplicated training set: a sampl
 when the nn-ratio test says so or it reproduces its condition's training item (the audit's
 ``reproduction``, which counts copies of typical-looking digits that the nn-ratio test
 misses); per condition, the copied fraction of ``per_condition`` DDIM samples; per sample of
-the unconditional model, whether it is a copy. AUC and TPR at 1% FPR are judged on clear
-conditions (copied fraction >= 0.75 against <= 0.25); Spearman's correlation with the copied
-fraction over all conditions. The verdicts of :mod:`diffmem.verdicts` are judged on the same
-clear conditions and samples without a reference set: per condition by the consistency rule,
-per sample by ``flipd > 1 - 1 / (2 d)`` (a point of the model). The detectors never see the training
-set.
+the unconditional model, whether it is a copy by the nn-ratio test or by the calibrated
+distance (the audit's copy test that catches a copy of a digit with a close neighbour when
+there is no condition to reproduce; the rates against the nn-ratio alone are kept too). AUC
+and TPR at 1% FPR are judged on clear conditions (copied fraction >= 0.75 against <= 0.25);
+Spearman's correlation with the copied fraction over all conditions. The verdicts of
+:mod:`diffmem.verdicts` are judged on the same clear conditions and samples without a
+reference set: per condition by the consistency rule, per sample by ``flipd > 1 - 1 / (2 d)``
+(a point of the model). The detectors never see the training set.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def compute(ctx: Context) -> dict[str, Any]:
         samples = _sample(run, z, p["sample_steps"], cond)
         found = detect(model, table, torch.tensor(run["null"]), n_noise=p["n_noise"],
                        steps=p["sample_steps"], measures=MEASURES, confirm=n_cond,
-                       seed=ctx.seed, progress=ctx.progress)
+                       seed=ctx.seed, progress=ctx.progress,
+                       generations=p["generations"])
         give_verdicts(found)
         study = {lv: detect(model, table, torch.tensor(run["null"]), n_noise=p["n_noise"],
                             steps=p["sample_steps"], levels=(lv,), measures=("gap", "collapse"),
@@ -252,17 +255,22 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     u = raw["unconditional"]
     utrain, _ = _dedupe(u["train"], None)
     result = audit(_to01(u["samples"]), _to01(utrain), bootstrap=50, seed=ctx.seed)
-    copies = result.copies["nn_ratio"].to(torch.int64).tolist()
+    nn_only = result.copies["nn_ratio"].to(torch.int64).tolist()
+    copies = (result.copies["nn_ratio"] | result.copies["calibrated_l2"]).to(torch.int64).tolist()
     found = u["detect"]
-    entries = [{**e, "copy": c} for e, c in zip(found.entries, copies, strict=True)]
+    entries = [{**e, "copy": c, "copy_nn_ratio": n} for e, c, n in
+               zip(found.entries, copies, nn_only, strict=True)]
+    flags = [e.get("memorized") for e in entries]
     metrics["unconditional"] = {
-        "samples": entries, "n_copies": sum(copies), "training_steps": u["steps"],
+        "samples": entries, "n_copies": sum(copies), "n_copies_nn_ratio": sum(nn_only),
+        "training_steps": u["steps"],
         "train_s": u["train_s"], "detect_s": found.settings["seconds"],
         "primary": found.primary,
         "measures": {m: _scores(entries, m, [float(c) for c in copies],
                                 list(copies)) for m in found.measures},
         "levels": _level_scores(u["study"], [float(c) for c in copies], list(copies)),
-        "verdict": {**found.verdict, **rates([e.get("memorized") for e in entries], copies)}}
+        "verdict": {**found.verdict, **rates(flags, copies),
+                    "against_nn_ratio_alone": rates(flags, nn_only)}}
     order = torch.argsort(torch.tensor([-e[found.primary] for e in entries]))
     arrays["uncond_ranked"] = (u["samples"][order[: 2 * p["show"]]].clamp(-1, 1) + 1) / 2
     return Recorded(metrics, arrays)
@@ -345,7 +353,7 @@ DETECT_DIGITS = Experiment(
     claim=CLAIM,
     defaults={"n_classes": 10, "per_class": 40, "n_single": 12, "steps": 3000, "every": 1000,
               "p_uncond": 0.1, "lr": 2e-3, "batch_size": 32, "width": 16,
-              "per_condition": 16, "sample_steps": 25, "n_noise": 4,
+              "per_condition": 16, "sample_steps": 25, "n_noise": 4, "generations": 16,
               "uncond_train": 150, "uncond_dup": 6, "uncond_times": 30,
               "uncond_samples": 200, "show": 4},
     quick={"n_classes": 4, "per_class": 30, "n_single": 6, "steps": 1200, "every": 400,
