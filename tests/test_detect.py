@@ -258,9 +258,10 @@ def test_detect_command_conditions_and_samples(tmp_path):
     res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "cond"), *sched,
                               "--conditions", str(tmp_path / "conds.npy"), "--null-cond", "3",
                               "--labels", str(tmp_path / "labels.npy"), "--confirm", "1",
-                              "--out", str(tmp_path / "d")])
+                              "--generations", "3", "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     written = json.loads((tmp_path / "d" / "detect.json").read_text())
+    assert written["settings"]["generations"] == 3
     assert len(written["conditions"]) == 3 and written["primary"] in written["roc"]
     assert sum(e.get("consistency") is not None for e in written["conditions"]) == 1
     assert (tmp_path / "d" / "detect.csv").read_text().startswith("rank,index,condition,")
