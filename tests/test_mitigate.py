@@ -221,6 +221,11 @@ def test_amg_takes_the_pull_off_only_while_the_prediction_reproduces_an_item():
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (cond, a)
         assert e[0] == 1 and 0.3 < float(e[1]) < 0.7 and e[3] == 0 and 0.5 < e[4] < 0.9
         assert torch.allclose(got[3], table[3], rtol=1e-12)  # no reproduction: unchanged
+    ctx = CureContext(null=torch.tensor(9), train=Centres(train), train_cond=labels)
+    chain = cure_model(model, [parse_cure("guidance=0.5"), parse_cure("amg=2")], ctx)
+    got = chain.denoiser(x, t, y)  # capped at the chain's guidance 0.5: D(null) on an item
+    assert torch.allclose(got[0], table[9], atol=1e-12)
+    assert torch.allclose(got[3], 0.5 * table[3] + 0.5 * table[9], rtol=1e-12)
     unguided = ModelScore(lambda x, t: x, sch, (4,), kind="denoiser")
     with pytest.raises(ValueError, match="for amg"):
         cure_model(unguided, [parse_cure("amg=1")], CureContext(train=Centres(train)))

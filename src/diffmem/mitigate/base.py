@@ -140,8 +140,10 @@ class CuredModel(ModelScore):
         return y
 
     def _denoise(self, d: Tensor, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        """The denoiser hooks in order; each gets this model (its ``fn`` the base's, its
+        guidance the one the cures set)."""
         for cure in self.cures:
-            d = cure.denoise(d, x, t, self.ctx, self.base, y)
+            d = cure.denoise(d, x, t, self.ctx, self, y)
         return d
 
     def _apply(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
