@@ -22,7 +22,7 @@ condition hooks still apply). Cures compose in the order given.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -49,6 +49,9 @@ class CureContext:
     train: Any = None
     T: float = 1.0
     train_cond: Tensor | None = None
+    #: Training items' reproduction radii found so far (item -> distance to its nearest
+    #: other item), shared by every evaluation and run that uses this context.
+    radii: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ class AntiMemorization(Cure):
         assert ctx.null is not None
         m = expand_as_batch(model.schedule.m(t.to(torch.float64)).to(d.dtype), d)
         d1, _, first = _nearest(d / m, ctx)
-        radius = nearest_other(first, ctx.train).to(d1)
+        radius = _radius(first, ctx).to(d1)
         e = (1 - d1 / radius.clamp_min(torch.finfo(d1.dtype).tiny)).clamp(0, 1)
         rows = torch.nonzero(e > 0).reshape(-1)
         if rows.numel() == 0:
@@ -144,6 +144,20 @@ def _nearest(x0: Tensor, ctx: CureContext) -> tuple[Tensor, Tensor, Tensor]:
     dist, idx = knn(x0.to(torch.float64), ctx.train, min(K, ctx.train.n_total), exact=2)
     d2 = distinct_second(dist.cpu(), idx.cpu(), ctx.train)[0].to(x0)
     return dist[:, 0].to(x0), d2, idx[:, 0].cpu()
+
+
+def _radius(items: Tensor, ctx: CureContext) -> Tensor:
+    """Per item of ``items``, the distance to its nearest other training item
+    (:func:`diffmem.metrics.nearest_other`), each item searched once per context (a set
+    split over processes is searched every time, so that every process takes part)."""
+    if getattr(ctx.train, "group", None) is not None:
+        return nearest_other(items, ctx.train)
+    wanted = [int(i) for i in items.tolist()]
+    missing = sorted(set(wanted) - ctx.radii.keys())
+    if missing:
+        found = nearest_other(torch.tensor(missing), ctx.train)
+        ctx.radii.update(zip(missing, found.tolist(), strict=True))
+    return torch.tensor([ctx.radii[i] for i in wanted], dtype=torch.float64)
 
 
 def _unguided(model: ModelScore, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
