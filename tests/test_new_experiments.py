@@ -102,6 +102,11 @@ def test_mitigate_digits_tiny_run_and_verdicts(tmp_path):
     info = m["retraining"]
     assert info["dedupe=1"]["items"] == 2 * 4 + 3 < info["loss-filter=0.01"]["items"]
     assert info["loss-filter=0.01"]["filtered"] > 0 and info["dedupe=1"]["filtered"] == 0
+    from diffmem.experiments.mitigation import _retrain_specs
+
+    for bad in ("magic=1", "dedupe=abc", "loss-filter=nan", "label-randomization=-1"):
+        with pytest.raises(ValueError, match="retrain: expected NAME=VALUE"):
+            _retrain_specs([bad])
     assert m["baseline"]["cost"] == 0 and all(r["cost"] >= 0 for r in m["runs"])
     assert (tmp_path / "mitigate-digits" / "plane.png").is_file()
     assert rec.verdict.status in ("confirmed", "not_reproduced", "inconclusive")

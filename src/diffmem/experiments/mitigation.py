@@ -22,6 +22,7 @@ experiment (``examples/memorize_captions.py``, docs/mitigate.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,20 +51,34 @@ RETRAIN = {
                    "the loss (Wen et al.'s training filter)"}
 
 
-def _retrain(ctx: Context, specs: list[str], train: torch.Tensor, labels: torch.Tensor,
-             distinct: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[Any], dict[str, Any]]:
-    """The model trained again with each training-time cure of ``specs`` (``NAME=VALUE``, a
-    name of :data:`RETRAIN`), as ``(name, value, model)`` for the sweep, and each one's
+def _retrain_specs(specs: list[str]) -> list[tuple[str, float]]:
+    """``NAME=VALUE`` items of ``retrain`` as ``(name, value)``; ``ValueError`` naming
+    ``retrain`` on an unknown name or a value that is not a finite number."""
+    parsed = []
+    for spec in specs:
+        name, _, text = str(spec).partition("=")
+        try:
+            value = float(text or 1)
+        except ValueError:
+            value = math.nan
+        if name not in RETRAIN or not math.isfinite(value) or value < 0:
+            raise fail("retrain", f"NAME=VALUE with NAME one of {tuple(RETRAIN)} and VALUE a "
+                       "finite number >= 0", repr(spec))
+        parsed.append((name, value))
+    return parsed
+
+
+def _retrain(ctx: Context, specs: list[tuple[str, float]], train: torch.Tensor,
+             labels: torch.Tensor, distinct: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[list[Any], dict[str, Any]]:
+    """The model trained again with each training-time cure of ``specs`` (``(name, value)``,
+    a name of :data:`RETRAIN`), as ``(name, value, model)`` for the sweep, and each one's
     training figures."""
     from diffmem.models import wrap_diffusers
 
     p = ctx.params
     models, info = [], {}
-    for spec in specs:
-        name, _, text = str(spec).partition("=")
-        if name not in RETRAIN:
-            raise fail("retrain", f"NAME=VALUE with NAME one of {tuple(RETRAIN)}", repr(spec))
-        value = float(text or 1)
+    for name, value in specs:
         data, conds, cure = train, labels, {}
         if name == "dedupe":
             data, conds = distinct
@@ -89,6 +104,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     from diffmem.models import wrap_diffusers
 
     p = ctx.params
+    specs = _retrain_specs(list(p["retrain"]))  # checked before anything is trained
     train, labels, repeats = _conditional_data(p)
     run = train_run(ctx, p["model"], train, 0.0, labels=labels, p_uncond=p["p_uncond"],
                     scheduler=MODELS[p["model"]], seed=ctx.seed)
@@ -104,7 +120,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     grids = None if p["per_cure"] == 0 else {
         name: cls.grid[-p["per_cure"]:] for name, cls in CURES.items()}
     runs, skipped = plan_cures(model, cure_ctx, grids=grids, combine=p["combine"])
-    retrained, info = _retrain(ctx, list(p["retrain"]), train, labels,
+    retrained, info = _retrain(ctx, specs, train, labels,
                                (distinct_train, distinct_labels))
     summary = sweep(plan, runs, ctx.out / "sweep", train=distinct_train,
                     train_cond=distinct_labels, ctx=cure_ctx, progress=ctx.progress,
