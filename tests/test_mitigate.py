@@ -169,6 +169,13 @@ def test_nn_guidance_keeps_predictions_off_the_training_items():
     far = ModelScore(lambda x, t: torch.full_like(x, 10.0), sch, (4,), kind="denoiser")
     assert torch.equal(cure_model(far, [parse_cure("nn-guidance=1")], ctx).denoiser(x, t),
                        far.denoiser(x, t))
+    # each item held 20 times (more than the 8 searched at first): d2 is still the distinct
+    # other's distance, so the cure is the one on the distinct set
+    held = CureContext(train=Centres(train.repeat_interleave(20, dim=0)))
+    for g in (1.0, 3.0):
+        want = cure_model(model, [parse_cure(f"nn-guidance={g}")], ctx).denoiser(x, t)
+        got = cure_model(model, [parse_cure(f"nn-guidance={g}")], held).denoiser(x, t)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), g
 
 
 def _amg_expected(table, train, train_cond, y, a):
@@ -414,8 +421,8 @@ def test_audit_and_detect_take_cures(unet, tmp_path):
 def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     """A tiny SD pipeline with prompts: the cures that apply to it (Tikhonov on its latents,
     the guidance schedule against the negative prompt) sampled by its own scheduler and
-    audited against images; nearest-neighbour guidance, named, is refused: the training set
-    is images, the model's samples latents."""
+    audited against images; the nearest-neighbour cures search the training images as
+    latents, and without a training set, named, are refused."""
     pytest.importorskip("transformers")
     from PIL import Image
     from tiny_pipelines import sd_pipeline
@@ -435,19 +442,56 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
                             "guidance-schedule=0.5", "--strengths", "guidance=1",
                             "--strengths", "prompt-opt=1", "--strengths", "random-tokens=2",
                             "--strengths", "embedding-noise=0.5", "--strengths",
-                            "attention-rescale=1.2"],
+                            "attention-rescale=1.2", "--strengths", "amg=1",
+                            "--strengths", "nn-guidance=3"],
                     tmp_path / "m")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "guidance", "guidance-schedule",
-                                                "prompt-opt", "random-tokens",
-                                                "embedding-noise", "attention-rescale"]
-    assert "nn-guidance" in doc["not_applicable"]
+                                                "nn-guidance", "amg", "prompt-opt",
+                                                "random-tokens", "embedding-noise",
+                                                "attention-rescale"]
+    assert doc["not_applicable"] == {}  # amg and nn-guidance: the images searched as latents
     assert np.load(tmp_path / "m" / doc["runs"][0]["samples"]).shape == (4, 3, 16, 16)
     assert doc["inputs"]["prompt_texts"] == ["a red square", "a blue circle"]
-    res = _mitigate(args + ["--cures", "nn-guidance"], tmp_path / "bad")
+    res = _mitigate([a for a in args if a not in ("--train", str(images))]
+                    + ["--cures", "nn-guidance"], tmp_path / "bad")
     assert res.exit_code == 2 and "for nn-guidance" in res.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_latent_models_training_images_are_searched_as_its_latents(tmp_path):
+    """cure_context encodes a latent pipeline's training images with its VAE as the
+    training scripts do (diffusers' own encoder: latent mean times the scaling factor, of
+    ``2 x - 1``), chunk by chunk to the same rows; images of another size are refused."""
+    pytest.importorskip("transformers")
+    import diffusers
+    from tiny_pipelines import sd_pipeline
+
+    from diffmem.mitigate import base
+    from diffmem.prompts import Prompts
+    from diffmem.text import load_text_model
+
+    sd = sd_pipeline(tmp_path / "sd")
+    model = load_text_model(sd, Prompts(["a red square"])).model
+    images = torch.rand(7, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    vae = diffusers.AutoencoderKL.from_pretrained(str(sd / "vae"))
+    with torch.no_grad():
+        want = vae.encode(2 * images - 1).latent_dist.mean * vae.config.scaling_factor
+    whole = base.cure_context(model, None, images).train.to_tensor(torch.float32)
+    assert whole.shape == (7, *model.data_shape)
+    assert torch.allclose(whole, want, atol=1e-5 * float(want.abs().max()))
+    chunk = base.LATENT_CHUNK
+    try:
+        base.LATENT_CHUNK = 3
+        parts = base.cure_context(model, None, images).train.to_tensor(torch.float32)
+    finally:
+        base.LATENT_CHUNK = chunk
+    assert torch.allclose(parts, whole, atol=1e-5 * float(want.abs().max()))
+    assert base.cure_context(model, None, images, search=False).train.data_shape == (3, 16, 16)
+    small = base.cure_context(model, torch.tensor(1), torch.rand(3, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"does not encode.*for nn-guidance"):
+        cure_model(model, [parse_cure("nn-guidance=1")], small)
 
 
 @pytest.mark.parametrize("layout", ["dit", "flux", "sdxl", "sd3", "pixart"])

@@ -456,20 +456,11 @@ def _cured(model: Any, cures: list[str], null: Any = None, train: Any = None,
     condition, training set and training conditions for the cures that need them."""
     if not cures:
         return model
-    from diffmem.mitigate import cure_model, parse_cure
+    from diffmem.mitigate import cure_context, cure_model, parse_cure
 
-    return cure_model(model, [parse_cure(c) for c in cures],
-                      _cure_context(null, train, train_cond))
-
-
-def _cure_context(null: Any, train: Any, train_cond: Any) -> Any:
-    """What the cures may need: the null condition, the training set (exact search) and
-    its conditions."""
-    from diffmem.centres import Centres
-    from diffmem.mitigate import CureContext
-
-    return CureContext(null=null, train=None if train is None else Centres(train),
-                       train_cond=train_cond)
+    parsed = [parse_cure(c) for c in cures]
+    return cure_model(model, parsed, cure_context(
+        model, null, train, train_cond, search=any(c.searches for c in parsed)))
 
 
 def _cured_plan(plan: Any, cures: list[str], train: Any = None,
@@ -763,6 +754,7 @@ def mitigate_command(
     from diffmem.audit.model import load_train_cond, plan_draw, training_shape
     from diffmem.centres import Centres
     from diffmem.experiments.base import FolderLock, prepare_out
+    from diffmem.mitigate import CURES, cure_context
     from diffmem.mitigate.sweep import plan_cures, sweep
     from diffmem.report import write_mitigate_report
 
@@ -785,10 +777,11 @@ def mitigate_command(
             scheduler=None if scheduler is None else str(scheduler), schedule=schedule,
             kind=model_kind, index=model_index, device=device, prompts=prompts,
             text_options=options, batch_size=batch_size)
-        ctx = _cure_context(plan.null, data, tcond)
-        runs, skipped = plan_cures(plan.model, ctx, None if cures is None else [
-            n.strip() for n in cures.split(",") if n.strip()], _strength_grids(strengths),
-            combine)
+        names = None if cures is None else [n.strip() for n in cures.split(",") if n.strip()]
+        ctx = cure_context(plan.model, plan.null, data, tcond, search=names is None or any(
+            CURES[n].searches for n in [*names, *_chained(combine)] if n in CURES))
+        runs, skipped = plan_cures(plan.model, ctx, names, _strength_grids(strengths),
+                                   combine)
         folder = prepare_out(out)
         with FolderLock(folder) if team.leader else contextlib.nullcontext():
             summary = sweep(plan, runs, folder, train=data, train_cond=tcond, ctx=ctx,
@@ -812,6 +805,11 @@ def mitigate_command(
                   f"{best['copy_fraction']:.3f}, cost {best['cost']:.4g}" if best else
                   f"; no cure brings the copies to {target:g} while keeping the samples")
                + f"\n      -> {folder / 'mitigate.json'}, {folder / 'index.html'}")
+
+
+def _chained(combine: list[str]) -> list[str]:
+    """The cure names of ``--combine`` chains (``A=a+B``: ``A`` and ``B``)."""
+    return [part.partition("=")[0].strip() for chain in combine for part in chain.split("+")]
 
 
 def _strength_grids(items: list[str]) -> dict[str, list[float]]:

@@ -478,9 +478,20 @@ def attach_decoder(model: ModelScore, vae: Any) -> None:
     """Make ``model`` a latent model whose samples are ``vae``'s images:
     ``image = (decode(z / scaling_factor + shift_factor) + 1) / 2`` clipped to ``[0, 1]``
     (the pipelines' post-processing), of ``out_channels x (f h) x (f w)`` with
-    ``f = 2^(len(block_out_channels) - 1)``."""
+    ``f = 2^(len(block_out_channels) - 1)``; and its inverse on the way in,
+    ``z = (mean E(2 image - 1) - shift_factor) scaling_factor`` (the latent mean, as
+    training scripts encode their images), as ``network["encode"]``."""
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     shift = getattr(vae.config, "shift_factor", None)
+
+    def encode(images: Tensor) -> Tensor:
+        x = (2 * images - 1).to(device=vae.device, dtype=vae.dtype)
+        with torch.no_grad():
+            out = vae.encode(x, return_dict=False)[0]
+        z = (out.mean if hasattr(out, "mean") else out).float()
+        if shift is not None:
+            z = z - float(shift)
+        return z * scale
 
     def decode(latents: Tensor) -> Tensor:
         z = latents.to(device=vae.device, dtype=vae.dtype) / scale
@@ -492,7 +503,7 @@ def attach_decoder(model: ModelScore, vae: Any) -> None:
 
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     assert model.network is not None
-    model.network.update(decode=decode, image_shape=(int(vae.config.out_channels),
+    model.network.update(decode=decode, encode=encode, image_shape=(int(vae.config.out_channels),
                                                      model.data_shape[1] * f,
                                                      model.data_shape[2] * f))
 

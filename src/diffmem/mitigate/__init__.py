@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from diffmem._checks import fail
 from diffmem.mitigate.attention import AttentionRescale
-from diffmem.mitigate.base import Cure, CureContext, CuredModel, cure_model
+from diffmem.mitigate.base import Cure, CureContext, CuredModel, cure_context, cure_model
 from diffmem.mitigate.guidance import Guidance, GuidanceSchedule
 from diffmem.mitigate.nearest import AntiMemorization, NearestGuidance
 from diffmem.mitigate.prompt import EmbeddingNoise, PromptOptimization, RandomTokens
@@ -60,8 +60,6 @@ def parse_cure(text: str) -> Cure:
 
 
 __all__ = ["CURES", "AntiMemorization", "AttentionRescale", "Cure", "CureContext", "CuredModel",
-           "EmbeddingNoise",
-           "Guidance",
-           "GuidanceSchedule",
-           "NearestGuidance", "PromptOptimization", "RandomTokens", "Tikhonov", "cure_model",
+           "EmbeddingNoise", "Guidance", "GuidanceSchedule", "NearestGuidance",
+           "PromptOptimization", "RandomTokens", "Tikhonov", "cure_context", "cure_model",
            "parse_cure"]

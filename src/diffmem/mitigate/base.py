@@ -52,6 +52,34 @@ class CureContext:
     #: Training items' reproduction radii found so far (item -> distance to its nearest
     #: other item), shared by every evaluation and run that uses this context.
     radii: dict[int, float] = field(default_factory=dict)
+    #: Nearest items searched per evaluation, found so far (0: the cure's default).
+    neighbours: int = 0
+
+
+def cure_context(model: ModelScore, null: Tensor | None = None, train: Any = None,
+                 train_cond: Tensor | None = None, *, search: bool = True) -> CureContext:
+    """What the cures of ``model`` may need: its null condition, its training set ``train``
+    (any :class:`~diffmem.centres.Centres` input) for the exact nearest-neighbour search,
+    and the training items' conditions. A latent model's training set given as its images
+    (of its ``image_shape``) is searched as latents: each image encoded by the model's VAE,
+    ``z = (mean E(2 x - 1) - shift) scaling`` (:func:`~diffmem.models.attach_decoder`), in
+    chunks, the latents it was trained on when it was trained on these images. ``search``
+    false (no cure searches the training set) skips the encoding."""
+    from diffmem.centres import Centres
+
+    if train is None:
+        return CureContext(null=null, train_cond=train_cond)
+    centres = train if isinstance(train, Centres) else Centres(train)
+    network = model.network or {}
+    encode, shape = network.get("encode"), network.get("image_shape")
+    if search and encode is not None and tuple(centres.data_shape) == tuple(shape):
+        centres = Centres(torch.cat([encode(chunk).cpu() for chunk in
+                                     centres.stored_chunks(LATENT_CHUNK, torch.float32)]))
+    return CureContext(null=null, train=centres, train_cond=train_cond)
+
+
+#: Training images encoded by a latent model's VAE at a time.
+LATENT_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,9 @@ class Cure:
     grid: ClassVar[tuple[float, ...]] = ()
     #: What the strength is, for the help and the page.
     meaning: ClassVar[str] = ""
+    #: Whether the cure searches the training set (:func:`cure_context` encodes a latent
+    #: model's training images only then).
+    searches: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         v = self.strength

@@ -2,7 +2,9 @@
 al., CVPR 2024, with diffmem's exact nearest-neighbour search): the predicted clean sample
 kept away from its nearest training item (``nn-guidance``, AMG's dissimilarity guidance in
 closed form), and the condition's pull removed and reversed while the prediction reproduces
-an item (``amg``, AMG's despecification and caption-negative guidances)."""
+an item (``amg``, AMG's despecification and caption-negative guidances). For a latent model
+the search is in its latent space, the training images encoded by its VAE
+(:func:`~diffmem.mitigate.base.cure_context`)."""
 
 from __future__ import annotations
 
@@ -27,13 +29,15 @@ class NearestGuidance(Cure):
     (``d2``); when ``d1 < g d2 / 3`` it is moved along ``x0 - n1`` out to ``d1 = g d2 / 3``,
     so at ``g = 1`` no step's prediction passes the nn-ratio copy test (``d1 / d2 < 1/3``),
     at ``g = 3`` each stays as far from its nearest item as from the next, and beyond it is
-    pushed further out. The training set must be in the model's data space (latents for a
-    latent pipeline). AMG's despecification and caption-negative guidances are ``amg``."""
+    pushed further out. The training set must be in the model's data space (a latent
+    pipeline's training images are encoded to its latents). AMG's despecification and
+    caption-negative guidances are ``amg``."""
 
     name: ClassVar[str] = "nn-guidance"
     high: ClassVar[float] = 6.0
     grid: ClassVar[tuple[float, ...]] = (1.0, 2.0, 3.0, 3.1, 3.2, 3.5, 4.0)
     meaning: ClassVar[str] = "g in [0, 6]: the smallest d1 / d2 kept, times 3"
+    searches: ClassVar[bool] = True
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
         _needs_train(self, model, ctx)
@@ -86,6 +90,7 @@ class AntiMemorization(Cure):
     grid: ClassVar[tuple[float, ...]] = (0.5, 1.0, 2.0, 4.0)
     meaning: ClassVar[str] = "a in [0, 20]: the weight taken off the condition (and put " \
         "against the copied item's) when the prediction is the item"
+    searches: ClassVar[bool] = True
 
     def check(self, model: ModelScore, ctx: CureContext) -> None:
         _needs_null(self, model, ctx)
@@ -130,20 +135,30 @@ def _needs_train(cure: Cure, model: ModelScore, ctx: CureContext) -> None:
     it must be given, in the model's data space."""
     if ctx.train is None:
         raise refuse(cure, "a training set (--train)", model)
-    shape = (model.network or {}).get("image_shape")
-    if shape is not None or tuple(ctx.train.data_shape) != tuple(model.data_shape):
+    if tuple(ctx.train.data_shape) != tuple(model.data_shape):
+        latent = (model.network or {}).get("image_shape") is not None
         raise refuse(cure, f"a training set in its data space {tuple(model.data_shape)} "
                      f"(here of shape {tuple(ctx.train.data_shape)}"
-                     + (", a latent model's images" if shape is not None else "") + ")",
-                     model)
+                     + (", which its VAE does not encode to its latents" if latent else "")
+                     + ")", model)
 
 
 def _nearest(x0: Tensor, ctx: CureContext) -> tuple[Tensor, Tensor, Tensor]:
     """Per row of ``x0``: the distance ``d1`` to its nearest training item, ``d2`` to the
-    nearest distinct other (the nn-ratio test's), and the nearest item's index (on the CPU)."""
-    dist, idx = knn(x0.to(torch.float64), ctx.train, min(K, ctx.train.n_total), exact=2)
-    d2 = distinct_second(dist.cpu(), idx.cpu(), ctx.train)[0].to(x0)
-    return dist[:, 0].to(x0), d2, idx[:, 0].cpu()
+    nearest distinct other (the nn-ratio test's), and the nearest item's index (on the CPU).
+    The ``k`` items searched start at :data:`K` and grow fourfold (remembered in the
+    context) while some row's ``k`` nearest are all duplicates of one item, so that ``d2``
+    is the distinct other's distance, not a lower bound (0 for an item held ``k`` times)."""
+    n = ctx.train.n_total
+    k = min(max(K, ctx.neighbours), n)
+    while True:
+        dist, idx = knn(x0.to(torch.float64), ctx.train, k, exact=2)
+        d2, exhausted = distinct_second(dist.cpu(), idx.cpu(), ctx.train)
+        if exhausted <= 0 or k == n:
+            break
+        k = min(4 * k, n)
+    ctx.neighbours = k
+    return dist[:, 0].to(x0), d2.to(x0), idx[:, 0].cpu()
 
 
 def _radius(items: Tensor, ctx: CureContext) -> Tensor:
