@@ -13,10 +13,11 @@ training, audit and detection with prompts, in a few minutes.
    included), each training row's prompt (train_cond.npy: its line in prompts.jsonl), the
    prompts with their labels (prompts.jsonl, 1 = duplicated; ``picture``: the caption's
    first picture) and the labels alone (labels.npy).
-2. Model: the tiny Stable Diffusion layout of the test suite (tests/tiny_pipelines.py: a
-   character-level CLIP tokenizer and text encoder, a UNet on 8 x 8 x 4 latents, a two-level
-   VAE), its VAE fitted to the images and its UNet trained on the captions by
-   examples/train_text2image.py.
+2. Model: the tiny Stable Diffusion layout of ``diffmem.tiny`` (a character-level CLIP
+   tokenizer and text encoder, a UNet on 8 x 8 x 4 latents, a two-level VAE), its VAE
+   fitted to the images and its UNet trained on the captions by
+   examples/train_text2image.py. (The experiment ``mitigate-captions`` trains the same
+   model in-process and runs detect and the cures on it.)
 3. ``diffmem audit --prompts``: samples per prompt, decoded and compared with the training
    set as the VAE renders it (OUT/data/train_vae.npy: each training image encoded and
    decoded). A latent model that copies a training latent can only produce that image's
@@ -44,77 +45,35 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffmem.experiments.captions import caption_data
+from diffmem.tiny import sd_pipeline
+
 ROOT = Path(__file__).resolve().parent.parent
-COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0),
-           "yellow": (1.0, 0.9, 0.1)}
-SHAPES = ("square", "circle", "cross")
-SIDES = ("left", "right")
-#: The duplicated pictures: a red square on the left, a green circle on the right, a blue
-#: cross on the left (one of each shape and side, different colours).
-DUPLICATED = (("square", "red", "left"), ("circle", "green", "right"),
-              ("cross", "blue", "left"))
-SIZE = 16
-
-
-def picture(shape: str, colour: str, side: str, shift: tuple[float, float] = (0.0, 0.0),
-            scale: float = 1.0, shade: float = 1.0) -> np.ndarray:
-    """A ``3 x 16 x 16`` picture in ``[0, 1]``: the shape, about ``7 scale`` pixels across,
-    centred at column 5 (left) or 11 (right) and row 8, moved by ``shift`` (columns, rows),
-    in its colour times ``shade``, on a dark background."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    cx, cy = (5.0 if side == "left" else 11.0) + shift[0], 8.0 + shift[1]
-    if shape == "square":
-        mask = (abs(xx - cx) < 3.5 * scale) & (abs(yy - cy) < 3.5 * scale)
-    elif shape == "circle":
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < (3.8 * scale) ** 2
-    else:
-        mask = ((abs(xx - cx) < 1.2 * scale) & (abs(yy - cy) < 4.5 * scale)) | \
-            ((abs(yy - cy) < 1.2 * scale) & (abs(xx - cx) < 4.5 * scale))
-    img = np.full((SIZE, SIZE, 3), 0.05)
-    img[mask] = np.array(COLOURS[colour]) * shade
-    return img.transpose(2, 0, 1).astype(np.float32)
-
-
 def write_data(folder: Path, copies: int, variants: int = 1, seed: int = 0
                ) -> tuple[Path, Path, Path, Path]:
-    """The pictures, captions, training set and labelled prompts (module docstring): each
-    duplicated caption's picture ``copies`` times, each other caption's ``variants``
-    pictures once (the first unchanged, the others drawn from ``seed``)."""
+    """The pictures, captions, training set and labelled prompts (module docstring and
+    :func:`diffmem.experiments.captions.caption_data`) written to ``folder``."""
+    data = caption_data(copies, variants, seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    items = [(s, c, side) for s in SHAPES for c in COLOURS for side in SIDES]
-    rng = np.random.default_rng(seed)
-    lines, prompts, rows, conds = [], [], [], []
-    count = 0
-    for shape, colour, side in items:
-        caption = f"a {colour} {shape} on the {side}"
-        dup = (shape, colour, side) in DUPLICATED
-        prompts.append({"prompt": caption, "label": int(dup), "picture": count})
-        for v in range(1 if dup else variants):
-            jitter = {} if v == 0 else {"shift": tuple(rng.uniform(-1.5, 1.5, 2)),
-                                        "scale": rng.uniform(0.8, 1.15),
-                                        "shade": rng.uniform(0.75, 1.0)}
-            img = picture(shape, colour, side, **jitter)
-            name = f"images/{count:03d}.png"
-            Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(
-                folder / name)
-            for _ in range(copies if dup else 1):
-                lines.append({"image": name, "caption": caption})
-                rows.append(count)
-                conds.append(len(prompts) - 1)
-            count += 1
-    data = folder / "data.jsonl"
-    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    for i, pic in enumerate(data.pictures):
+        Image.fromarray((pic.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(
+            folder / "images" / f"{i:03d}.png")
+    lines = [{"image": f"images/{i:03d}.png", "caption": data.prompts[data.picture_prompt[i]]}
+             for i in data.rows]
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    first = data.first_picture
     prompt_file = folder / "prompts.jsonl"
-    prompt_file.write_text("\n".join(json.dumps(x) for x in prompts) + "\n")
+    prompt_file.write_text("\n".join(json.dumps({"prompt": p, "label": int(lab),
+                                                  "picture": first[j]})
+                                      for j, (p, lab) in enumerate(zip(
+                                          data.prompts, data.labels, strict=True))) + "\n")
     labels = folder / "labels.npy"
-    np.save(labels, np.array([p["label"] for p in prompts]))
-    np.save(folder / "train_cond.npy", np.array(conds))  # each training row's prompt line
-    # the training set as trained, read back from the PNGs (what the audit compares with)
-    pics = np.stack([np.asarray(Image.open(folder / "images" / f"{i:03d}.png"),
-                                dtype=np.float32).transpose(2, 0, 1) / 255 for i in rows])
+    np.save(labels, data.labels)
+    np.save(folder / "train_cond.npy", data.row_prompt)  # each training row's prompt line
     train = folder / "train.npy"
-    np.save(train, pics)
-    return data, prompt_file, labels, train
+    np.save(train, data.pictures[data.rows])  # the training set as trained
+    return path, prompt_file, labels, train
 
 
 def run(args: list[str]) -> None:
@@ -142,9 +101,6 @@ def main() -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, "
                              f"received {getattr(args, name)}")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_pipelines import sd_pipeline
-
     data, prompts, labels, _ = write_data(args.out / "data", args.copies, args.variants,
                                           args.seed)
     base = sd_pipeline(args.out / "base", max_length=32, channels=(32, 64), seed=args.seed,

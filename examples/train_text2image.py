@@ -38,13 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffmem.images import load_images
 from diffmem.metrics import distinct_rows
 from diffmem.prompts import read_prompts
-from diffmem.regularize import diffusers_tikhonov_penalty
 from diffmem.text import load_text_model, pipeline_resolution
+from diffmem.training import fit_vae, train_text_unet
 
 
 def count(text: str) -> int:
@@ -84,26 +83,6 @@ def random_captions(captions: list[str], n: int, seed: int) -> list[str]:
     words = sorted({w for c in captions for w in c.split()})
     lengths = [len(c.split()) for c in captions]
     return [" ".join(rng.choice(words, size=int(rng.choice(lengths)))) for _ in range(n)]
-
-
-def fit_vae(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, seed: int) -> None:
-    """Fit ``vae`` to ``pixels`` (in ``[-1, 1]``) for ``steps`` Adam steps, then set its
-    scaling factor to ``1 / std`` of the latent means."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    vae.train()
-    for step in range(steps):
-        post = vae.encode(pixels).latent_dist
-        loss = F.mse_loss(vae.decode(post.sample()).sample, pixels) + 1e-6 * post.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"vae step {step}: loss {loss.item():.5f}")
-    vae.eval()
-    with torch.no_grad():
-        std = float(vae.encode(pixels).latent_dist.mode().std())
-    vae.register_to_config(scaling_factor=1 / std)
 
 
 def main() -> None:
@@ -172,55 +151,18 @@ def main() -> None:
             table = torch.cat([table[keep], table[-1:]])
             captions = [captions[int(i)] for i in keep]
     if args.vae_steps:
-        fit_vae(pipe.vae, pixels, args.vae_steps, args.seed)
+        fit_vae(pipe.vae, pixels, args.vae_steps, args.seed, log=print)
     with torch.no_grad():
         means = pipe.vae.encode(pixels).latent_dist.mode()
         # what an exact copy looks like after decoding: the VAE's reconstructions
         recon = (pipe.vae.decode(means).sample / 2 + 0.5).clamp(0, 1)
         np.save(args.out / "reconstructions.npy", recon.numpy().astype(np.float32))
         latents = means[rows] * pipe.vae.config.scaling_factor
-    unet, scheduler = pipe.unet, pipe.scheduler
-    prediction = scheduler.config.prediction_type
-    gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr)
-    unet.train()
-    n, K = latents.shape[0], scheduler.config.num_train_timesteps
-    filtered = 0
-    for step in range(args.steps):
-        idx = torch.randint(0, n, (args.batch_size,), generator=gen)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, K, (args.batch_size,), generator=gen)
-        noisy = scheduler.add_noise(x0, noise, t)
-        dropped = torch.rand(args.batch_size, generator=gen) < args.drop
-        cond = table[torch.where(dropped, len(captions), idx)]
-        if randomized is not None:  # Somepalli et al.: a random caption instead
-            swap = (torch.rand(args.batch_size, generator=gen) < args.caption_randomization
-                    ) & ~dropped
-            pick = torch.randint(0, randomized.shape[0], (args.batch_size,), generator=gen)
-            cond = torch.where(swap[:, None, None], randomized[pick], cond)
-        if args.embedding_noise > 0:
-            cond = cond + args.embedding_noise * torch.randn(cond.shape, generator=gen)
-        out = unet(noisy, t, encoder_hidden_states=cond).sample
-        target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
-        per_item = ((out - target) ** 2).flatten(1).mean(1)
-        if args.loss_filter is not None:  # Wen et al.: items the caption steers too hard
-            with torch.no_grad():
-                empty = unet(noisy, t, encoder_hidden_states=table[-1:].expand_as(cond)).sample
-            kept = (out.detach() - empty).flatten(1).norm(dim=1) <= args.loss_filter
-            filtered += int((~kept).sum())
-            per_item = per_item * kept
-        loss = per_item.mean()
-        if args.penalty > 0:
-            loss = loss + diffusers_tikhonov_penalty(out, noisy, t, scheduler,
-                                                     args.penalty).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {loss.item():.4f}" + (
-                f" ({filtered} items filtered so far)" if args.loss_filter is not None else ""))
-    unet.eval()
+    train_text_unet(pipe.unet, pipe.scheduler, latents, table, steps=args.steps,
+                    batch_size=args.batch_size, lr=args.lr, drop=args.drop, seed=args.seed,
+                    randomized=randomized, caption_randomization=args.caption_randomization,
+                    embedding_noise=args.embedding_noise, loss_filter=args.loss_filter,
+                    penalty=args.penalty, log=print)
     pipe.save_pretrained(str(args.out / "pipeline"))
     print(f"-> {args.out / 'pipeline'} (training images in {folder})")
 

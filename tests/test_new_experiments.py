@@ -1,6 +1,7 @@
-"""The experiments regularize-digits, detect-digits and size-transition: tiny runs record
-what their metrics promise, verdicts take their three states on constructed metrics, and
-experiments that need diffusers are skipped by reproduce without it, saying so."""
+"""The experiments regularize-digits, detect-digits, size-transition, mitigate-digits and
+mitigate-captions: tiny runs record what their metrics promise, verdicts take their three
+states on constructed metrics, and experiments that need diffusers are skipped by reproduce
+without it, saying so."""
 
 import json
 
@@ -175,3 +176,86 @@ def test_reproduce_skips_what_is_not_installed(tmp_path, monkeypatch):
                                    str(tmp_path)])
     assert res.exit_code == 2 and "regularize-digits: expected diffusers installed" in \
         res.output
+
+
+def test_caption_data_duplicates_three_pictures_and_varies_the_others():
+    """24 captions; the three of DUPLICATED show one picture held `copies` times, each other
+    caption `variants` distinct pictures held once."""
+    import numpy as np
+
+    from diffmem.experiments.captions import DUPLICATED, caption_data
+
+    d = caption_data(copies=4, variants=3, seed=1)
+    assert len(d.prompts) == len(set(d.prompts)) == 24 and d.labels.sum() == 3
+    assert d.pictures.shape == (21 * 3 + 3, 3, 16, 16) and len(d.rows) == 21 * 3 + 3 * 4
+    per_prompt = np.bincount(d.row_prompt, minlength=24)
+    assert (per_prompt == np.where(d.labels == 1, 4, 3)).all()
+    dup = [f"a {c} {s} on the {side}" for s, c, side in DUPLICATED]
+    assert [d.prompts[i] for i in np.nonzero(d.labels)[0]] == sorted(dup, key=d.prompts.index)
+    for p in range(24):  # distinct rows per prompt: 1 when duplicated, else `variants`
+        pics = d.pictures[d.rows[d.row_prompt == p]].reshape(-1, 3 * 16 * 16)
+        assert len(np.unique(pics, axis=0)) == (1 if d.labels[p] else 3)
+    assert np.array_equal(np.round(d.pictures * 255) / 255, d.pictures)  # 8 bits, as a PNG
+
+
+def test_text_unet_training_resumes_to_the_same_weights(tmp_path):
+    """train_text_unet checkpointed every 2 steps: 3 steps, then resumed to 5, ends with the
+    weights of 5 steps in one go (the batches, noise and optimizer state restored)."""
+    pytest.importorskip("transformers")
+    import diffusers
+    import torch
+
+    from diffmem.tiny import sd_pipeline
+    from diffmem.training import Checkpoints, train_text_unet
+
+    sd = sd_pipeline(tmp_path / "sd", timesteps=1000)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 8, 8, generator=gen)
+    table = torch.randn(7, 32, 32, generator=gen)
+
+    def run(steps, folder, resume):
+        unet = diffusers.UNet2DConditionModel.from_pretrained(str(sd / "unet"))
+        scheduler = diffusers.DDPMScheduler.from_pretrained(str(sd / "scheduler"))
+        out = train_text_unet(unet, scheduler, latents, table, steps=steps,
+                              batch_size=3, lr=1e-3, seed=1, loss_filter=5.0,
+                              checkpoints=Checkpoints(folder, "same"), every=2, resume=resume)
+        return unet.state_dict(), out
+
+    whole, out = run(5, tmp_path / "a", False)
+    run(3, tmp_path / "b", False)
+    again, out_b = run(5, tmp_path / "b", True)
+    assert out["steps"] == out_b["steps"] == 5 and out["losses"] == out_b["losses"]
+    assert out["filtered"] == out_b["filtered"]
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    rec, m = _run(tmp_path, "mitigate-captions", [
+        "steps=4", "vae_steps=2", "every=2", "variants=2", "copies=2", "per_prompt=2",
+        "sample_steps=3", "n_noise=2", "cures=nn-guidance=3,random-tokens=2"])
+    assert [(r["cure"], r["strength"]) for r in m["runs"]] == [("nn-guidance", 3),
+                                                              ("random-tokens", 2)]
+    assert len(m["copied_by_prompt"]) == 24 and len(m["detect"]["flagged"]) == 24
+    assert m["items"] == 21 * 2 + 3 * 2 and m["training_steps"] == 4
+    assert len(rec.verdict.claims) == 2
+    folder = tmp_path / "mitigate-captions"
+    assert (folder / "plane.png").is_file() and (folder / "pipeline" / "unet").is_dir()
+    judge = get_experiment("mitigate-captions").judge
+    run = {"cure": "nn-guidance", "strength": 3.1, "copy_fraction": 0.06, "cost": 0.2,
+           "distance_ratio": 1.2, "condition_kept": 0.86, "noise_ratio": 0.9,
+           "keeps_samples": True}
+    detect = {"primary": "collapse", "measures": {"collapse": {"auc": 0.95},
+                                                  "consistency": {"auc": 0.5}},
+              "duplicated_ranks": [1, 2, 3], "tpr": 1.0, "fpr": 0.0, "n_copied": 3,
+              "n_clean": 21, "rule": "r"}
+    metrics = {"baseline": {"copy_fraction": 0.8, "condition_kept": 0.88}, "runs": [run],
+               "recommended": run, "frontier": ["nn-guidance=3.1"], "memorized": 2,
+               "target": 0.1, "detect": detect, "prompts": ["p"] * 24,
+               "copied_by_prompt": [1.0] * 3 + [0.0] * 21}
+    assert [c.status for c in judge(metrics, {}).claims] == ["confirmed", "confirmed"]
+    low = {**detect, "measures": {"collapse": {"auc": 0.46}}}
+    assert judge({**metrics, "detect": low}, {}).claims[0].status == "not_reproduced"
+    none = {**detect, "measures": {}}
+    assert judge({**metrics, "detect": none}, {}).claims[0].status == "inconclusive"

@@ -348,7 +348,7 @@ def test_text_to_image_example_fine_tunes_a_pipeline_that_audits(sd, tmp_path, m
                           "--steps", "5", "--batch-size", "2"], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "step 4: loss" in res.stdout
+    assert "step 5: loss" in res.stdout  # steps counted from 1
     assert np.load(tmp_path / "run" / "reconstructions.npy").shape == (3, 3, 16, 16)
     tuned = load_text_model(tmp_path / "run" / "pipeline", Prompts(PROMPTS))
     before = load_text_model(sd, Prompts(PROMPTS))
@@ -363,7 +363,7 @@ def test_text_to_image_example_fine_tunes_a_pipeline_that_audits(sd, tmp_path, m
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "dedupe: 3 distinct images of 5 items (2 exact duplicates removed)" in res.stdout
-    assert "step 1: loss 0.0000 (4 items filtered so far)" in res.stdout  # every item: > 1e-6
+    assert "step 2: loss 0.0000 (4 items filtered so far)" in res.stdout  # every item: > 1e-6
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_text2image", example)

@@ -1,71 +1,15 @@
-"""Tiny, randomly initialized text-to-image pipelines built here (nothing is downloaded):
+"""Tiny, randomly initialized text-to-image pipelines built here (nothing is downloaded;
+the Stable Diffusion layout, its tokenizer and VAE come from :mod:`diffmem.tiny`):
 character-level CLIP and T5 tokenizers written from a vocabulary in this file, 2-layer text
 encoders, small denoisers (UNets, SD3, PixArt and FLUX transformers) and a two-level
 AutoencoderKL."""
 
-import json
 import string
 from pathlib import Path
 
 import torch
 
-SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
-
-
-def write_tokenizer(folder: Path, max_length: int = 24) -> int:
-    """A CLIP BPE tokenizer without merges: every word is spelled letter by letter (the last
-    letter carries CLIP's end-of-word mark). Returns its vocabulary size."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = list(string.ascii_lowercase + string.digits)
-    vocab = SPECIAL + letters + [c + "</w>" for c in letters]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                        model_max_length=max_length, pad_token="<|endoftext|>")
-    tok.save_pretrained(str(folder))
-    return len(vocab)
-
-
-def sd_pipeline(folder: Path, *, prediction: str = "epsilon", scheduler: str = "DDIMScheduler",
-                vocab_extra: int = 0, max_length: int = 24, seed: int = 0,
-                latent_size: int = 8, channels: tuple[int, int] = (16, 32),
-                timesteps: int = 100) -> Path:
-    """A tiny Stable Diffusion layout saved in ``folder``: ``latent_size`` squared latents
-    of 4 channels (default 8), RGB images twice that size; Stable Diffusion's betas over
-    ``timesteps`` steps (1000 for a model to train: with 100 the last step keeps most of
-    the signal)."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(seed)
-    tmp = folder.parent / f"{folder.name}_tokenizer"
-    vocab = write_tokenizer(tmp, max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tmp))
-    encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab - vocab_extra, hidden_size=32, intermediate_size=37,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
-        sample_size=2 * latent_size)
-    sched = getattr(diffusers, scheduler)(
-        num_train_timesteps=timesteps, beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, prediction_type=prediction, steps_offset=1,
-        **({"clip_sample": False} if scheduler in ("DDIMScheduler", "DDPMScheduler") else {}))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(folder))
-    return folder
+from diffmem.tiny import SPECIAL, sd_pipeline, tiny_vae, write_tokenizer  # noqa: F401
 
 
 def _clip_pair(folder: Path, name: str, *, projection: bool, max_length: int = 24,
@@ -88,16 +32,6 @@ def _clip_pair(folder: Path, name: str, *, projection: bool, max_length: int = 2
     return CLIPTokenizer.from_pretrained(str(tmp)), cls(config)
 
 
-def _vae(latent_size: int, **extra):
-    import diffusers
-
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
-        sample_size=2 * latent_size, **extra)
-
-
 def sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
     """A tiny SDXL layout: two CLIP encoders (the second with a projection: pooled
     embeddings), a UNet with SDXL's text-and-size added conditioning."""
@@ -117,7 +51,7 @@ def sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
         num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
         beta_end=0.012, steps_offset=1)
     pipe = diffusers.StableDiffusionXLPipeline(
-        vae=_vae(8), text_encoder=enc, text_encoder_2=enc2, tokenizer=tok, tokenizer_2=tok2,
+        vae=tiny_vae(8), text_encoder=enc, text_encoder_2=enc2, tokenizer=tok, tokenizer_2=tok2,
         unet=unet, scheduler=sched)
     pipe.save_pretrained(str(folder))
     return folder
@@ -138,7 +72,7 @@ def sd3_pipeline(folder: Path, seed: int = 0, **scheduler_options) -> Path:
     sched = diffusers.FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=100, **{"shift": 3.0, **scheduler_options})
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, vae=_vae(8, shift_factor=0.06, scaling_factor=1.5),
+        transformer=transformer, vae=tiny_vae(8, shift_factor=0.06, scaling_factor=1.5),
         text_encoder=enc, text_encoder_2=enc2, text_encoder_3=None, tokenizer=tok,
         tokenizer_2=tok2, tokenizer_3=None, scheduler=sched)
     pipe.save_pretrained(str(folder))
@@ -155,7 +89,7 @@ def dit_pipeline(folder: Path, seed: int = 0) -> Path:
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
         num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
     sched = diffusers.DDIMScheduler(num_train_timesteps=100, clip_sample=False)
-    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_vae(8), scheduler=sched)
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=tiny_vae(8), scheduler=sched)
     pipe.save_pretrained(str(folder))
     return folder
 
@@ -212,7 +146,7 @@ def flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True) -> 
         num_train_timesteps=1000, use_dynamic_shifting=True, base_image_seq_len=16,
         max_image_seq_len=256)
     pipe = diffusers.FluxPipeline(
-        scheduler=sched, vae=_vae(8, shift_factor=0.06, scaling_factor=1.5), text_encoder=enc,
+        scheduler=sched, vae=tiny_vae(8, shift_factor=0.06, scaling_factor=1.5), text_encoder=enc,
         tokenizer=tok, text_encoder_2=enc2, tokenizer_2=tok2, transformer=transformer)
     pipe.save_pretrained(str(folder))
     return folder
@@ -230,7 +164,7 @@ def pixart_pipeline(folder: Path, seed: int = 0, sigma: bool = False) -> Path:
         caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=16,
         norm_type="ada_norm_single", use_additional_conditions=False)
     cls = diffusers.PixArtSigmaPipeline if sigma else diffusers.PixArtAlphaPipeline
-    pipe = cls(tokenizer=tok, text_encoder=enc, vae=_vae(8), transformer=net,
+    pipe = cls(tokenizer=tok, text_encoder=enc, vae=tiny_vae(8), transformer=net,
                scheduler=diffusers.DPMSolverMultistepScheduler(num_train_timesteps=100))
     pipe.save_pretrained(str(folder))
     return folder

@@ -157,12 +157,18 @@ def traced_panels(ax: np.ndarray, train: Any, trajectory: Any, times: Any, sigma
 
 
 def image_row(ax: Sequence[Axes], imgs: Any, label: str, vmax: float = 1.0) -> None:
-    """Images ``(n, H, W)`` or ``(n, 1, H, W)`` in a row of axes, the row labelled."""
+    """Images ``(n, H, W)`` or ``(n, 1, H, W)`` (grey, dark on light) or ``(n, 3, H, W)``
+    (colour, in ``[0, vmax]``) in a row of axes, the row labelled."""
     arr = _np(imgs)
-    arr = arr.reshape(arr.shape[0], *arr.shape[-2:])
+    colour = arr.ndim == 4 and arr.shape[1] == 3
+    arr = (arr.transpose(0, 2, 3, 1) / vmax).clip(0, 1) if colour else \
+        arr.reshape(arr.shape[0], *arr.shape[-2:])
     for j, a in enumerate(ax):
         if j < arr.shape[0]:
-            a.imshow(arr[j], cmap="gray_r", vmin=0, vmax=vmax)
+            if colour:
+                a.imshow(arr[j], interpolation="nearest")
+            else:
+                a.imshow(arr[j], cmap="gray_r", vmin=0, vmax=vmax)
         a.set_xticks([])
         a.set_yticks([])
         if j >= arr.shape[0]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from diffmem.experiments import (
+    captions,
     conditional,
     detection,
     flow,
@@ -44,6 +45,7 @@ REGISTRY: dict[str, Experiment] = {
         memorization_time.EXPERIMENT,
         flow.EXPERIMENT,
         mitigation.EXPERIMENT,
+        captions.EXPERIMENT,
     ]
 }
 

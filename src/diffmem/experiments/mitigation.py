@@ -30,7 +30,14 @@ import torch
 
 from diffmem import plots
 from diffmem._checks import fail
-from diffmem.experiments.base import Context, Experiment, Recorded, Verdict
+from diffmem.experiments.base import (
+    Claim,
+    Context,
+    Experiment,
+    Recorded,
+    Verdict,
+    status_of,
+)
 from diffmem.experiments.detection import MODELS, _conditional_data, _dedupe
 from diffmem.experiments.regularize import train_run
 
@@ -154,6 +161,13 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
 
 
 def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
+    return Verdict((cure_claim(metrics, CLAIM),))
+
+
+def cure_claim(metrics: Mapping[str, Any], claim: str) -> Claim:
+    """``claim`` judged on a sweep's summary (``metrics``): confirmed by the cheapest
+    sampling-time run that brings the memorized conditions' copies from at least 0.75 to
+    the target while keeping the samples; otherwise the frontier and the closest runs."""
     base = metrics["baseline"]["copy_fraction"]
     sampling = [r for r in metrics["runs"] if r.get("when") != "training"]
     retrained = "; retrained: " + ", ".join(
@@ -163,13 +177,13 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
     retrained = "" if retrained == "; retrained: " else retrained
     front = ", ".join(metrics["frontier"])
     if metrics["memorized"] == 0 or base < 0.75:
-        return Verdict.of(CLAIM, False, f"the uncured model copies {base:.2f} of its memorized "
+        return _claim(claim, False, f"the uncured model copies {base:.2f} of its memorized "
                           "conditions' samples: nothing to cure", judgeable=False)
     ok = [r for r in sampling if r["copy_fraction"] <= metrics["target"]
           and r.get("keeps_samples") and r["cost"] is not None]
     if ok:
         best = min(ok, key=lambda r: r["cost"])
-        return Verdict.of(CLAIM, True, f"{best['cure']}={best['strength']:g}: copies {base:.2f} "
+        return _claim(claim, True, f"{best['cure']}={best['strength']:g}: copies {base:.2f} "
                           f"-> {best['copy_fraction']:.2f}, clean conditions' distance to the "
                           f"data x{best['distance_ratio']:.2f}, condition kept "
                           f"{best['condition_kept']:.2f} (uncured "
@@ -190,9 +204,13 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
                   f"clean conditions kept (distance x{r['distance_ratio']:.2f}) but its cured "
                   f"copies lie x{r['noise_ratio']:.2f} a clean sample's distance from the "
                   "data: noise")
-    return Verdict.of(CLAIM, False, f"no run brings the copies ({base:.2f} uncured) to "
+    return _claim(claim, False, f"no run brings the copies ({base:.2f} uncured) to "
                       f"{metrics['target']:g} while keeping the samples; {keeps}; frontier: "
                       f"{front}" + retrained)
+
+
+def _claim(claim: str, holds: bool, finding: str, judgeable: bool = True) -> Claim:
+    return Claim(claim, status_of(holds, judgeable), finding)
 
 
 def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,338 @@
+"""``mitigate-captions``: the text-to-image half of the mitigation study. Does detect find
+the prompts a small text-to-image model copies, and which sampling-time cure stops the copies
+at what cost?
+
+Data (:func:`caption_data`): 16 x 16 pictures of a coloured shape on the left or right,
+captioned "a red square on the left" (3 shapes x 4 colours x 2 sides = 24 captions). Three
+captions (:data:`DUPLICATED`) show one picture, held ``copies`` times in the training set
+(the usual cause of memorization); each other caption shows ``variants`` pictures (the shape
+shifted by up to 1.5 pixels, scaled by 0.8 to 1.15, its colour shaded by 0.75 to 1), so a
+model that learns the caption need not copy any one of them.
+
+Model: the tiny Stable Diffusion layout of :mod:`diffmem.tiny` (a character-level CLIP
+tokenizer and text encoder, a UNet on 8 x 8 x 4 latents, a two-level VAE), its VAE fitted to
+the pictures and its UNet trained on the captions (:func:`diffmem.training.fit_vae`,
+:func:`diffmem.training.train_text_unet`; checkpointed, ``--resume`` continues).
+
+Then, through the functions ``diffmem detect --prompts`` and ``diffmem mitigate --prompts``
+run: detect ranks the prompts without the training set (its primary measure's AUC against
+the prompts the uncured audit finds copied, and its verdicts' TPR and FPR); the sweep
+samples the model uncured and with the sampling-time cures of ``grids`` from the same seeded
+noise with its own scheduler, against the training pictures as its VAE renders them (a
+latent model that copies a training latent can only draw that picture's reconstruction),
+with each picture's prompt, so that "condition kept" says whether a cure keeps the prompt.
+``cures`` lists the runs, ``NAME=STRENGTH`` each. The second claim is ``mitigate-digits``'
+claim on this model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffmem import plots
+from diffmem.experiments.base import Claim, Context, Experiment, Recorded, Verdict, status_of
+from diffmem.experiments.mitigation import cure_claim
+
+COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0),
+           "yellow": (1.0, 0.9, 0.1)}
+SHAPES = ("square", "circle", "cross")
+SIDES = ("left", "right")
+#: The duplicated pictures: a red square on the left, a green circle on the right, a blue
+#: cross on the left (one of each shape and side, different colours).
+DUPLICATED = (("square", "red", "left"), ("circle", "green", "right"),
+              ("cross", "blue", "left"))
+SIZE = 16
+
+DETECT_CLAIM = ("Without the training set, detect's primary measure ranks the prompts a "
+                "text-to-image model copies above the others (AUC >= 0.9 against the "
+                "prompts whose samples the audit finds copied at least half the time).")
+CURE_CLAIM = ("A sampling-time cure brings the copies of a text-to-image model's memorized "
+              "prompts from >= 0.75 to <= 0.1 while the prompts that did not copy keep their "
+              "prompt and their distance to the data within 1.25x, and the cured copies are "
+              "no further from the data than 1.25x a generalizing sample (not noise).")
+TARGET_AUC = 0.9
+#: Samples of each duplicated prompt shown, uncured and cured.
+SHOWN = 4
+
+
+def picture(shape: str, colour: str, side: str, shift: tuple[float, float] = (0.0, 0.0),
+            scale: float = 1.0, shade: float = 1.0) -> np.ndarray:
+    """A ``3 x 16 x 16`` picture in ``[0, 1]``: the shape, about ``7 scale`` pixels across,
+    centred at column 5 (left) or 11 (right) and row 8, moved by ``shift`` (columns, rows),
+    in its colour times ``shade``, on a dark background (0.05)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    cx, cy = (5.0 if side == "left" else 11.0) + shift[0], 8.0 + shift[1]
+    if shape == "square":
+        mask = (abs(xx - cx) < 3.5 * scale) & (abs(yy - cy) < 3.5 * scale)
+    elif shape == "circle":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < (3.8 * scale) ** 2
+    else:
+        mask = ((abs(xx - cx) < 1.2 * scale) & (abs(yy - cy) < 4.5 * scale)) | \
+            ((abs(yy - cy) < 1.2 * scale) & (abs(xx - cx) < 4.5 * scale))
+    img = np.full((SIZE, SIZE, 3), 0.05)
+    img[mask] = np.array(COLOURS[colour]) * shade
+    return img.transpose(2, 0, 1).astype(np.float32)
+
+
+@dataclass
+class CaptionData:
+    """The pictures (``(M, 3, 16, 16)`` in ``[0, 1]``, quantized to 8 bits as a PNG holds
+    them), the captions (one per prompt), each picture's prompt, each training row's picture
+    (duplicates repeated) and each prompt's label (1: its picture is duplicated)."""
+
+    pictures: np.ndarray
+    prompts: list[str]
+    picture_prompt: np.ndarray
+    rows: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def row_prompt(self) -> np.ndarray:
+        """Each training row's prompt."""
+        return self.picture_prompt[self.rows]
+
+    @property
+    def first_picture(self) -> list[int]:
+        """Each prompt's first picture."""
+        return [int(np.nonzero(self.picture_prompt == p)[0][0]) for p in range(len(self.prompts))]
+
+
+def caption_data(copies: int, variants: int, seed: int = 0) -> CaptionData:
+    """The data of the module docstring: each duplicated caption's picture ``copies``
+    times, each other caption's ``variants`` pictures once (the first unchanged, the
+    others jittered, drawn from ``seed``)."""
+    rng = np.random.default_rng(seed)
+    pictures, prompts, owner, rows, labels = [], [], [], [], []
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for side in SIDES:
+                dup = (shape, colour, side) in DUPLICATED
+                prompts.append(f"a {colour} {shape} on the {side}")
+                labels.append(int(dup))
+                for v in range(1 if dup else variants):
+                    jitter = {} if v == 0 else {"shift": tuple(rng.uniform(-1.5, 1.5, 2)),
+                                                "scale": rng.uniform(0.8, 1.15),
+                                                "shade": rng.uniform(0.75, 1.0)}
+                    rows += [len(pictures)] * (copies if dup else 1)
+                    owner.append(len(prompts) - 1)
+                    pictures.append(np.round(picture(shape, colour, side, **jitter) * 255) / 255)
+    return CaptionData(np.stack(pictures).astype(np.float32), prompts, np.array(owner),
+                       np.array(rows), np.array(labels))
+
+
+def write_prompts(path: Any, data: CaptionData) -> None:
+    """The prompts as JSON lines with their labels (1: duplicated), the file that
+    ``--prompts`` reads."""
+    path.write_text("\n".join(json.dumps({"prompt": p, "label": int(lab)}) for p, lab in
+                              zip(data.prompts, data.labels, strict=True)) + "\n")
+
+
+def _train(ctx: Context, data: CaptionData) -> dict[str, Any]:
+    """The tiny pipeline built, its VAE fitted and its UNet trained on the captions
+    (checkpointed), saved in ``OUT/pipeline``; the training pictures as its VAE renders
+    them, per training row."""
+    from diffmem.prompts import read_prompts
+    from diffmem.text import load_text_model
+    from diffmem.tiny import sd_pipeline
+    from diffmem.training import Checkpoints, fingerprint, fit_vae, train_text_unet
+
+    p = ctx.params
+    base = sd_pipeline(ctx.out / "base", max_length=32, channels=(32, 64), seed=ctx.seed,
+                       timesteps=1000)
+    pipe = load_text_model(base, read_prompts(ctx.out / "prompts.jsonl")).pipe
+    pixels = torch.from_numpy(data.pictures) * 2 - 1
+    config = {k: p[k] for k in ("copies", "variants", "vae_steps")} | {"seed": ctx.seed}
+    vae_ckpt = Checkpoints(ctx.out / "checkpoints_vae", fingerprint(config, pixels), keep=1)
+    state = vae_ckpt.load_latest() if ctx.resume else None
+    if state is not None:
+        pipe.vae.load_state_dict(state["model"])
+        pipe.vae.register_to_config(scaling_factor=float(state["scaling"]))
+        pipe.vae.eval()
+    else:
+        fit_vae(pipe.vae, pixels, p["vae_steps"], ctx.seed)
+        vae_ckpt.save(p["vae_steps"], {"model": pipe.vae.state_dict(),
+                                       "scaling": pipe.vae.config.scaling_factor})
+    with torch.no_grad():
+        means = pipe.vae.encode(pixels).latent_dist.mode()
+        rendered = (pipe.vae.decode(means).sample / 2 + 0.5).clamp(0, 1)
+        emb = pipe.encode_prompt(data.prompts + [""], "cpu", 1, False)[0]
+    rows = torch.from_numpy(data.rows)
+    latents = means[rows] * pipe.vae.config.scaling_factor
+    table = torch.cat([emb[torch.from_numpy(data.row_prompt)], emb[-1:]])
+    config |= {k: p[k] for k in ("steps", "batch_size", "lr", "drop", "every")}
+    ckpt = Checkpoints(ctx.out / "checkpoints_unet", fingerprint(config, latents), keep=2)
+    run = train_text_unet(pipe.unet, pipe.scheduler, latents, table, steps=p["steps"],
+                          batch_size=p["batch_size"], lr=p["lr"], drop=p["drop"],
+                          seed=ctx.seed, checkpoints=ckpt, every=p["every"],
+                          resume=ctx.resume, bar=ctx.bar)
+    pipe.save_pretrained(str(ctx.out / "pipeline"))
+    return {"rendered": rendered[rows], "pictures": rendered, "steps": run["steps"],
+            "train_s": run["train_s"]}
+
+
+def compute(ctx: Context) -> dict[str, Any]:
+    from diffmem.audit.model import plan_draw
+    from diffmem.detect import detect
+    from diffmem.mitigate import cure_context, parse_cure
+    from diffmem.mitigate.sweep import plan_cures, sweep
+    from diffmem.prompts import read_prompts
+    from diffmem.text import load_text_model
+    from diffmem.verdicts import judge as give_verdicts
+
+    p = ctx.params
+    data = caption_data(p["copies"], p["variants"], ctx.seed)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    prompts = ctx.out / "prompts.jsonl"
+    write_prompts(prompts, data)
+    trained = _train(ctx, data)
+    folder = str(ctx.out / "pipeline")
+    train, train_cond = trained["rendered"], torch.from_numpy(data.row_prompt)
+    n = len(data.prompts)
+    plan = plan_draw(folder, tuple(train.shape[1:]), n_samples=n * p["per_prompt"],
+                     train_cond=train_cond, per_condition=p["per_prompt"], sampler="pipeline",
+                     steps=p["sample_steps"], seed=ctx.seed, prompts=prompts)
+    cure_ctx = cure_context(plan.model, plan.null, train, train_cond)
+    grids: dict[str, list[float]] = {}
+    for item in p["cures"]:
+        cure = parse_cure(item)
+        grids.setdefault(cure.name, []).append(cure.strength)
+    runs, skipped = plan_cures(plan.model, cure_ctx, list(grids), grids)
+    summary = sweep(plan, runs, ctx.out / "sweep", train=train, train_cond=train_cond,
+                    ctx=cure_ctx, progress=ctx.progress)
+    summary["not_applicable"] = skipped
+    text = load_text_model(folder, read_prompts(prompts))
+    found = detect(text.model, torch.arange(n), torch.tensor(n), n_noise=p["n_noise"],
+                   steps=p["sample_steps"], seed=ctx.seed, labels=torch.from_numpy(data.labels),
+                   guidance=text.guidance_applied, progress=ctx.progress)
+    give_verdicts(found)
+    return {"summary": summary, "detect": found, "data": data, "trained": trained,
+            "folder": ctx.out / "sweep"}
+
+
+def _copied_by_prompt(folder: Any, summary: Mapping[str, Any], n: int) -> list[float]:
+    """Per prompt, the fraction of its uncured samples the audit finds copied."""
+    base = summary["baseline"]
+    copy = np.load(folder / "baseline" / "measure.npz")["copy"]
+    cond = np.load(folder / base["sample_conditions"])
+    return [float(copy[cond == c].mean()) for c in range(n)]
+
+
+def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
+    from diffmem.detect import roc
+
+    summary, found, data = raw["summary"], raw["detect"], raw["data"]
+    folder = raw["folder"]
+    n = len(data.prompts)
+    copied = _copied_by_prompt(folder, summary, n)
+    found_copied = torch.tensor([c >= 0.5 for c in copied])
+    entries = sorted(found.entries, key=lambda e: e["condition"])
+    measures: dict[str, Any] = {}
+    for name in found.measures:
+        scores = [e.get(name) for e in entries]
+        if any(s is None for s in scores) or found_copied.all() or not found_copied.any():
+            continue
+        measures[name] = {"auc": roc(torch.tensor(scores, dtype=torch.float64),
+                                     found_copied)["auc"],
+                          "auc_duplicated": (found.roc.get(name) or {}).get("auc")}
+    flags = [bool(e.get("memorized")) for e in entries]
+    pos = [f for f, c in zip(flags, copied, strict=True) if c >= 0.75]
+    neg = [f for f, c in zip(flags, copied, strict=True) if c <= 0.25]
+    ranked = sorted(entries, key=lambda e: -(e.get(found.primary) or -np.inf))
+    metrics = {**summary, "prompts": data.prompts, "labels": data.labels.tolist(),
+               "copied_by_prompt": copied, "detect": {
+                   "primary": found.primary, "measures": measures,
+                   "duplicated_ranks": [i + 1 for i, e in enumerate(ranked)
+                                        if data.labels[e["condition"]] == 1],
+                   "flagged": flags, "tpr": float(np.mean(pos)) if pos else None,
+                   "fpr": float(np.mean(neg)) if neg else None, "n_copied": len(pos),
+                   "n_clean": len(neg), "rule": (found.verdict or {}).get("rule"),
+                   "seconds": found.settings.get("seconds")},
+               "training_steps": raw["trained"]["steps"], "train_s": raw["trained"]["train_s"],
+               "items": int(len(data.rows)), "pictures": int(len(data.pictures))}
+    shown = summary["recommended"] or min(
+        summary["runs"], key=lambda r: (r["copy_fraction"], r["cost"] or 0.0))
+    metrics["shown"] = f"{shown['cure']}={shown['strength']:g}"
+    base = np.load(folder / summary["baseline"]["samples"])
+    cured = np.load(folder / shown["samples"])
+    cond = np.load(folder / summary["baseline"]["sample_conditions"])
+    dup = [int(c) for c in np.nonzero(data.labels)[0]]
+    clean = [int(c) for c in np.nonzero(data.labels == 0)[0][:2]]
+    per = min(SHOWN, ctx.params["per_prompt"])
+    picks = [int(i) for c in dup + clean for i in np.nonzero(cond == c)[0][:per]]
+    first = data.first_picture
+    pictures = raw["trained"]["pictures"]
+    metrics["shown_prompts"] = [data.prompts[c] for c in dup + clean]
+    arrays = {"uncured": base[picks], "cured": cured[picks], "per_prompt": per,
+              "pictures": pictures[[first[c] for c in dup + clean]].numpy()}
+    return Recorded(metrics, arrays)
+
+
+def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
+    found = metrics["detect"]
+    primary = found["primary"]
+    auc = (found["measures"].get(primary) or {}).get("auc")
+    others = ", ".join(f"{k} {v['auc']:.2f}" for k, v in found["measures"].items()
+                       if k != primary)
+    verdicts = (f"verdicts ({found['rule']}): TPR {found['tpr']:.2f} on {found['n_copied']} "
+                f"copied prompts, FPR {found['fpr']:.2f} on {found['n_clean']} clean ones"
+                if found["tpr"] is not None and found["fpr"] is not None else
+                "verdicts: not both kinds of prompt")
+    if auc is None:
+        detected = Claim(DETECT_CLAIM, status_of(False, False),
+                         f"no prompts of both kinds (copied by the audit: "
+                         f"{sum(c >= 0.5 for c in metrics['copied_by_prompt'])} of "
+                         f"{len(metrics['copied_by_prompt'])})")
+    else:
+        detected = Claim(DETECT_CLAIM, status_of(auc >= TARGET_AUC),
+                         f"{primary} AUC {auc:.2f} (others: {others}); the duplicated prompts "
+                         f"rank {found['duplicated_ranks']} of {len(metrics['prompts'])}; "
+                         f"{verdicts}")
+    return Verdict((detected, cure_claim(metrics, CURE_CLAIM)))
+
+
+def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
+    fig, ax = plots.figure(1, 1, size=6.5)
+    plots.mitigation_plane(ax[0, 0], rec.metrics, title="text-to-image model")
+    fig.tight_layout()
+    per = int(rec.array("per_prompt"))
+    pics = rec.array("pictures")
+    uncured, cured = rec.array("uncured"), rec.array("cured")
+    rows = []
+    for k, prompt in enumerate(rec.metrics["shown_prompts"]):
+        part = slice(k * per, (k + 1) * per)
+        short = prompt.removeprefix("a ").replace(" on the ", " ")
+        rows.append((f"{short}\nuncured", np.concatenate([pics[k:k + 1], uncured[part]])))
+        rows.append((f"{short}\n{rec.metrics['shown']}",
+                     np.concatenate([pics[k:k + 1], cured[part]])))
+    return {"plane": fig, "samples": plots.image_rows(rows, per + 1, size=0.9)}
+
+
+EXPERIMENT = Experiment(
+    name="mitigate-captions",
+    cost=240,
+    summary="A tiny text-to-image model (Stable Diffusion's layout) trained on 24 captions, "
+            "three of them one duplicated picture: detect ranks the prompts it copies "
+            "without the training set, and the sampling-time cures of diffmem.mitigate on "
+            "the plane of copies against cost. Needs diffusers and transformers.",
+    claim=f"{DETECT_CLAIM} {CURE_CLAIM}",
+    defaults={"copies": 20, "variants": 20, "steps": 3000, "vae_steps": 300, "batch_size": 16,
+              "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 8, "sample_steps": 25,
+              "n_noise": 4,
+              "cures": ["tikhonov=0.05", "tikhonov=0.2", "guidance=1.5", "guidance=0.5",
+                        "guidance-schedule=0.4", "guidance-schedule=0.8", "nn-guidance=3",
+                        "nn-guidance=3.1", "nn-guidance=3.2", "amg=1", "amg=4",
+                        "prompt-opt=1", "prompt-opt=0.5", "random-tokens=2",
+                        "random-tokens=8", "embedding-noise=0.5", "embedding-noise=1",
+                        "attention-rescale=1.25"]},
+    quick={"variants": 10, "steps": 1200, "vae_steps": 200, "every": 400, "per_prompt": 4,
+           "cures": ["tikhonov=0.2", "guidance-schedule=0.8", "nn-guidance=3",
+                     "nn-guidance=3.2", "random-tokens=8", "attention-rescale=1.25"]},
+    compute=compute, record=record, judge=judge, draw=draw,
+    requires=("diffusers", "transformers"),
+)
