@@ -259,3 +259,6 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
     assert judge({**metrics, "detect": low}, {}).claims[0].status == "not_reproduced"
     none = {**detect, "measures": {}}
     assert judge({**metrics, "detect": none}, {}).claims[0].status == "inconclusive"
+    text = judge({**metrics, "detect": {**detect, "measures": {
+        "collapse": {"auc": 0.95, "auc_copied": 0.7}}}}, {}).claims[0].finding
+    assert "collapse AUC 0.95" in text and "finds copied half the time or more: 0.70" in text

@@ -211,8 +211,9 @@ def reproduce(
         exps = [get_experiment(n) for n in names]
         if only is None:  # all: skip, saying so, what this installation cannot run
             for exp in [e for e in exps if e.missing()]:
+                extra = "pipelines" if "transformers" in exp.missing() else "diffusers"
                 typer.echo(f"[skipped] {exp.name}: needs {', '.join(exp.missing())} (pip "
-                           "install 'diffmem[diffusers]')")
+                           f"install 'diffmem[{extra}]')")
             exps = [e for e in exps if not e.missing()]
         params = {e.name: resolve_params(e, quick=quick) for e in exps}
         if jobs is None:  # run_all refuses a count below 1

@@ -15,8 +15,9 @@ the pictures and its UNet trained on the captions (:func:`diffmem.training.fit_v
 :func:`diffmem.training.train_text_unet`; checkpointed, ``--resume`` continues).
 
 Then, through the functions ``diffmem detect --prompts`` and ``diffmem mitigate --prompts``
-run: detect ranks the prompts without the training set (its primary measure's AUC against
-the prompts the uncured audit finds copied, and its verdicts' TPR and FPR); the sweep
+run: detect ranks the prompts without the training set (each measure's AUC against the
+duplicated prompts, and against those the uncured audit finds copied; its verdicts' TPR and
+FPR against the audit); the sweep
 samples the model uncured and with the sampling-time cures of ``grids`` from the same seeded
 noise with its own scheduler, against the training pictures as its VAE renders them (a
 latent model that copies a training latent can only draw that picture's reconstruction),
@@ -49,9 +50,8 @@ DUPLICATED = (("square", "red", "left"), ("circle", "green", "right"),
               ("cross", "blue", "left"))
 SIZE = 16
 
-DETECT_CLAIM = ("Without the training set, detect's primary measure ranks the prompts a "
-                "text-to-image model copies above the others (AUC >= 0.9 against the "
-                "prompts whose samples the audit finds copied at least half the time).")
+DETECT_CLAIM = ("Without the training set, detect's primary measure ranks the duplicated "
+                "prompts of a text-to-image model above the others (AUC >= 0.9).")
 CURE_CLAIM = ("A sampling-time cure brings the copies of a text-to-image model's memorized "
               "prompts from >= 0.75 to <= 0.1 while the prompts that did not copy keep their "
               "prompt and their distance to the data within 1.25x, and the cured copies are "
@@ -235,11 +235,12 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     measures: dict[str, Any] = {}
     for name in found.measures:
         scores = [e.get(name) for e in entries]
-        if any(s is None for s in scores) or found_copied.all() or not found_copied.any():
+        if any(s is None for s in scores):
             continue
-        measures[name] = {"auc": roc(torch.tensor(scores, dtype=torch.float64),
-                                     found_copied)["auc"],
-                          "auc_duplicated": (found.roc.get(name) or {}).get("auc")}
+        both = bool(found_copied.any()) and not bool(found_copied.all())
+        measures[name] = {"auc": (found.roc.get(name) or {}).get("auc"),
+                          "auc_copied": roc(torch.tensor(scores, dtype=torch.float64),
+                                            found_copied)["auc"] if both else None}
     flags = [bool(e.get("memorized")) for e in entries]
     pos = [f for f, c in zip(flags, copied, strict=True) if c >= 0.75]
     neg = [f for f, c in zip(flags, copied, strict=True) if c <= 0.25]
@@ -278,21 +279,22 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
     primary = found["primary"]
     auc = (found["measures"].get(primary) or {}).get("auc")
     others = ", ".join(f"{k} {v['auc']:.2f}" for k, v in found["measures"].items()
-                       if k != primary)
+                       if k != primary and v.get("auc") is not None)
+    copied = (found["measures"].get(primary) or {}).get("auc_copied")
+    against = "" if copied is None else \
+        f"; against the prompts the audit finds copied half the time or more: {copied:.2f}"
     verdicts = (f"verdicts ({found['rule']}): TPR {found['tpr']:.2f} on {found['n_copied']} "
                 f"copied prompts, FPR {found['fpr']:.2f} on {found['n_clean']} clean ones"
                 if found["tpr"] is not None and found["fpr"] is not None else
                 "verdicts: not both kinds of prompt")
     if auc is None:
         detected = Claim(DETECT_CLAIM, status_of(False, False),
-                         f"no prompts of both kinds (copied by the audit: "
-                         f"{sum(c >= 0.5 for c in metrics['copied_by_prompt'])} of "
-                         f"{len(metrics['copied_by_prompt'])})")
+                         f"the primary measure {primary} was not computed for every prompt")
     else:
         detected = Claim(DETECT_CLAIM, status_of(auc >= TARGET_AUC),
-                         f"{primary} AUC {auc:.2f} (others: {others}); the duplicated prompts "
-                         f"rank {found['duplicated_ranks']} of {len(metrics['prompts'])}; "
-                         f"{verdicts}")
+                         f"{primary} AUC {auc:.2f} (others: {others}){against}; the duplicated "
+                         f"prompts rank {found['duplicated_ranks']} of "
+                         f"{len(metrics['prompts'])}; {verdicts}")
     return Verdict((detected, cure_claim(metrics, CURE_CLAIM)))
 
 
@@ -330,7 +332,7 @@ EXPERIMENT = Experiment(
                         "prompt-opt=1", "prompt-opt=0.5", "random-tokens=2",
                         "random-tokens=8", "embedding-noise=0.5", "embedding-noise=1",
                         "attention-rescale=1.25"]},
-    quick={"variants": 10, "steps": 1200, "vae_steps": 200, "every": 400, "per_prompt": 4,
+    quick={"variants": 10, "steps": 2400, "vae_steps": 200, "every": 400, "per_prompt": 4,
            "cures": ["tikhonov=0.2", "guidance-schedule=0.8", "nn-guidance=3",
                      "nn-guidance=3.2", "random-tokens=8", "attention-rescale=1.25"]},
     compute=compute, record=record, judge=judge, draw=draw,

@@ -16,8 +16,8 @@ to at most 0.1 while the clean conditions keep their class and their distance to
 within 1.25x. The training-time cures of ``retrain`` (:data:`RETRAIN`: deduplication,
 label randomization, the loss filter) each train the model again, and their samples, drawn
 from the same noise, are measured against the same uncured baseline, on the same plane; the
-claim is judged on the sampling-time cures. A text-to-image model is not part of this
-experiment (``examples/memorize_captions.py``, docs/mitigate.md).
+claim is judged on the sampling-time cures. The text-to-image half of the study is
+``mitigate-captions`` (:mod:`diffmem.experiments.captions`).
 """
 
 from __future__ import annotations
