@@ -460,6 +460,50 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_mitigate_measures_in_a_clip_space_with_its_score(tmp_path):
+    """--features with a two-tower CLIP folder: the copies' distances and the cost are
+    measured between CLIP image features (d1 is the nearest training image's distance in
+    that space), and each run's CLIP score is the mean cosine of its clean samples' image
+    features with their prompts' text features."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+    from tiny_pipelines import clip_model, sd_pipeline
+
+    from diffmem.audit.features import load_clip_text, load_features
+
+    sd = sd_pipeline(tmp_path / "sd")
+    clip = clip_model(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    train = (rng.random((4, 16, 16, 3)) * 255).astype(np.uint8)
+    for i, im in enumerate(train):
+        Image.fromarray(im).save(images / f"{i}.png")
+    out = tmp_path / "m"
+    res = _mitigate(["--model", str(sd), "--prompts", str(prompts), "--train", str(images),
+                     "--sampler", "pipeline", "--steps", "3", "--per-condition", "2",
+                     "--features", str(clip), "--cures", "tikhonov", "--strengths",
+                     "tikhonov=0.1"], out)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "mitigate.json").read_text())
+    assert doc["features"] == str(clip) and "feature units" in doc["units"]["cost"]
+    feats, text = load_features(clip), load_clip_text(clip)
+    train_f = feats(torch.from_numpy(train).permute(0, 3, 1, 2).float() / 255)
+    for entry, sub in ((doc["baseline"], "baseline"), (doc["runs"][0], "runs/tikhonov=0.1")):
+        samples = torch.from_numpy(np.load(out / sub / "samples.npy"))
+        cond = torch.from_numpy(np.load(out / sub / "sample_conditions.npy")).reshape(-1).long()
+        f = feats(samples)
+        with np.load(out / sub / "measure.npz") as m:
+            d1, clean_clip = torch.from_numpy(m["d1"]), torch.from_numpy(m["clip"])
+        assert torch.allclose(d1.float(), torch.cdist(f, train_f).min(1).values, atol=1e-4)
+        cos = (f * text(["a red square", "a blue circle"])[cond]).sum(1)
+        assert torch.allclose(clean_clip.float(), cos, atol=1e-5)
+        assert entry["clip_score"] == pytest.approx(float(cos.mean()), abs=1e-5)  # all clean
+    assert "CLIP score" in (out / "index.html").read_text()
+
+
 def test_a_latent_models_training_images_are_searched_as_its_latents(tmp_path):
     """cure_context encodes a latent pipeline's training images with its VAE as the
     training scripts do (diffusers' own encoder: latent mean times the scaling factor, of

@@ -298,8 +298,44 @@ def test_a_clip_vision_folder_is_a_feature_space(tmp_path):
     assert report["nn_ratio"]["fraction"] == 1.0  # each sample is a training image
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="--features: expected a CLIP vision model folder"):
+    with pytest.raises(ValueError, match="--features: expected a CLIP model folder"):
         load_features(tmp_path / "bad")
+
+
+def test_a_clip_model_folder_gives_image_and_text_features_in_one_space(tmp_path):
+    """A two-tower CLIP folder (as CLIP checkpoints are published) is a feature space: the
+    image features are its projected image embeddings and the text features its projected
+    text embeddings, both unit length, so their dot product is the CLIP cosine computed by
+    the model's own towers; a vision-only folder has no text features."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from diffmem.audit.features import load_clip_text, load_features
+    from diffmem.tiny import clip_model
+
+    folder = clip_model(tmp_path / "clip")
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    v = load_features(folder)(images)
+    t = load_clip_text(folder)(["a red square", "a blue circle", "a red square"])
+    assert v.shape == (3, 16) and t.shape == (3, 16)
+    assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(t[0], t[2]) and not torch.allclose(t[0], t[1], atol=1e-3)
+    model = CLIPModel.from_pretrained(str(folder)).eval()
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():  # the towers by hand: images already at the model's size
+        img = model.visual_projection(model.vision_model(
+            pixel_values=(images - mean) / std).pooler_output)
+        ids = tok(["a blue circle"], padding="max_length", max_length=24, return_tensors="pt")
+        txt = model.text_projection(model.text_model(**ids).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    assert torch.allclose(v @ t[1], cos, atol=1e-5)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=16, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, projection_dim=16)).save_pretrained(str(tmp_path / "vision"))
+    assert load_clip_text(tmp_path / "vision") is None
 
 
 def test_pixart_transformer_takes_precomputed_embeddings(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.tiny import SPECIAL, sd_pipeline, tiny_vae, write_tokenizer  # noqa: F401
+from diffmem.tiny import SPECIAL, clip_model, sd_pipeline, tiny_vae, write_tokenizer  # noqa: F401
 
 
 def _clip_pair(folder: Path, name: str, *, projection: bool, max_length: int = 24,

@@ -84,6 +84,10 @@ CURE = typer.Option([], "--cure", help="NAME=STRENGTH: sample the model with a c
                     "guidance-schedule=FRACTION, nn-guidance=G, prompt-opt=S, "
                     "random-tokens=K, embedding-noise=S, attention-rescale=C (see "
                     "diffmem mitigate).")
+FEATURES = typer.Option(None, "--features", help="Measure in a feature space: a TorchScript "
+                        "module mapping a batch of images to vectors (a copy descriptor such "
+                        "as SSCD) or a CLIP model folder (local; features are cached in "
+                        "OUT/features).")
 MODEL_INDEX = typer.Option(0, "--model-index", help="Model of a checkpoint's stack.")
 RESUME = typer.Option(False, "--resume", help="Continue network training from the latest "
                       "checkpoint in OUT/NAME/checkpoints (same configuration required).")
@@ -299,10 +303,7 @@ def audit_command(
                                          help="Array of a TRAIN .npz archive."),
     resize: str | None = typer.Option(None, "--resize",
                                       help="H,W: resample images of mixed sizes."),
-    features: Path | None = typer.Option(  # noqa: B008
-        None, "--features", help="TorchScript module mapping a batch of images to vectors, "
-                                 "or a CLIP vision model folder (local; features are cached "
-                                 "in OUT/features)."),
+    features: Path | None = FEATURES,
     index: str = typer.Option("exact", "--index", help="exact, faiss-flat or faiss-ivf."),
     ratio_threshold: float = typer.Option(1 / 3, "--ratio-threshold",
                                           help="Copies by d1/d2 below this."),
@@ -720,6 +721,7 @@ def mitigate_command(
     target: float = typer.Option(0.1, "--target", help="Copies a recommended cure must not "
                                  "exceed (fraction of the memorized conditions' samples)."),
     n_samples: int = typer.Option(256, "--n-samples", help="Samples per run."),
+    features: Path | None = FEATURES,
     batch_size: int = BATCH_SIZE,
     sampler: str = SAMPLER,
     steps: int = STEPS,
@@ -756,7 +758,7 @@ def mitigate_command(
     from diffmem.centres import Centres
     from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.mitigate import CURES, cure_context
-    from diffmem.mitigate.sweep import plan_cures, sweep
+    from diffmem.mitigate.sweep import measure_space, plan_cures, sweep
     from diffmem.report import write_mitigate_report
 
     try:
@@ -783,10 +785,12 @@ def mitigate_command(
             CURES[n].searches for n in [*names, *_chained(combine)] if n in CURES))
         runs, skipped = plan_cures(plan.model, ctx, names, _strength_grids(strengths),
                                    combine)
+        space = measure_space(features, plan.prompts, device)
         folder = prepare_out(out)
         with FolderLock(folder) if team.leader else contextlib.nullcontext():
             summary = sweep(plan, runs, folder, train=data, train_cond=tcond, ctx=ctx,
-                            target=target, device=device, progress=progress, team=team)
+                            target=target, device=device, progress=progress, team=team,
+                            space=space)
             summary["not_applicable"] = skipped
             if not team.leader:
                 return
@@ -794,6 +798,7 @@ def mitigate_command(
                 "model": model, "train": None if train is None else str(train),
                 "prompts": None if prompts is None else str(prompts),
                 "prompt_texts": plan.prompts, "sampler": sampler, "steps": steps,
+                "features": None if features is None else str(features),
                 "seed": seed, "n_samples": plan.n},
                 train=None if data is None else Rows(Centres(data)))
     except ValueError as err:

@@ -684,8 +684,12 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
              f"{best['cure']}={best['strength']:g}: copies {best['copy_fraction']:.3f}, cost "
              f"{_sig(best['cost'])}, distance ratio {_sig(best['distance_ratio'])}, "
              f"condition kept {_sig(best['condition_kept'])}, noise ratio "
-             f"{_sig(best.get('noise_ratio'))}"),
+             f"{_sig(best.get('noise_ratio'))}"
+             + ("" if best.get("clip_score") is None else
+                f", CLIP score {_sig(best['clip_score'])}")),
             ("rule", html.escape(summary["rule"])),
+            ("distances measured in", html.escape(summary["units"]["cost"].rpartition(
+                "(")[2].rstrip(")"))),
             ("frontier", html.escape(", ".join(summary["frontier"]))),
             ("seconds (uncured run / all)",
              f"{_sig(summary['seconds']['baseline'])} / {_sig(summary['seconds']['all'])}")]
@@ -693,14 +697,16 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
         rows.append((f"{html.escape(name)}: not applicable", html.escape(why)))
     table = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + \
         "</table>"
+    clip = base.get("clip_score") is not None
     head = ("<tr><th>cure</th><th>strength</th><th>copies</th><th>cost</th><th>distance "
-            "ratio</th><th>condition kept</th><th>noise ratio (cured copies)</th>"
-            "<th>keeps samples</th><th>seconds</th></tr>")
+            "ratio</th><th>condition kept</th>" + ("<th>CLIP score</th>" if clip else "")
+            + "<th>noise ratio (cured copies)</th><th>keeps samples</th><th>seconds</th></tr>")
     body = "".join(
         f"<tr><td>{html.escape(str(r['cure']))}</td><td>{_sig(r['strength'])}</td>"
         f"<td>{r['copy_fraction']:.3f}</td><td>{_sig(r['cost'])}</td>"
         f"<td>{_sig(r['distance_ratio'])}</td><td>{_sig(r['condition_kept'])}</td>"
-        f"<td>{_sig(r.get('noise_ratio'))}</td>"
+        + (f"<td>{_sig(r.get('clip_score'))}</td>" if clip else "")
+        + f"<td>{_sig(r.get('noise_ratio'))}</td>"
         f"<td>{_cell(r.get('keeps_samples'))}</td><td>{_sig(r['seconds'])}</td></tr>"
         for r in [base, *summary["runs"]])
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffmem mitigate"

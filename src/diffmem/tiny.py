@@ -78,3 +78,23 @@ def tiny_vae(latent_size: int, **extra: Any) -> Any:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
         sample_size=2 * latent_size, **extra)
+
+
+def clip_model(folder: Path, image_size: int = 16, max_length: int = 24, seed: int = 0) -> Path:
+    """A tiny two-tower CLIP (transformers' ``CLIPModel``, 2-layer text and vision towers,
+    16-dimensional projections) saved in ``folder`` with this module's tokenizer: the layout
+    of a published CLIP checkpoint folder, for ``--features``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab = write_tokenizer(folder, max_length)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(
+        text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 37,
+                     "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "max_position_embeddings": max_length, "bos_token_id": 0,
+                     "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"image_size": image_size, "patch_size": 8, "hidden_size": 32,
+                       "intermediate_size": 37, "num_hidden_layers": 2,
+                       "num_attention_heads": 4},
+        projection_dim=16)).save_pretrained(str(folder))
+    return folder

@@ -26,32 +26,47 @@ from diffmem.io import atomic_write_bytes
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_clip_vision(folder: Path, device: str | torch.device = "cpu") -> Callable[..., Tensor]:
-    """A CLIP vision model folder (transformers' ``CLIPVisionModelWithProjection`` or
-    ``CLIPVisionModel``, local files only) as a feature map of images in ``[0, 1]``:
-    resized (bicubic) to its ``image_size``, normalized by the folder's preprocessor mean and
-    std (CLIP's by default), then its ``image_embeds`` (or pooled output), unit length."""
+def load_clip_model(folder: Path, device: str | torch.device) -> Any:
+    """The model of a CLIP folder (local files only): transformers' ``CLIPModel`` (both
+    towers, as CLIP checkpoints are published) or a vision model
+    (``CLIPVisionModelWithProjection`` or ``CLIPVisionModel``), in evaluation mode."""
     try:
         import transformers
     except ImportError as err:
-        raise fail("--features", "transformers installed for a CLIP vision model folder "
+        raise fail("--features", "transformers installed for a CLIP model folder "
                    "(pip install 'diffmem[pipelines]')", str(folder)) from err
     try:
         config = json.loads((folder / "config.json").read_text())
         arch = (config.get("architectures") or ["CLIPVisionModelWithProjection"])[0]
-        cls = getattr(transformers, arch if arch.startswith("CLIPVision") else
-                      "CLIPVisionModelWithProjection")
-        model = cls.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+        cls = getattr(transformers, arch if arch == "CLIPModel" or arch.startswith(
+            "CLIPVision") else "CLIPVisionModelWithProjection")
+        return cls.from_pretrained(str(folder), local_files_only=True).to(device).eval()
     except Exception as err:  # transformers' own loading errors: say what they said
         lines = [ln for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        raise fail("--features", "a CLIP vision model folder (config.json and weights) or a "
+        raise fail("--features", "a CLIP model folder (config.json and weights) or a "
                    "TorchScript file", f"{folder} ({type(err).__name__}: {lines[0][:200]})"
                    ) from err
+
+
+def _unit(vec: Tensor) -> Tensor:
+    """Rows scaled to unit length."""
+    return vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def load_clip_vision(folder: Path, device: str | torch.device = "cpu",
+                     model: Any = None) -> Callable[..., Tensor]:
+    """A CLIP model folder (transformers' ``CLIPModel``, ``CLIPVisionModelWithProjection``
+    or ``CLIPVisionModel``, local files only; or its loaded ``model``) as a feature map of
+    images in ``[0, 1]``: resized (bicubic) to its ``image_size``, normalized by the
+    folder's preprocessor mean and std (CLIP's by default), then its projected image
+    embedding (a ``CLIPVisionModel``: its pooled output), unit length."""
+    model = load_clip_model(folder, device) if model is None else model
     pre = folder / "preprocessor_config.json"
     stats = json.loads(pre.read_text()) if pre.is_file() else {}
     mean = torch.tensor(stats.get("image_mean", CLIP_MEAN), device=device).view(1, -1, 1, 1)
     std = torch.tensor(stats.get("image_std", CLIP_STD), device=device).view(1, -1, 1, 1)
-    size = int(model.config.image_size)
+    vision = model.vision_model if hasattr(model, "text_model") else None
+    size = int((vision.config if vision is not None else model.config).image_size)
 
     def features(images: Tensor) -> Tensor:
         x = images.to(device=device, dtype=torch.float32)
@@ -62,11 +77,44 @@ def load_clip_vision(folder: Path, device: str | torch.device = "cpu") -> Callab
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic",
                                             align_corners=False)
         with torch.no_grad():
+            if vision is not None:
+                pooled = vision(pixel_values=(x - mean) / std).pooler_output
+                return _unit(model.visual_projection(pooled))
             out = model(pixel_values=(x - mean) / std)
-        vec = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
-        return vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return _unit(out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output)
 
     return features
+
+
+def load_clip_text(folder: Path, device: str | torch.device = "cpu",
+                   model: Any = None) -> Callable[[list[str]], Tensor] | None:
+    """The text tower of a CLIP model folder (``CLIPModel`` with its tokenizer files) as a
+    map of prompts to unit-length projected text embeddings, in the space of
+    :func:`load_clip_vision`'s features (their dot product is the CLIP score's cosine);
+    ``None`` when the folder holds a vision model alone or no tokenizer."""
+    path = Path(folder)
+    if not path.is_dir():
+        return None
+    model = load_clip_model(path, device) if model is None else model
+    if not hasattr(model, "text_model"):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+    length = int(model.text_model.config.max_position_embeddings)
+
+    def text(prompts: list[str]) -> Tensor:
+        tokens = tokenizer(list(prompts), padding="max_length", truncation=True,
+                           max_length=length, return_tensors="pt").to(device)
+        with torch.no_grad():
+            pooled = model.text_model(input_ids=tokens["input_ids"],
+                                      attention_mask=tokens["attention_mask"]).pooler_output
+            return _unit(model.text_projection(pooled)).to("cpu", torch.float32)
+
+    return text
 
 
 def load_features(path: str | Path,
@@ -89,7 +137,7 @@ def load_features(path: str | Path,
     return module.eval()
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     """A short hash of a file's bytes, or of a folder's files (names and bytes)."""
     h = hashlib.sha256()
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
@@ -142,16 +190,16 @@ def embed(rows: Rows, module: Callable[[Tensor], Tensor], batch: int,
     return vectors
 
 
-def _identity(data: Any) -> str:
+def data_identity(data: Any) -> str:
     """What identifies a data set for the feature cache: paths with size and time, else a
     hash of the values."""
     if isinstance(data, str | Path):
         st = Path(data).stat()
         return f"{Path(data).resolve()}:{st.st_size}:{st.st_mtime_ns}"
     if isinstance(data, list | tuple):
-        return "|".join(_identity(d) for d in data)
+        return "|".join(data_identity(d) for d in data)
     if isinstance(data, np.memmap) and data.filename is not None:
-        return _identity(data.filename) + f":{data.shape}"
+        return data_identity(data.filename) + f":{data.shape}"
     arr = data.detach().cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
 
@@ -167,7 +215,7 @@ def feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
     module, digest = features, ""
     if isinstance(features, str | Path):
         module = load_features(features, dev)
-        feature_name, digest = str(features), _file_digest(Path(features))
+        feature_name, digest = str(features), file_digest(Path(features))
     else:
         feature_name = type(features).__name__
     if not callable(module):
@@ -178,9 +226,9 @@ def feature_space(rows: Rows, centres: Centres, features: Any, batch_size: int,
             Path(feature_cache) / f"{role}.npy"
 
     train_vec = embed(Rows(centres, "train"), module, batch_size, dev, progress,
-                      cached("train"), f"{digest}:{_identity(sources[1])}")
+                      cached("train"), f"{digest}:{data_identity(sources[1])}")
     sample_vec = embed(rows, module, batch_size, dev, progress, cached("samples"),
-                       f"{digest}:{_identity(sources[0])}")
+                       f"{digest}:{data_identity(sources[0])}")
     if train_vec.shape[1] != sample_vec.shape[1]:
         raise fail("--features", "vectors of one length", f"{train_vec.shape[1]} and "
                    f"{sample_vec.shape[1]}")

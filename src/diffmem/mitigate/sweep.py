@@ -15,19 +15,24 @@ unconditional model, whether it is a copy.
   (all samples when none is memorized); without one, the fraction of the baseline's
   memorized conditions (samples) that detect's verdict still calls memorized.
 * **cost**, on the clean conditions' samples (the baseline's non-copies): the energy distance
-  between the cured and the uncured samples, per condition and averaged (data units;
-  ``metrics.energy_distance`` with every pair counted: 0 when nothing moves); with a training
-  set the median distance to the nearest training item relative to the baseline's
-  (``distance_ratio``, dimensionless) and, with training conditions, the fraction whose nearest
-  item carries their condition (``condition_kept``).
+  between the cured and the uncured samples, per condition and averaged (data units, or the
+  feature units of ``--features``; ``metrics.energy_distance`` with every pair counted: 0
+  when nothing moves); with a training set the median distance to the nearest training item
+  relative to the baseline's (``distance_ratio``, dimensionless) and, with training
+  conditions, the fraction whose nearest item carries their condition (``condition_kept``);
+  with a CLIP model's text tower as ``--features`` and prompts, the mean CLIP score
+  ``cos(f(image), g(prompt))`` (``clip_score``: whether the prompt still steers).
+
+With ``--features`` every distance (the audit's copies included) is measured between the
+feature module's vectors of the samples and of the training set (:class:`Space`).
 
 A cure that trades copies for noise is not a cure, so the memorized conditions' cured samples
 are measured too: ``noise_ratio``, their median distance to the nearest training item over
 the uncured clean samples' (dimensionless; about 1 for a new sample as far from the data as a
 generalizing one, well above 1 for noise). A run **keeps the samples** when
-``distance_ratio`` and ``noise_ratio`` are at most ``COST_FACTOR`` and ``condition_kept`` is
-at least the baseline's divided by ``COST_FACTOR``. The recommended run: the lowest
-energy distance among those that keep the samples and bring the copies to at most
+``distance_ratio`` and ``noise_ratio`` are at most ``COST_FACTOR`` and ``condition_kept`` and
+``clip_score`` are at least the baseline's divided by ``COST_FACTOR``. The recommended run:
+the lowest energy distance among those that keep the samples and bring the copies to at most
 ``target``; when none does, none is recommended and the page says so, with the frontier (the
 runs no other run beats on both copies and cost).
 """
@@ -56,6 +61,56 @@ from diffmem.parallel import SOLO, Team
 CLEAR_HIGH, CLEAR_LOW = 0.75, 0.25
 COST_FACTOR = 1.25
 TARGET = 0.1
+#: Per-sample measures kept in a run's ``measure.npz``.
+MEASURES = ("copy", "d1", "nearest", "same", "vectors", "clip")
+
+
+@dataclasses.dataclass
+class Space:
+    """Where a sweep measures: the data itself (``module`` ``None``) or the vectors of a
+    feature module (``--features``: a copy descriptor or a CLIP model; ``name`` says which,
+    ``digest`` identifies its files), and with a CLIP model's text tower the unit text
+    embedding of each prompt (``texts``, one row per condition index): the CLIP score of a
+    sample is the cosine ``<f(image), g(prompt)>`` of its features with its prompt's."""
+
+    module: Any = None
+    name: str | None = None
+    digest: str = ""
+    texts: Tensor | None = None
+
+    @property
+    def units(self) -> str:
+        """The units distances are measured in."""
+        return "data units" if self.module is None else f"feature units of {self.name}"
+
+
+def measure_space(features: Any, prompts: Sequence[str] | None,
+                  device: str = "cpu") -> Space:
+    """The :class:`Space` of ``--features`` (a TorchScript file, a CLIP model folder or a
+    callable; ``None``: the data), with the prompts' CLIP text embeddings when ``features``
+    is a CLIP model with its text tower and ``prompts`` are given."""
+    from diffmem.audit.features import (
+        file_digest,
+        load_clip_model,
+        load_clip_text,
+        load_clip_vision,
+        load_features,
+    )
+
+    if features is None:
+        return Space()
+    if not isinstance(features, str | Path):
+        if not callable(features):
+            raise fail("--features", "a callable or a TorchScript file",
+                       type(features).__name__)
+        return Space(features, type(features).__name__)
+    path = Path(features)
+    if not path.is_dir():
+        return Space(load_features(path, device), str(path), file_digest(path))
+    model = load_clip_model(path, device)
+    text = None if prompts is None else load_clip_text(path, device, model)
+    return Space(load_clip_vision(path, device, model), str(path), file_digest(path),
+                 None if text is None else text(list(prompts)))
 
 
 def plan_cures(model: Any, ctx: CureContext, names: Sequence[str] | None = None,
@@ -142,12 +197,32 @@ def _detected(model: Any, samples: Tensor, plan: DrawPlan, seed: int, steps: int
             "d1": None, "nearest": None, "same": None}
 
 
+def _vectors(samples: Tensor, plan: DrawPlan, space: Space,
+             device: str) -> dict[str, Tensor | None]:
+    """The samples' feature vectors in ``space`` (``None`` in the data itself) and, with
+    the prompts' CLIP text embeddings, each sample's CLIP score (cosine)."""
+    if space.module is None:
+        return {"vectors": None, "clip": None}
+    from diffmem.audit.features import embed
+    from diffmem.audit.inputs import Rows
+
+    vec = embed(Rows(samples, "samples"), space.module, plan.batch, torch.device(device),
+                False)
+    clip = None
+    if space.texts is not None and plan.cond is not None:
+        which = plan.cond.reshape(plan.cond.shape[0], -1)[:, 0].long()
+        clip = (vec * space.texts[which]).sum(dim=1)
+    return {"vectors": vec, "clip": clip}
+
+
 def _measure(folder: Path, plan: DrawPlan, train: Any, train_cond: Tensor | None,
-             key: dict[str, Any], steps: int, start: float, team: Team) -> dict[str, Any]:
+             key: dict[str, Any], steps: int, start: float, team: Team,
+             space: Space, device: str) -> dict[str, Any]:
     """A run's per-sample measures, from ``folder/measure.npz`` when a finished earlier
     run with the same ``key`` left them (as process 0 finds it), and its seconds (drawing and
-    measuring, since ``start``, as first measured). Process 0 audits and sends the verdicts
-    to the others; without a training set detect splits over them; process 0 writes."""
+    measuring, since ``start``, as first measured). Process 0 audits (in ``space``: ``train``
+    is then the training set's vectors) and sends the verdicts to the others; without a
+    training set detect splits over them; process 0 writes."""
     saved = _saved_measure(folder, key) if team.leader else None
     saved = team.broadcast(saved)
     if saved is not None:
@@ -155,11 +230,14 @@ def _measure(folder: Path, plan: DrawPlan, train: Any, train_cond: Tensor | None
     def samples() -> Tensor:
         return torch.from_numpy(np.load(folder / "samples.npy"))
 
+    extra = team.broadcast(_vectors(samples(), plan, space, device) if team.leader else None)
     if train is not None:  # the audit, on process 0 alone: the others get its verdicts
-        found = team.broadcast(_copies(samples(), plan, train, train_cond, plan.seed)
-                               if team.leader else None)
+        found = team.broadcast(_copies(
+            samples() if extra["vectors"] is None else extra["vectors"], plan, train,
+            train_cond, plan.seed) if team.leader else None)
     else:  # detect splits its work over the processes
         found = _detected(plan.model, samples(), plan, plan.seed, steps, team)
+    found |= extra
     found["seconds"] = time.perf_counter() - start
     if team.leader:
         import io
@@ -184,8 +262,8 @@ def _saved_measure(folder: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     if saved.get("key") != key:
         return None
     with np.load(folder / "measure.npz") as arrays:
-        return {k: None if arrays[k].size == 0 else torch.from_numpy(arrays[k])
-                for k in ("copy", "d1", "nearest", "same")} | {"seconds": saved.get("seconds")}
+        return {k: None if k not in arrays or arrays[k].size == 0 else
+                torch.from_numpy(arrays[k]) for k in MEASURES} | {"seconds": saved.get("seconds")}
 
 
 def _groups(plan: DrawPlan, copy: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -238,6 +316,8 @@ def _figures(run: dict[str, Any], base: dict[str, Any], samples: Tensor, base_sa
                 out["noise_ratio"] = float(run["d1"][memorized].median()) / typical
     out["condition_kept"] = None if run.get("same") is None or not bool(clean.any()) else \
         float(run["same"][clean].to(torch.float64).mean())
+    out["clip_score"] = None if run.get("clip") is None or not bool(clean.any()) else \
+        float(run["clip"][clean].to(torch.float64).mean())
     return out
 
 
@@ -248,8 +328,9 @@ def keeps_samples(fig: dict[str, Any], base: dict[str, Any]) -> bool | None:
     for ratio in ("distance_ratio", "noise_ratio"):
         if fig.get(ratio) is not None:
             checks.append(fig[ratio] <= COST_FACTOR)
-    if fig.get("condition_kept") is not None and base.get("condition_kept") is not None:
-        checks.append(fig["condition_kept"] >= base["condition_kept"] / COST_FACTOR)
+    for kept in ("condition_kept", "clip_score"):
+        if fig.get(kept) is not None and base.get(kept) is not None:
+            checks.append(fig[kept] >= base[kept] / COST_FACTOR)
     return all(checks) if checks else None
 
 
@@ -294,22 +375,35 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
           train_cond: Tensor | None = None, ctx: CureContext | None = None,
           target: float = TARGET, detect_steps: int = 50, device: str = "cpu",
           progress: bool = True, team: Team | None = None,
-          retrained: Sequence[tuple[str, float, Any]] = ()) -> dict[str, Any]:
+          retrained: Sequence[tuple[str, float, Any]] = (),
+          space: Space | None = None) -> dict[str, Any]:
     """Draw and measure the baseline and every run of ``cures`` (module docstring) into
     ``folder``, then each model of ``retrained`` (``(cure name, strength, model)``: the
     model trained again with a training-time cure, drawn from the same noise into
     ``folder/retrained/NAME=STRENGTH`` and measured against the same baseline; its entry's
     ``"when"`` is ``"training"``, the others' ``"sampling"``); returns what
-    ``mitigate.json`` holds. With a :class:`diffmem.parallel.Team`
+    ``mitigate.json`` holds. ``space`` (:func:`measure_space`): where distances are
+    measured (default the data; the training set's vectors are cached in
+    ``folder/features``). With a :class:`diffmem.parallel.Team`
     each run's draws (and detect's work) split over its processes; process 0 writes, and
     every process returns the same summary."""
     from tqdm.auto import tqdm
 
     team = team or SOLO
     ctx = ctx or CureContext(null=plan.null)
+    space = space or Space()
     key = {"n": plan.n, "seed": plan.seed, "sampler": plan.sampler, "steps": plan.steps,
            "model": plan.model.name, "train": None if train is None else "given",
-           "detect_steps": detect_steps}
+           "detect_steps": detect_steps, "features": space.digest or space.name,
+           "clip": space.texts is not None}
+    if space.module is not None and train is not None and team.leader:
+        from diffmem.audit.features import data_identity, embed
+        from diffmem.audit.inputs import Rows
+        from diffmem.centres import Centres
+
+        train = embed(Rows(Centres(train), "train"), space.module, plan.batch,
+                      torch.device(device), progress, folder / "features" / "train.npy",
+                      f"{space.digest}:{data_identity(train)}")
     # (folder, the model to draw from, (name, strength) or None for the baseline, when)
     runs_info: list[tuple[str, Any, tuple[str, float] | None, str]] = [
         ("baseline", lambda: plan.model, None, "")]
@@ -328,17 +422,22 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
         p = dataclasses.replace(plan, model=model())
         draw(p, where, device=device, progress=False, team=team)
         measured.append(_measure(where, p, train, train_cond, {**key, "cure": sub},
-                                 detect_steps, start, team))
+                                 detect_steps, start, team, space, device))
         bar.update()
     bar.close()
     base = measured[0]
     memorized, clean, groups = _groups(plan, base["copy"])
-    base_samples = torch.from_numpy(np.load(folder / "baseline" / "samples.npy"))
+
+    def points(sub: str, m: dict[str, Any]) -> Tensor:
+        """A run's samples where distances are measured: their vectors, or the data."""
+        return m["vectors"] if m.get("vectors") is not None else \
+            torch.from_numpy(np.load(folder / sub / "samples.npy"))
+
+    base_points = points("baseline", base)
 
     def entry(sub: str, label: tuple[str, float] | None, when: str,
               m: dict[str, Any]) -> dict[str, Any]:
-        samples = torch.from_numpy(np.load(folder / sub / "samples.npy"))
-        fig = _figures(m, base, samples, base_samples, memorized, clean, groups)
+        fig = _figures(m, base, points(sub, m), base_points, memorized, clean, groups)
         name, strength = ("uncured", None) if label is None else label
         return {"cure": name, "strength": strength, **({"when": when} if when else {}),
                 **fig, "samples": f"{sub}/samples.npy",
@@ -359,6 +458,7 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
         "frontier": [f"{runs[i]['cure']}={runs[i]['strength']:g}" for i in front],
         "target": target, "cost_factor": COST_FACTOR,
         "memorized": int(memorized.sum()), "clean": int(clean.sum()),
+        "features": space.name,
         "copy_measure": ("the audit's copy verdict per sample (nn-ratio copy or reproduction "
                          "of the condition's training item)" if train is not None else
                          "detect's verdict (no training set given): the fraction of the "
@@ -366,13 +466,15 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
         "units": {"copy_fraction": "fraction of the memorized conditions' samples (the "
                                    "baseline's copies for an unconditional model)",
                   "cost": "energy distance to the uncured samples of the clean conditions, "
-                          "per condition and averaged (data units)",
+                          f"per condition and averaged ({space.units})",
                   "distance_ratio": "median distance to the nearest training item of the "
                                     "clean samples, over the baseline's (dimensionless)",
                   "noise_ratio": "median distance to the nearest training item of the "
                                  "memorized conditions' samples, over the baseline's clean "
                                  "samples' (dimensionless)",
                   "condition_kept": "fraction of the clean samples whose nearest training "
-                                    "item carries their condition"},
+                                    "item carries their condition",
+                  "clip_score": "mean cosine between the CLIP image embedding of a clean "
+                                "sample and its prompt's text embedding (dimensionless)"},
         "seconds": {"baseline": base["seconds"],
                     "all": float(sum(m["seconds"] for m in measured))}}
