@@ -263,12 +263,13 @@ def mitigation_plane(a: Axes, summary: Mapping[str, Any], title: str | None = No
     if best is not None:
         a.scatter([best["cost"] or 0.0], [best["copy_fraction"]], s=160, facecolors="none",
                   edgecolors="C3", linewidths=2, zorder=4, label="recommended")
+    units = "feature units" if summary.get("features") else "data units"
     a.set(xlabel="cost: energy distance to the uncured samples of clean conditions\n"
-                 "(data units)", ylabel="copies (fraction of memorized conditions' samples)",
+                 f"({units})", ylabel="copies (fraction of memorized conditions' samples)",
           ylim=(-0.03, 1.03))
     if all(r["cost"] is None for r in runs):
         title = title or "cost not measured: the uncured model copies every condition"
-    a.set_title(title or "hollow: moves the clean samples' distance to the data or their "
-                f"condition,\nor the cured copies' (noise), by more than "
+    a.set_title(title or "hollow: moves the clean samples' distance to the data, their "
+                f"condition or CLIP score,\nor the cured copies' (noise), by more than "
                 f"{summary['cost_factor']:g}x", fontsize=9)
     a.legend(fontsize=7)

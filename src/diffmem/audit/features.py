@@ -120,7 +120,7 @@ def load_clip_text(folder: Path, device: str | torch.device = "cpu",
 def load_features(path: str | Path,
                   device: str | torch.device = "cpu") -> Callable[..., Tensor]:
     """A TorchScript module (``torch.jit.save``) mapping a batch of images to vectors, or a
-    CLIP vision model folder (:func:`load_clip_vision`)."""
+    CLIP model folder (:func:`load_clip_vision`)."""
     p = Path(path)
     if p.is_dir():
         return load_clip_vision(p, device)

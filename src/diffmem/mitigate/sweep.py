@@ -350,7 +350,8 @@ def recommend(runs: list[dict[str, Any]], target: float) -> tuple[int | None, st
     """The recommended run (index) and the rule that chose it (module docstring)."""
     rule = (f"the lowest cost (energy distance to the uncured samples of the clean "
             f"conditions) among the runs that bring the copies to at most {target:g} and keep "
-            f"the samples (the clean samples' distance to the data and condition kept within "
+            f"the samples (the clean samples' distance to the data, condition kept and CLIP "
+            f"score, when measured, within "
             f"{COST_FACTOR:g}x of the uncured model's, and the cured copies no further from "
             f"the data than {COST_FACTOR:g}x a clean sample: not noise)")
     ok = [i for i, r in enumerate(runs) if r["copy_fraction"] <= target
