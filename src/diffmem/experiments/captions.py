@@ -29,6 +29,7 @@ claim on this model.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -309,8 +310,9 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
     for k, prompt in enumerate(rec.metrics["shown_prompts"]):
         part = slice(k * per, (k + 1) * per)
         short = prompt.removeprefix("a ").replace(" on the ", " ")
-        rows.append((f"{short}\nuncured", np.concatenate([pics[k:k + 1], uncured[part]])))
-        rows.append((f"{short}\n{rec.metrics['shown']}",
+        rows.append((textwrap.fill(f"{short} uncured", 12),
+                     np.concatenate([pics[k:k + 1], uncured[part]])))
+        rows.append((textwrap.fill(rec.metrics["shown"].replace("=", " "), 12),
                      np.concatenate([pics[k:k + 1], cured[part]])))
     return {"plane": fig, "samples": plots.image_rows(rows, per + 1, size=0.9)}
 
