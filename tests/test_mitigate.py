@@ -418,12 +418,9 @@ def test_audit_and_detect_take_cures(unet, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
-    """A tiny SD pipeline with prompts: the cures that apply to it (Tikhonov on its latents,
-    the guidance schedule against the negative prompt) sampled by its own scheduler and
-    audited against images; the nearest-neighbour cures search the training images as
-    latents, and without a training set, named, are refused."""
-    pytest.importorskip("transformers")
+def _sd_with_images(tmp_path):
+    """A tiny SD pipeline, a file of two prompts and a folder of four random 16x16 training
+    images (also returned as a ``(4, 16, 16, 3)`` uint8 array)."""
     from PIL import Image
     from tiny_pipelines import sd_pipeline
 
@@ -432,10 +429,19 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     prompts.write_text("a red square\na blue circle\n")
     images = tmp_path / "images"
     images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(
-            images / f"{i}.png")
+    train = (np.random.default_rng(0).random((4, 16, 16, 3)) * 255).astype(np.uint8)
+    for i, im in enumerate(train):
+        Image.fromarray(im).save(images / f"{i}.png")
+    return sd, prompts, images, train
+
+
+def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
+    """A tiny SD pipeline with prompts: the cures that apply to it (Tikhonov on its latents,
+    the guidance schedule against the negative prompt) sampled by its own scheduler and
+    audited against images; the nearest-neighbour cures search the training images as
+    latents, and without a training set, named, are refused."""
+    pytest.importorskip("transformers")
+    sd, prompts, images, _ = _sd_with_images(tmp_path)
     args = ["--model", str(sd), "--prompts", str(prompts), "--train", str(images),
             "--sampler", "pipeline", "--steps", "3", "--per-condition", "2"]
     res = _mitigate(args + ["--strengths", "tikhonov=0.1", "--strengths",
@@ -466,21 +472,12 @@ def test_mitigate_measures_in_a_clip_space_with_its_score(tmp_path):
     that space), and each run's CLIP score is the mean cosine of its clean samples' image
     features with their prompts' text features."""
     pytest.importorskip("transformers")
-    from PIL import Image
-    from tiny_pipelines import clip_model, sd_pipeline
+    from tiny_pipelines import clip_model
 
     from diffmem.audit.features import load_clip_text, load_features
 
-    sd = sd_pipeline(tmp_path / "sd")
+    sd, prompts, images, train = _sd_with_images(tmp_path)
     clip = clip_model(tmp_path / "clip")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\na blue circle\n")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    train = (rng.random((4, 16, 16, 3)) * 255).astype(np.uint8)
-    for i, im in enumerate(train):
-        Image.fromarray(im).save(images / f"{i}.png")
     out = tmp_path / "m"
     res = _mitigate(["--model", str(sd), "--prompts", str(prompts), "--train", str(images),
                      "--sampler", "pipeline", "--steps", "3", "--per-condition", "2",

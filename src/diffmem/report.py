@@ -688,8 +688,7 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
              + ("" if best.get("clip_score") is None else
                 f", CLIP score {_sig(best['clip_score'])}")),
             ("rule", html.escape(summary["rule"])),
-            ("distances measured in", html.escape(summary["units"]["cost"].rpartition(
-                "(")[2].rstrip(")"))),
+            ("distances measured in", html.escape(summary["units"]["distance"])),
             ("frontier", html.escape(", ".join(summary["frontier"]))),
             ("seconds (uncured run / all)",
              f"{_sig(summary['seconds']['baseline'])} / {_sig(summary['seconds']['all'])}")]

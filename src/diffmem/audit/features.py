@@ -126,7 +126,7 @@ def load_features(path: str | Path,
         return load_clip_vision(p, device)
     if not p.is_file():
         raise fail("--features", "an existing TorchScript file (torch.jit.save) or a CLIP "
-                   "vision model folder", str(p))
+                   "model folder", str(p))
     try:
         with warnings.catch_warnings():  # TorchScript is how copy detectors are published
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -464,7 +464,8 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
                          "of the condition's training item)" if train is not None else
                          "detect's verdict (no training set given): the fraction of the "
                          "baseline's memorized conditions or samples still called memorized"),
-        "units": {"copy_fraction": "fraction of the memorized conditions' samples (the "
+        "units": {"distance": space.units,
+                  "copy_fraction": "fraction of the memorized conditions' samples (the "
                                    "baseline's copies for an unconditional model)",
                   "cost": "energy distance to the uncured samples of the clean conditions, "
                           f"per condition and averaged ({space.units})",
