@@ -109,7 +109,7 @@ def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypa
     nothing (condition 3 is never generated). With conditions 2-3 as the reference, the
     threshold is their collapse and only 0-1 exceed it."""
     import diffmem.detect as det
-    from diffmem.verdicts import judge, rates, threshold_at_fpr
+    from diffmem.verdicts import fpr_bound, judge, rates, reference_needed, threshold_at_fpr
 
     model = conditional_model(VP())
     labels = torch.tensor([1, 1, 0, 0])
@@ -144,14 +144,66 @@ def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypa
     assert [by[c]["memorized"] for c in range(4)] == [True, True, False, False]
     # the threshold: the value at most fpr of the reference exceed
     assert threshold_at_fpr([5, 1, 4, 2, 3], 0.0) == 5
-    assert threshold_at_fpr(list(range(100)), 0.05) == 94  # 95..99 exceed it: 5 of 100
+    # 96..99 exceed 95: 4 of the 100, and a new value drawn like them with probability 5/101
+    assert threshold_at_fpr(list(range(100)), 0.05) == 95
+    assert fpr_bound(100, 0.05) == pytest.approx(5 / 101) and fpr_bound(3, 0.05) == 0.25
+    for fpr, m in [(0.05, 19), (0.03, 33), (0.1, 9), (0.2, 4), (0.01, 99)]:
+        assert reference_needed(fpr) == m  # the fewest entries whose bound reaches fpr
+        assert fpr_bound(m, fpr) <= fpr < fpr_bound(m - 1, fpr)
     assert threshold_at_fpr([1.0, float("nan"), 2.0], 0.4) == 2.0
+    assert threshold_at_fpr(list(range(100)), 0.05, below=True) == 4
+    assert threshold_at_fpr(list(range(100)), 0.0, below=True) == 0  # the extreme: bound 1/101
+    assert threshold_at_fpr([5, 1, 4, 2, 3], 0.0, below=True) == 1
     with pytest.raises(ValueError, match="--fpr: expected a false-positive rate"):
         threshold_at_fpr([1, 2], 1.5)
     with pytest.raises(ValueError, match="--reference: expected at least one"):
         threshold_at_fpr([None], 0.05)
     assert rates([True, False, True, None], [1, 1, 0, 1]) == {
         "tpr": 0.5, "fpr": 1.0, "n_positive": 2, "n_negative": 1}
+
+
+def test_reference_rule_on_consistency_ratio():
+    """Where the result and the reference both carry consistency_ratio, the reference rule
+    reads it (lower: memorized): below the k-th of the m reference ratios, k = floor(fpr
+    (m + 1)) - 1 (at least 0), and below CONSISTENCY_RATIO; unconfirmed conditions are not
+    memorized; a reference screened only falls back to the primary measure."""
+    from diffmem.detect import CONSISTENCY_RATIO, DetectResult
+    from diffmem.verdicts import held_out, judge
+
+    def result(ratios, collapse=None):
+        entries = [{"condition": j, "index": j, "collapse": (collapse or ratios)[j],
+                    **({} if r is None else {"consistency_ratio": r})}
+                   for j, r in enumerate(ratios)]
+        return DetectResult(entries, {"measures": ["collapse", "consistency"]})
+
+    narrow = [0.44, 0.46, 0.48, 0.52, 0.7, 0.9, 1.0, 1.1, 1.2, 1.3] * 2  # 20 known clean
+    tested = result([0.2, 0.33, 0.43, 0.45, 0.47, 0.95, None], [0.0] * 7)
+    tested.entries[-1]["label"] = 1
+    v = judge(tested, result(narrow), fpr=0.05)  # floor(0.05 * 21) - 1 = 0: the lowest
+    assert v["kind"] == "reference" and v["measure"] == "consistency_ratio"
+    assert v["reference_threshold"] == 0.44 and v["threshold"] == 0.44
+    assert v["reference_fpr"] == 0.0 and v["n_reference"] == 20
+    assert v["fpr_bound"] == pytest.approx(1 / 21)
+    assert "below 0.44, the value a new entry like the 20 reference entries falls below with " \
+        "probability at most 0.0476 (" in v["rule"]
+    assert [e["memorized"] for e in tested.entries] == [True, True, True, False, False, False,
+                                                        False]
+    assert v["against_labels"]["tpr"] == 0.0  # the unconfirmed labelled one: not memorized
+    v = judge(tested, result(narrow), fpr=0.2)  # floor(4.2) - 1 = 3: 0.46, the 4th of 20
+    assert v["threshold"] == 0.46 and v["reference_fpr"] == 0.1
+    assert v["fpr_bound"] == pytest.approx(4 / 21)
+    assert sum(e["memorized"] for e in tested.entries) == 4
+    v = judge(tested, result([0.9, 1.0, 1.1, 1.2]), fpr=0.05)  # a varied reference: capped
+    assert v["reference_threshold"] == 0.9 and v["threshold"] == CONSISTENCY_RATIO
+    assert [e["memorized"] for e in tested.entries][:4] == [True, True, True, True]
+    assert "the consistency rule's (the reference's threshold, 0.9, is above" in v["rule"]
+    clean = [0.40] + narrow[1:]  # one clean condition below all the others
+    both = result([0.2, *clean])
+    flags = held_out(both, list(range(1, 21)), 0.05)  # each against the other clean ones
+    assert flags == [True, True] + [False] * 19 and "memorized" not in both.entries[0]
+    screened = result([None] * 3, [0.1, 0.2, 0.3])
+    v = judge(tested, screened, fpr=0.0)  # no ratio in the reference: collapse above 0.3
+    assert v["measure"] == "collapse" and not any(e["memorized"] for e in tested.entries)
 
 
 def test_per_sample_verdicts_point_rule_and_reference():
@@ -278,7 +330,10 @@ def test_detect_command_conditions_and_samples(tmp_path):
     assert res.exit_code == 0, res.output
     written = json.loads((tmp_path / "r" / "detect.json").read_text())
     assert written["verdict"]["kind"] == "reference" and len(written["reference"]) == 2
+    assert written["verdict"]["measure"] == "consistency_ratio"  # the reference confirmed too
+    assert all("consistency_ratio" in e for e in written["reference"])
     assert "verdict:" in res.output
+    assert "note:" not in res.output  # 2 entries bound it at 1/3, within --fpr 0.5
     np.save(tmp_path / "samples.npy", np.random.default_rng(0).uniform(-1, 1, (6, 1, 8, 8)))
     res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "uncond"), *sched,
                               "--samples", str(tmp_path / "samples.npy"),

@@ -239,7 +239,9 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
                                                               ("random-tokens", 2)]
     assert len(m["copied_by_prompt"]) == 24 and len(m["detect"]["flagged"]) == 24
     assert m["items"] == 21 * 2 + 3 * 2 and m["training_steps"] == 4
-    assert len(rec.verdict.claims) == 2
+    assert len(rec.verdict.claims) == 3
+    ref = m["detect"]["reference"]
+    assert len(ref["flagged"]) == 24 and ref["n_reference"] == 20
     folder = tmp_path / "mitigate-captions"
     assert (folder / "plane.png").is_file() and (folder / "pipeline" / "unet").is_dir()
     judge = get_experiment("mitigate-captions").judge
@@ -249,12 +251,20 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
     detect = {"primary": "collapse", "measures": {"collapse": {"auc": 0.95},
                                                   "consistency": {"auc": 0.5}},
               "duplicated_ranks": [1, 2, 3], "tpr": 1.0, "fpr": 0.0, "n_copied": 3,
-              "n_clean": 21, "rule": "r"}
+              "n_clean": 21, "rule": "r", "reference": {
+                  "tpr": 1.0, "fpr": 0.05, "n_copied": 3, "n_clean": 20, "n_reference": 20,
+                  "fpr_target": 0.05}}
     metrics = {"baseline": {"copy_fraction": 0.8, "condition_kept": 0.88}, "runs": [run],
                "recommended": run, "frontier": ["nn-guidance=3.1"], "memorized": 2,
                "target": 0.1, "detect": detect, "prompts": ["p"] * 24,
                "copied_by_prompt": [1.0] * 3 + [0.0] * 21}
-    assert [c.status for c in judge(metrics, {}).claims] == ["confirmed", "confirmed"]
+    assert [c.status for c in judge(metrics, {}).claims] == ["confirmed"] * 3
+    for ref, status in [({"fpr": 0.1}, "not_reproduced"), ({"tpr": 0.8}, "not_reproduced"),
+                        ({"tpr": None}, "inconclusive")]:
+        bad = {**detect, "reference": {**detect["reference"], **ref}}
+        assert judge({**metrics, "detect": bad}, {}).claims[1].status == status
+    assert "TPR 1 (3 of 3 copied prompts), FPR 0.05 (1 of 20 clean ones)" in judge(
+        metrics, {}).claims[1].finding
     low = {**detect, "measures": {"collapse": {"auc": 0.46}}}
     assert judge({**metrics, "detect": low}, {}).claims[0].status == "not_reproduced"
     none = {**detect, "measures": {}}

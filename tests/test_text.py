@@ -139,6 +139,24 @@ def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
     # the file's labels are detect's --labels: the ROC over the labelled prompts
     assert {e["condition"]: e.get("label") for e in found}[PROMPTS[1]] == 1
     assert json.loads((tmp_path / "detect" / "detect.json").read_text())["roc"]
+    # a reference of prompts is generated as the tested ones are (same noise, same guidance):
+    # a tested prompt given again as reference gets the same consistency ratio, to the float32
+    # network's rounding in other batches (without the guidance it would differ by O(1))
+    (tmp_path / "ref.txt").write_text(f"{PROMPTS[2]}\na green circle\n")
+    res = CliRunner().invoke(app, [
+        "detect", "--model", str(sd), "--prompts", str(prompts), "--steps", "4",
+        "--n-noise", "2", "--generations", "3", "--reference", str(tmp_path / "ref.txt"),
+        "--no-progress", "--out", str(tmp_path / "detect_ref")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "detect_ref" / "detect.json").read_text())
+    assert doc["verdict"]["kind"] == "reference" and doc["verdict"]["n_reference"] == 2
+    assert doc["verdict"]["measure"] == "consistency_ratio"
+    assert "note: 2 reference entries bound the false-positive rate at 0.333, not --fpr " \
+        "0.05: 19 or more reach it" in res.output
+    tested = {e["condition"]: e for e in doc["conditions"]}[PROMPTS[2]]
+    assert [e["condition"] for e in doc["reference"]] == [PROMPTS[2], "a green circle"]
+    assert doc["reference"][0]["consistency_ratio"] == pytest.approx(
+        tested["consistency_ratio"], rel=1e-5)
 
     half = _images(tmp_path / "half", 5, 16, seed=1)
     res = CliRunner().invoke(app, [

@@ -553,9 +553,12 @@ def detect_command(
     reference: Path | None = typer.Option(  # noqa: B008
         None, "--reference", help="Known not memorized, of the kind tested: a prompts file "
         "(--prompts), conditions (.npy, --conditions) or samples the model was not trained "
-        "on (.npy, --samples). The verdict threshold is set on them at --fpr."),
+        "on (.npy, --samples). The verdict threshold is set on them at --fpr (on the "
+        "consistency ratio, each reference condition generated --generations times, "
+        "where the conditions are confirmed; else on the primary measure)."),
     fpr: float = typer.Option(0.05, "--fpr", help="False-positive rate of the --reference "
-                              "verdict threshold."),
+                              "verdict threshold, for a new entry like the reference (reached "
+                              "with 1/fpr - 1 reference entries or more)."),
     cure: list[str] = CURE,
     scheduler: Path | None = SCHEDULER,
     schedule: str = SCHEDULE,
@@ -636,15 +639,13 @@ def detect_command(
             if lv is not None:
                 kw["levels"] = lv
             null = parse_null(null_cond, table) if text is None else null_cond
-            result = det.detect(loaded, table, null, n_noise=n_noise, steps=steps,
-                                confirm=confirm, seed=seed, labels=marks, progress=progress,
-                                guidance=None if text is None else text.guidance_applied,
-                                chunk=chunk, team=team, generations=generations, **kw)
+            kw |= {"n_noise": n_noise, "steps": steps, "seed": seed, "progress": progress,
+                   "guidance": None if text is None else text.guidance_applied,
+                   "chunk": chunk, "team": team, "generations": generations}
+            result = det.detect(loaded, table, null, confirm=confirm, labels=marks, **kw)
+            # the reference confirmed in full where the verdict reads consistency_ratio
             ref = None if ref_table is None else det.detect(
-                loaded, ref_table, null, n_noise=n_noise, steps=steps, confirm=0, seed=seed,
-                progress=progress, chunk=chunk, team=team, **{**kw, "measures": [
-                    m for m in result.settings["measures"] if m != "consistency"]
-                    or [result.primary]})
+                loaded, ref_table, null, confirm=len(ref_table), **kw)
             if text is not None:
                 from diffmem.text import name_by_prompt
 
@@ -694,6 +695,13 @@ def detect_command(
     v = result.verdict or {}
     typer.echo(f"verdict: {v['n_memorized']} of {len(result.entries)} {what} memorized ("
                f"{v['rule']})" if v.get("rule") else f"verdict: none ({v.get('why')})")
+    if v.get("fpr_bound", 0) > v.get("fpr_target", 1):
+        from diffmem.verdicts import reference_needed
+
+        typer.echo(f"note: {v['n_reference']} reference entries bound the false-positive rate "
+                   f"at {v['fpr_bound']:.3g}, not --fpr {v['fpr_target']:g}" + (
+                       f": {reference_needed(v['fpr_target'])} or more reach it"
+                       if v["fpr_target"] > 0 else ""))
     rates = v.get("against_labels")
     if rates and rates["tpr"] is not None and rates["fpr"] is not None:
         typer.echo(f"verdicts against the labels: TPR {rates['tpr']:.3f}, FPR "

@@ -498,24 +498,29 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
     atomic_write_bytes(folder / "detect.csv", buf.getvalue().encode())
 
     shown = [n for n in names if any(e.get(n) is not None for e in result.entries)]
-    if verdict.get("kind") == "consistency":
+    if verdict.get("measure") == "consistency_ratio":
         shown.append("consistency_ratio")
     fig, ax = plots.figure(1, len(shown) + (1 if result.roc else 0), size=3.0)
     for k, name in enumerate(shown):
         pairs = [(e[name], e.get("label")) for e in result.entries if e.get(name) is not None]
         values = np.array([v for v, _ in pairs])
+        held = np.array([] if reference is None or verdict.get("measure") != name else [
+            e[name] for e in reference.entries if e.get(name) is not None])
+        bins = np.histogram_bin_edges(np.concatenate([values, held]), bins=15)
         if result.roc:
             lab = np.array([-1 if m is None else m for _, m in pairs])
-            bins = np.histogram_bin_edges(values, bins=15)
             ax[0, k].hist(values[lab == 0], bins=bins, alpha=0.6, label="not memorized")
             ax[0, k].hist(values[lab == 1], bins=bins, alpha=0.6, color="C3",
                           label="memorized")
-            ax[0, k].legend(fontsize=6)
         else:
-            ax[0, k].hist(values, bins=15)
+            ax[0, k].hist(values, bins=bins, label=result.kind)
+        if held.size:
+            ax[0, k].hist(held, bins=bins, alpha=0.5, color="0.5",
+                          label=f"reference ({held.size})")
         if verdict.get("measure") == name:
             ax[0, k].axvline(verdict["threshold"], color="C3", lw=1.5, ls="--",
                              label=f"verdict threshold {verdict['threshold']:.3g}")
+        if result.roc or verdict.get("measure") == name:
             ax[0, k].legend(fontsize=6)
         ax[0, k].set(xlabel=name + (" (primary)" if name == result.primary else ""),
                      ylabel=result.kind)

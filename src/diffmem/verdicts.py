@@ -1,29 +1,37 @@
 """Verdicts a user can act on: which conditions (prompts, samples) a model memorizes, by a
 stated rule, not only a ranking whose scale moves from model to model.
 
-Two rules, each the same on every model:
+The rules, each the same on every model:
 
 * **reference** (``detect --reference``): a set known not to be memorized (prompts such as
-  COCO-style captions, whole classes, held-out samples) is scored with the same measure; the
-  threshold is the smallest value that at most ``fpr`` of the reference exceeds
-  (:func:`threshold_at_fpr`), and an entry is memorized when its primary measure exceeds
-  it. The false-positive rate is ``fpr`` by construction, on the reference's population.
+  COCO-style captions, whole classes, held-out samples) is scored with the same measure and
+  the threshold is set on it at the false-positive rate ``fpr`` (:func:`threshold_at_fpr`:
+  a new entry drawn like the reference is flagged with probability at most ``fpr``, given
+  ``1 / fpr - 1`` reference entries or more). For conditions whose confirmation generations
+  were measured (in the result and the reference alike) the measure is
+  ``consistency_ratio``, lower meaning memorized: an entry is memorized when its ratio is
+  below that threshold and below :data:`~diffmem.detect.CONSISTENCY_RATIO` (a reference of
+  very varied prompts must not make a prompt whose generations are as varied as the null's
+  memorized); otherwise (samples, or conditions screened only) an entry is memorized when
+  its primary measure exceeds the threshold.
 * **point** (samples, no reference): ``flipd > 1 - 1 / (2 d)``, the estimated local
   intrinsic dimension at the sample is below one half (:data:`diffmem.detect.LID_POINT`):
   the model maps the sample's neighbourhood to a point. Dimensionless, like the rule below.
 * **consistency** (conditions, no reference): the confirmation generations of
   :func:`diffmem.detect.detect`: a condition is memorized when its generations are much
   closer to one another than the null condition's are, ``consistency_ratio <
-  CONSISTENCY_RATIO`` (dimensionless, so the same threshold holds on every model); a
-  condition the screen ranked below every confirmed one is not memorized.
+  CONSISTENCY_RATIO`` (dimensionless, so the same threshold holds on every model).
 
-With labels, :func:`rates` gives the verdicts' true- and false-positive rates.
+In both rules on ``consistency_ratio``, a condition the screen ranked below every confirmed
+one (no ratio) is not memorized. With labels, :func:`rates` gives the verdicts' true- and
+false-positive rates.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from diffmem._checks import fail
@@ -32,17 +40,44 @@ from diffmem._checks import fail
 FPR = 0.05
 
 
-def threshold_at_fpr(reference: Sequence[float], fpr: float = FPR) -> float:
-    """The smallest threshold ``t`` among the reference's values that at most ``fpr`` of
-    them exceed (``> t``): the ``(m - 1 - floor(fpr m))``-th of the ``m`` values sorted
-    ascending."""
+def threshold_at_fpr(reference: Sequence[float | None], fpr: float = FPR,
+                     below: bool = False) -> float:
+    """The threshold that flags a new entry drawn like the reference with probability at
+    most ``fpr``: of the reference's ``m`` finite values sorted ascending, the ``(m - 1 -
+    k)``-th (from 0; flagged: ``> t``), or with ``below`` the ``k``-th (flagged: ``< t``),
+    ``k = max(floor(fpr (m + 1)) - 1, 0)``. A new value exchangeable with the reference
+    passes the ``k + 1`` most extreme of ``m + 1`` with probability ``(k + 1) / (m + 1) <=
+    fpr`` (the split-conformal bound, :func:`fpr_bound`); below ``m = 1 / fpr - 1`` values no
+    threshold reaches ``fpr`` and the most extreme value is taken (bound ``1 / (m + 1)``)."""
     values = sorted(float(v) for v in reference if v is not None and math.isfinite(v))
     if not values:
         raise fail("--reference", "at least one reference entry with a finite score",
                    "none")
     if not 0 <= fpr < 1:
         raise fail("--fpr", "a false-positive rate in [0, 1)", fpr)
-    return values[len(values) - 1 - math.floor(fpr * len(values))]
+    k = _rank(len(values), fpr)
+    return values[k] if below else values[len(values) - 1 - k]
+
+
+def _rank(m: int, fpr: float) -> int:
+    return max(math.floor(fpr * (m + 1)) - 1, 0)
+
+
+def reference_needed(fpr: float) -> int:
+    """The fewest reference entries whose :func:`fpr_bound` reaches ``fpr > 0`` (19 at
+    0.05)."""
+    if not 0 < fpr < 1:
+        raise fail("--fpr", "a false-positive rate in (0, 1)", fpr)
+    m = max(math.ceil(1 / fpr) - 2, 1)
+    while fpr_bound(m, fpr) > fpr:
+        m += 1
+    return m
+
+
+def fpr_bound(m: int, fpr: float) -> float:
+    """The false-positive rate :func:`threshold_at_fpr` guarantees on a new entry drawn like
+    its ``m`` reference values: ``(k + 1) / (m + 1)``."""
+    return (_rank(m, fpr) + 1) / (m + 1)
 
 
 def rates(flags: Sequence[bool | None], truth: Sequence[int | None]) -> dict[str, Any]:
@@ -60,24 +95,46 @@ def rates(flags: Sequence[bool | None], truth: Sequence[int | None]) -> dict[str
 def judge(result: Any, reference: Any = None, fpr: float = FPR) -> dict[str, Any] | None:
     """Set ``entry['memorized']`` on every entry of ``result`` (a
     :class:`~diffmem.detect.DetectResult`) by the reference rule when ``reference`` (a
-    result on the reference set, same measures) is given, else (conditions) by the
-    consistency rule. Returns the rule's description, stored as ``result.verdict`` (with the
-    rates against the entries' labels where they have them); ``None`` when no rule applies
-    (samples without a reference), said in ``result.verdict``."""
+    result on the reference set, same measures) is given (on ``consistency_ratio`` when both
+    carry it), else by the point rule (samples) or the consistency rule (conditions).
+    Returns the rule's description, stored as ``result.verdict`` (with the rates against the
+    entries' labels where they have them); ``None`` when no rule applies (samples without a
+    reference), said in ``result.verdict``."""
     from diffmem.detect import CONSISTENCY_RATIO, LID_POINT
     primary = result.primary
-    if reference is not None:
+    ratios = None if reference is None else \
+        [e.get("consistency_ratio") for e in reference.entries]
+    confirmed = "consistency" in result.settings.get("measures", ()) or \
+        any("consistency_ratio" in e for e in result.entries)
+    if ratios is not None and any(r is not None for r in ratios) and confirmed:
+        at = threshold_at_fpr(ratios, fpr, below=True)
+        threshold = min(at, CONSISTENCY_RATIO)
+        verdict: dict[str, Any] = _by_ratio(result, threshold)
+        finite = [r for r in ratios if r is not None and math.isfinite(r)]
+        why = (f"the value a new entry like the {len(finite)} reference entries falls below "
+               f"with probability at most {fpr_bound(len(finite), fpr):.3g}" if at <= threshold
+               else f"the consistency rule's (the reference's threshold, {at:.4g}, is above "
+               "it)")
+        verdict |= {
+            "rule": f"consistency_ratio below {threshold:.4g}, {why} (conditions the screen "
+                    "ranked below every confirmed one: not memorized)",
+            "kind": "reference", "fpr_target": fpr, "n_reference": len(finite),
+            "fpr_bound": fpr_bound(len(finite), fpr), "reference_threshold": at,
+            "reference_fpr": sum(r < threshold for r in finite) / len(finite)}
+    elif reference is not None:
         ref = [e.get(primary) for e in reference.entries]
         threshold = threshold_at_fpr(ref, fpr)
         for e in result.entries:
             v = e.get(primary)
             e["memorized"] = None if v is None else bool(v > threshold)
-        finite = [v for v in ref if v is not None]
-        verdict: dict[str, Any] = {
-            "rule": f"{primary} above {threshold:.4g}, the value that at most {fpr:g} of "
-                    f"the {len(finite)} reference entries exceed",
+        finite = [v for v in ref if v is not None and math.isfinite(v)]
+        verdict = {
+            "rule": f"{primary} above {threshold:.4g}, which a new entry like the "
+                    f"{len(finite)} reference entries exceeds with probability at most "
+                    f"{fpr_bound(len(finite), fpr):.3g}",
             "kind": "reference", "measure": primary, "threshold": threshold,
             "fpr_target": fpr, "n_reference": len(finite),
+            "fpr_bound": fpr_bound(len(finite), fpr),
             "reference_fpr": sum(v > threshold for v in finite) / len(finite)}
     elif result.kind == "samples" and any(e.get("flipd") is not None for e in result.entries):
         threshold = 1 - LID_POINT / result.settings["dim"]
@@ -88,16 +145,11 @@ def judge(result: Any, reference: Any = None, fpr: float = FPR) -> dict[str, Any
                            "model maps its neighbourhood to a point)",
                    "kind": "point", "measure": "flipd", "threshold": threshold}
     elif any("consistency_ratio" in e for e in result.entries):
-        for e in result.entries:
-            r = e.get("consistency_ratio")
-            e["memorized"] = r is not None and r < CONSISTENCY_RATIO
-        verdict = {"rule": f"consistency_ratio below {CONSISTENCY_RATIO:g}: the condition's "
-                           "generations are more than twice as close to one another as the "
-                           "null condition's (conditions the screen ranked below every "
-                           "confirmed one: not memorized)",
-                   "kind": "consistency", "measure": "consistency_ratio",
-                   "threshold": CONSISTENCY_RATIO,
-                   "confirmed": sum("consistency_ratio" in e for e in result.entries)}
+        verdict = _by_ratio(result, CONSISTENCY_RATIO)
+        verdict |= {"rule": f"consistency_ratio below {CONSISTENCY_RATIO:g}: the condition's "
+                            "generations are more than twice as close to one another as the "
+                            "null condition's (conditions the screen ranked below every "
+                            "confirmed one: not memorized)", "kind": "consistency"}
     else:
         result.verdict = {"rule": None, "kind": None, "why": (
             "verdicts need --reference, or the consistency measure (conditions) or flipd "
@@ -109,3 +161,26 @@ def judge(result: Any, reference: Any = None, fpr: float = FPR) -> dict[str, Any
                                           [e.get("label") for e in result.entries])
     result.verdict = verdict
     return verdict
+
+
+def _by_ratio(result: Any, threshold: float) -> dict[str, Any]:
+    """``entry['memorized'] = consistency_ratio < threshold`` (``False`` for an entry without
+    a ratio: not confirmed); the verdict's measure, threshold and count of confirmed."""
+    for e in result.entries:
+        r = e.get("consistency_ratio")
+        e["memorized"] = r is not None and r < threshold
+    return {"measure": "consistency_ratio", "threshold": threshold,
+            "confirmed": sum("consistency_ratio" in e for e in result.entries)}
+
+
+def held_out(result: Any, clean: Sequence[int], fpr: float = FPR) -> list[bool | None]:
+    """Each entry of ``result`` judged by the reference rule against the entries ``clean``
+    (indices into ``result.entries``, known not memorized) other than itself: what ``detect
+    --reference`` says of a condition given a reference like the clean ones (leave one
+    out). ``result`` itself is left as it was."""
+    flags = []
+    for j, entry in enumerate(result.entries):
+        one = replace(result, entries=[dict(entry)], verdict=None)
+        judge(one, replace(result, entries=[result.entries[i] for i in clean if i != j]), fpr)
+        flags.append(one.entries[0]["memorized"])
+    return flags

@@ -16,8 +16,10 @@ the pictures and its UNet trained on the captions (:func:`diffmem.training.fit_v
 
 Then, through the functions ``diffmem detect --prompts`` and ``diffmem mitigate --prompts``
 run: detect ranks the prompts without the training set (each measure's AUC against the
-duplicated prompts, and against those the uncured audit finds copied; its verdicts' TPR and
-FPR against the audit); the sweep
+duplicated prompts, and against those the uncured audit finds copied) and gives verdicts,
+judged against the audit: without a reference, and with one (each prompt against the other
+unduplicated prompts, as ``detect --reference`` would judge it given prompts like them:
+:func:`diffmem.verdicts.held_out`); the sweep
 samples the model uncured and with the sampling-time cures of ``grids`` from the same seeded
 noise with its own scheduler, against the training pictures as its VAE renders them (a
 latent model that copies a training latent can only draw that picture's reconstruction),
@@ -57,7 +59,12 @@ CURE_CLAIM = ("A sampling-time cure brings the copies of a text-to-image model's
               "prompts from >= 0.75 to <= 0.1 while the prompts that did not copy keep their "
               "prompt and their distance to the data within 1.25x, and the cured copies are "
               "no further from the data than 1.25x a generalizing sample (not noise).")
+VERDICT_CLAIM = ("With a reference of prompts known not to be duplicated, detect's verdicts "
+                 "(consistency_ratio below the reference's threshold at --fpr 0.05) find "
+                 "the prompts the audit finds copied (>= 0.75 of their samples) at TPR >= "
+                 "0.9 and FPR <= 0.05 on the clean ones (<= 0.25).")
 TARGET_AUC = 0.9
+TARGET_TPR, TARGET_FPR = 0.9, 0.05
 #: Samples of each duplicated prompt shown, uncured and cured.
 SHOWN = 4
 
@@ -224,8 +231,19 @@ def _copied_by_prompt(folder: Any, summary: Mapping[str, Any], n: int) -> list[f
     return [float(copy[cond == c].mean()) for c in range(n)]
 
 
+def _rates(flags: list[bool], copied: list[float]) -> dict[str, Any]:
+    """TPR of ``flags`` over the prompts the audit finds copied (>= 0.75 of their samples),
+    FPR over the clean ones (<= 0.25), and their counts."""
+    pos = [f for f, c in zip(flags, copied, strict=True) if c >= 0.75]
+    neg = [f for f, c in zip(flags, copied, strict=True) if c <= 0.25]
+    return {"tpr": float(np.mean(pos)) if pos else None,
+            "fpr": float(np.mean(neg)) if neg else None, "n_copied": len(pos),
+            "n_clean": len(neg)}
+
+
 def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     from diffmem.detect import roc
+    from diffmem.verdicts import FPR, held_out
 
     summary, found, data = raw["summary"], raw["detect"], raw["data"]
     folder = raw["folder"]
@@ -243,17 +261,20 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
                           "auc_copied": roc(torch.tensor(scores, dtype=torch.float64),
                                             found_copied)["auc"] if both else None}
     flags = [bool(e.get("memorized")) for e in entries]
-    pos = [f for f, c in zip(flags, copied, strict=True) if c >= 0.75]
-    neg = [f for f, c in zip(flags, copied, strict=True) if c <= 0.25]
+    clean = [j for j, e in enumerate(found.entries) if data.labels[e["condition"]] == 0]
+    by_reference = dict(zip([e["condition"] for e in found.entries],
+                            held_out(found, clean, FPR), strict=True))
+    referenced = [bool(by_reference[e["condition"]]) for e in entries]
     ranked = sorted(entries, key=lambda e: -(e.get(found.primary) or -np.inf))
     metrics = {**summary, "prompts": data.prompts, "labels": data.labels.tolist(),
                "copied_by_prompt": copied, "detect": {
                    "primary": found.primary, "measures": measures,
                    "duplicated_ranks": [i + 1 for i, e in enumerate(ranked)
                                         if data.labels[e["condition"]] == 1],
-                   "flagged": flags, "tpr": float(np.mean(pos)) if pos else None,
-                   "fpr": float(np.mean(neg)) if neg else None, "n_copied": len(pos),
-                   "n_clean": len(neg), "rule": (found.verdict or {}).get("rule"),
+                   "flagged": flags, **_rates(flags, copied),
+                   "rule": (found.verdict or {}).get("rule"),
+                   "reference": {"flagged": referenced, **_rates(referenced, copied),
+                                 "n_reference": len(clean) - 1, "fpr_target": FPR},
                    "seconds": found.settings.get("seconds")},
                "training_steps": raw["trained"]["steps"], "train_s": raw["trained"]["train_s"],
                "items": int(len(data.rows)), "pictures": int(len(data.pictures))}
@@ -284,10 +305,7 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
     copied = (found["measures"].get(primary) or {}).get("auc_copied")
     against = "" if copied is None else \
         f"; against the prompts the audit finds copied half the time or more: {copied:.2f}"
-    verdicts = (f"verdicts ({found['rule']}): TPR {found['tpr']:.2f} on {found['n_copied']} "
-                f"copied prompts, FPR {found['fpr']:.2f} on {found['n_clean']} clean ones"
-                if found["tpr"] is not None and found["fpr"] is not None else
-                "verdicts: not both kinds of prompt")
+    verdicts = f"verdicts without a reference ({found['rule']}): {_rated(found)}"
     if auc is None:
         detected = Claim(DETECT_CLAIM, status_of(False, False),
                          f"the primary measure {primary} was not computed for every prompt")
@@ -295,8 +313,26 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
         detected = Claim(DETECT_CLAIM, status_of(auc >= TARGET_AUC),
                          f"{primary} AUC {auc:.2f} (others: {others}){against}; the duplicated "
                          f"prompts rank {found['duplicated_ranks']} of "
-                         f"{len(metrics['prompts'])}; {verdicts}")
-    return Verdict((detected, cure_claim(metrics, CURE_CLAIM)))
+                         f"{len(metrics['prompts'])}")
+    ref = found.get("reference")
+    if ref is None:
+        referenced = Claim(VERDICT_CLAIM, status_of(False, False), "not recorded")
+    else:
+        judgeable = ref["tpr"] is not None and ref["fpr"] is not None
+        referenced = Claim(VERDICT_CLAIM, status_of(
+            judgeable and ref["tpr"] >= TARGET_TPR and ref["fpr"] <= TARGET_FPR, judgeable),
+            f"each prompt against the other {ref['n_reference']} unduplicated ones at "
+            f"--fpr {ref['fpr_target']:g}: {_rated(ref)}; {verdicts}")
+    return Verdict((detected, referenced, cure_claim(metrics, CURE_CLAIM)))
+
+
+def _rated(found: Mapping[str, Any]) -> str:
+    """TPR and FPR with the counts behind them (one prompt of 19 is 0.053, above 0.05)."""
+    if found["tpr"] is None or found["fpr"] is None:
+        return "not both kinds of prompt"
+    pos, neg = found["n_copied"], found["n_clean"]
+    return (f"TPR {found['tpr']:.3g} ({round(found['tpr'] * pos)} of {pos} copied prompts), "
+            f"FPR {found['fpr']:.3g} ({round(found['fpr'] * neg)} of {neg} clean ones)")
 
 
 def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,7 +360,7 @@ EXPERIMENT = Experiment(
             "three of them one duplicated picture: detect ranks the prompts it copies "
             "without the training set, and the sampling-time cures of diffmem.mitigate on "
             "the plane of copies against cost. Needs diffusers and transformers.",
-    claim=f"{DETECT_CLAIM} {CURE_CLAIM}",
+    claim=f"{DETECT_CLAIM} {VERDICT_CLAIM} {CURE_CLAIM}",
     defaults={"copies": 20, "variants": 20, "steps": 3000, "vae_steps": 300, "batch_size": 16,
               "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 8, "sample_steps": 25,
               "n_noise": 4,
