@@ -168,7 +168,7 @@ def test_reference_rule_on_consistency_ratio():
     (m + 1)) - 1 (at least 0), and below CONSISTENCY_RATIO; unconfirmed conditions are not
     memorized; a reference screened only falls back to the primary measure."""
     from diffmem.detect import CONSISTENCY_RATIO, DetectResult
-    from diffmem.verdicts import held_out, judge
+    from diffmem.verdicts import bound_note, held_out, judge
 
     def result(ratios, collapse=None):
         entries = [{"condition": j, "index": j, "collapse": (collapse or ratios)[j],
@@ -204,6 +204,9 @@ def test_reference_rule_on_consistency_ratio():
     screened = result([None] * 3, [0.1, 0.2, 0.3])
     v = judge(tested, screened, fpr=0.0)  # no ratio in the reference: collapse above 0.3
     assert v["measure"] == "collapse" and not any(e["memorized"] for e in tested.entries)
+    assert bound_note(v) == "3 reference entries bound the false-positive rate at 0.25, not " \
+        "--fpr 0"  # no reference reaches 0
+    assert bound_note(judge(tested, result(narrow), fpr=0.05)) is None  # 20: bound 1/21
 
 
 def test_per_sample_verdicts_point_rule_and_reference():

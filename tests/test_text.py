@@ -151,8 +151,10 @@ def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
     doc = json.loads((tmp_path / "detect_ref" / "detect.json").read_text())
     assert doc["verdict"]["kind"] == "reference" and doc["verdict"]["n_reference"] == 2
     assert doc["verdict"]["measure"] == "consistency_ratio"
-    assert "note: 2 reference entries bound the false-positive rate at 0.333, not --fpr " \
-        "0.05: 19 or more reach it" in res.output
+    note = "2 reference entries bound the false-positive rate at 0.333, not --fpr 0.05: 19 " \
+        "or more reach it"
+    assert f"note: {note}" in res.output
+    assert note in (tmp_path / "detect_ref" / "index.html").read_text()
     tested = {e["condition"]: e for e in doc["conditions"]}[PROMPTS[2]]
     assert [e["condition"] for e in doc["reference"]] == [PROMPTS[2], "a green circle"]
     assert doc["reference"][0]["consistency_ratio"] == pytest.approx(

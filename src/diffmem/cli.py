@@ -583,7 +583,7 @@ def detect_command(
     from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.models import load_model
     from diffmem.report import write_detect_report
-    from diffmem.verdicts import judge
+    from diffmem.verdicts import bound_note, judge
 
     try:
         team, device = _team(device, locals())
@@ -695,13 +695,9 @@ def detect_command(
     v = result.verdict or {}
     typer.echo(f"verdict: {v['n_memorized']} of {len(result.entries)} {what} memorized ("
                f"{v['rule']})" if v.get("rule") else f"verdict: none ({v.get('why')})")
-    if v.get("fpr_bound", 0) > v.get("fpr_target", 1):
-        from diffmem.verdicts import reference_needed
-
-        typer.echo(f"note: {v['n_reference']} reference entries bound the false-positive rate "
-                   f"at {v['fpr_bound']:.3g}, not --fpr {v['fpr_target']:g}" + (
-                       f": {reference_needed(v['fpr_target'])} or more reach it"
-                       if v["fpr_target"] > 0 else ""))
+    note = bound_note(v)
+    if note:
+        typer.echo(f"note: {note}")
     rates = v.get("against_labels")
     if rates and rates["tpr"] is not None and rates["fpr"] is not None:
         typer.echo(f"verdicts against the labels: TPR {rates['tpr']:.3f}, FPR "

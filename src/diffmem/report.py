@@ -476,6 +476,7 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
 
     from diffmem import plots
     from diffmem.detect import UNITS
+    from diffmem.verdicts import bound_note
 
     folder = Path(folder)
     doc = {**result.to_json(), "inputs": inputs}
@@ -550,6 +551,8 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
         if lab.get("tpr") is not None and lab.get("fpr") is not None:
             judged += (f" Against the labels: TPR {lab['tpr']:.3f} ({lab['n_positive']} "
                        f"memorized), FPR {lab['fpr']:.3f} ({lab['n_negative']} not).")
+        note = bound_note(verdict)
+        judged += "" if note is None else f" Note: {html.escape(note)}."
         judged += "</p>"
     else:
         judged = f"<p>No verdicts: {html.escape(str(verdict.get('why')))}.</p>"

@@ -184,3 +184,13 @@ def held_out(result: Any, clean: Sequence[int], fpr: float = FPR) -> list[bool |
         judge(one, replace(result, entries=[result.entries[i] for i in clean if i != j]), fpr)
         flags.append(one.entries[0]["memorized"])
     return flags
+
+
+def bound_note(verdict: dict[str, Any]) -> str | None:
+    """A sentence when the reference was too small to reach ``--fpr`` (else ``None``)."""
+    bound, target = verdict.get("fpr_bound"), verdict.get("fpr_target")
+    if bound is None or target is None or bound <= target:
+        return None
+    more = f": {reference_needed(target)} or more reach it" if target > 0 else ""
+    return (f"{verdict['n_reference']} reference entries bound the false-positive rate at "
+            f"{bound:.3g}, not --fpr {target:g}{more}")
