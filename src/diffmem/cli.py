@@ -583,7 +583,7 @@ def detect_command(
     from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.models import load_model
     from diffmem.report import write_detect_report
-    from diffmem.verdicts import bound_note, judge
+    from diffmem.verdicts import judge
 
     try:
         team, device = _team(device, locals())
@@ -642,35 +642,15 @@ def detect_command(
             kw |= {"n_noise": n_noise, "steps": steps, "seed": seed, "progress": progress,
                    "guidance": None if text is None else text.guidance_applied,
                    "chunk": chunk, "team": team, "generations": generations}
-            result = det.detect(loaded, table, null, confirm=confirm, labels=marks, **kw)
-            # the reference confirmed in full where the verdict reads consistency_ratio
-            ref = None if ref_table is None else det.detect(
-                loaded, ref_table, null, confirm=len(ref_table), **kw)
-            if text is not None:
-                from diffmem.text import name_by_prompt
-
-                name_by_prompt(result.entries, text.prompts.texts, text.prompts.labels)
-                if ref is not None:
-                    name_by_prompt(ref.entries, text.prompts.texts)
+            result, ref = _detect_conditions(loaded, table, null, ref_table, text,
+                                             confirm=confirm, labels=marks, **kw)
         else:
-            held = None if reference is None else _same_kind(
-                _sample_array(reference, "--reference"),
-                torch.zeros(1, *loaded.data_shape, dtype=torch.float64))
-            if samples is not None:
-                given = _sample_array(samples, "--samples")
-            else:
-                given = det.draw_samples(loaded, n_samples, steps=steps, seed=seed,
-                                         batch=positive_int("--batch-size", batch_size),
-                                         team=team)
-            kw = {} if names is None else {"measures": names}
-            if lv is not None:
-                kw["level"] = lv[0]
-            result = det.detect_samples(loaded, given, n_noise=n_noise, seed=seed,
-                                        labels=_labels(labels, given.shape[0]),
-                                        progress=progress, chunk=chunk, team=team, **kw)
-            ref = None if held is None else det.detect_samples(
-                loaded, held, n_noise=n_noise, seed=seed, progress=progress, chunk=chunk,
-                team=team, **kw)
+            kw = {"n_noise": n_noise, "seed": seed, "progress": progress, "chunk": chunk,
+                  "team": team, **({} if names is None else {"measures": names}),
+                  **({} if lv is None else {"level": lv[0]})}
+            result, ref = _detect_samples(loaded, samples, n_samples, reference, labels,
+                                          steps, positive_int("--batch-size", batch_size),
+                                          **kw)
         judge(result, ref, fpr)
         if not team.leader:
             return
@@ -685,25 +665,7 @@ def detect_command(
     except ValueError as err:
         _fail(str(err))
         return
-    what = "conditions" if result.kind == "conditions" else "samples"
-    top = result.ranking()[:5]
-    typer.echo(f"{len(result.entries)} {what}; most likely memorized: " + ", ".join(
-        f"{e.get('condition', e['index'])} ({result.primary} {e[result.primary]:.3g})"
-        for e in top if e.get(result.primary) is not None))
-    for name, r in result.roc.items():
-        typer.echo(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f}")
-    v = result.verdict or {}
-    typer.echo(f"verdict: {v['n_memorized']} of {len(result.entries)} {what} memorized ("
-               f"{v['rule']})" if v.get("rule") else f"verdict: none ({v.get('why')})")
-    note = bound_note(v)
-    if note:
-        typer.echo(f"note: {note}")
-    rates = v.get("against_labels")
-    if rates and rates["tpr"] is not None and rates["fpr"] is not None:
-        typer.echo(f"verdicts against the labels: TPR {rates['tpr']:.3f}, FPR "
-                   f"{rates['fpr']:.3f}")
-    typer.echo(f"      -> {folder / 'detect.json'}, {folder / 'detect.csv'}, "
-               f"{folder / 'index.html'}")
+    _echo_detect(result, folder)
 
 
 @app.command("mitigate")
@@ -834,6 +796,65 @@ def _strength_grids(items: list[str]) -> dict[str, list[float]]:
         if not sep or not grids[name.strip()]:
             raise fail("--strengths", "NAME=a,b,c with at least one number", repr(item))
     return grids
+
+
+def _detect_conditions(model: Any, table: Any, null: Any, ref_table: Any, text: Any,
+                       confirm: int | None, labels: Any, **kw: Any) -> tuple[Any, Any]:
+    """:func:`diffmem.detect.detect` on the conditions and on the reference (confirmed in
+    full: its verdict reads ``consistency_ratio``), named by their prompts for a text model."""
+    from diffmem.detect import detect
+
+    result = detect(model, table, null, confirm=confirm, labels=labels, **kw)
+    ref = None if ref_table is None else detect(model, ref_table, null,
+                                                confirm=len(ref_table), **kw)
+    if text is not None:
+        from diffmem.text import name_by_prompt
+
+        name_by_prompt(result.entries, text.prompts.texts, text.prompts.labels)
+        if ref is not None:
+            name_by_prompt(ref.entries, text.prompts.texts)
+    return result, ref
+
+
+def _detect_samples(model: Any, samples: Path | None, n_samples: int,
+                    reference: Path | None, labels: Path | None, steps: int, batch: int,
+                    **kw: Any) -> tuple[Any, Any]:
+    """:func:`diffmem.detect.detect_samples` on ``--samples`` (or ``n_samples`` the model
+    draws) and on the ``--reference`` samples, checked first."""
+    from diffmem.detect import detect_samples, draw_samples
+
+    held = None if reference is None else _same_kind(
+        _sample_array(reference, "--reference"),
+        torch.zeros(1, *model.data_shape, dtype=torch.float64))
+    given = _sample_array(samples, "--samples") if samples is not None else draw_samples(
+        model, n_samples, steps=steps, seed=kw["seed"], batch=batch, team=kw["team"])
+    result = detect_samples(model, given, labels=_labels(labels, given.shape[0]), **kw)
+    return result, None if held is None else detect_samples(model, held, **kw)
+
+
+def _echo_detect(result: Any, folder: Path) -> None:
+    """The command's summary: the top of the ranking, each measure's AUC, the verdicts."""
+    from diffmem.verdicts import bound_note
+
+    what = "conditions" if result.kind == "conditions" else "samples"
+    top = result.ranking()[:5]
+    typer.echo(f"{len(result.entries)} {what}; most likely memorized: " + ", ".join(
+        f"{e.get('condition', e['index'])} ({result.primary} {e[result.primary]:.3g})"
+        for e in top if e.get(result.primary) is not None))
+    for name, r in result.roc.items():
+        typer.echo(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f}")
+    v = result.verdict or {}
+    typer.echo(f"verdict: {v['n_memorized']} of {len(result.entries)} {what} memorized ("
+               f"{v['rule']})" if v.get("rule") else f"verdict: none ({v.get('why')})")
+    note = bound_note(v)
+    if note:
+        typer.echo(f"note: {note}")
+    rates = v.get("against_labels")
+    if rates and rates["tpr"] is not None and rates["fpr"] is not None:
+        typer.echo(f"verdicts against the labels: TPR {rates['tpr']:.3f}, FPR "
+                   f"{rates['fpr']:.3f}")
+    typer.echo(f"      -> {folder / 'detect.json'}, {folder / 'detect.csv'}, "
+               f"{folder / 'index.html'}")
 
 
 def _detect_prompts(model: str, prompts: Path, reference: Path | None, options: Any,
