@@ -60,6 +60,8 @@ def threshold_at_fpr(reference: Sequence[float | None], fpr: float = FPR,
 
 
 def _rank(m: int, fpr: float) -> int:
+    """``k = max(floor(fpr (m + 1)) - 1, 0)``: how many reference values lie beyond the
+    threshold of :func:`threshold_at_fpr`."""
     return max(math.floor(fpr * (m + 1)) - 1, 0)
 
 
