@@ -209,6 +209,13 @@ def test_bad_pipelines_and_prompts_are_refused_before_anything_is_written(sd, tm
     _refused(base + ["--train-cond", str(tmp_path / "tc.npy")], tmp_path / "o7",
              "--train-cond: expected with --prompts, one prompt index per training item",
              "values 0 to 1")
+    detect = ["detect", "--model", str(sd), "--prompts", str(prompts)]
+    _refused(detect + ["--reference", str(tmp_path / "empty.txt")], tmp_path / "o8",
+             "--reference: expected at least one prompt")  # named as the option given
+    _refused(detect + ["--reference", str(tmp_path / "none.txt")], tmp_path / "o9",
+             "--reference: expected a readable UTF-8 text file")
+    _refused(detect + ["--fpr", "nan"], tmp_path / "o10",  # before any generation
+             "--fpr: expected a false-positive rate in [0, 1), received nan")
 
 
 @pytest.mark.parametrize("layout", ["sdxl", "sd3"])

@@ -583,9 +583,10 @@ def detect_command(
     from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.models import load_model
     from diffmem.report import write_detect_report
-    from diffmem.verdicts import judge
+    from diffmem.verdicts import check_fpr, judge
 
     try:
+        check_fpr(fpr)
         team, device = _team(device, locals())
         shape = _parse_shape(data_shape)
         text = ref_table = None
@@ -869,7 +870,7 @@ def _detect_prompts(model: str, prompts: Path, reference: Path | None, options: 
     given = read_prompts(prompts)
     if reference is not None and reference.suffix == ".npy":
         raise fail("--reference", "a prompts file, like --prompts", str(reference))
-    ref = Prompts([], [], []) if reference is None else read_prompts(reference)
+    ref = Prompts([], [], []) if reference is None else read_prompts(reference, "--reference")
     both = Prompts(given.texts + ref.texts, given.labels + ref.labels,
                    given.memorized + ref.memorized)
     text = load_text_model(model, both, options, device=device)

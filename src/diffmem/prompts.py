@@ -82,12 +82,12 @@ def memorized_value(value: Any) -> int | None:
     raise ValueError(text)
 
 
-def _from_records(records: list[dict[str, Any]], where: str) -> Prompts:
+def _from_records(records: list[dict[str, Any]], where: str, option: str) -> Prompts:
     """Prompts from table rows (dicts), the prompt and label columns found by name."""
     columns = list(dict.fromkeys(k for r in records for k in r))
     prompt = _column(columns, PROMPT_COLUMNS)
     if prompt is None:
-        raise fail("--prompts", f"a column of prompts named one of {PROMPT_COLUMNS}",
+        raise fail(option, f"a column of prompts named one of {PROMPT_COLUMNS}",
                    f"{where}: columns {columns}")
     label = _column(columns, LABEL_COLUMNS)
     texts: list[str] = []
@@ -97,7 +97,7 @@ def _from_records(records: list[dict[str, Any]], where: str) -> Prompts:
     for number, row in enumerate(records, 1):
         text = row.get(prompt)
         if not isinstance(text, str) or not text.strip():
-            raise fail("--prompts", f"a prompt in column {prompt!r} of every row",
+            raise fail(option, f"a prompt in column {prompt!r} of every row",
                        f"{where}, row {number}: {str(row)[:80]}")
         value = None if label is None else row.get(label)
         try:
@@ -109,80 +109,81 @@ def _from_records(records: list[dict[str, Any]], where: str) -> Prompts:
         labels.append(None if memorized[-1] is None else str(value))
     if unknown:
         shown = sorted(set(unknown))
-        raise fail("--prompts", f"labels in column {label!r} meaning memorized "
+        raise fail(option, f"labels in column {label!r} meaning memorized "
                    f"{MEMORIZED} or not {NOT_MEMORIZED}",
                    f"{where}: unknown values {shown[:10]}")
     return Prompts(texts, labels, memorized)
 
 
-def _json_lines(lines: list[tuple[int, str]], where: str) -> list[dict[str, Any]]:
+def _json_lines(lines: list[tuple[int, str]], where: str,
+                option: str) -> list[dict[str, Any]]:
     records = []
     first: str | None = None
     for number, line in lines:
         try:
             item = json.loads(line)
         except ValueError as err:
-            raise fail("--prompts", "JSON lines with a prompt", f"{where}, line {number}: "
+            raise fail(option, "JSON lines with a prompt", f"{where}, line {number}: "
                        f"{err}") from err
         if not isinstance(item, dict):
-            raise fail("--prompts", "JSON lines of objects", f"{where}, line {number}: "
+            raise fail(option, "JSON lines of objects", f"{where}, line {number}: "
                        f"{line[:80]}")
         first = first or _column(list(item), PROMPT_COLUMNS)
         if first is None or not isinstance(item.get(first), str):
-            raise fail("--prompts", f"JSON lines with a prompt string (one of "
+            raise fail(option, f"JSON lines with a prompt string (one of "
                        f"{PROMPT_COLUMNS})", f"{where}, line {number}: {line[:80]}")
         records.append(item)
     return records
 
 
-def _parquet(p: Path) -> list[dict[str, Any]]:
+def _parquet(p: Path, option: str) -> list[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
-        raise fail("--prompts", "pyarrow installed to read Parquet (pip install "
+        raise fail(option, "pyarrow installed to read Parquet (pip install "
                    "'diffmem[prompts]')", str(p)) from err
     try:
         return pq.read_table(p).to_pylist()
     except Exception as err:  # pyarrow's own errors: a damaged or foreign file
-        raise fail("--prompts", "a readable Parquet file", f"{p} ({type(err).__name__}: "
+        raise fail(option, "a readable Parquet file", f"{p} ({type(err).__name__}: "
                    f"{str(err).splitlines()[0][:200] if str(err) else ''})") from err
 
 
-def read_prompts(path: str | Path) -> Prompts:
+def read_prompts(path: str | Path, option: str = "--prompts") -> Prompts:
     """``--prompts`` in any of the module's formats, with labels where the file has them.
-    Raises ``ValueError`` naming ``--prompts`` (and the line or the columns found) on an
-    empty file, a table without a prompt column, a row without a prompt or a label value
-    that is not known."""
+    Raises ``ValueError`` naming ``option`` (the command's option that gave the file) and
+    the line or the columns found, on an empty file, a table without a prompt column, a row
+    without a prompt or a label value that is not known."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         if not p.is_file():
-            raise fail("--prompts", "an existing Parquet file", str(p))
-        records = _parquet(p)
+            raise fail(option, "an existing Parquet file", str(p))
+        records = _parquet(p, option)
         if not records:
-            raise fail("--prompts", "at least one prompt", f"{p}: an empty table")
-        return _from_records(records, str(p))
+            raise fail(option, "at least one prompt", f"{p}: an empty table")
+        return _from_records(records, str(p), option)
     try:
         raw = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
-        raise fail("--prompts", "a readable UTF-8 text file of prompts", f"{p} ({err})") from err
+        raise fail(option, "a readable UTF-8 text file of prompts", f"{p} ({err})") from err
     lines = [(i + 1, line.strip()) for i, line in enumerate(raw.splitlines()) if line.strip()]
     if not lines:
-        raise fail("--prompts", "at least one prompt (one a line, JSON lines, CSV or Parquet)",
+        raise fail(option, "at least one prompt (one a line, JSON lines, CSV or Parquet)",
                    f"{p}: an empty file")
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        return _from_records([dict(r) for r in reader], str(p))
+        return _from_records([dict(r) for r in reader], str(p), option)
     if suffix == ".json":
         try:
             items = json.loads(raw)
         except ValueError as err:
-            raise fail("--prompts", "a JSON array of prompts", f"{p} ({err})") from err
+            raise fail(option, "a JSON array of prompts", f"{p} ({err})") from err
         if not isinstance(items, list) or not items:
-            raise fail("--prompts", "a non-empty JSON array of prompts", f"{p}")
+            raise fail(option, "a non-empty JSON array of prompts", f"{p}")
         return _from_records([{"prompt": i} if isinstance(i, str) else i for i in items
-                              if isinstance(i, str | dict)] or [{}], str(p))
+                              if isinstance(i, str | dict)] or [{}], str(p), option)
     if suffix == ".jsonl" or all(line.startswith("{") for _, line in lines):
-        return _from_records(_json_lines(lines, str(p)), str(p))
+        return _from_records(_json_lines(lines, str(p), option), str(p), option)
     texts = [line for _, line in lines]
     return Prompts(texts, [None] * len(texts), [None] * len(texts))

@@ -53,15 +53,21 @@ def threshold_at_fpr(reference: Sequence[float | None], fpr: float = FPR,
     if not values:
         raise fail("--reference", "at least one reference entry with a finite score",
                    "none")
-    if not 0 <= fpr < 1:
-        raise fail("--fpr", "a false-positive rate in [0, 1)", fpr)
     k = _rank(len(values), fpr)
     return values[k] if below else values[len(values) - 1 - k]
+
+
+def check_fpr(fpr: float) -> float:
+    """``fpr`` if it is a false-positive rate in ``[0, 1)``, else the ``--fpr`` error."""
+    if not 0 <= fpr < 1:
+        raise fail("--fpr", "a false-positive rate in [0, 1)", fpr)
+    return fpr
 
 
 def _rank(m: int, fpr: float) -> int:
     """``k = max(floor(fpr (m + 1)) - 1, 0)``: how many reference values lie beyond the
     threshold of :func:`threshold_at_fpr`."""
+    check_fpr(fpr)
     return max(math.floor(fpr * (m + 1)) - 1, 0)
 
 
