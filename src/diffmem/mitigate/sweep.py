@@ -227,16 +227,16 @@ def _measure(folder: Path, plan: DrawPlan, train: Any, train_cond: Tensor | None
     saved = team.broadcast(saved)
     if saved is not None:
         return saved
-    def samples() -> Tensor:
-        return torch.from_numpy(np.load(folder / "samples.npy"))
-
-    extra = team.broadcast(_vectors(samples(), plan, space, device) if team.leader else None)
+    # read once: by process 0, and by every process when detect splits over them
+    drawn = torch.from_numpy(np.load(folder / "samples.npy")) \
+        if team.leader or train is None else None
+    extra = team.broadcast(_vectors(drawn, plan, space, device) if team.leader else None)
     if train is not None:  # the audit, on process 0 alone: the others get its verdicts
         found = team.broadcast(_copies(
-            samples() if extra["vectors"] is None else extra["vectors"], plan, train,
+            drawn if extra["vectors"] is None else extra["vectors"], plan, train,
             train_cond, plan.seed) if team.leader else None)
     else:  # detect splits its work over the processes
-        found = _detected(plan.model, samples(), plan, plan.seed, steps, team)
+        found = _detected(plan.model, drawn, plan, plan.seed, steps, team)
     found |= extra
     found["seconds"] = time.perf_counter() - start
     if team.leader:
