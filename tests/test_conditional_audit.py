@@ -265,3 +265,39 @@ def test_cli_exit_code_in_a_real_process(folder, tmp_path):
                            str(folder / "labels.npy"), "--per-condition", "0", "--out",
                            str(tmp_path / "p")], capture_output=True, text=True)
     assert proc.returncode == 2 and "--per-condition" in proc.stderr + proc.stdout
+
+
+def test_an_image_held_several_times_is_one_item(monkeypatch):
+    """A condition's samples that all land on one image held four times are reproductions
+    whichever of the four tied rows the search returns for each (rounding decides it):
+    ``same_items`` maps the duplicates to their smallest index, and the per-condition
+    table and the most-copied list name that one item."""
+    import diffmem.audit.core as core
+    from diffmem.centres import as_centres
+    from diffmem.metrics import same_items
+
+    gen = torch.Generator().manual_seed(5)
+    d = 16
+    image, other = torch.zeros(1, d), torch.zeros(1, d)
+    other[0, -1] = 2.0
+    train = torch.cat([image, other, 10 * torch.eye(d)[:6], image, image, image])  # 0, 8-10
+    assert same_items(torch.tensor([9, 1, 0, 10, 8, 1]), as_centres(train)).tolist() == \
+        [0, 1, 0, 0, 0, 1]
+    direction = torch.randn(8, d, generator=gen)
+    direction[:, -1] = 0
+    samples = image + 0.3 * direction / direction.norm(dim=1, keepdim=True)
+    search = core.nearest
+
+    def tied(*args, **kwargs):  # each sample given another of the four tied rows
+        dist, idx, *rest = search(*args, **kwargs)
+        idx = idx.clone()
+        idx[:, 0] = torch.tensor([0, 8, 9, 10])[torch.arange(idx.shape[0]) % 4]
+        return (dist, idx, *rest)
+
+    monkeypatch.setattr(core, "nearest", tied)
+    r = audit(samples, train, sample_cond=torch.zeros(8).long(), bootstrap=20)
+    rep = r.conditions[0]["reproduction"]
+    assert rep["fraction"] == 1 and rep["train_index"] == 0
+    assert rep["radius"] == pytest.approx(2.0, rel=1e-6)  # the other image; duplicates skipped
+    assert r.duplicates["distinct_train_items"] == 1
+    assert r.duplicates["most_copied"] == [{"train_index": 0, "copies": 8}]

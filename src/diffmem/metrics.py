@@ -252,12 +252,10 @@ def distinct_rows(data: Tensor) -> Tensor:
     return torch.sort(first).values
 
 
-def nearest_other(items: Tensor, train: Any, k: int = 50, chunk_size: int = 4096) -> Tensor:
-    """Per training item of ``items`` (indices into ``train``, a
-    :class:`~diffmem.centres.Centres`), the distance to its nearest *other* training item,
-    exact duplicates of it skipped (:func:`distinct_second` on the item queried against
-    the set, whose nearest is itself at 0); data (or feature) units. Where the ``k``
-    nearest are all duplicates of the item, the ``k``-th distance (a lower bound)."""
+def _rows_of(items: Tensor, train: Any) -> Tensor:
+    """The uncentred rows ``(len(items), d)`` of the training items ``items`` (indices
+    into ``train``, a :class:`~diffmem.centres.Centres`; a split set: each row read by the
+    process that holds it and summed over the group)."""
     from diffmem.centres import all_reduce
 
     like = torch.empty(0, dtype=torch.promote_types(train.source_dtype, torch.float32))
@@ -267,16 +265,46 @@ def nearest_other(items: Tensor, train: Any, k: int = 50, chunk_size: int = 4096
     if bool(mine.any()):
         rows[mine] = train.take_raw(local[mine], like).to(like.dtype)
     all_reduce(rows, train.group)
+    return rows
+
+
+def nearest_other(items: Tensor, train: Any, k: int = 50, chunk_size: int = 4096) -> Tensor:
+    """Per training item of ``items`` (indices into ``train``, a
+    :class:`~diffmem.centres.Centres`), the distance to its nearest *other* training item,
+    exact duplicates of it skipped (:func:`distinct_second` on the item queried against
+    the set, whose nearest is itself at 0); data (or feature) units. Where the ``k``
+    nearest are all duplicates of the item, the ``k``-th distance (a lower bound)."""
+    rows = _rows_of(items, train)
     dist, idx = knn(rows.reshape(-1, *train.data_shape), train,
                     min(train.n_total, positive_int("k", k)), chunk_size=chunk_size, exact=2)
     return distinct_second(dist.cpu(), idx.cpu(), train)[0]
+
+
+def same_items(nearest: Tensor, train: Any, block: int = 1024) -> Tensor:
+    """``nearest`` (indices into ``train``) with each index replaced by the smallest index
+    of ``nearest`` whose row holds exactly the same bytes: the exact duplicates of one
+    training image are one item. Which of them a search returns as a sample's nearest is
+    decided by rounding (their distances tie), so a condition whose samples all land on
+    an image held 20 times would otherwise spread over 20 "items". Rows are read ``block``
+    at a time and compared by a 128-bit BLAKE2 digest of their bytes."""
+    import hashlib
+
+    uniq, inverse = torch.unique(nearest, return_inverse=True)
+    first: dict[bytes, int] = {}
+    canon = torch.empty_like(uniq)
+    for lo in range(0, uniq.numel(), block):  # ascending: the first seen is the smallest
+        for j, row in enumerate(_rows_of(uniq[lo:lo + block], train).numpy()):
+            key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            canon[lo + j] = first.setdefault(key, int(uniq[lo + j]))
+    return canon[inverse].reshape(nearest.shape)
 
 
 def reproductions(nearest: Tensor, d1: Tensor, groups: Tensor, radius: Tensor,
                   modes: Tensor) -> Tensor:
     """Per sample, whether it reproduces its group's training item: sample ``i`` of group
     ``g`` (a condition) is a reproduction when its nearest training item is the group's
-    most frequent nearest item ``modes[g]`` and it lies closer to that item than the item's
+    most frequent nearest item ``modes[g]`` (exact duplicates as one item:
+    ``nearest`` from :func:`same_items`) and it lies closer to that item than the item's
     own nearest other training item, ``d1_i < radius[g]``. All the samples of a memorized
     condition landing on one image count, however typical the image (the nn-ratio test
     misses a copy of an image with a close neighbour: ``d1 / d2`` near 1/2, not below 1/3).

@@ -18,7 +18,8 @@ the functions of :mod:`diffmem.metrics` that the experiments use too:
 * ``exact_match``: when the training images are binary, the fraction of samples equal to a
   training image after thresholding at 0.5;
 * ``reproduction`` (with the samples' conditions): per condition, the fraction of its
-  samples that land on one training item, the condition's most frequent nearest item, closer
+  samples that land on one training item, the condition's most frequent nearest item (an
+  image held several times counted once: :func:`diffmem.metrics.same_items`), closer
   to it than that item's own nearest other training item (:func:`diffmem.metrics.reproductions`;
   it counts the copies of a typical-looking image that the nn-ratio test misses);
 * ``duplicates``: how many samples land on each training item (copies by the nn-ratio
@@ -58,6 +59,7 @@ from diffmem.metrics import (
     ratio_test,
     reproductions,
     rms_per_coordinate,
+    same_items,
     within,
 )
 
@@ -155,12 +157,13 @@ def audit(
     copies = {f"within_{delta_key(d)}": d1 < d for d in deltas}
     copies["nn_ratio"] = ratio < ratio_threshold
     copies["calibrated_l2"] = calibrated < calibrated_threshold
+    item = same_items(idx[:, 0], space_train)  # an image held twice is one item
     groups = None
     if sample_cond is not None:  # all a condition's samples on one item: reproductions
         keys, which = distinct(sample_cond)
-        modes = modal_items(idx[:, 0], which, keys.shape[0])
+        modes = modal_items(item, which, keys.shape[0])
         radius = nearest_other(modes, space_train, k, chunk_size)
-        copies["reproduction"] = reproductions(idx[:, 0], d1, which, radius, modes)
+        copies["reproduction"] = reproductions(item, d1, which, radius, modes)
         groups = (keys, which, modes, radius)
     exact = _exact_matches(rows, centres, batch_size, process_group)
     if exact is not None:
@@ -176,7 +179,7 @@ def audit(
         rms_per_coordinate=({delta_key(d): float(rms_per_coordinate(d, dim)) for d in deltas}
                             if len(rows.data_shape) >= 2 and features is None else None),
         exact_match=None if exact is None else float(exact.to(torch.float64).mean()),
-        duplicates=duplicates(idx[:, 0], copies["nn_ratio"], centres.n_total),
+        duplicates=duplicates(item, copies["nn_ratio"], centres.n_total),
         quantiles={"d1": quantiles(d1), "ratio": quantiles(ratio),
                    "calibrated": quantiles(calibrated)},
         nearest=idx[:, 0], d1=d1, d2=d2, ratio=ratio, calibrated=calibrated, copies=copies,

@@ -61,6 +61,10 @@ from diffmem.parallel import SOLO, Team
 CLEAR_HIGH, CLEAR_LOW = 0.75, 0.25
 COST_FACTOR = 1.25
 TARGET = 0.1
+#: The version of the measures a run's ``measure.json`` key carries: a saved run measured by
+#: an earlier version is measured again (2: an image held several times is one item of the
+#: audit's reproduction).
+MEASURE_VERSION = 2
 #: Per-sample measures kept in a run's ``measure.npz``.
 MEASURES = ("copy", "d1", "nearest", "same", "vectors", "clip")
 
@@ -393,10 +397,10 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
     team = team or SOLO
     ctx = ctx or CureContext(null=plan.null)
     space = space or Space()
-    key = {"n": plan.n, "seed": plan.seed, "sampler": plan.sampler, "steps": plan.steps,
-           "model": plan.model.name, "train": None if train is None else "given",
-           "detect_steps": detect_steps, "features": space.digest or space.name,
-           "clip": space.texts is not None}
+    key = {"version": MEASURE_VERSION, "n": plan.n, "seed": plan.seed, "sampler": plan.sampler,
+           "steps": plan.steps, "model": plan.model.name,
+           "train": None if train is None else "given", "detect_steps": detect_steps,
+           "features": space.digest or space.name, "clip": space.texts is not None}
     if space.module is not None and train is not None and team.leader:
         from diffmem.audit.features import data_identity, embed
         from diffmem.audit.inputs import Rows
