@@ -162,6 +162,28 @@ def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypa
         "tpr": 0.5, "fpr": 1.0, "n_positive": 2, "n_negative": 1}
 
 
+def test_consistency_compares_a_latent_models_decoded_images(monkeypatch):
+    """A latent model's confirmation generations are compared as the pictures its decoder
+    makes of them: with ``decode(z) = (2 z, 2 z)`` every RMS distance doubles, so
+    ``consistency`` (data units) doubles and ``consistency_ratio`` (dimensionless) is
+    unchanged; the latents themselves would give the undoubled value. (The constructed
+    model has no diffusers scheduler: its sampler times are the plain model's.)"""
+    import diffmem.detect as det
+
+    plain = conditional_model(VP())
+    latent = conditional_model(VP())
+    latent.network = {"decode": lambda z: torch.cat([2 * z, 2 * z], dim=1).float()}
+    times = det.sampler_times
+    monkeypatch.setattr(det, "sampler_times", lambda model, steps: times(plain, steps))
+    a, b = (detect(m, torch.arange(4), torch.tensor(4), n_noise=2, steps=10,
+                   measures=("consistency",)) for m in (plain, latent))
+    for e, f in zip(a.entries, b.entries, strict=True):
+        assert f["consistency"] == pytest.approx(2 * e["consistency"], rel=1e-5, abs=1e-6)
+        assert f["consistency_ratio"] == pytest.approx(e["consistency_ratio"], rel=1e-5,
+                                                       abs=1e-6)
+    assert b.entries[2]["consistency"] < -0.1  # the Gaussian condition: varied generations
+
+
 def test_reference_rule_on_consistency_ratio():
     """Where the result and the reference both carry consistency_ratio, the reference rule
     reads it (lower: memorized): below the k-th of the m reference ratios, k = floor(fpr

@@ -29,7 +29,8 @@ draws ``z`` shared by every condition:
   ``v`` (the same ``v`` for both conditions): near 1 when the conditional denoiser is a
   constant map (one memorized image), near 0 when it varies as the unconditional one does.
 * ``consistency`` (Carlini et al., USENIX Security 2023, as a confirmation): ``K`` full
-  generations per condition (DDIM, ``eta = 0``), the median over them of the RMS distance to
+  generations per condition (DDIM, ``eta = 0``; a latent model's decoded by its VAE, so
+  pictures are compared), the median over them of the RMS distance to
   the nearest other generation, negated (near-duplicate generations: larger). Costly, so
   computed only for the conditions ranked highest by the screen: ``confirm`` of them, or by
   default all of them up to :data:`CONFIRM_ALL` conditions and beyond that down the ranking
@@ -114,7 +115,8 @@ UNITS = {
     "anisotropy": "noise units per coordinate + gamma x cosine (dimensionless)",
     "gap": "data units: RMS per coordinate of D(c) - D(null) on pure noise",
     "collapse": "dimensionless: 1 - tr J(c) / tr J(null)",
-    "consistency": "data units: minus the median RMS distance to the nearest other generation",
+    "consistency": "data units (a latent model's: its decoded images'): minus the median RMS "
+                   "distance to the nearest other generation",
     "jacobian": "dimensionless: 1 - tr J / d",
     "flipd": "dimensionless: 1 - LID / d",
     "reconstruction": "data units: minus the RMS of D(m x0 + sigma z) - x0",
@@ -281,11 +283,24 @@ def ddim(model: Any, x: Tensor, times: Tensor, y: Tensor | None = None) -> Tenso
     return d
 
 
-def _spread(gens: Tensor, k: int, d: int) -> tuple[Tensor, Tensor]:
-    """Per group of ``k`` consecutive generations: the median over them of the RMS distance
-    (``/ sqrt(d)``) to the nearest other generation of the group (Carlini et al.'s), and
-    the median RMS distance over the group's ``k (k - 1) / 2`` pairs (steadier with few
-    generations: what the ratios use)."""
+def _images(model: Any, gens: Tensor, batch: int = 16) -> Tensor:
+    """Generations as the images they stand for, flattened ``(n, d)``: a latent model's
+    decoded by its VAE (``model.network['decode']``, ``batch`` at a time), so that
+    consistency compares pictures as Carlini et al. do, not latents a lossy decoder maps to
+    the same picture; other models' as drawn."""
+    decode = None if model.network is None else model.network.get("decode")
+    if decode is not None:
+        lat = gens.reshape(-1, *model.data_shape)
+        gens = torch.cat([decode(lat[i:i + batch]).to(gens) for i in range(0, len(lat), batch)])
+    return gens.reshape(gens.shape[0], -1)
+
+
+def _spread(gens: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per group of ``k`` consecutive generations ``(n k, d)``: the median over them of the
+    RMS distance (``/ sqrt(d)``) to the nearest other generation of the group (Carlini et
+    al.'s), and the median RMS distance over the group's ``k (k - 1) / 2`` pairs (steadier
+    with few generations: what the ratios use)."""
+    d = gens.shape[1]
     g = gens.reshape(-1, k, d)
     dist = torch.cdist(g, g) / math.sqrt(d)
     pairs = torch.triu_indices(k, k, 1)
@@ -477,9 +492,9 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
             import copy
 
             generator = copy.copy(model).guided(guidance, null)
-        null_spread = float(_spread(ddim(generator, top.sigma * z_gen, times,
-                                         null[None].expand(k_gen, *null.shape)),
-                                    k_gen, d)[1][0])
+        null_spread = float(_spread(_images(model, ddim(
+            generator, top.sigma * z_gen, times, null[None].expand(k_gen, *null.shape))),
+            k_gen)[1][0])
         bar = tqdm(total=limit, disable=not (progress and team.leader), desc="confirming")
         width = step if confirm is None else chunk
 
@@ -488,7 +503,8 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
             pick = torch.tensor(order[lo: min(limit, lo + width)])
             c = conditions[pick].repeat_interleave(k_gen, 0)
             zz = z_gen.repeat(pick.numel(), *[1] * len(shape))
-            near, spread = _spread(ddim(generator, top.sigma * zz, times, c), k_gen, d)
+            near, spread = _spread(_images(model, ddim(generator, top.sigma * zz, times, c)),
+                                   k_gen)
             return near.tolist(), spread.tolist()
 
         stop = False
