@@ -179,8 +179,9 @@ def test_reproduce_skips_what_is_not_installed(tmp_path, monkeypatch):
 
 
 def test_caption_data_duplicates_three_pictures_and_varies_the_others():
-    """24 captions; the three of DUPLICATED show one picture held `copies` times, each other
-    caption `variants` distinct pictures held once."""
+    """24 captions (30 with a fifth colour; 6 colours: the named error); the three of
+    DUPLICATED show one picture held `copies` times, each other caption `variants` distinct
+    pictures held once."""
     import numpy as np
 
     from diffmem.experiments.captions import DUPLICATED, caption_data
@@ -196,6 +197,12 @@ def test_caption_data_duplicates_three_pictures_and_varies_the_others():
         pics = d.pictures[d.rows[d.row_prompt == p]].reshape(-1, 3 * 16 * 16)
         assert len(np.unique(pics, axis=0)) == (1 if d.labels[p] else 3)
     assert np.array_equal(np.round(d.pictures * 255) / 255, d.pictures)  # 8 bits, as a PNG
+    five = caption_data(copies=4, variants=3, seed=1, colours=5)  # the experiment's 30
+    assert len(set(five.prompts)) == 30 and five.labels.sum() == 3
+    assert set(d.prompts) < set(five.prompts) and "a white cross on the right" in five.prompts
+    with pytest.raises(ValueError, match=r"colours: expected a number of colours from 3 to 5"
+                                         r", received 6"):
+        caption_data(copies=4, variants=3, colours=6)
 
 
 def test_text_unet_training_resumes_to_the_same_weights(tmp_path):
@@ -233,15 +240,15 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("diffusers")
     rec, m = _run(tmp_path, "mitigate-captions", [
-        "steps=4", "vae_steps=2", "every=2", "variants=2", "copies=2", "per_prompt=2",
+        "steps=4", "vae_steps=2", "every=2", "variants=2", "copies=2", "colours=3", "per_prompt=2",
         "sample_steps=3", "n_noise=2", "cures=nn-guidance=3,random-tokens=2"])
     assert [(r["cure"], r["strength"]) for r in m["runs"]] == [("nn-guidance", 3),
                                                               ("random-tokens", 2)]
-    assert len(m["copied_by_prompt"]) == 24 and len(m["detect"]["flagged"]) == 24
-    assert m["items"] == 21 * 2 + 3 * 2 and m["training_steps"] == 4
+    assert len(m["copied_by_prompt"]) == 18 and len(m["detect"]["flagged"]) == 18
+    assert m["items"] == 15 * 2 + 3 * 2 and m["training_steps"] == 4
     assert len(rec.verdict.claims) == 3
     ref = m["detect"]["reference"]
-    assert len(ref["flagged"]) == 24 and ref["n_reference"] == 20
+    assert len(ref["flagged"]) == 18 and ref["n_reference"] == 14
     folder = tmp_path / "mitigate-captions"
     assert (folder / "plane.png").is_file() and (folder / "pipeline" / "unet").is_dir()
     judge = get_experiment("mitigate-captions").judge

@@ -3,7 +3,8 @@ the prompts a small text-to-image model copies, and which sampling-time cure sto
 at what cost?
 
 Data (:func:`caption_data`): 16 x 16 pictures of a coloured shape on the left or right,
-captioned "a red square on the left" (3 shapes x 4 colours x 2 sides = 24 captions). Three
+captioned "a red square on the left" (3 shapes x 5 colours x 2 sides = 30 captions; the
+example ``examples/memorize_captions.py`` leaves out white: 24). Three
 captions (:data:`DUPLICATED`) show one picture, held ``copies`` times in the training set
 (the usual cause of memorization); each other caption shows ``variants`` pictures (the shape
 shifted by up to 1.5 pixels, scaled by 0.8 to 1.15, its colour shaded by 0.75 to 1), so a
@@ -40,11 +41,12 @@ import numpy as np
 import torch
 
 from diffmem import plots
+from diffmem._checks import fail
 from diffmem.experiments.base import Claim, Context, Experiment, Recorded, Verdict, status_of
 from diffmem.experiments.mitigation import cure_claim
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0),
-           "yellow": (1.0, 0.9, 0.1)}
+           "yellow": (1.0, 0.9, 0.1), "white": (0.95, 0.95, 0.95)}
 SHAPES = ("square", "circle", "cross")
 SIDES = ("left", "right")
 #: The duplicated pictures: a red square on the left, a green circle on the right, a blue
@@ -111,14 +113,17 @@ class CaptionData:
         return [int(np.nonzero(self.picture_prompt == p)[0][0]) for p in range(len(self.prompts))]
 
 
-def caption_data(copies: int, variants: int, seed: int = 0) -> CaptionData:
-    """The data of the module docstring: each duplicated caption's picture ``copies``
-    times, each other caption's ``variants`` pictures once (the first unchanged, the
-    others jittered, drawn from ``seed``)."""
+def caption_data(copies: int, variants: int, seed: int = 0, colours: int = 4) -> CaptionData:
+    """The data of the module docstring with the first ``colours`` of :data:`COLOURS`
+    (``3 x colours x 2`` captions): each duplicated caption's picture ``copies`` times, each
+    other caption's ``variants`` pictures once (the first unchanged, the others jittered,
+    drawn from ``seed``)."""
+    if not 3 <= colours <= len(COLOURS):
+        raise fail("colours", f"a number of colours from 3 to {len(COLOURS)}", colours)
     rng = np.random.default_rng(seed)
     pictures, prompts, owner, rows, labels = [], [], [], [], []
     for shape in SHAPES:
-        for colour in COLOURS:
+        for colour in list(COLOURS)[:colours]:
             for side in SIDES:
                 dup = (shape, colour, side) in DUPLICATED
                 prompts.append(f"a {colour} {shape} on the {side}")
@@ -155,7 +160,8 @@ def _train(ctx: Context, data: CaptionData) -> dict[str, Any]:
                        timesteps=1000)
     pipe = load_text_model(base, read_prompts(ctx.out / "prompts.jsonl")).pipe
     pixels = torch.from_numpy(data.pictures) * 2 - 1
-    config = {k: p[k] for k in ("copies", "variants", "vae_steps")} | {"seed": ctx.seed}
+    config = {k: p[k] for k in ("copies", "variants", "colours", "vae_steps")} | \
+        {"seed": ctx.seed}
     vae_ckpt = Checkpoints(ctx.out / "checkpoints_vae", fingerprint(config, pixels), keep=1)
     state = vae_ckpt.load_latest() if ctx.resume else None
     if state is not None:
@@ -194,7 +200,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     from diffmem.verdicts import judge as give_verdicts
 
     p = ctx.params
-    data = caption_data(p["copies"], p["variants"], ctx.seed)
+    data = caption_data(p["copies"], p["variants"], ctx.seed, p["colours"])
     ctx.out.mkdir(parents=True, exist_ok=True)
     prompts = ctx.out / "prompts.jsonl"
     write_prompts(prompts, data)
@@ -272,6 +278,7 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
                    "duplicated_ranks": [i + 1 for i, e in enumerate(ranked)
                                         if data.labels[e["condition"]] == 1],
                    "flagged": flags, **_rates(flags, copied),
+                   "consistency_ratio": [e.get("consistency_ratio") for e in entries],
                    "rule": (found.verdict or {}).get("rule"),
                    "reference": {"flagged": referenced, **_rates(referenced, copied),
                                  "n_reference": len(clean) - 1, "fpr_target": FPR},
@@ -356,14 +363,14 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 EXPERIMENT = Experiment(
     name="mitigate-captions",
     cost=240,
-    summary="A tiny text-to-image model (Stable Diffusion's layout) trained on 24 captions, "
+    summary="A tiny text-to-image model (Stable Diffusion's layout) trained on 30 captions, "
             "three of them one duplicated picture: detect ranks the prompts it copies "
             "without the training set, and the sampling-time cures of diffmem.mitigate on "
             "the plane of copies against cost. Needs diffusers and transformers.",
     claim=f"{DETECT_CLAIM} {VERDICT_CLAIM} {CURE_CLAIM}",
-    defaults={"copies": 20, "variants": 20, "steps": 3000, "vae_steps": 300, "batch_size": 16,
-              "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 8, "sample_steps": 25,
-              "n_noise": 4,
+    defaults={"copies": 20, "variants": 20, "colours": 5, "steps": 3000, "vae_steps": 300,
+              "batch_size": 16, "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 8,
+              "sample_steps": 25, "n_noise": 4,
               "cures": ["tikhonov=0.05", "tikhonov=0.2", "guidance=1.5", "guidance=0.5",
                         "guidance-schedule=0.4", "guidance-schedule=0.8", "nn-guidance=3",
                         "nn-guidance=3.1", "nn-guidance=3.2", "amg=1", "amg=4",
