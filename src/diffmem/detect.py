@@ -288,7 +288,8 @@ def _images(model: Any, gens: Tensor, batch: int = 16) -> Tensor:
     decoded by its VAE (``model.network['decode']``, ``batch`` at a time), so that
     consistency compares pictures as Carlini et al. do, not latents a lossy decoder maps to
     the same picture; other models' as drawn."""
-    decode = None if model.network is None else model.network.get("decode")
+    network = getattr(model, "network", None)
+    decode = None if network is None else network.get("decode")
     if decode is not None:
         lat = gens.reshape(-1, *model.data_shape)
         gens = torch.cat([decode(lat[i:i + batch]).to(gens) for i in range(0, len(lat), batch)])

@@ -118,7 +118,8 @@ def caption_data(copies: int, variants: int, seed: int = 0, colours: int = 4) ->
     (``3 x colours x 2`` captions): each duplicated caption's picture ``copies`` times, each
     other caption's ``variants`` pictures once (the first unchanged, the others jittered,
     drawn from ``seed``)."""
-    if not 3 <= colours <= len(COLOURS):
+    if isinstance(colours, bool) or not isinstance(colours, int) or \
+            not 3 <= colours <= len(COLOURS):
         raise fail("colours", f"a number of colours from 3 to {len(COLOURS)}", colours)
     rng = np.random.default_rng(seed)
     pictures, prompts, owner, rows, labels = [], [], [], [], []
