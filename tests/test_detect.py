@@ -36,6 +36,13 @@ def gaussian_denoiser(x, t, sch):
     return m * S2 / (m * m * S2 + s2) * x
 
 
+def as_output(x0_hat, x, t, sch, kind):
+    """A model's output for the posterior mean ``x0_hat``: a ``denoiser``'s ``D = x + sigma^2
+    s = m x0_hat`` (Tweedie), or the score ``(m x0_hat - x) / sigma^2``."""
+    m = sch.m(t)[:, None]
+    return m * x0_hat if kind == "denoiser" else (m * x0_hat - x) / sch.sigma2(t)[:, None]
+
+
 def conditional_model(sch, kind="denoiser"):
     """Labels 0-1 name one point each (the memorizing minimizer: D = that point); labels 2-3
     and the null label 4 get the same Gaussian denoiser."""
@@ -44,9 +51,7 @@ def conditional_model(sch, kind="denoiser"):
         d = gaussian_denoiser(x, t, sch)
         for c in (0, 1):
             d[y == c] = POINT * (1 + c)
-        if kind == "denoiser":
-            return d
-        return (sch.m(t)[:, None] * d - x) / sch.sigma2(t)[:, None]  # the score
+        return as_output(d, x, t, sch, kind)
     return ModelScore(fn, sch, (D,), kind=kind, conditional=True)
 
 
@@ -259,8 +264,9 @@ def test_hutchinson_trace_of_a_gaussian_denoiser_is_exact():
     """For x0 ~ N(0, S2 I) the denoiser is linear with J = S2 / (S2 + lambda^2) I: the central
     difference is exact and Rademacher probes give its trace exactly."""
     sch = VP()
-    model = ModelScore(lambda x, t: gaussian_denoiser(x.double(), t.double(), sch), sch, (D,),
-                       kind="denoiser")
+    model = ModelScore(lambda x, t: as_output(gaussian_denoiser(x.double(), t.double(), sch),
+                                              x.double(), t.double(), sch, "denoiser"),
+                       sch, (D,), kind="denoiser")
     x0 = torch.randn(5, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for level in (0.3, 1.0):
         res = detect_samples(model, x0, level=level, measures=["jacobian"], n_noise=2)
@@ -278,7 +284,8 @@ def mixture_model(sch):
         log_a = -((x - m * POINT) ** 2).sum(1, keepdim=True) / (2 * s2) - D / 2 * torch.log(s2)
         log_b = -(x ** 2).sum(1, keepdim=True) / (2 * v) - D / 2 * torch.log(v)
         w = torch.softmax(torch.cat([log_a, log_b], 1), 1)
-        return w[:, :1] * POINT + w[:, 1:] * gaussian_denoiser(x, t, sch)
+        return as_output(w[:, :1] * POINT + w[:, 1:] * gaussian_denoiser(x, t, sch), x, t, sch,
+                         "denoiser")
     return ModelScore(fn, sch, (D,), kind="denoiser")
 
 
@@ -400,3 +407,29 @@ def test_detect_command_refuses_bad_input_and_writes_nothing(tmp_path):
         res = RUNNER.invoke(app, ["detect", *args, "--out", str(out)])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_confirmation_generations_follow_the_pipelines_own_loop(tmp_path, prediction):
+    """The confirmation's DDIM (``x' = m' D + sigma' eps`` with ``D = E[x0 | x]``) from the
+    noise ``z`` is the diffusers DDIM loop (eta 0) of the model's scheduler to float32
+    round-off, whatever the parameterization: detect generates what the user's pipeline
+    draws. (Reading the model's ``x + sigma^2 s = m E[x0 | x]`` as ``E[x0 | x]`` shrank the
+    early predictions by ``m`` and drew other images.)"""
+    diffusers = pytest.importorskip("diffusers")
+    from tiny_pipelines import tiny_unet
+
+    from diffmem.detect import ddim, sampler_times
+    from diffmem.models import load_diffusers
+    from diffmem.pipeline import make_scheduler, pipeline_sample
+
+    sched = diffusers.DDIMScheduler(num_train_timesteps=100, prediction_type=prediction,
+                                    clip_sample=False)
+    diffusers.DDIMPipeline(unet=tiny_unet(3), scheduler=sched).save_pretrained(tmp_path)
+    model = load_diffusers(tmp_path)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = pipeline_sample(model.network["net"], z, make_scheduler(
+        model.network["scheduler_config"], "DDIMScheduler", 8), 8)
+    got = ddim(model, z.double(), sampler_times(model, 8))
+    assert want.abs().max() > 0.1  # samples, not zeros
+    assert torch.allclose(got.float(), want, rtol=1e-4, atol=1e-4)

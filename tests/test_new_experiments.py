@@ -247,8 +247,10 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
     assert len(m["copied_by_prompt"]) == 18 and len(m["detect"]["flagged"]) == 18
     assert m["items"] == 15 * 2 + 3 * 2 and m["training_steps"] == 4
     assert len(rec.verdict.claims) == 3
-    ref = m["detect"]["reference"]
-    assert len(ref["flagged"]) == 18 and ref["n_reference"] == 14
+    ref, undup = m["detect"]["reference"], m["detect"]["reference_unduplicated"]
+    clean = sum(c <= 0.25 for c in m["copied_by_prompt"])  # the reference: the audit's clean
+    assert len(ref["flagged"]) == 18 and ref["n_reference"] == clean - 1
+    assert len(undup["flagged"]) == 18 and undup["n_reference"] == 14
     folder = tmp_path / "mitigate-captions"
     assert (folder / "plane.png").is_file() and (folder / "pipeline" / "unet").is_dir()
     judge = get_experiment("mitigate-captions").judge

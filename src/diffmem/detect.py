@@ -236,8 +236,9 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 class _Probe:
     """The model's denoiser at one time on a batch of rows, with the schedule's ``m`` and
-    ``sigma`` there: ``D``, ``eps = (x - m D) / sigma``, ``s = (m D - x) / sigma^2`` and
-    Hutchinson's ``v^T J v`` by central differences."""
+    ``sigma`` there: ``D = E[x_0 | x] = (x + sigma^2 s) / m`` (Tweedie; the model's
+    ``denoiser`` is ``x + sigma^2 s = m E[x_0 | x]``), ``eps = (x - m D) / sigma``, ``s = (m D
+    - x) / sigma^2`` and Hutchinson's ``v^T J v`` by central differences."""
 
     def __init__(self, model: Any, t: float, rows: int) -> None:
         self.model = model
@@ -247,7 +248,7 @@ class _Probe:
         self.sigma = float(sch.sigma(self.t[:1]))
 
     def D(self, x: Tensor, y: Tensor | None) -> Tensor:  # noqa: N802
-        return self.model.denoiser(x, self.t[: x.shape[0]], y)
+        return self.model.denoiser(x, self.t[: x.shape[0]], y) / self.m
 
     def D_pair(self, x: Tensor, c: Tensor, null: Tensor) -> tuple[Tensor, Tensor]:  # noqa: N802
         both = self.D(torch.cat([x, x]), torch.cat([c, null]))

@@ -18,9 +18,11 @@ the pictures and its UNet trained on the captions (:func:`diffmem.training.fit_v
 Then, through the functions ``diffmem detect --prompts`` and ``diffmem mitigate --prompts``
 run: detect ranks the prompts without the training set (each measure's AUC against the
 duplicated prompts, and against those the uncured audit finds copied) and gives verdicts,
-judged against the audit: without a reference, and with one (each prompt against the other
-unduplicated prompts, as ``detect --reference`` would judge it given prompts like them:
-:func:`diffmem.verdicts.held_out`); the sweep
+judged against the audit: without a reference, and with one (each prompt against the
+prompts known not to be memorized, those the audit finds clean, other than itself, as
+``detect --reference`` would judge it given prompts like them:
+:func:`diffmem.verdicts.held_out`; against the other unduplicated prompts too, recorded: on
+this model a caption without a duplicated picture can copy another's); the sweep
 samples the model uncured and with the sampling-time cures of ``grids`` from the same seeded
 noise with its own scheduler, against the training pictures as its VAE renders them (a
 latent model that copies a training latent can only draw that picture's reconstruction),
@@ -61,12 +63,16 @@ CURE_CLAIM = ("A sampling-time cure brings the copies of a text-to-image model's
               "prompts from >= 0.75 to <= 0.1 while the prompts that did not copy keep their "
               "prompt and their distance to the data within 1.25x, and the cured copies are "
               "no further from the data than 1.25x a generalizing sample (not noise).")
-VERDICT_CLAIM = ("With a reference of prompts known not to be duplicated, detect's verdicts "
+VERDICT_CLAIM = ("With a reference of prompts known not to be memorized (those the audit "
+                 "finds clean, each prompt judged against the others), detect's verdicts "
                  "(consistency_ratio below the reference's threshold at --fpr 0.05) find "
                  "the prompts the audit finds copied (>= 0.75 of their samples) at TPR >= "
                  "0.9 and FPR <= 0.05 on the clean ones (<= 0.25).")
 TARGET_AUC = 0.9
 TARGET_TPR, TARGET_FPR = 0.9, 0.05
+#: Clear prompts: copied in at least ``COPIED`` of their audited samples, clean in at most
+#: ``CLEAN``.
+COPIED, CLEAN = 0.75, 0.25
 #: Samples of each duplicated prompt shown, uncured and cured.
 SHOWN = 4
 
@@ -239,10 +245,10 @@ def _copied_by_prompt(folder: Any, summary: Mapping[str, Any], n: int) -> list[f
 
 
 def _rates(flags: list[bool], copied: list[float]) -> dict[str, Any]:
-    """TPR of ``flags`` over the prompts the audit finds copied (>= 0.75 of their samples),
-    FPR over the clean ones (<= 0.25), and their counts."""
-    pos = [f for f, c in zip(flags, copied, strict=True) if c >= 0.75]
-    neg = [f for f, c in zip(flags, copied, strict=True) if c <= 0.25]
+    """TPR of ``flags`` over the prompts the audit finds copied (>= :data:`COPIED` of their
+    samples), FPR over the clean ones (<= :data:`CLEAN`), and their counts."""
+    pos = [f for f, c in zip(flags, copied, strict=True) if c >= COPIED]
+    neg = [f for f, c in zip(flags, copied, strict=True) if c <= CLEAN]
     return {"tpr": float(np.mean(pos)) if pos else None,
             "fpr": float(np.mean(neg)) if neg else None, "n_copied": len(pos),
             "n_clean": len(neg)}
@@ -268,10 +274,22 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
                           "auc_copied": roc(torch.tensor(scores, dtype=torch.float64),
                                             found_copied)["auc"] if both else None}
     flags = [bool(e.get("memorized")) for e in entries]
-    clean = [j for j, e in enumerate(found.entries) if data.labels[e["condition"]] == 0]
-    by_reference = dict(zip([e["condition"] for e in found.entries],
-                            held_out(found, clean, FPR), strict=True))
-    referenced = [bool(by_reference[e["condition"]]) for e in entries]
+
+    def against(clean: list[int]) -> dict[str, Any]:
+        """Each prompt judged with the prompts ``clean`` (indices into ``found.entries``)
+        other than itself as the reference (none when fewer than two: no reference)."""
+        if len(clean) < 2:
+            return {"flagged": [None] * len(entries), "tpr": None, "fpr": None,
+                    "n_copied": 0, "n_clean": 0, "n_reference": 0, "fpr_target": FPR}
+        by = dict(zip([e["condition"] for e in found.entries], held_out(found, clean, FPR),
+                      strict=True))
+        flagged = [bool(by[e["condition"]]) for e in entries]
+        return {"flagged": flagged, **_rates(flagged, copied), "n_reference": len(clean) - 1,
+                "fpr_target": FPR}
+
+    conditions = [e["condition"] for e in found.entries]
+    audit_clean = [j for j, c in enumerate(conditions) if copied[c] <= CLEAN]
+    unduplicated = [j for j, c in enumerate(conditions) if data.labels[c] == 0]
     ranked = sorted(entries, key=lambda e: -(e.get(found.primary) or -np.inf))
     metrics = {**summary, "prompts": data.prompts, "labels": data.labels.tolist(),
                "copied_by_prompt": copied, "detect": {
@@ -281,8 +299,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
                    "flagged": flags, **_rates(flags, copied),
                    "consistency_ratio": [e.get("consistency_ratio") for e in entries],
                    "rule": (found.verdict or {}).get("rule"),
-                   "reference": {"flagged": referenced, **_rates(referenced, copied),
-                                 "n_reference": len(clean) - 1, "fpr_target": FPR},
+                   "reference": against(audit_clean),
+                   "reference_unduplicated": against(unduplicated),
                    "seconds": found.settings.get("seconds")},
                "training_steps": raw["trained"]["steps"], "train_s": raw["trained"]["train_s"],
                "items": int(len(data.rows)), "pictures": int(len(data.pictures))}
@@ -323,14 +341,17 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
                          f"prompts rank {found['duplicated_ranks']} of "
                          f"{len(metrics['prompts'])}")
     ref = found.get("reference")
+    other = found.get("reference_unduplicated")
+    undup = "" if other is None else \
+        f"; against the other unduplicated prompts as the reference: {_rated(other)}"
     if ref is None:
         referenced = Claim(VERDICT_CLAIM, status_of(False, False), "not recorded")
     else:
         judgeable = ref["tpr"] is not None and ref["fpr"] is not None
         referenced = Claim(VERDICT_CLAIM, status_of(
             judgeable and ref["tpr"] >= TARGET_TPR and ref["fpr"] <= TARGET_FPR, judgeable),
-            f"each prompt against the other {ref['n_reference']} unduplicated ones at "
-            f"--fpr {ref['fpr_target']:g}: {_rated(ref)}; {verdicts}")
+            f"each prompt against the {ref['n_reference']} or more others the audit finds "
+            f"clean at --fpr {ref['fpr_target']:g}: {_rated(ref)}; {verdicts}{undup}")
     return Verdict((detected, referenced, cure_claim(metrics, CURE_CLAIM)))
 
 
@@ -370,7 +391,7 @@ EXPERIMENT = Experiment(
             "the plane of copies against cost. Needs diffusers and transformers.",
     claim=f"{DETECT_CLAIM} {VERDICT_CLAIM} {CURE_CLAIM}",
     defaults={"copies": 20, "variants": 20, "colours": 5, "steps": 3000, "vae_steps": 300,
-              "batch_size": 16, "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 8,
+              "batch_size": 16, "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 32,
               "sample_steps": 25, "n_noise": 4,
               "cures": ["tikhonov=0.05", "tikhonov=0.2", "guidance=1.5", "guidance=0.5",
                         "guidance-schedule=0.4", "guidance-schedule=0.8", "nn-guidance=3",
@@ -378,7 +399,7 @@ EXPERIMENT = Experiment(
                         "prompt-opt=1", "prompt-opt=0.5", "random-tokens=2",
                         "random-tokens=8", "embedding-noise=0.5", "embedding-noise=1",
                         "attention-rescale=1.25"]},
-    quick={"variants": 10, "steps": 2400, "vae_steps": 200, "every": 400, "per_prompt": 4,
+    quick={"variants": 10, "steps": 2400, "vae_steps": 200, "every": 400, "per_prompt": 16,
            "cures": ["tikhonov=0.2", "guidance-schedule=0.8", "nn-guidance=3",
                      "nn-guidance=3.2", "random-tokens=8", "attention-rescale=1.25"]},
     compute=compute, record=record, judge=judge, draw=draw,
