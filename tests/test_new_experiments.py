@@ -272,6 +272,16 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
                         ({"tpr": None}, "inconclusive")]:
         bad = {**detect, "reference": {**detect["reference"], **ref}}
         assert judge({**metrics, "detect": bad}, {}).claims[1].status == status
+    # 19 clean prompts, each judged against 18: the lowest is flagged whatever the model
+    # (bound 1/19 > 0.05), so 1 of 19 says too few prompts; 2 of 19 is over the bound.
+    few = {"n_reference": 18, "n_clean": 19}
+    for ref, status in [({"fpr": 1 / 19}, "inconclusive"), ({"fpr": 2 / 19}, "not_reproduced"),
+                        ({"fpr": 1 / 19, "tpr": 0.5}, "not_reproduced"),
+                        ({"fpr": 0.0}, "confirmed")]:
+        bad = {**detect, "reference": {**detect["reference"], **few, **ref}}
+        claim = judge({**metrics, "detect": bad}, {}).claims[1]
+        assert claim.status == status
+        assert ("too few clean prompts" in claim.finding) == (status == "inconclusive")
     assert "TPR 1 (3 of 3 copied prompts), FPR 0.05 (1 of 20 clean ones)" in judge(
         metrics, {}).claims[1].finding
     low = {**detect, "measures": {"collapse": {"auc": 0.46}}}

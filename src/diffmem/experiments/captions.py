@@ -46,6 +46,7 @@ from diffmem import plots
 from diffmem._checks import fail
 from diffmem.experiments.base import Claim, Context, Experiment, Recorded, Verdict, status_of
 from diffmem.experiments.mitigation import cure_claim
+from diffmem.verdicts import fpr_bound, reference_needed
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0),
            "yellow": (1.0, 0.9, 0.1), "white": (0.95, 0.95, 0.95)}
@@ -347,12 +348,30 @@ def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
     if ref is None:
         referenced = Claim(VERDICT_CLAIM, status_of(False, False), "not recorded")
     else:
-        judgeable = ref["tpr"] is not None and ref["fpr"] is not None
+        judgeable, few = _judgeable(ref)
         referenced = Claim(VERDICT_CLAIM, status_of(
             judgeable and ref["tpr"] >= TARGET_TPR and ref["fpr"] <= TARGET_FPR, judgeable),
             f"each prompt against the {ref['n_reference']} or more others the audit finds "
-            f"clean at --fpr {ref['fpr_target']:g}: {_rated(ref)}; {verdicts}{undup}")
+            f"clean at --fpr {ref['fpr_target']:g}: {_rated(ref)}{few}; {verdicts}{undup}")
     return Verdict((detected, referenced, cure_claim(metrics, CURE_CLAIM)))
+
+
+def _judgeable(ref: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether the verdicts against the audit's clean prompts can judge the claim, and why
+    not. A clean prompt is judged against the ``m - 1`` others, and below
+    :func:`~diffmem.verdicts.reference_needed` of them (19 at 0.05) the rule's own bound
+    ``1 / m`` (:func:`~diffmem.verdicts.fpr_bound`) is above the target: the lowest clean
+    prompt is flagged whatever the model, so an FPR within that bound with the TPR met says
+    the run had too few clean prompts, not that the verdicts fail."""
+    if ref["tpr"] is None or ref["fpr"] is None:
+        return False, ""
+    n, target = ref["n_reference"], ref["fpr_target"]
+    bound = fpr_bound(n, target)
+    if (n < reference_needed(target) and ref["tpr"] >= TARGET_TPR
+            and TARGET_FPR < ref["fpr"] <= bound):
+        return False, (f" (too few clean prompts to judge: against {n} others the rule's "
+                       f"bound is {bound:.3g}, above {TARGET_FPR:g})")
+    return True, ""
 
 
 def _rated(found: Mapping[str, Any]) -> str:
