@@ -107,10 +107,10 @@ def test_conditional_measures_known_answers_on_every_schedule():
 
 
 def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypatch):
-    """Conditions 0 and 1 are one point each, 2 and 3 the null's own Gaussian denoiser: from
-    the same noise their generations equal the null's, so consistency_ratio is exactly 1,
-    and 0 for the points. A few conditions are all confirmed; beyond CONFIRM_ALL the
-    confirmation walks down the collapse ranking and stops at the first chunk that confirms
+    """Conditions 0 and 1 are one point each (consistency_ratio exactly 0), 2 and 3 the
+    null's own Gaussian denoiser (from the same noise their generations are the null's
+    first ones: a ratio near 1). A few conditions are all confirmed; beyond CONFIRM_ALL the
+    confirmation walks down the collapse ranking and stops at the first batch that confirms
     nothing (condition 3 is never generated). With conditions 2-3 as the reference, the
     threshold is their collapse and only 0-1 exceed it."""
     import diffmem.detect as det
@@ -124,19 +124,19 @@ def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypa
     res = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10, labels=labels)
     by = {e["condition"]: e for e in res.entries}
     assert by[0]["consistency_ratio"] == pytest.approx(0, abs=1e-6)
-    assert by[2]["consistency_ratio"] == pytest.approx(1, rel=1e-9)
+    assert 0.6 < by[2]["consistency_ratio"] < 1.6 and by[2]["stopped"] == "above"
     assert "consistency" not in by[3] and res.settings["confirm"] == 3
-    more = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10,
-                  generations=3)  # from the screen's noise; by default 16 of their own
-    assert more.settings["generations"] == 3 and res.settings["generations"] == 16
-    for c, e in enumerate(more.entries):
+    capped = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10,
+                    generations=16)  # the cap: screen measures unchanged
+    assert capped.settings["generations"] == 16 and res.settings["generations"] == 32
+    for c, e in enumerate(capped.entries):
         assert e["collapse"] == by[c]["collapse"] and e["gap"] == by[c]["gap"]
-    assert more.entries[0]["consistency_ratio"] == pytest.approx(0, abs=1e-6)
-    assert more.entries[2]["consistency_ratio"] == pytest.approx(1, rel=1e-9)
-    assert more.entries[0]["consistency"] != by[0]["consistency"] or \
-        more.entries[2]["consistency"] != by[2]["consistency"]
-    with pytest.raises(ValueError, match="--generations: expected at least 2"):
-        detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10, generations=1)
+    for bad, match in [({"generations": 4}, "--generations: expected a cap of at least the "
+                        "first round's 8"), ({"alpha": 1.0}, "--alpha: expected an error rate"),
+                       ({"alpha": 0.0}, "--alpha: expected"),
+                       ({"confirm_steps": 0}, "--confirm-steps: expected")]:
+        with pytest.raises(ValueError, match=match):
+            detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10, **bad)
     v = judge(res)
     assert v["kind"] == "consistency" and v["n_memorized"] == 2
     assert [by[c]["memorized"] for c in range(4)] == [True, True, False, False]
@@ -167,6 +167,51 @@ def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypa
         "tpr": 0.5, "fpr": 1.0, "n_positive": 2, "n_negative": 1}
 
 
+def test_confirmation_stops_when_settled_and_generates_each_condition_once():
+    """Sequential confirmation: a condition whose generations are one image (label 0) stops
+    after the first round of 8, as does one as varied as the null (2); one whose
+    generations are 0.45 times as spread as the null's, on the line, stays in doubt and gets
+    more rounds up to the cap (not memorized); a condition given three times, and a prompt
+    given twice by its text (``keys``), is generated once: the network sees each distinct
+    condition's rows once per generation and step."""
+    from diffmem.confirm import LINE
+
+    sch = VP()
+    seen: dict[int, int] = {}
+
+    def fn(x, t, y):
+        x, t = x.double(), t.double()
+        for label in y.tolist():
+            seen[label] = seen.get(label, 0) + 1
+        m, s2 = sch.m(t)[:, None], sch.sigma2(t)[:, None]
+        var = torch.where(y[:, None] == 5, S2 * LINE ** 2, torch.full_like(m, S2))
+        d = m * var / (m * m * var + s2) * x  # a Gaussian of the variance of its label
+        d[y == 0] = POINT
+        return m * d
+
+    model = ModelScore(fn, sch, (D,), kind="denoiser", conditional=True)
+    conditions = torch.tensor([0, 2, 5, 0, 0, 2])
+    res = detect(model, conditions, torch.tensor(4), measures=("consistency",),
+                 confirm_steps=6, generations=32)
+    by = {e["index"]: e for e in res.entries}
+    assert by[0]["generations"] == 8 and by[0]["stopped"] == "below"
+    assert by[1]["generations"] == 8 and by[1]["stopped"] == "above"
+    assert by[2]["generations"] > 8 and by[2]["stopped"] == "cap"
+    lo, hi = by[2]["ratio_interval"]
+    assert lo < LINE <= hi  # in doubt: the interval spans the line
+    assert by[3]["same_as"] == 0 and by[4]["same_as"] == 0 and by[5]["same_as"] == 1
+    assert by[3]["consistency_ratio"] == by[0]["consistency_ratio"]
+    # (+1: the check that the model takes the first two conditions and the null)
+    assert seen[0] == 8 * 6 + 1 and seen[2] == 8 * 6 + 1
+    assert seen[5] == by[2]["generations"] * 6 and seen[4] == 32 * 6 + 1  # the null: once
+    assert res.settings["distinct"] == 3 and res.settings["generations_drawn"] == \
+        16 + by[2]["generations"]
+    seen.clear()
+    keyed = detect(model, torch.tensor([0, 2]), torch.tensor(4), measures=("consistency",),
+                   confirm_steps=6, keys=["a cat", "a cat"])
+    assert keyed.entries[1]["same_as"] == 0 and seen[2] == 1  # the check's row alone
+
+
 def test_consistency_compares_a_latent_models_decoded_images(monkeypatch):
     """A latent model's confirmation generations are compared as the pictures its decoder
     makes of them: with ``decode(z) = (2 z, 2 z)`` every RMS distance doubles, so
@@ -192,9 +237,12 @@ def test_consistency_compares_a_latent_models_decoded_images(monkeypatch):
 def test_reference_rule_on_consistency_ratio():
     """Where the result and the reference both carry consistency_ratio, the reference rule
     reads it (lower: memorized): below the k-th of the m reference ratios, k = floor(fpr
-    (m + 1)) - 1 (at least 0), and below CONSISTENCY_RATIO; unconfirmed conditions are not
-    memorized; a reference screened only falls back to the primary measure."""
-    from diffmem.detect import CONSISTENCY_RATIO, DetectResult
+    (m + 1)) - 1 (at least 0), and settled below the confirmation's line (an entry recorded
+    without its stop: its ratio below the line); unconfirmed conditions, and conditions in
+    doubt at the cap, are not memorized; a reference screened only falls back to the primary
+    measure."""
+    from diffmem.confirm import LINE
+    from diffmem.detect import DetectResult
     from diffmem.verdicts import bound_note, held_out, judge
 
     def result(ratios, collapse=None):
@@ -212,18 +260,23 @@ def test_reference_rule_on_consistency_ratio():
     assert v["reference_fpr"] == 0.0 and v["n_reference"] == 20
     assert v["fpr_bound"] == pytest.approx(1 / 21)
     assert "below 0.44, the value a new entry like the 20 reference entries falls below with " \
-        "probability at most 0.0476 (" in v["rule"]
+        "probability at most 0.0476, and settled below the line 0.45" in v["rule"]
     assert [e["memorized"] for e in tested.entries] == [True, True, True, False, False, False,
                                                         False]
     assert v["against_labels"]["tpr"] == 0.0  # the unconfirmed labelled one: not memorized
     v = judge(tested, result(narrow), fpr=0.2)  # floor(4.2) - 1 = 3: 0.46, the 4th of 20
-    assert v["threshold"] == 0.46 and v["reference_fpr"] == 0.1
-    assert v["fpr_bound"] == pytest.approx(4 / 21)
-    assert sum(e["memorized"] for e in tested.entries) == 4
+    assert v["reference_threshold"] == 0.46 and v["threshold"] == LINE == 0.45
+    assert v["fpr_bound"] == pytest.approx(4 / 21) and v["reference_fpr"] == 0.1
+    assert sum(e["memorized"] for e in tested.entries) == 3
     v = judge(tested, result([0.9, 1.0, 1.1, 1.2]), fpr=0.05)  # a varied reference: capped
-    assert v["reference_threshold"] == 0.9 and v["threshold"] == CONSISTENCY_RATIO
-    assert [e["memorized"] for e in tested.entries][:4] == [True, True, True, True]
-    assert "the consistency rule's (the reference's threshold, 0.9, is above" in v["rule"]
+    assert v["reference_threshold"] == 0.9 and v["threshold"] == LINE
+    assert [e["memorized"] for e in tested.entries][:4] == [True, True, True, False]
+    assert "the consistency rule's line (the reference's threshold, 0.9, is above" in v["rule"]
+    tested.entries[1]["stopped"] = "cap"  # in doubt at the cap: not memorized, ratio aside
+    tested.entries[0]["stopped"] = "below"
+    judge(tested)
+    assert [e["memorized"] for e in tested.entries][:3] == [True, False, True]
+    del tested.entries[0]["stopped"], tested.entries[1]["stopped"]
     clean = [0.40] + narrow[1:]  # one clean condition below all the others
     both = result([0.2, *clean])
     flags = held_out(both, list(range(1, 21)), 0.05)  # each against the other clean ones
@@ -342,10 +395,12 @@ def test_detect_command_conditions_and_samples(tmp_path):
     res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "cond"), *sched,
                               "--conditions", str(tmp_path / "conds.npy"), "--null-cond", "3",
                               "--labels", str(tmp_path / "labels.npy"), "--confirm", "1",
-                              "--generations", "3", "--out", str(tmp_path / "d")])
+                              "--generations", "8", "--confirm-steps", "4",
+                              "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     written = json.loads((tmp_path / "d" / "detect.json").read_text())
-    assert written["settings"]["generations"] == 3
+    assert written["settings"]["generations"] == 8 and written["settings"]["confirm_steps"] == 4
+    assert (tmp_path / "d" / "confirmations" / "batch_0000000.json").is_file()
     assert len(written["conditions"]) == 3 and written["primary"] in written["roc"]
     assert sum(e.get("consistency") is not None for e in written["conditions"]) == 1
     assert (tmp_path / "d" / "detect.csv").read_text().startswith("rank,index,condition,")
@@ -402,7 +457,13 @@ def test_detect_command_refuses_bad_input_and_writes_nothing(tmp_path):
              "--reference: expected entries like those tested"),
             (uncond + ["--reference", str(tmp_path / "conds.npy")],
              "--reference: expected entries like those tested"),
-            (cond + ["--null-cond", "3", "--data-shape", "a,b"], "--data-shape")]:
+            (cond + ["--null-cond", "3", "--data-shape", "a,b"], "--data-shape"),
+            (cond + ["--null-cond", "3", "--generations", "4"],
+             "--generations: expected a cap of at least the first round's 8"),
+            (cond + ["--null-cond", "3", "--alpha", "1.5"], "--alpha: expected an error rate "
+             "in (0, 1), received 1.5"),
+            (cond + ["--null-cond", "3", "--fpr", "-0.1"], "--fpr: expected"),
+            (cond + ["--null-cond", "3", "--confirm-steps", "0"], "--confirm-steps")]:
         out = tmp_path / "bad"
         res = RUNNER.invoke(app, ["detect", *args, "--out", str(out)])
         assert res.exit_code == 2 and message in res.output, (args, res.output)

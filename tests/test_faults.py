@@ -236,6 +236,37 @@ def test_killed_detect_reruns_to_the_same_ranking(tmp_path):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == ".lock"]
 
 
+COND_MODEL = ("import time\n\ndef fn(x, t, y):\n    time.sleep(0.002)\n"
+              "    return -x / (1 + (y[:, None] % 3).double())\n")
+
+
+def test_killed_detect_of_conditions_keeps_its_confirmations_and_ends_the_same(tmp_path):
+    """``detect --conditions``, killed during the confirmation: the batches it finished are
+    kept (``OUT/confirmations``), the rerun draws the rest and writes the detect.json of an
+    uninterrupted run (timings aside)."""
+    (tmp_path / "model.py").write_text(COND_MODEL)
+    np.save(tmp_path / "conds.npy", np.arange(12))
+    args = ["detect", "--model", f"{tmp_path / 'model.py'}:fn", "--schedule", "VP",
+            "--data-shape", "4", "--conditions", str(tmp_path / "conds.npy"), "--null-cond",
+            "12", "--batch-size", "16", "--confirm-steps", "6", "--no-progress"]
+    whole = _run(args + ["--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    kept = tmp_path / "whole" / "confirmations"
+    assert len(list(kept.glob("batch_*.json"))) == 6  # 12 conditions, 2 a batch
+    out = tmp_path / "cut"
+    first = out / "confirmations" / "batch_0000000.json"
+    assert _kill_when(CLI + args + ["--out", str(out)], first.exists, _delay(3, 0.3)) == -9
+    done = {p.name: p.read_bytes() for p in (out / "confirmations").glob("batch_*.json")}
+    assert 1 <= len(done) < 6
+    again = _run(args + ["--out", str(out)])
+    assert again.returncode == 0, again.stderr
+    for name, data in done.items():  # kept, not drawn again
+        assert (out / "confirmations" / name).read_bytes() == data
+    got, ref = (json.loads((d / "detect.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert _stable(got) == _stable(ref)
+    assert all(e["stopped"] in ("below", "above", "cap") for e in got["conditions"])
+
+
 def test_killed_compare_reruns_to_identical_samples(tmp_path):
     (tmp_path / "model.py").write_text(SLOW_MODEL)
     rng = np.random.default_rng(1)

@@ -145,7 +145,8 @@ def test_audit_detect_and_compare_take_prompts(sd, tmp_path):
     (tmp_path / "ref.txt").write_text(f"{PROMPTS[2]}\na green circle\n")
     res = CliRunner().invoke(app, [
         "detect", "--model", str(sd), "--prompts", str(prompts), "--steps", "4",
-        "--n-noise", "2", "--generations", "3", "--reference", str(tmp_path / "ref.txt"),
+        "--n-noise", "2", "--generations", "8", "--confirm-steps", "3",
+        "--reference", str(tmp_path / "ref.txt"),
         "--no-progress", "--out", str(tmp_path / "detect_ref")])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "detect_ref" / "detect.json").read_text())

@@ -539,10 +539,18 @@ def detect_command(
                                        "the screen, confirmed by full generations "
                                        "(consistency; default a tenth of them)."),
     n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition or sample."),
-    generations: int | None = typer.Option(None, "--generations", help="Confirmation "
-                                           "generations per condition (default 16, at "
-                                           "least --n-noise)."),
-    steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler."),
+    generations: int | None = typer.Option(None, "--generations", help="The most "
+                                           "confirmation generations a condition gets, drawn "
+                                           "in rounds of 8, 16, 32 until its verdict is "
+                                           "settled (default 32; at least 8)."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Error of a settled verdict: a "
+                                "condition whose consistency ratio is at least the line is "
+                                "called memorized with probability at most this."),
+    confirm_steps: int | None = typer.Option(None, "--confirm-steps", help="DDIM steps of "
+                                             "the confirmation generations (default 10: "
+                                             "their ratios agree with 50 steps')."),
+    steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler whose "
+                              "first step the screen reads (and that draws --n-samples)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Network inputs at once: "
                                    "conditions (or samples) x --n-noise a chunk; the chunks "
                                    "are split over the processes of a torchrun launch."),
@@ -580,6 +588,7 @@ def detect_command(
     generations). Writes OUT/detect.json, OUT/detect.csv and OUT/index.html."""
     from diffmem import detect as det
     from diffmem.conditions import as_conditions, parse_null
+    from diffmem.confirm import check_alpha
     from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.models import load_model
     from diffmem.report import write_detect_report
@@ -587,6 +596,7 @@ def detect_command(
 
     try:
         check_fpr(fpr)
+        check_alpha(alpha)
         team, device = _team(device, locals())
         shape = _parse_shape(data_shape)
         text = ref_table = None
@@ -642,9 +652,11 @@ def detect_command(
             null = parse_null(null_cond, table) if text is None else null_cond
             kw |= {"n_noise": n_noise, "steps": steps, "seed": seed, "progress": progress,
                    "guidance": None if text is None else text.guidance_applied,
-                   "chunk": chunk, "team": team, "generations": generations}
+                   "chunk": chunk, "team": team, "generations": generations,
+                   "alpha": alpha, "confirm_steps": confirm_steps}
             result, ref = _detect_conditions(loaded, table, null, ref_table, text,
-                                             confirm=confirm, labels=marks, **kw)
+                                             confirm=confirm, labels=marks, fpr=fpr,
+                                             out=out, **kw)
         else:
             kw = {"n_noise": n_noise, "seed": seed, "progress": progress, "chunk": chunk,
                   "team": team, **({} if names is None else {"measures": names}),
@@ -800,14 +812,29 @@ def _strength_grids(items: list[str]) -> dict[str, list[float]]:
 
 
 def _detect_conditions(model: Any, table: Any, null: Any, ref_table: Any, text: Any,
-                       confirm: int | None, labels: Any, **kw: Any) -> tuple[Any, Any]:
-    """:func:`diffmem.detect.detect` on the conditions and on the reference (confirmed in
-    full: its verdict reads ``consistency_ratio``), named by their prompts for a text model."""
+                       confirm: int | None, labels: Any, fpr: float, out: Path,
+                       **kw: Any) -> tuple[Any, Any]:
+    """:func:`diffmem.detect.detect` on the reference first (confirmed in full: its verdict
+    reads ``consistency_ratio``), then on the conditions, confirmed against the line the
+    reference sets (its threshold at ``fpr``, when below the consistency rule's); each
+    keeps its finished confirmation batches under ``out`` (resumable); prompts named and
+    deduplicated by their text."""
+    from diffmem.confirm import LINE
     from diffmem.detect import detect
+    from diffmem.verdicts import threshold_at_fpr
 
-    result = detect(model, table, null, confirm=confirm, labels=labels, **kw)
-    ref = None if ref_table is None else detect(model, ref_table, null,
-                                                confirm=len(ref_table), **kw)
+    texts = None if text is None else text.prompts.texts
+    ref = line = None
+    if ref_table is not None:
+        ref = detect(model, ref_table, null, confirm=len(ref_table), store=out /
+                     "confirmations_reference", keys=None if texts is None else
+                     [texts[int(j)] for j in ref_table], **kw)
+        ratios = [e.get("consistency_ratio") for e in ref.entries]
+        if any(r is not None for r in ratios):
+            line = min(LINE, threshold_at_fpr(ratios, fpr, below=True))
+    result = detect(model, table, null, confirm=confirm, labels=labels, line=line,
+                    store=out / "confirmations", keys=None if texts is None else
+                    [texts[int(j)] for j in table], **kw)
     if text is not None:
         from diffmem.text import name_by_prompt
 

@@ -28,18 +28,24 @@ draws ``z`` shared by every condition:
   traces by Hutchinson's estimator ``v^T (D(x + h v) - D(x - h v)) m / 2h`` with Rademacher
   ``v`` (the same ``v`` for both conditions): near 1 when the conditional denoiser is a
   constant map (one memorized image), near 0 when it varies as the unconditional one does.
-* ``consistency`` (Carlini et al., USENIX Security 2023, as a confirmation): ``K`` full
-  generations per condition (DDIM, ``eta = 0``; a latent model's decoded by its VAE, so
-  pictures are compared), the median over them of the RMS distance to
-  the nearest other generation, negated (near-duplicate generations: larger). Costly, so
-  computed only for the conditions ranked highest by the screen: ``confirm`` of them, or by
-  default all of them up to :data:`CONFIRM_ALL` conditions and beyond that down the ranking
-  a chunk at a time until a chunk holds no condition whose ``consistency_ratio`` is below
-  :data:`CONSISTENCY_RATIO`.
+* ``consistency`` (Carlini et al., USENIX Security 2023, as a confirmation): full
+  generations per condition (DDIM, ``eta = 0``, at :data:`CONFIRM_STEPS` steps; a latent
+  model's decoded by its VAE, so pictures are compared), minus the median over them of the
+  RMS distance to the nearest other generation (near-duplicate generations: larger).
 * ``consistency_ratio``: the median RMS distance between two of those generations divided
   by the same for the null condition's, generated from the same noise (dimensionless; near 1
   when the condition leaves the generations as varied as no condition does, near 0 when they
-  all land on one image). The verdicts of :mod:`diffmem.verdicts` read it.
+  all land on one image). The generations are drawn in rounds of 8, 16 then 32
+  (:mod:`diffmem.confirm`) until a bootstrap interval for the ratio lies wholly on one side
+  of :data:`diffmem.confirm.LINE` (``stopped``: ``below``, ``above`` or ``cap``; the entry
+  records the ``generations`` drawn and the ``ratio_interval``); the verdicts of
+  :mod:`diffmem.verdicts` read it. Costly, so computed only for the conditions ranked
+  highest by the screen: ``confirm`` of them, or by default all of them up to
+  :data:`CONFIRM_ALL` distinct conditions and beyond that down the ranking a tenth at a time
+  until a tenth holds no memorized condition.
+
+Identical conditions (the same label or vector, or a prompt given twice) are screened and
+confirmed once; their entries share the result (``same_as``: the first row holding it).
 
 The primary measure (``PRIMARY``) was chosen on the benchmark of the ``detect-digits``
 experiment (``docs/detect.md`` has the numbers).
@@ -91,19 +97,16 @@ SAMPLE_LEVEL = 0.3
 #: dimensions, to rounding): the per-sample verdict without a reference set is ``flipd > 1 -
 #: LID_POINT / d`` (measured on ``detect-digits``, see docs/detect.md).
 LID_POINT = 0.5
-#: Fraction of the conditions confirmed by full generations at a time (by default down the
-#: ranking until a chunk confirms none).
+#: Fraction of the distinct conditions confirmed at a time beyond :data:`CONFIRM_ALL` (down
+#: the ranking until a tenth holds no memorized condition).
 CONFIRM = 0.1
-#: Confirmation generations per condition by default (at least ``n_noise``): the verdict's
-#: ratio is a median over their pairs, and with 4 a memorized digit condition sat at 0.52 on
-#: ``detect-digits``' quick linear-eps model, at 0.47 with 16 (docs/detect.md).
-GENERATIONS = 16
-#: Up to this many conditions, all are confirmed by default (the verdict does not hang on the
-#: screen's ranking: on a small text model the screen ranked the memorized prompts last).
+#: Up to this many distinct conditions, all are confirmed by default (the verdict does not
+#: hang on the screen's ranking: on a small text model the screen ranked the memorized
+#: prompts last).
 CONFIRM_ALL = 64
-#: ``consistency_ratio`` below which a condition's generations count as one image (the
-#: verdict without a reference set; measured on ``detect-digits``, see docs/detect.md).
-CONSISTENCY_RATIO = 0.5
+#: DDIM steps of the confirmation generations by default: the fewest whose consistency
+#: ratios agree with 50 steps' (docs/detect.md).
+CONFIRM_STEPS = 10
 #: Weight of the cosine in ``anisotropy`` (Asthana et al. use 0.1 to 2 by model).
 GAMMA = 1.0
 #: Central-difference step, relative to the noise ``sigma`` (Jacobian) or to ``sigma
@@ -297,20 +300,6 @@ def _images(model: Any, gens: Tensor, batch: int = 16) -> Tensor:
     return gens.reshape(gens.shape[0], -1)
 
 
-def _spread(gens: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Per group of ``k`` consecutive generations ``(n k, d)``: the median over them of the
-    RMS distance (``/ sqrt(d)``) to the nearest other generation of the group (Carlini et
-    al.'s), and the median RMS distance over the group's ``k (k - 1) / 2`` pairs (steadier
-    with few generations: what the ratios use)."""
-    d = gens.shape[1]
-    g = gens.reshape(-1, k, d)
-    dist = torch.cdist(g, g) / math.sqrt(d)
-    pairs = torch.triu_indices(k, k, 1)
-    median_pair = dist[:, pairs[0], pairs[1]].median(1).values
-    dist = dist + torch.diag(torch.full((k,), math.inf, dtype=dist.dtype))
-    return dist.min(2).values.median(1).values, median_pair
-
-
 def _check_measures(measures: Sequence[str], allowed: Sequence[str]) -> list[str]:
     names = list(measures)
     bad = [n for n in names if n not in allowed]
@@ -367,180 +356,397 @@ def _in_chunks(team: Team, fn: Any, entries: list[dict[str, Any]], chunk: int,
     return per_process
 
 
+@dataclass
+class _Screen:
+    """What the screen of :func:`detect` evaluates, fixed once: the model, the seeded noise
+    ``z`` and Rademacher probes, and the probes at the sampler's first and last times and
+    at each level."""
+
+    model: Any
+    names: list[str]
+    z: Tensor
+    probes: Tensor
+    top: _Probe
+    low: _Probe
+    at: list[_Probe]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.model.data_shape)
+
+    def first_step(self, x: Tensor, c: Tensor, nul: Tensor) -> dict[str, Tensor]:
+        """``wen``, ``sharpness`` and ``anisotropy`` (those asked for) at pure noise ``x``."""
+        top, low, names = self.top, self.low, self.names
+        d = math.prod(self.shape)
+        dc, dn = top.D_pair(x, c, nul)
+        found = {"wen": _rows(top.eps(x, dc) - top.eps(x, dn))}
+        if "sharpness" in names:
+            s_delta = top.m * (dc - dn) / top.sigma ** 2
+            h = expand_as_batch(STEP * top.sigma * math.sqrt(d) / _rows(s_delta).clamp_min(
+                1e-30), x)
+            pc, pn = top.D_pair(x + h * s_delta, c, nul)
+            mc, mn = top.D_pair(x - h * s_delta, c, nul)
+            hvp = top.m * ((pc - pn) - (mc - mn)) / top.sigma ** 2 / (2 * h)
+            found["sharpness"] = _rows(hvp) ** 2
+        if "anisotropy" in names:
+            lc, ln = low.D_pair(x, c, nul)
+            e_null = low.eps(x, ln)
+            guide = low.eps(x, lc) - e_null
+            cos = _dot(e_null, guide) / (_rows(e_null) * _rows(guide)).clamp_min(1e-30)
+            found["anisotropy"] = found["wen"] / math.sqrt(d) + GAMMA * cos
+        return found
+
+    def levels(self, zz: Tensor, c: Tensor, nul: Tensor, k: int) -> dict[str, Tensor]:
+        """``gap`` and the traces behind ``collapse`` at each level, on noise ``zz``."""
+        gaps, tr_c, tr_n = [], [], []
+        d = math.prod(self.shape)
+        for j, probe in enumerate(self.at):
+            x = probe.sigma * zz
+            if "collapse" in self.names:  # the gap from the same calls, D(x) to O(h^2)
+                v = self.probes[j].repeat(k, *[1] * len(self.shape))
+                tr, mid = probe.vjv(torch.cat([x, x]), torch.cat([v, v]), torch.cat([c, nul]))
+                tr_c.append(tr[: x.shape[0]])
+                tr_n.append(tr[x.shape[0]:])
+                dc, dn = mid[: x.shape[0]], mid[x.shape[0]:]
+            else:
+                dc, dn = probe.D_pair(x, c, nul)
+            gaps.append(_rows(dc - dn) / math.sqrt(d))
+        found = {"gap": torch.stack(gaps).mean(0)}
+        if tr_c:
+            found["trace_c"] = torch.stack(tr_c).sum(0) / (len(self.at) * d)
+            found["trace_null"] = torch.stack(tr_n).sum(0) / (len(self.at) * d)
+        return found
+
+    def __call__(self, table: Tensor, null: Tensor, lo: int, chunk: int) -> dict[str, list[float]]:
+        """The screen's measures of conditions ``lo`` to ``lo + chunk`` of ``table``, each the
+        mean over the noise draws."""
+        n_noise = self.z.shape[0]
+        idx = torch.arange(lo, min(table.shape[0], lo + chunk))
+        k = idx.numel()
+        c = table[idx].repeat_interleave(n_noise, 0)
+        nul = null[None].expand(c.shape[0], *null.shape)
+        zz = self.z.repeat(k, *[1] * len(self.shape))
+        found: dict[str, Tensor] = {}
+        if {"wen", "sharpness", "anisotropy"} & set(self.names):
+            found |= self.first_step(self.top.sigma * zz, c, nul)
+        if {"gap", "collapse"} & set(self.names):
+            found |= self.levels(zz, c, nul, k)
+        return {name: value.reshape(k, n_noise).mean(1).tolist()
+                for name, value in found.items() if name in self.names or
+                name.startswith("trace")}
+
+
+def _distinct(conditions: Tensor, keys: Sequence[Any] | None) -> tuple[list[int], list[int]]:
+    """The first row of each distinct condition (by ``keys``, one per row, when given: a
+    prompt's text; else by value) and, for every row, the position of its own among them."""
+    if keys is not None and len(keys) != conditions.shape[0]:
+        raise fail("keys", f"one key per condition ({conditions.shape[0]})", len(keys))
+    flat = conditions.reshape(conditions.shape[0], -1)
+    seen: dict[Any, int] = {}
+    firsts: list[int] = []
+    which: list[int] = []
+    for j in range(conditions.shape[0]):
+        key = keys[j] if keys is not None else (str(flat[j].dtype), flat[j].numpy().tobytes())
+        if key not in seen:
+            seen[key] = len(firsts)
+            firsts.append(j)
+        which.append(seen[key])
+    return firsts, which
+
+
+def _generate(generator: Any, model: Any, cond: Tensor, z: Tensor, times: Tensor,
+              batch: int) -> Tensor:
+    """DDIM generations of ``generator`` from ``sigma(t_0) z`` under ``cond`` (one row
+    each), ``batch`` rows at a time, as the images they stand for (:func:`_images`)."""
+    sigma0 = float(model.schedule.sigma(times[:1]))
+    out = [_images(model, ddim(generator, sigma0 * z[i:i + batch], times, cond[i:i + batch]))
+           for i in range(0, z.shape[0], batch)]
+    return torch.cat(out)
+
+
+@dataclass
+class _Confirmation:
+    """How :func:`detect` confirms: the generating model (guided as the pipeline samples),
+    the sampler's times, the shared noise, the sequential rule's settings and where its
+    finished batches are kept (``store``: resumable)."""
+
+    generator: Any
+    model: Any
+    times: Tensor
+    z: Tensor
+    null: Tensor
+    batch: int
+    line: float
+    alpha: float
+    first: int
+    seed: int
+    store: Any = None
+
+    def null_distances(self) -> Tensor:
+        """The null condition's distances between its ``cap`` generations."""
+        from diffmem.confirm import distances
+
+        cap = self.z.shape[0]
+        cond = self.null[None].expand(cap, *self.null.shape)
+        return distances(_generate(self.generator, self.model, cond, self.z, self.times,
+                                   self.batch))
+
+    def run(self, table: Tensor, ids: list[int], d_null: Tensor) -> dict[int, dict[str, Any]]:
+        """:func:`diffmem.confirm.confirm` of the distinct conditions ``ids``."""
+        from diffmem.confirm import confirm
+
+        def draw(which: list[int], lo: int, hi: int) -> Tensor:
+            cond = table[torch.tensor(which)].repeat_interleave(hi - lo, 0)
+            zz = self.z[lo:hi].repeat(len(which), *[1] * (self.z.dim() - 1))
+            return _generate(self.generator, self.model, cond, zz, self.times, self.batch)
+
+        found = confirm(draw, ids, d_null, first=self.first, cap=self.z.shape[0],
+                        line=self.line, alpha=self.alpha, seed=self.seed)
+        return {j: o.as_entry() for j, o in found.items()}
+
+
+def _confirm_all(conf: _Confirmation, table: Tensor, order: list[int], limit: int,
+                 width: int, walk: bool, team: Team, progress: bool) -> tuple[
+                     dict[int, dict[str, Any]], float]:
+    """Confirm the distinct conditions in ``order`` (the screen's ranking), ``width`` at a
+    time, the batches split over ``team``'s processes: the first ``limit`` of them, or with
+    ``walk`` down the ranking until a batch holds no memorized condition. Batches a killed
+    run finished are read from ``conf.store``. Returns the outcomes by condition and the
+    null's spread."""
+    from diffmem.confirm import pair_median
+
+    store = conf.store
+    d_null = team.broadcast(store.null() if store is not None and team.leader else None)
+    if d_null is None:
+        d_null = conf.null_distances()
+        if store is not None and team.leader:
+            store.save_null(d_null)
+    done: dict[int, dict[str, Any]] = {}
+    starts = list(range(0, limit, width))
+    bar = tqdm(total=limit, disable=not (progress and team.leader), desc="confirming")
+    k = 0
+    while k < len(starts):
+        round_starts = starts[k:k + team.size]
+        saved = team.broadcast({lo: store.batch(lo, order[lo:lo + width])
+                                for lo in round_starts} if store is not None and team.leader
+                               else {lo: None for lo in round_starts})
+        todo = [lo for lo in round_starts if saved[lo] is None]
+        found, _ = team.map(lambda lo: conf.run(table, order[lo:min(limit, lo + width)],
+                                                d_null), todo)
+        assert found is not None
+        fresh = dict(zip(todo, found, strict=True))
+        stop = False
+        for lo in round_starts:
+            batch = saved[lo] if saved[lo] is not None else fresh[lo]
+            if store is not None and team.leader and saved[lo] is None:
+                store.save_batch(lo, batch)
+            done |= batch
+            bar.update(len(batch))
+            if walk and not any(o["stopped"] == "below" for o in batch.values()):
+                stop = True  # a whole batch down the ranking confirmed nothing
+                break
+        if stop:
+            break
+        k += len(round_starts)
+    bar.close()
+    return done, pair_median(d_null)
+
+
+class ConfirmStore:
+    """A folder keeping the confirmation's finished batches (``batch_LO.json``: each
+    condition's outcome) and the null's distances (``null.json``), under ``key.json``: a
+    rerun with the same key reads them instead of drawing again; another key empties it."""
+
+    def __init__(self, folder: Any, key: dict[str, Any]) -> None:
+        import json
+        from pathlib import Path
+
+        from diffmem.io import atomic_write_json, jsonable
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        mark = self.folder / "key.json"
+        key = json.loads(json.dumps(jsonable(key)))
+        if not mark.is_file() or json.loads(mark.read_text()) != key:
+            for old in self.folder.glob("*.json"):
+                old.unlink()
+            atomic_write_json(mark, key)
+
+    def _read(self, name: str) -> Any:
+        import json
+
+        path = self.folder / name
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:
+            return None
+
+    def null(self) -> Tensor | None:
+        found = self._read("null.json")
+        return None if found is None else torch.tensor(found, dtype=torch.float64)
+
+    def save_null(self, d: Tensor) -> None:
+        from diffmem.io import atomic_write_json
+
+        atomic_write_json(self.folder / "null.json", d.tolist())
+
+    def batch(self, lo: int, ids: list[int]) -> dict[int, dict[str, Any]] | None:
+        """The batch at rank ``lo`` when it was kept for exactly the conditions ``ids``."""
+        found = self._read(f"batch_{lo:07d}.json")
+        if found is None or sorted(int(j) for j in found) != sorted(ids):
+            return None
+        return {int(j): v for j, v in found.items()}
+
+    def save_batch(self, lo: int, batch: dict[int, dict[str, Any]]) -> None:
+        from diffmem.io import atomic_write_json
+
+        atomic_write_json(self.folder / f"batch_{lo:07d}.json",
+                          {str(j): v for j, v in batch.items()})
+
+
 def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
            steps: int = 50, levels: Sequence[float] = LEVELS,
            measures: Sequence[str] = DEFAULT_MEASURES,
            confirm: int | None = None, seed: int = 0, labels: Tensor | None = None,
            chunk: int = 64, guidance: float | None = None, generations: int | None = None,
+           confirm_steps: int | None = None, alpha: float | None = None,
+           line: float | None = None, keys: Sequence[Any] | None = None, store: Any = None,
            progress: bool = False, team: Team | None = None) -> DetectResult:
-    """The measures of the module docstring for each of ``conditions`` (``(n, *cond_shape)``;
-    integer labels or vectors) of a conditional ``model`` whose null condition is ``null``.
-    Conditions are evaluated ``chunk`` at a time, all ``n_noise`` draws in one batch; the
-    confirmation generates ``generations`` per condition (default the larger of
-    ``GENERATIONS`` and ``n_noise``; from the screen's noise when equal to ``n_noise``,
-    otherwise from their own, drawn after it, the same for every condition and the null).
-    ``consistency`` is computed for the ``confirm`` conditions ranked highest by the other
-    measures (the primary when computed); by default (``confirm=None``) for all of them when
-    there are at most ``CONFIRM_ALL``, otherwise for chunks of ``CONFIRM`` of them down that
-    ranking until a chunk holds no condition with a ``consistency_ratio`` below
-    ``CONSISTENCY_RATIO``.
-    ``labels`` (``(n,)``, 1 for a memorized condition) adds the ROC of each measure.
-    ``guidance`` (a text pipeline's weight) guides the confirmation generations against
-    ``null`` as the pipeline samples; the screen's measures compare the unguided outputs.
-
-    With a :class:`diffmem.parallel.Team`, the chunks of the screen and of the confirmation
-    (as many chunks at once as processes; those past the stopping chunk are dropped) are
+    """The measures of the module docstring for each of ``conditions`` (``(n,
+    *cond_shape)``; integer labels or vectors) of a conditional ``model`` whose null
+    condition is ``null``. Identical conditions (equal rows, or equal ``keys``: a prompt's
+    text) are measured once and share the result (``same_as``: the first row holding
+    them). The screen evaluates ``chunk`` distinct conditions at a time, all ``n_noise``
+    draws in one batch, at the first time of a ``steps``-step sampler. The confirmation
+    (:mod:`diffmem.confirm`) generates by DDIM at ``confirm_steps`` steps (default
+    :data:`CONFIRM_STEPS`) in rounds of 8, 16 then 32 generations (``generations``: the cap)
+    until each condition's verdict is settled at error ``alpha`` against ``line``; it
+    covers the ``confirm`` distinct conditions the screen ranks highest, or by default all
+    of them up to :data:`CONFIRM_ALL` and beyond that the ranking a tenth at a time until a
+    tenth holds no memorized condition. ``labels`` (``(n,)``, 1 memorized) add each
+    measure's ROC; ``guidance`` (a text pipeline's weight) guides the generations against
+    ``null`` as the pipeline does. ``store`` (a folder) keeps the finished confirmation
+    batches so that a rerun after a kill draws only the rest. With a
+    :class:`diffmem.parallel.Team` the screen's chunks and the confirmation's batches are
     split over its processes, with the numbers of one process."""
+    from diffmem import confirm as cf
+
     team = team or SOLO
     if not getattr(model, "conditional", False):
         raise fail("--model", "a conditional model (its condition and a null one)",
                    getattr(model, "name", type(model).__name__))
     names = _check_measures(measures, MEASURES)
     n_noise, steps = positive_int("--n-noise", n_noise), positive_int("--steps", steps)
-    k_gen = max(GENERATIONS, n_noise) if generations is None else \
-        positive_int("--generations", generations)
-    if k_gen < 2:
-        raise fail("--generations", "at least 2 generations per condition (their spread)",
-                   k_gen)
+    c_steps = positive_int("--confirm-steps", CONFIRM_STEPS if confirm_steps is None
+                           else confirm_steps)
+    cap = cf.CAP if generations is None else positive_int("--generations", generations)
+    first = cf.FIRST
+    cf.looks(first, cap)
+    alpha = cf.check_alpha(cf.ALPHA if alpha is None else alpha)
+    line = cf.LINE if line is None else float(line)
     lv = _check_levels(levels)
-    n = conditions.shape[0]
-    step = max(1, math.ceil(CONFIRM * n))
-    limit = n if confirm is None else max(0, int(confirm))
     _check_labels(labels, conditions.shape[0], "condition")
     model.check_condition(conditions[:2], "--conditions")
     model.check_condition(null[None], "--null-cond")
+    firsts, which = _distinct(conditions, keys)
+    table = conditions[torch.tensor(firsts)]
+    n = len(firsts)
     times = sampler_times(model, steps)
-    shape = tuple(model.data_shape)
-    d = math.prod(shape)
     gen = torch.Generator().manual_seed(seed)
+    shape = tuple(model.data_shape)
     z = torch.randn(n_noise, *shape, generator=gen, dtype=torch.float64)
     probes = _rademacher((len(lv), n_noise, *shape), gen)
-    z_gen = z if k_gen == n_noise else torch.randn(k_gen, *shape, generator=gen,
-                                                   dtype=torch.float64)
-    entries: list[dict[str, Any]] = [{"condition": describe(conditions[j], j), "index": j}
-                                     for j in range(n)]
+    z_gen = torch.randn(cap, *shape, generator=gen, dtype=torch.float64)
+    found: list[dict[str, Any]] = [{} for _ in range(n)]
     start = time.perf_counter()
-    top = _Probe(model, float(times[0]), 1)
-    low = _Probe(model, float(times[-1]), 1)
-    at = [_Probe(model, time_at_level(model.schedule, v), 1) for v in lv]
-
-    def screen(lo: int) -> dict[str, list[float]]:
-        """The screen's measures of conditions ``lo`` to ``lo + chunk``, per condition."""
-        idx = torch.arange(lo, min(n, lo + chunk))
-        k = idx.numel()
-        c = conditions[idx].repeat_interleave(n_noise, 0)
-        nul = null[None].expand(c.shape[0], *null.shape)
-        zz = z.repeat(k, *[1] * len(shape))
-        found: dict[str, Tensor] = {}
-        if {"wen", "sharpness", "anisotropy"} & set(names):
-            x = top.sigma * zz
-            dc, dn = top.D_pair(x, c, nul)
-            delta_eps = top.eps(x, dc) - top.eps(x, dn)
-            found["wen"] = _rows(delta_eps)
-            if "sharpness" in names:
-                s_delta = top.m * (dc - dn) / top.sigma ** 2
-                h = STEP * top.sigma * math.sqrt(d) / _rows(s_delta).clamp_min(1e-30)
-                hv = expand_as_batch(h, x) * s_delta
-                pc, pn = top.D_pair(x + hv, c, nul)
-                mc, mn = top.D_pair(x - hv, c, nul)
-                hvp = top.m * ((pc - pn) - (mc - mn)) / top.sigma ** 2 / (2 * expand_as_batch(
-                    h, x))
-                found["sharpness"] = _rows(hvp) ** 2
-            if "anisotropy" in names:
-                lc, ln = low.D_pair(x, c, nul)
-                e_null = low.eps(x, ln)
-                guide = low.eps(x, lc) - e_null
-                cos = _dot(e_null, guide) / (_rows(e_null) * _rows(guide)).clamp_min(1e-30)
-                found["anisotropy"] = found["wen"] / math.sqrt(d) + GAMMA * cos
-        if {"gap", "collapse"} & set(names):
-            gaps, tr_c, tr_n = [], [], []
-            for j, probe in enumerate(at):
-                x = probe.sigma * zz
-                if "collapse" in names:  # the gap from the same calls, D(x) to O(h^2)
-                    v = probes[j].repeat(k, *[1] * len(shape))
-                    tr, mid = probe.vjv(torch.cat([x, x]), torch.cat([v, v]),
-                                        torch.cat([c, nul]))
-                    tr_c.append(tr[: x.shape[0]])
-                    tr_n.append(tr[x.shape[0]:])
-                    dc, dn = mid[: x.shape[0]], mid[x.shape[0]:]
-                else:
-                    dc, dn = probe.D_pair(x, c, nul)
-                gaps.append(_rows(dc - dn) / math.sqrt(d))
-            if gaps:
-                found["gap"] = torch.stack(gaps).mean(0)
-            if tr_c:
-                found["trace_c"] = torch.stack(tr_c).sum(0) / (len(at) * d)
-                found["trace_null"] = torch.stack(tr_n).sum(0) / (len(at) * d)
-        return {name: value.reshape(k, n_noise).mean(1).tolist()
-                for name, value in found.items()}
-
-    per_process = _in_chunks(team, screen, entries, chunk, progress, "conditions")
-    for e in entries:
-        if "trace_c" in e:
-            e["collapse"] = 1 - e["trace_c"] / e["trace_null"] if e["trace_null"] > 0 \
-                else None
-        if "wen" not in names:
-            e.pop("wen", None)
+    screen_names = [m for m in names if m != "consistency"]
+    if screen_names:
+        screen = _Screen(model, screen_names, z, probes, _Probe(model, float(times[0]), 1),
+                         _Probe(model, float(times[-1]), 1),
+                         [_Probe(model, time_at_level(model.schedule, v), 1) for v in lv])
+        per_process = _in_chunks(team, lambda lo: screen(table, null, lo, chunk), found,
+                                 chunk, progress, "conditions")
+    else:
+        per_process = [n] + [0] * (team.size - 1)
+    _collapse(found)
     screen_s = time.perf_counter() - start
-    confirmed = 0
+    limit = n if confirm is None else min(n, max(0, int(confirm)))
     null_spread = None
+    confirmed: dict[int, dict[str, Any]] = {}
     if "consistency" in names and limit > 0:
-        screen = [m for m in (PRIMARY, "collapse", "gap", "anisotropy", "wen", "sharpness")
-                  if m in names and m != "consistency"]
-        order = sorted(range(n), key=lambda j: -_value(entries[j].get(screen[0]))) \
-            if screen else list(range(n))
-        generator = model
-        if guidance is not None:  # generate as the pipeline does: a guided copy of the model
-            import copy
-
-            generator = copy.copy(model).guided(guidance, null)
-        null_spread = float(_spread(_images(model, ddim(
-            generator, top.sigma * z_gen, times, null[None].expand(k_gen, *null.shape))),
-            k_gen)[1][0])
-        bar = tqdm(total=limit, disable=not (progress and team.leader), desc="confirming")
-        width = step if confirm is None else chunk
-
-        def generate(lo: int) -> tuple[list[float], list[float]]:
-            """Confirmation generations of the conditions ranked ``lo`` to ``lo + width``."""
-            pick = torch.tensor(order[lo: min(limit, lo + width)])
-            c = conditions[pick].repeat_interleave(k_gen, 0)
-            zz = z_gen.repeat(pick.numel(), *[1] * len(shape))
-            near, spread = _spread(_images(model, ddim(generator, top.sigma * zz, times, c)),
-                                   k_gen)
-            return near.tolist(), spread.tolist()
-
-        stop = False
-        while confirmed < limit and not stop:  # one chunk a process at a time, in order
-            starts = list(range(confirmed, limit, width))[:team.size]
-            found, _ = team.map(generate, starts)
-            assert found is not None
-            for lo, (near, spread) in zip(starts, found, strict=True):
-                pick = order[lo: min(limit, lo + width)]
-                for j, v, w in zip(pick, near, spread, strict=True):
-                    entries[j]["consistency"] = -v
-                    entries[j]["consistency_ratio"] = w / null_spread if null_spread > 0 \
-                        else None
-                confirmed += len(pick)
-                bar.update(len(pick))
-                ratios = [entries[j]["consistency_ratio"] for j in pick]
-                if confirm is None and n > CONFIRM_ALL and not any(
-                        r is not None and r < CONSISTENCY_RATIO for r in ratios):
-                    stop = True  # a whole chunk down the ranking confirmed nothing: stop
-                    break
-        bar.close()
+        key = next((m for m in (PRIMARY, "collapse", "gap", "anisotropy", "wen", "sharpness")
+                    if m in screen_names), None)
+        order = sorted(range(n), key=lambda j: -_value(found[j].get(key))) if key \
+            else list(range(n))
+        generator = model if guidance is None else _guided(model, guidance, null)
+        conf = _Confirmation(generator, model, sampler_times(model, c_steps), z_gen, null,
+                             max(1, chunk * n_noise), line, alpha, first, seed,
+                             None if store is None or not team.leader else ConfirmStore(store, {
+                                 "model": getattr(model, "name", None), "seed": seed,
+                                 "cap": cap, "first": first, "alpha": alpha, "line": line,
+                                 "steps": c_steps, "guidance": guidance, "n": n,
+                                 "conditions": _digest(table), "null": _digest(null)}))
+        walk = confirm is None and n > CONFIRM_ALL
+        width = max(1, math.ceil(CONFIRM * n)) if walk else \
+            max(1, chunk * n_noise // first)
+        confirmed, null_spread = _confirm_all(conf, table, order, limit, width, walk, team,
+                                              progress)
+        for j, outcome in confirmed.items():
+            found[j] |= outcome
     total = time.perf_counter() - start
-    for e in entries:
-        e["seconds"] = total / max(1, n)
-    settings = {"n_noise": n_noise, "generations": k_gen, "steps": steps, "levels": lv,
-                "measures": names,
-                "confirm": confirmed, "null_spread": null_spread, "seed": seed,
-                "model": getattr(model, "name", None), "t_first": float(times[0]),
-                "generation_guidance": guidance,
+    entries = _spread_to_rows(conditions, firsts, which, found, total)
+    settings = {"n_noise": n_noise, "generations": cap, "first_round": first,
+                "steps": steps, "confirm_steps": c_steps, "levels": lv, "measures": names,
+                "confirm": len(confirmed), "distinct": n, "null_spread": null_spread,
+                "seed": seed, "model": getattr(model, "name", None),
+                "t_first": float(times[0]), "generation_guidance": guidance,
                 "t_last": float(times[-1]), "screen_seconds": screen_s, "seconds": total,
+                "line": line, "alpha": alpha,
+                "generations_drawn": sum(o["generations"] for o in confirmed.values()),
                 "sampler": "DDIM (eta 0) on the model's schedule", "gamma": GAMMA}
     primary = PRIMARY if PRIMARY in names else next(m for m in MEASURES if m in names)
     return _add_roc(DetectResult(entries, settings, "conditions", primary,
                                  per_process=per_process), labels)
+
+
+
+def _guided(model: Any, guidance: float, null: Tensor) -> Any:
+    """A copy of ``model`` guided by ``guidance`` against ``null``, as a pipeline samples."""
+    import copy
+
+    return copy.copy(model).guided(guidance, null)
+
+
+def _digest(t: Tensor) -> str:
+    """A short digest of a tensor's dtype, shape and bytes."""
+    import hashlib
+
+    c = t.detach().cpu().contiguous()
+    return hashlib.blake2b(f"{c.dtype}{tuple(c.shape)}".encode() + c.numpy().tobytes(),
+                           digest_size=12).hexdigest()
+
+
+def _collapse(found: list[dict[str, Any]]) -> None:
+    """``collapse = 1 - trace_c / trace_null`` from the screen's traces, in place."""
+    for e in found:
+        if "trace_c" in e:
+            e["collapse"] = 1 - e["trace_c"] / e["trace_null"] if e["trace_null"] > 0 \
+                else None
+
+
+def _spread_to_rows(conditions: Tensor, firsts: list[int], which: list[int],
+                    found: list[dict[str, Any]], total: float) -> list[dict[str, Any]]:
+    """One entry per row of ``conditions``: its distinct condition's measures, and
+    ``same_as`` (the first row holding it) for a repeat."""
+    entries = []
+    for j in range(conditions.shape[0]):
+        first = firsts[which[j]]
+        entry = {"condition": describe(conditions[j], j), "index": j,
+                 **found[which[j]], "seconds": total / max(1, conditions.shape[0])}
+        if first != j:
+            entry["same_as"] = first
+        entries.append(entry)
+    return entries
 
 
 def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,

@@ -3,28 +3,29 @@ stated rule, not only a ranking whose scale moves from model to model.
 
 The rules, each the same on every model:
 
+* **consistency** (conditions, no reference): the sequential confirmation of
+  :mod:`diffmem.confirm`. A condition is memorized when its confirmation settled it below the
+  line: a bootstrap interval for its ``consistency_ratio`` (the median distance between two
+  of its generations over the null condition's) lay wholly below
+  :data:`~diffmem.confirm.LINE`. A condition whose interval still spans the line at the cap,
+  or that the screen ranked below every confirmed one (no ratio), is not memorized. A
+  condition whose ratio is at least the line is called memorized with probability at most
+  ``alpha`` (:mod:`diffmem.confirm`).
 * **reference** (``detect --reference``): a set known not to be memorized (prompts such as
   COCO-style captions, whole classes, held-out samples) is scored with the same measure and
   the threshold is set on it at the false-positive rate ``fpr`` (:func:`threshold_at_fpr`:
   a new entry drawn like the reference is flagged with probability at most ``fpr``, given
-  ``1 / fpr - 1`` reference entries or more). For conditions whose confirmation generations
-  were measured (in the result and the reference alike) the measure is
+  ``1 / fpr - 1`` reference entries or more). For confirmed conditions the measure is
   ``consistency_ratio``, lower meaning memorized: an entry is memorized when its ratio is
-  below that threshold and below :data:`~diffmem.detect.CONSISTENCY_RATIO` (a reference of
-  very varied prompts must not make a prompt whose generations are as varied as the null's
-  memorized); otherwise (samples, or conditions screened only) an entry is memorized when
-  its primary measure exceeds the threshold.
+  below that threshold *and* the consistency rule calls it memorized, so a reference can
+  only remove verdicts (a reference of very varied prompts must not make a prompt whose
+  generations are as varied as the null's memorized); otherwise (samples, or conditions
+  screened only) an entry is memorized when its primary measure exceeds the threshold.
 * **point** (samples, no reference): ``flipd > 1 - 1 / (2 d)``, the estimated local
   intrinsic dimension at the sample is below one half (:data:`diffmem.detect.LID_POINT`):
-  the model maps the sample's neighbourhood to a point. Dimensionless, like the rule below.
-* **consistency** (conditions, no reference): the confirmation generations of
-  :func:`diffmem.detect.detect`: a condition is memorized when its generations are much
-  closer to one another than the null condition's are, ``consistency_ratio <
-  CONSISTENCY_RATIO`` (dimensionless, so the same threshold holds on every model).
+  the model maps the sample's neighbourhood to a point. Dimensionless, like the ratio.
 
-In both rules on ``consistency_ratio``, a condition the screen ranked below every confirmed
-one (no ratio) is not memorized. With labels, :func:`rates` gives the verdicts' true- and
-false-positive rates.
+With labels, :func:`rates` gives the verdicts' true- and false-positive rates.
 """
 
 from __future__ import annotations
@@ -108,24 +109,27 @@ def judge(result: Any, reference: Any = None, fpr: float = FPR) -> dict[str, Any
     Returns the rule's description, stored as ``result.verdict`` (with the rates against the
     entries' labels where they have them); ``None`` when no rule applies (samples without a
     reference), said in ``result.verdict``."""
-    from diffmem.detect import CONSISTENCY_RATIO, LID_POINT
+    from diffmem.confirm import LINE
+    from diffmem.detect import LID_POINT
     primary = result.primary
+    line = float(result.settings.get("line", LINE))
     ratios = None if reference is None else \
         [e.get("consistency_ratio") for e in reference.entries]
     confirmed = "consistency" in result.settings.get("measures", ()) or \
         any("consistency_ratio" in e for e in result.entries)
     if ratios is not None and any(r is not None for r in ratios) and confirmed:
         at = threshold_at_fpr(ratios, fpr, below=True)
-        threshold = min(at, CONSISTENCY_RATIO)
-        verdict: dict[str, Any] = _by_ratio(result, threshold)
+        threshold = min(at, line)
+        verdict: dict[str, Any] = _by_ratio(result, threshold, line)
         finite = [r for r in ratios if r is not None and math.isfinite(r)]
         why = (f"the value a new entry like the {len(finite)} reference entries falls below "
                f"with probability at most {fpr_bound(len(finite), fpr):.3g}" if at <= threshold
-               else f"the consistency rule's (the reference's threshold, {at:.4g}, is above "
-               "it)")
+               else f"the consistency rule's line (the reference's threshold, {at:.4g}, is "
+               "above it)")
         verdict |= {
-            "rule": f"consistency_ratio below {threshold:.4g}, {why} (conditions the screen "
-                    "ranked below every confirmed one: not memorized)",
+            "rule": f"consistency_ratio below {threshold:.4g}, {why}, and settled below the "
+                    f"line {line:g} by the confirmation (conditions the screen ranked below "
+                    "every confirmed one: not memorized)",
             "kind": "reference", "fpr_target": fpr, "n_reference": len(finite),
             "fpr_bound": fpr_bound(len(finite), fpr), "reference_threshold": at,
             "reference_fpr": sum(r < threshold for r in finite) / len(finite)}
@@ -153,11 +157,14 @@ def judge(result: Any, reference: Any = None, fpr: float = FPR) -> dict[str, Any
                            "model maps its neighbourhood to a point)",
                    "kind": "point", "measure": "flipd", "threshold": threshold}
     elif any("consistency_ratio" in e for e in result.entries):
-        verdict = _by_ratio(result, CONSISTENCY_RATIO)
-        verdict |= {"rule": f"consistency_ratio below {CONSISTENCY_RATIO:g}: the condition's "
-                            "generations are more than twice as close to one another as the "
-                            "null condition's (conditions the screen ranked below every "
-                            "confirmed one: not memorized)", "kind": "consistency"}
+        alpha = result.settings.get("alpha")
+        verdict = _by_ratio(result, line, line)
+        verdict |= {"rule": f"consistency_ratio settled below {line:g}: an interval for the "
+                            "median distance between two of the condition's generations over "
+                            f"the null condition's lies wholly below {line:g}"
+                            + (f" (error at most {alpha:g})" if alpha else "")
+                            + " (in doubt at the cap, or ranked by the screen below every "
+                            "confirmed condition: not memorized)", "kind": "consistency"}
     else:
         result.verdict = {"rule": None, "kind": None, "why": (
             "verdicts need --reference, or the consistency measure (conditions) or flipd "
@@ -171,14 +178,19 @@ def judge(result: Any, reference: Any = None, fpr: float = FPR) -> dict[str, Any
     return verdict
 
 
-def _by_ratio(result: Any, threshold: float) -> dict[str, Any]:
-    """``entry['memorized'] = consistency_ratio < threshold`` (``False`` for an entry without
-    a ratio: not confirmed); the verdict's measure, threshold and count of confirmed."""
+def _by_ratio(result: Any, threshold: float, line: float) -> dict[str, Any]:
+    """``entry['memorized']``: the confirmation settled the entry below ``line`` (an entry
+    recorded without its stop: its ratio below ``line``) and its ratio is below
+    ``threshold``; ``False`` for an entry without a ratio (not confirmed). The verdict's
+    measure, threshold and counts."""
     for e in result.entries:
         r = e.get("consistency_ratio")
-        e["memorized"] = r is not None and r < threshold
-    return {"measure": "consistency_ratio", "threshold": threshold,
-            "confirmed": sum("consistency_ratio" in e for e in result.entries)}
+        settled = e.get("stopped", "below" if r is not None and r < line else None)
+        e["memorized"] = r is not None and settled == "below" and r < threshold
+    stops = [e.get("stopped") for e in result.entries if e.get("same_as") is None]
+    return {"measure": "consistency_ratio", "threshold": threshold, "line": line,
+            "confirmed": sum("consistency_ratio" in e for e in result.entries),
+            "in_doubt": stops.count("cap")}
 
 
 def held_out(result: Any, clean: Sequence[int], fpr: float = FPR) -> list[bool | None]:

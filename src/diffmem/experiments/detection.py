@@ -353,7 +353,7 @@ DETECT_DIGITS = Experiment(
     claim=CLAIM,
     defaults={"n_classes": 10, "per_class": 40, "n_single": 12, "steps": 3000, "every": 1000,
               "p_uncond": 0.1, "lr": 2e-3, "batch_size": 32, "width": 16,
-              "per_condition": 16, "sample_steps": 25, "n_noise": 4, "generations": 16,
+              "per_condition": 16, "sample_steps": 25, "n_noise": 4, "generations": 32,
               "uncond_train": 150, "uncond_dup": 6, "uncond_times": 30,
               "uncond_samples": 200, "show": 4},
     quick={"n_classes": 4, "per_class": 30, "n_single": 6, "steps": 1200, "every": 400,
