@@ -121,6 +121,7 @@ def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypa
     every = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10)
     assert every.settings["confirm"] == 4 and "consistency" in every.entries[3]
     monkeypatch.setattr(det, "CONFIRM_ALL", 2)
+    monkeypatch.setattr(det, "WALK_MIN", 1)
     res = detect(model, torch.arange(4), torch.tensor(4), n_noise=3, steps=10, labels=labels)
     by = {e["condition"]: e for e in res.entries}
     assert by[0]["consistency_ratio"] == pytest.approx(0, abs=1e-6)
@@ -165,6 +166,19 @@ def test_verdicts_by_consistency_and_by_reference_on_constructed_models(monkeypa
         threshold_at_fpr([None], 0.05)
     assert rates([True, False, True, None], [1, 1, 0, 1]) == {
         "tpr": 0.5, "fpr": 1.0, "n_positive": 2, "n_negative": 1}
+
+
+def test_the_walk_spends_where_the_screen_ranks_high():
+    """Beyond CONFIRM_ALL distinct conditions the walk confirms a tenth first, then batches
+    half the size of the one before, never below WALK_MIN, up to the limit; without the
+    walk, batches of one width."""
+    from diffmem.detect import WALK_MIN, walk_batches
+
+    got = walk_batches(1000, 1000, 32, True)
+    assert got[:4] == [(0, 100), (100, 150), (150, 175), (175, 187)]
+    assert all(hi - lo == WALK_MIN for lo, hi in got[6:-1]) and got[-1][1] == 1000
+    assert walk_batches(70, 70, 32, False) == [(0, 32), (32, 64), (64, 70)]
+    assert walk_batches(1000, 120, 32, True) == [(0, 100), (100, 120)]
 
 
 def test_confirmation_stops_when_settled_and_generates_each_condition_once():

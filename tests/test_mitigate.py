@@ -301,7 +301,7 @@ def test_mitigate_command_on_a_class_unet_resumes_to_the_same_json(unet, tmp_pat
             "3", "--sampler", "pipeline", "--steps", "3", "--per-condition", "4",
             "--strengths", "tikhonov=0.05,0.5", "--strengths", "guidance=0.5",
             "--strengths", "guidance-schedule=0.5", "--strengths", "nn-guidance=3",
-            "--strengths", "amg=1"]
+            "--strengths", "amg=1", "--exhaustive"]
     out = tmp_path / "m"
     res = _mitigate(args, out)
     assert res.exit_code == 0, res.output
@@ -333,6 +333,74 @@ def test_mitigate_command_on_a_class_unet_resumes_to_the_same_json(unet, tmp_pat
     assert _without_seconds(again) == _without_seconds(doc)
 
 
+POINTS_MODEL = textwrap.dedent('''
+    import torch
+    from diffmem.schedules import VP
+    POINTS = torch.tensor([[1.5, -0.5, 0.25, 2.0], [-1.0, 1.0, -2.0, 0.5]], dtype=torch.float64)
+    def fn(x, t, y):
+        """Labels 0-1: one training point each (a memorizing denoiser); 2-3 and the null 4:
+        the denoiser of N(0, 0.6 I) (D = m E[x0 | x])."""
+        sch = VP()
+        x, t = x.double(), t.double()
+        m, s2 = sch.m(t)[:, None], sch.sigma2(t)[:, None]
+        d = m * 0.6 / (m * m * 0.6 + s2) * x
+        for c in (0, 1):
+            d[y == c] = m[y == c] * POINTS[c]
+        return d
+''')
+
+
+def _points_inputs(tmp_path):
+    """The model above, its training set (the two points and six draws of N(0, 0.6 I)) and
+    their labels."""
+    (tmp_path / "pmodel.py").write_text(POINTS_MODEL)
+    rng = np.random.default_rng(0)
+    train = np.concatenate([[[1.5, -0.5, 0.25, 2.0], [-1.0, 1.0, -2.0, 0.5]],
+                            rng.normal(0, 0.6 ** 0.5, (6, 4))]).astype(np.float32)
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "labels.npy", np.array([0, 1, 2, 2, 2, 3, 3, 3]))
+    return ["--model", f"{tmp_path / 'pmodel.py'}:fn", "--model-kind", "denoiser",
+            "--schedule", "VP", "--train", str(tmp_path / "train.npy"), "--train-cond",
+            str(tmp_path / "labels.npy"), "--null-cond", "4", "--per-condition", "8",
+            "--sampler", "edm", "--steps", "8", "--cures", "guidance,tikhonov"]
+
+
+def test_mitigate_search_recommends_the_grids_answer_with_fewer_full_runs(tmp_path):
+    """On a model whose labels 0-1 are memorized points and 2-3 a Gaussian like the null,
+    the search (screen, refine, confirm) recommends a run of the exhaustive grid with the
+    same figures (the same full-size draw), at copies at most the target and no higher
+    cost than the grid's recommendation, with fewer full-size runs; its screen points are
+    marked as estimates; killed (a screen run's measure and samples gone) and rerun, it
+    ends with the same mitigate.json."""
+    args = _points_inputs(tmp_path)
+    res = _mitigate(args + ["--exhaustive"], tmp_path / "grid")
+    assert res.exit_code == 0, res.output
+    grid = json.loads((tmp_path / "grid" / "mitigate.json").read_text())
+    assert grid["mode"] == "exhaustive" and grid["baseline"]["copy_fraction"] == 1
+    assert grid["recommended"] is not None and len(grid["runs"]) == 9
+    res = _mitigate(args, tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    found = json.loads((tmp_path / "s" / "mitigate.json").read_text())
+    best, want = found["recommended"], grid["recommended"]
+    assert found["mode"] == "search" and best is not None
+    same = [r for r in grid["runs"] if (r["cure"], r["strength"]) == (best["cure"],
+                                                                      best["strength"])]
+    assert same and _without_seconds(same[0]) == _without_seconds(best)
+    assert best["copy_fraction"] <= found["target"] and best["cost"] <= want["cost"]
+    assert len(found["runs"]) < len(grid["runs"])
+    assert found["screen"] and all(p["estimate"] == "screen" for p in found["screen"])
+    assert set(found["search"]) == {"guidance", "tikhonov"}
+    assert found["search"][best["cure"]]["weakest"] == best["strength"]
+    assert "The search" in (tmp_path / "s" / "index.html").read_text()
+    point = tmp_path / "s" / found["screen"][-1]["samples"]
+    (point.parent / "measure.json").unlink()
+    (point.parent / "samples.npy.progress.json").unlink()
+    res = _mitigate(args, tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "s" / "mitigate.json").read_text())
+    assert _without_seconds(again) == _without_seconds(found)
+
+
 def test_mitigate_refuses_bad_input_and_writes_nothing(unet, tmp_path):
     base = ["--model", str(unet / "net"), "--scheduler", str(unet / "net"), "--train",
             str(unet / "train.npy"), "--train-cond", str(unet / "labels.npy"), "--null-cond",
@@ -342,7 +410,8 @@ def test_mitigate_refuses_bad_input_and_writes_nothing(unet, tmp_path):
             (["--strengths", "tikhonov=nan"], "--cure: expected tikhonov=STRENGTH"),
             (["--strengths", "tikhonov=x"], "--strengths: expected NAME=a,b,c"),
             (["--strengths", "guidance=60"], "[0, 50]"),
-            (["--target", "1.5"], "--target: expected"),
+            (["--target", "1.5"], "--target: expected a copy fraction in (0, 1)"),
+            (["--target", "0"], "--target: expected a copy fraction in (0, 1)"),
             (["--per-condition", "0"], "--per-condition: expected")]:
         out = tmp_path / "bad"
         res = _mitigate(base + extra, out)
@@ -444,7 +513,7 @@ def test_mitigate_a_text_to_image_pipeline_with_prompts(tmp_path):
     sd, prompts, images, _ = _sd_with_images(tmp_path)
     args = ["--model", str(sd), "--prompts", str(prompts), "--train", str(images),
             "--sampler", "pipeline", "--steps", "3", "--per-condition", "2"]
-    res = _mitigate(args + ["--strengths", "tikhonov=0.1", "--strengths",
+    res = _mitigate(args + ["--exhaustive", "--strengths", "tikhonov=0.1", "--strengths",
                             "guidance-schedule=0.5", "--strengths", "guidance=1",
                             "--strengths", "prompt-opt=1", "--strengths", "random-tokens=2",
                             "--strengths", "embedding-noise=0.5", "--strengths",
@@ -482,7 +551,7 @@ def test_mitigate_measures_in_a_clip_space_with_its_score(tmp_path):
     res = _mitigate(["--model", str(sd), "--prompts", str(prompts), "--train", str(images),
                      "--sampler", "pipeline", "--steps", "3", "--per-condition", "2",
                      "--features", str(clip), "--cures", "tikhonov", "--strengths",
-                     "tikhonov=0.1"], out)
+                     "tikhonov=0.1", "--exhaustive"], out)
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "mitigate.json").read_text())
     assert doc["features"] == str(clip) and "feature units" in doc["units"]["cost"]
@@ -590,7 +659,8 @@ def test_mitigate_a_diffmem_checkpoint_on_vectors(tmp_path):
     dnn.train_dsm(train, VP(), cfg, checkpoint_dir=tmp_path / "mlp", progress=False)
     res = _mitigate(["--model", str(tmp_path / "mlp" / "step_000000005.pt"), "--train",
                      str(tmp_path / "train.npy"), "--n-samples", "6", "--strengths",
-                     "tikhonov=0.5", "--strengths", "nn-guidance=3"], tmp_path / "m")
+                     "tikhonov=0.5", "--strengths", "nn-guidance=3", "--exhaustive"],
+                    tmp_path / "m")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "mitigate.json").read_text())
     assert [r["cure"] for r in doc["runs"]] == ["tikhonov", "nn-guidance"]

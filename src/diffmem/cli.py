@@ -699,6 +699,10 @@ def mitigate_command(
         "(repeatable), e.g. guidance-schedule=0.6+nn-guidance."),
     target: float = typer.Option(0.1, "--target", help="Copies a recommended cure must not "
                                  "exceed (fraction of the memorized conditions' samples)."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Draw every cure at every "
+                                    "strength of its grid at full size, instead of searching "
+                                    "(screen, refine, confirm) for the cheapest that meets "
+                                    "--target."),
     n_samples: int = typer.Option(256, "--n-samples", help="Samples per run."),
     features: Path | None = FEATURES,
     batch_size: int = BATCH_SIZE,
@@ -727,16 +731,20 @@ def mitigate_command(
     device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
-    """Which cure stops the model copying, and at what cost? Sample the model uncured and
-    with every applicable cure over a grid of strengths, from the same seeded noise; measure
-    each run's copies and its cost (how far the samples of the conditions that did not copy
-    move); recommend the cheapest run under --target. Writes OUT/mitigate.json and
-    OUT/index.html (the plane of copies against cost); resumable."""
+    """Which cure stops the model copying, and at what cost? Sample the model uncured; screen
+    every applicable cure on its memorized conditions with few samples, refine each cure
+    that can win to its weakest strength under --target, and draw the best candidates at
+    full size from the same seeded noise as the uncured run (--exhaustive: every strength of
+    every grid at full size); measure each run's copies and its cost (how far the samples of
+    the conditions that did not copy move); recommend the cheapest full-size run under
+    --target. Writes OUT/mitigate.json and OUT/index.html (the plane of copies against
+    cost); resumable."""
     from diffmem.audit import Rows, open_input
     from diffmem.audit.model import load_train_cond, plan_draw, training_shape
     from diffmem.centres import Centres
     from diffmem.experiments.base import FolderLock, prepare_out
     from diffmem.mitigate import CURES, cure_context
+    from diffmem.mitigate.search import search
     from diffmem.mitigate.sweep import measure_space, plan_cures, sweep
     from diffmem.report import write_mitigate_report
 
@@ -746,8 +754,8 @@ def mitigate_command(
         size = _prompt_resolution(model, prompts, None, options)
         data = None if train is None else open_input(train, None, size if train.is_dir()
                                                      else None, "--train")
-        if not 0 <= target < 1:
-            raise fail("--target", "a copy fraction in [0, 1)", target)
+        if not 0 < target < 1:
+            raise fail("--target", "a copy fraction in (0, 1)", target)
         if train_cond is not None and data is None:
             raise fail("--train-cond", "--train (the items they condition)", str(train_cond))
         tcond = None if data is None else load_train_cond(train_cond, data)
@@ -767,9 +775,9 @@ def mitigate_command(
         space = measure_space(features, plan.prompts, device)
         folder = prepare_out(out)
         with FolderLock(folder) if team.leader else contextlib.nullcontext():
-            summary = sweep(plan, runs, folder, train=data, train_cond=tcond, ctx=ctx,
-                            target=target, device=device, progress=progress, team=team,
-                            space=space)
+            summary = (sweep if exhaustive else search)(
+                plan, runs, folder, train=data, train_cond=tcond, ctx=ctx, target=target,
+                device=device, progress=progress, team=team, space=space)
             summary["not_applicable"] = skipped
             if not team.leader:
                 return
@@ -785,7 +793,9 @@ def mitigate_command(
         return
     best = summary["recommended"]
     base = summary["baseline"]
-    typer.echo(f"{len(summary['runs'])} cured runs; uncured copies {base['copy_fraction']:.3f}"
+    screened = f" ({len(summary['screen'])} screened)" if summary.get("screen") else ""
+    typer.echo(f"{len(summary['runs'])} cured runs at full size{screened}; uncured copies "
+               f"{base['copy_fraction']:.3f}"
                + (f"; recommended {best['cure']}={best['strength']:g}: copies "
                   f"{best['copy_fraction']:.3f}, cost {best['cost']:.4g}" if best else
                   f"; no cure brings the copies to {target:g} while keeping the samples")

@@ -16,8 +16,9 @@ one side of the line.
 Rounds (:func:`looks`): ``first`` generations, then twice as many, up to ``cap`` (8, 16, 32 by
 default). After each round the interval is the percentile bootstrap interval of ``rho``
 (:func:`interval`: the condition's and the null's generations resampled with replacement,
-pairs of one generation with itself left out) at one-sided level ``alpha / L`` on each side,
-``L`` the number of looks. A condition stops with
+pairs of one generation with itself left out; the null's replicates drawn once) at
+one-sided level ``alpha / L`` on each side, ``L`` the number of looks. A condition stops
+with
 
 * ``below``: the upper end below the line: memorized;
 * ``above``: the lower end at or above the line: not memorized;
@@ -114,14 +115,20 @@ def _resampled_medians(d: Tensor, n: int, gen: torch.Generator) -> Tensor:
     return vals.flatten(1).nanmedian(1).values
 
 
-def interval(d: Tensor, d_null: Tensor, level: float, gen: torch.Generator,
-             resamples: int = RESAMPLES) -> tuple[float, float]:
+def null_resamples(d_null: Tensor, seed: int) -> Tensor:
+    """The null condition's bootstrap replicates of :func:`pair_median`, drawn once and
+    shared by every condition's interval (resampled independently of each condition's)."""
+    return _resampled_medians(d_null, RESAMPLES, torch.Generator().manual_seed(
+        _stream(seed, -1, 0)))
+
+
+def interval(d: Tensor, null_medians: Tensor, level: float,
+             gen: torch.Generator) -> tuple[float, float]:
     """The percentile bootstrap interval ``[q_level, q_(1 - level)]`` of ``rho`` =
-    :func:`pair_median` of ``d`` over that of ``d_null``, the condition's and the null's
-    generations resampled independently."""
-    num = _resampled_medians(d, resamples, gen)
-    den = _resampled_medians(d_null, resamples, gen)
-    ratio = num / den.clamp_min(1e-300)
+    :func:`pair_median` of ``d`` over that of the null's distances, the condition's
+    generations resampled (``null_medians``: the null's replicates, :func:`null_resamples`)."""
+    num = _resampled_medians(d, null_medians.shape[0], gen)
+    ratio = num / null_medians.clamp_min(1e-300)
     ratio = ratio[torch.isfinite(ratio)]
     if ratio.numel() == 0:
         return math.nan, math.nan
@@ -162,16 +169,16 @@ class Outcome:
                 "stopped": self.stopped}
 
 
-def outcome(d: Tensor, d_null: Tensor, look: int, n_looks: int, line: float, alpha: float,
-            gen: torch.Generator, last: bool) -> Outcome | None:
-    """The condition's outcome after look ``look`` (of ``n_looks``) on its distances ``d``,
-    or ``None`` while the verdict is in doubt and more may be drawn."""
-    null = pair_median(d_null)
+def outcome(d: Tensor, null: float, null_medians: Tensor, n_looks: int, line: float,
+            alpha: float, gen: torch.Generator, last: bool) -> Outcome | None:
+    """The condition's outcome after one of ``n_looks`` looks on its distances ``d``
+    (``null``: the null's pair median; ``null_medians`` its replicates), or ``None`` while the
+    verdict is in doubt and more may be drawn."""
     ratio = pair_median(d) / null if null > 0 else None
     if ratio is None:
         lo = hi = math.nan
     else:
-        lo, hi = interval(d, d_null, alpha / n_looks, gen)
+        lo, hi = interval(d, null_medians, alpha / n_looks, gen)
     stopped = decide(lo, hi, line, last) if ratio is not None else "cap"
     if stopped is None:
         return None
@@ -187,6 +194,7 @@ def confirm(draw: Callable[[list[int], int, int], Tensor], conditions: Sequence[
     the null condition's distances. Each interval's resamples are seeded by ``(seed,
     condition id, look)``, so a condition's outcome does not depend on the others."""
     sizes = looks(first, cap)
+    null, null_medians = pair_median(d_null), null_resamples(d_null, seed)
     gens: dict[int, Tensor] = {}
     done: dict[int, Outcome] = {}
     pending = list(conditions)
@@ -201,8 +209,8 @@ def confirm(draw: Callable[[list[int], int, int], Tensor], conditions: Sequence[
         still = []
         for j in pending:
             gen = torch.Generator().manual_seed(_stream(seed, j, look))
-            found = outcome(distances(gens[j]), d_null, look, len(sizes), line, alpha, gen,
-                            look == len(sizes) - 1)
+            found = outcome(distances(gens[j]), null, null_medians, len(sizes), line, alpha,
+                            gen, look == len(sizes) - 1)
             if found is None:
                 still.append(j)
             else:

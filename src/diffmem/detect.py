@@ -41,8 +41,9 @@ draws ``z`` shared by every condition:
   records the ``generations`` drawn and the ``ratio_interval``); the verdicts of
   :mod:`diffmem.verdicts` read it. Costly, so computed only for the conditions ranked
   highest by the screen: ``confirm`` of them, or by default all of them up to
-  :data:`CONFIRM_ALL` distinct conditions and beyond that down the ranking a tenth at a time
-  until a tenth holds no memorized condition.
+  :data:`CONFIRM_ALL` distinct conditions and beyond that down the ranking, a tenth of them
+  first and then each batch half the one before (at least :data:`WALK_MIN`), until a batch
+  holds no memorized condition (:func:`walk_batches`).
 
 Identical conditions (the same label or vector, or a prompt given twice) are screened and
 confirmed once; their entries share the result (``same_as``: the first row holding it).
@@ -84,9 +85,10 @@ from diffmem.schedules import Schedule, expand_as_batch
 
 MEASURES = ("wen", "sharpness", "anisotropy", "gap", "collapse", "consistency")
 SAMPLE_MEASURES = ("jacobian", "flipd", "reconstruction")
-#: What ``diffmem detect`` computes per condition by default (``sharpness`` and
+#: What ``diffmem detect`` computes per condition by default: the primary screen, the gap
+#: from the same calls, and the confirmation behind the verdicts (``wen``, ``sharpness`` and
 #: ``anisotropy`` on request: see docs/detect.md for their benchmark figures).
-DEFAULT_MEASURES = ("wen", "gap", "collapse", "consistency")
+DEFAULT_MEASURES = ("gap", "collapse", "consistency")
 #: The primary measure per condition and per sample (see docs/detect.md for the benchmark).
 PRIMARY = "collapse"
 SAMPLE_PRIMARY = "flipd"
@@ -97,13 +99,15 @@ SAMPLE_LEVEL = 0.3
 #: dimensions, to rounding): the per-sample verdict without a reference set is ``flipd > 1 -
 #: LID_POINT / d`` (measured on ``detect-digits``, see docs/detect.md).
 LID_POINT = 0.5
-#: Fraction of the distinct conditions confirmed at a time beyond :data:`CONFIRM_ALL` (down
-#: the ranking until a tenth holds no memorized condition).
+#: Fraction of the distinct conditions in the walk's first batch beyond :data:`CONFIRM_ALL`
+#: (then each batch half the one before, until one holds no memorized condition).
 CONFIRM = 0.1
 #: Up to this many distinct conditions, all are confirmed by default (the verdict does not
 #: hang on the screen's ranking: on a small text model the screen ranked the memorized
 #: prompts last).
 CONFIRM_ALL = 64
+#: The smallest batch of the walk down the ranking beyond :data:`CONFIRM_ALL`.
+WALK_MIN = 10
 #: DDIM steps of the confirmation generations by default: the fewest whose consistency
 #: ratios agree with 50 steps' (docs/detect.md).
 CONFIRM_STEPS = 10
@@ -505,14 +509,28 @@ class _Confirmation:
         return {j: o.as_entry() for j, o in found.items()}
 
 
-def _confirm_all(conf: _Confirmation, table: Tensor, order: list[int], limit: int,
-                 width: int, walk: bool, team: Team, progress: bool) -> tuple[
-                     dict[int, dict[str, Any]], float]:
-    """Confirm the distinct conditions in ``order`` (the screen's ranking), ``width`` at a
-    time, the batches split over ``team``'s processes: the first ``limit`` of them, or with
-    ``walk`` down the ranking until a batch holds no memorized condition. Batches a killed
-    run finished are read from ``conf.store``. Returns the outcomes by condition and the
-    null's spread."""
+def walk_batches(n: int, limit: int, width: int, walk: bool) -> list[tuple[int, int]]:
+    """The confirmation's batches ``(lo, hi)`` down the ranking: ``width`` conditions each,
+    up to ``limit``; with ``walk``, a tenth of the ``n`` conditions first, then each batch
+    half the one before, at least :data:`WALK_MIN` (the confirmation spends where the screen
+    ranks high)."""
+    out, lo = [], 0
+    size = max(WALK_MIN, math.ceil(CONFIRM * n)) if walk else width
+    while lo < limit:
+        out.append((lo, min(limit, lo + size)))
+        lo += size
+        if walk:
+            size = max(WALK_MIN, size // 2)
+    return out
+
+
+def _confirm_all(conf: _Confirmation, table: Tensor, order: list[int],
+                 batches: list[tuple[int, int]], walk: bool, team: Team,
+                 progress: bool) -> tuple[dict[int, dict[str, Any]], float]:
+    """Confirm the distinct conditions in ``order`` (the screen's ranking) batch by batch,
+    the batches split over ``team``'s processes; with ``walk``, until a batch holds no
+    memorized condition. Batches a killed run finished are read from ``conf.store``.
+    Returns the outcomes by condition and the null's spread."""
     from diffmem.confirm import pair_median
 
     store = conf.store
@@ -522,32 +540,26 @@ def _confirm_all(conf: _Confirmation, table: Tensor, order: list[int], limit: in
         if store is not None and team.leader:
             store.save_null(d_null)
     done: dict[int, dict[str, Any]] = {}
-    starts = list(range(0, limit, width))
-    bar = tqdm(total=limit, disable=not (progress and team.leader), desc="confirming")
-    k = 0
-    while k < len(starts):
-        round_starts = starts[k:k + team.size]
-        saved = team.broadcast({lo: store.batch(lo, order[lo:lo + width])
-                                for lo in round_starts} if store is not None and team.leader
-                               else {lo: None for lo in round_starts})
-        todo = [lo for lo in round_starts if saved[lo] is None]
-        found, _ = team.map(lambda lo: conf.run(table, order[lo:min(limit, lo + width)],
-                                                d_null), todo)
+    bar = tqdm(total=batches[-1][1] if batches else 0,
+               disable=not (progress and team.leader), desc="confirming")
+    for k in range(0, len(batches), team.size):
+        group = batches[k:k + team.size]
+        saved = team.broadcast({lo: store.batch(lo, order[lo:hi]) for lo, hi in group}
+                               if store is not None and team.leader
+                               else {lo: None for lo, _ in group})
+        todo = [(lo, hi) for lo, hi in group if saved[lo] is None]
+        found, _ = team.map(lambda b: conf.run(table, order[b[0]:b[1]], d_null), todo)
         assert found is not None
-        fresh = dict(zip(todo, found, strict=True))
-        stop = False
-        for lo in round_starts:
+        fresh = {lo: f for (lo, _), f in zip(todo, found, strict=True)}
+        for lo, _ in group:
             batch = saved[lo] if saved[lo] is not None else fresh[lo]
             if store is not None and team.leader and saved[lo] is None:
                 store.save_batch(lo, batch)
             done |= batch
             bar.update(len(batch))
             if walk and not any(o["stopped"] == "below" for o in batch.values()):
-                stop = True  # a whole batch down the ranking confirmed nothing
-                break
-        if stop:
-            break
-        k += len(round_starts)
+                bar.close()  # a whole batch down the ranking confirmed nothing: stop
+                return done, pair_median(d_null)
     bar.close()
     return done, pair_median(d_null)
 
@@ -622,11 +634,11 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     :data:`CONFIRM_STEPS`) in rounds of 8, 16 then 32 generations (``generations``: the cap)
     until each condition's verdict is settled at error ``alpha`` against ``line``; it
     covers the ``confirm`` distinct conditions the screen ranks highest, or by default all
-    of them up to :data:`CONFIRM_ALL` and beyond that the ranking a tenth at a time until a
-    tenth holds no memorized condition. ``labels`` (``(n,)``, 1 memorized) add each
-    measure's ROC; ``guidance`` (a text pipeline's weight) guides the generations against
-    ``null`` as the pipeline does. ``store`` (a folder) keeps the finished confirmation
-    batches so that a rerun after a kill draws only the rest. With a
+    of them up to :data:`CONFIRM_ALL` and beyond that the walk of :func:`walk_batches` down
+    the ranking until a batch holds no memorized condition. ``labels`` (``(n,)``, 1
+    memorized) add each measure's ROC; ``guidance`` (a text pipeline's weight) guides the
+    generations against ``null`` as the pipeline does. ``store`` (a folder) keeps the
+    finished confirmation batches so that a rerun after a kill draws only the rest. With a
     :class:`diffmem.parallel.Team` the screen's chunks and the confirmation's batches are
     split over its processes, with the numbers of one process."""
     from diffmem import confirm as cf
@@ -687,9 +699,8 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
                                  "steps": c_steps, "guidance": guidance, "n": n,
                                  "conditions": _digest(table), "null": _digest(null)}))
         walk = confirm is None and n > CONFIRM_ALL
-        width = max(1, math.ceil(CONFIRM * n)) if walk else \
-            max(1, chunk * n_noise // first)
-        confirmed, null_spread = _confirm_all(conf, table, order, limit, width, walk, team,
+        batches = walk_batches(n, limit, max(1, chunk * n_noise // first), walk)
+        confirmed, null_spread = _confirm_all(conf, table, order, batches, walk, team,
                                               progress)
         for j, outcome in confirmed.items():
             found[j] |= outcome

@@ -229,10 +229,11 @@ def denoiser_gap_figure(gaps: Mapping[str, Mapping[str, Any]], title: str) -> An
 
 
 def mitigation_plane(a: Axes, summary: Mapping[str, Any], title: str | None = None) -> None:
-    """``diffmem mitigate``'s plane on ``a``: copies against cost, one curve per cure
-    (strengths marked; hollow where the run moves the clean samples by more than the cost
-    factor; diamonds without a curve for a model trained again with a training-time cure),
-    the uncured model, the frontier, the target and the recommended run."""
+    """``diffmem mitigate``'s plane on ``a``: copies against cost, one curve per cure over its
+    full-size runs (strengths marked; hollow where the run moves the clean samples by more
+    than the cost factor; diamonds without a curve for a model trained again with a
+    training-time cure), the search's screen estimates (grey crosses), the uncured model,
+    the frontier, the target and the recommended run."""
     base = summary["baseline"]
     a.scatter([0], [base["copy_fraction"]], color="k", marker="s", s=40, zorder=3,
               label="uncured")
@@ -252,6 +253,11 @@ def mitigation_plane(a: Axes, summary: Mapping[str, Any], title: str | None = No
                       label=f"{name} (retrained)" if again and j == 0 else None)
             a.annotate(f"{r['strength']:g}", (r["cost"] or 0.0, r["copy_fraction"]),
                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    screen = summary.get("screen") or []
+    if screen:  # the search's estimates on its small plan: crosses, not joined
+        a.scatter([r["cost"] or 0.0 for r in screen], [r["copy_fraction"] for r in screen],
+                  marker="x", s=22, color="0.45", zorder=2,
+                  label="screen estimates (few samples)")
     labels = set(summary["frontier"])
     front = sorted((r for r in runs if f"{r['cure']}={r['strength']:g}" in labels),
                    key=lambda r: r["cost"] or 0.0)

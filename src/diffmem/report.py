@@ -716,6 +716,7 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
         + f"<td>{_sig(r.get('noise_ratio'))}</td>"
         f"<td>{_cell(r.get('keeps_samples'))}</td><td>{_sig(r['seconds'])}</td></tr>"
         for r in [base, *summary["runs"]])
+    search = _search_table(summary)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffmem mitigate"
              f"</title><style>{_STYLE}.pair{{display:inline-block;margin:4px;text-align:"
              "center;font-size:.72em;border:1px solid #ddd;padding:3px}.pair img{border:0;"
@@ -728,7 +729,7 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
              "measured beside its copies, on the samples of the conditions the uncured model "
              "does not copy.</p>", table,
              f"<h2>The plane</h2><img alt='copies against cost' src='{_plane(summary)}'>",
-             f"<h2>Every run</h2><table>{head}{body}</table>"]
+             f"<h2>Every run at full size</h2><table>{head}{body}</table>", search]
     samples = np.load(folder / "baseline" / "samples.npy", mmap_mode="r")
     if samples.ndim >= 3:
         parts += _mitigate_gallery(folder, summary, samples, train)
@@ -737,6 +738,33 @@ def write_mitigate_report(folder: Path, summary: dict[str, Any], inputs: dict[st
                  "<code>sample_conditions.npy</code> in <code>baseline/</code> and "
                  "<code>runs/NAME=STRENGTH/</code>.</p></body></html>")
     atomic_write_bytes(folder / "index.html", "\n".join(parts).encode())
+
+
+def _search_table(summary: dict[str, Any]) -> str:
+    """The search's story per cure (strengths screened, their copies, the weakest meeting
+    the target, copies that grow with the strength) and its screen estimates; empty for an
+    exhaustive sweep."""
+    found = summary.get("search")
+    if not found:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(f['status'])}</td><td>"
+        + ", ".join(f"{_sig(s)}: {c:.2f}" for s, c in zip(f["evaluated"], f["copies"],
+                                                          strict=True))
+        + f"</td><td>{_sig(f['weakest'])}</td><td>"
+        + (html.escape(", ".join(f"{a:g} &lt; {b:g}" for a, b in f["non_monotone"]))
+           or "none") + "</td></tr>"
+        for name, f in found.items())
+    secs = summary["seconds"]
+    return ("<h2>The search</h2><p>Each cure screened on the memorized conditions with few "
+            "samples (and a few clean conditions for the cost) at its strongest strength, "
+            "then refined by bisection to its weakest strength meeting the target; the best "
+            "candidates drawn at full size above. Screen figures are estimates from few "
+            f"samples (grey crosses on the plane). Seconds: uncured run {_sig(secs['baseline'])}"
+            f", screen {_sig(secs.get('screen'))}, full-size cures {_sig(secs.get('confirm'))}"
+            f", all {_sig(secs['all'])}.</p><table><tr><th>cure</th><th>search</th><th>"
+            "screened: strength: copies</th><th>weakest meeting the target</th><th>copies "
+            f"growing with the strength</th></tr>{rows}</table>")
 
 
 def _mitigate_gallery(folder: Path, summary: dict[str, Any], samples: Any,

@@ -45,7 +45,7 @@ import torch
 from diffmem import plots
 from diffmem._checks import fail
 from diffmem.experiments.base import Claim, Context, Experiment, Recorded, Verdict, status_of
-from diffmem.experiments.mitigation import cure_claim
+from diffmem.experiments.mitigation import cure_claim, run_name, shown_run
 from diffmem.verdicts import fpr_bound, reference_needed
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0),
@@ -202,6 +202,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     from diffmem.audit.model import plan_draw
     from diffmem.detect import detect
     from diffmem.mitigate import cure_context, parse_cure
+    from diffmem.mitigate.search import search
     from diffmem.mitigate.sweep import plan_cures, sweep
     from diffmem.prompts import read_prompts
     from diffmem.text import load_text_model
@@ -225,8 +226,9 @@ def compute(ctx: Context) -> dict[str, Any]:
         cure = parse_cure(item)
         grids.setdefault(cure.name, []).append(cure.strength)
     runs, skipped = plan_cures(plan.model, cure_ctx, list(grids), grids)
-    summary = sweep(plan, runs, ctx.out / "sweep", train=train, train_cond=train_cond,
-                    ctx=cure_ctx, progress=ctx.progress)
+    summary = (sweep if p["exhaustive"] else search)(
+        plan, runs, ctx.out / "sweep", train=train, train_cond=train_cond, ctx=cure_ctx,
+        progress=ctx.progress)
     summary["not_applicable"] = skipped
     text = load_text_model(folder, read_prompts(prompts))
     found = detect(text.model, torch.arange(n), torch.tensor(n), n_noise=p["n_noise"],
@@ -305,9 +307,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
                    "seconds": found.settings.get("seconds")},
                "training_steps": raw["trained"]["steps"], "train_s": raw["trained"]["train_s"],
                "items": int(len(data.rows)), "pictures": int(len(data.pictures))}
-    shown = summary["recommended"] or min(
-        summary["runs"], key=lambda r: (r["copy_fraction"], r["cost"] or 0.0))
-    metrics["shown"] = f"{shown['cure']}={shown['strength']:g}"
+    shown = shown_run(summary)
+    metrics["shown"] = run_name(shown)
     base = np.load(folder / summary["baseline"]["samples"])
     cured = np.load(folder / shown["samples"])
     cond = np.load(folder / summary["baseline"]["sample_conditions"])
@@ -411,7 +412,7 @@ EXPERIMENT = Experiment(
     claim=f"{DETECT_CLAIM} {VERDICT_CLAIM} {CURE_CLAIM}",
     defaults={"copies": 20, "variants": 20, "colours": 5, "steps": 3000, "vae_steps": 300,
               "batch_size": 16, "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 32,
-              "sample_steps": 25, "n_noise": 4,
+              "sample_steps": 25, "n_noise": 4, "exhaustive": False,
               "cures": ["tikhonov=0.05", "tikhonov=0.2", "guidance=1.5", "guidance=0.5",
                         "guidance-schedule=0.4", "guidance-schedule=0.8", "nn-guidance=3",
                         "nn-guidance=3.1", "nn-guidance=3.2", "amg=1", "amg=4",

@@ -107,6 +107,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     from diffmem.centres import Centres
     from diffmem.conditions import per_sample
     from diffmem.mitigate import CURES, CureContext
+    from diffmem.mitigate.search import search
     from diffmem.mitigate.sweep import plan_cures, sweep
     from diffmem.models import wrap_diffusers
 
@@ -129,9 +130,9 @@ def compute(ctx: Context) -> dict[str, Any]:
     runs, skipped = plan_cures(model, cure_ctx, grids=grids, combine=p["combine"])
     retrained, info = _retrain(ctx, specs, train, labels,
                                (distinct_train, distinct_labels))
-    summary = sweep(plan, runs, ctx.out / "sweep", train=distinct_train,
-                    train_cond=distinct_labels, ctx=cure_ctx, progress=ctx.progress,
-                    retrained=retrained)
+    summary = (sweep if p["exhaustive"] else search)(
+        plan, runs, ctx.out / "sweep", train=distinct_train, train_cond=distinct_labels,
+        ctx=cure_ctx, progress=ctx.progress, retrained=retrained)
     summary["not_applicable"] = skipped
     summary["retraining"] = info
     return {"summary": summary, "repeats": repeats, "train": distinct_train,
@@ -145,9 +146,8 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     folder = raw["folder"]
     metrics = {**summary, "training_steps": raw["steps"], "train_s": raw["train_s"],
                "repeats": raw["repeats"], "n_classes": ctx.params["n_classes"]}
-    shown = summary["recommended"] or min(
-        summary["runs"], key=lambda r: (r["copy_fraction"], r["cost"] or 0.0))
-    metrics["shown"] = f"{shown['cure']}={shown['strength']:g}"
+    shown = shown_run(summary)
+    metrics["shown"] = run_name(shown)
     base = np.load(folder / summary["baseline"]["samples"])
     cured = np.load(folder / shown["samples"])
     cond = np.load(folder / summary["baseline"]["sample_conditions"])
@@ -158,6 +158,19 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     arrays = {"uncured": (base[single + classes] + 1) / 2,
               "cured": (cured[single + classes] + 1) / 2, "per_condition": per}
     return Recorded(metrics, arrays)
+
+
+def shown_run(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The run a figure shows beside the uncured samples: the recommended one, else the
+    full-size run with the fewest copies (the uncured run when there is none)."""
+    return summary["recommended"] or min(
+        summary["runs"], key=lambda r: (r["copy_fraction"], r["cost"] or 0.0),
+        default=summary["baseline"])
+
+
+def run_name(run: Mapping[str, Any]) -> str:
+    """``NAME=STRENGTH`` of a run, ``uncured`` for the baseline."""
+    return "uncured" if run["strength"] is None else f"{run['cure']}={run['strength']:g}"
 
 
 def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
@@ -234,7 +247,7 @@ EXPERIMENT = Experiment(
               "p_uncond": 0.1, "lr": 2e-3, "batch_size": 32, "width": 16,
               "per_condition": 16, "sample_steps": 25, "model": "scaled-linear-v",
               "combine": ["guidance-schedule=0.6+nn-guidance", "tikhonov=0.05+nn-guidance"],
-              "per_cure": 0,
+              "per_cure": 0, "exhaustive": False,
               "retrain": ["dedupe=1", "label-randomization=0.3", "loss-filter=0.3"]},
     quick={"n_classes": 4, "per_class": 30, "n_single": 6, "steps": 1200, "every": 400,
            "per_condition": 8, "sample_steps": 20},

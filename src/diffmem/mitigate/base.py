@@ -98,6 +98,9 @@ class Cure:
     #: Whether the cure searches the training set (:func:`cure_context` encodes a latent
     #: model's training images only then).
     searches: ClassVar[bool] = False
+    #: Whether a larger strength is a stronger cure (``1``) or a weaker one (``-1``: a
+    #: guidance weight, a prompt-optimization target); ``mitigate``'s search orders by it.
+    direction: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
         v = self.strength

@@ -17,6 +17,7 @@ class Guidance(Cure):
     ``w < 1`` pulls the samples toward the unconditional model (``w = 0``: no condition)."""
 
     name: ClassVar[str] = "guidance"
+    direction: ClassVar[int] = -1
     high: ClassVar[float] = 50.0
     grid: ClassVar[tuple[float, ...]] = (0.75, 0.5, 0.25, 0.0)
     meaning: ClassVar[str] = "the guidance weight w in [0, 50]"

@@ -38,6 +38,7 @@ class PromptOptimization(Cure):
     RMS of the embeddings. Larger ``s``: fewer prompts touched."""
 
     name: ClassVar[str] = "prompt-opt"
+    direction: ClassVar[int] = -1
     high: ClassVar[float] = 100.0
     grid: ClassVar[tuple[float, ...]] = (2.0, 1.5, 1.0, 0.75)
     meaning: ClassVar[str] = "the factor s in [0, 100] of the prompts' median first-step " \

@@ -376,83 +376,87 @@ def _label(cures: list[Cure]) -> tuple[str, float]:
     return head + cures[-1].name, cures[-1].strength
 
 
-def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any = None,
-          train_cond: Tensor | None = None, ctx: CureContext | None = None,
-          target: float = TARGET, detect_steps: int = 50, device: str = "cpu",
-          progress: bool = True, team: Team | None = None,
-          retrained: Sequence[tuple[str, float, Any]] = (),
-          space: Space | None = None) -> dict[str, Any]:
-    """Draw and measure the baseline and every run of ``cures`` (module docstring) into
-    ``folder``, then each model of ``retrained`` (``(cure name, strength, model)``: the
-    model trained again with a training-time cure, drawn from the same noise into
-    ``folder/retrained/NAME=STRENGTH`` and measured against the same baseline; its entry's
-    ``"when"`` is ``"training"``, the others' ``"sampling"``); returns what
-    ``mitigate.json`` holds. ``space`` (:func:`measure_space`): where distances are
-    measured (default the data; the training set's vectors are cached in
-    ``folder/features``). With a :class:`diffmem.parallel.Team`
-    each run's draws (and detect's work) split over its processes; process 0 writes, and
-    every process returns the same summary."""
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class Runner:
+    """Draws runs of one plan into ``folder`` (``baseline``, ``runs/NAME=STRENGTH``, ...:
+    resumable batch by batch) and measures each once (kept beside its samples); where the
+    distances are measured (``space``: the data, or the training set's feature vectors,
+    cached in ``folder/features``)."""
 
-    team = team or SOLO
-    ctx = ctx or CureContext(null=plan.null)
-    space = space or Space()
-    key = {"version": MEASURE_VERSION, "n": plan.n, "seed": plan.seed, "sampler": plan.sampler,
-           "steps": plan.steps, "model": plan.model.name,
-           "train": None if train is None else "given", "detect_steps": detect_steps,
-           "features": space.digest or space.name, "clip": space.texts is not None}
-    if space.module is not None and train is not None and team.leader:
-        from diffmem.audit.features import data_identity, embed
-        from diffmem.audit.inputs import Rows
-        from diffmem.centres import Centres
+    plan: DrawPlan
+    folder: Path
+    train: Any = None
+    train_cond: Tensor | None = None
+    detect_steps: int = 50
+    device: str = "cpu"
+    team: Team = SOLO
+    space: Space = dataclasses.field(default_factory=Space)
 
-        train = embed(Rows(Centres(train), "train"), space.module, plan.batch,
-                      torch.device(device), progress, folder / "features" / "train.npy",
-                      f"{space.digest}:{data_identity(train)}")
-    # (folder, the model to draw from, (name, strength) or None for the baseline, when)
-    runs_info: list[tuple[str, Any, tuple[str, float] | None, str]] = [
-        ("baseline", lambda: plan.model, None, "")]
-    runs_info += [("runs/" + "+".join(map(str, c)),
-                   lambda c=c: cure_model(plan.model, c, ctx), _label(c), "sampling")
-                  for c in cures]
-    runs_info += [(f"retrained/{name}={strength:g}", lambda m=m: m, (name, strength),
-                   "training") for name, strength, m in retrained]
-    measured: list[dict[str, Any]] = []
-    bar = tqdm(total=len(runs_info), desc="mitigate", unit="run",
-               disable=not (progress and team.leader))
-    for sub, model, _, _ in runs_info:
+    def __post_init__(self) -> None:
+        p, space = self.plan, self.space
+        self.key = {"version": MEASURE_VERSION, "n": p.n, "seed": p.seed, "sampler": p.sampler,
+                    "steps": p.steps, "model": p.model.name,
+                    "train": None if self.train is None else "given",
+                    "detect_steps": self.detect_steps, "features": space.digest or space.name,
+                    "clip": space.texts is not None,
+                    "cond": None if p.cond is None else _digest(p.cond)}
+
+    def measure(self, sub: str, model: Any) -> dict[str, Any]:
+        """Draw the plan with ``model`` into ``folder/sub`` and measure it (or read both)."""
         start = time.perf_counter()
-        where = folder / sub
+        where = self.folder / sub
         where.mkdir(parents=True, exist_ok=True)
-        p = dataclasses.replace(plan, model=model())
-        draw(p, where, device=device, progress=False, team=team)
-        measured.append(_measure(where, p, train, train_cond, {**key, "cure": sub},
-                                 detect_steps, start, team, space, device))
-        bar.update()
-    bar.close()
-    base = measured[0]
-    memorized, clean, groups = _groups(plan, base["copy"])
+        p = dataclasses.replace(self.plan, model=model)
+        draw(p, where, device=self.device, progress=False, team=self.team)
+        return _measure(where, p, self.train, self.train_cond, {**self.key, "cure": sub},
+                        self.detect_steps, start, self.team, self.space, self.device)
 
-    def points(sub: str, m: dict[str, Any]) -> Tensor:
+    def points(self, sub: str, m: dict[str, Any]) -> Tensor:
         """A run's samples where distances are measured: their vectors, or the data."""
         return m["vectors"] if m.get("vectors") is not None else \
-            torch.from_numpy(np.load(folder / sub / "samples.npy"))
+            torch.from_numpy(np.load(self.folder / sub / "samples.npy"))
 
-    base_points = points("baseline", base)
 
-    def entry(sub: str, label: tuple[str, float] | None, when: str,
-              m: dict[str, Any]) -> dict[str, Any]:
-        fig = _figures(m, base, points(sub, m), base_points, memorized, clean, groups)
-        name, strength = ("uncured", None) if label is None else label
-        return {"cure": name, "strength": strength, **({"when": when} if when else {}),
-                **fig, "samples": f"{sub}/samples.npy",
-                "sample_conditions": None if plan.cond is None
-                else f"{sub}/sample_conditions.npy", "seconds": m["seconds"]}
+def _digest(t: Tensor) -> str:
+    """A short digest of a tensor (a plan's conditions)."""
+    import hashlib
 
-    baseline = entry("baseline", None, "", base)
-    baseline["cost"] = 0.0
-    runs = [entry(sub, label, when, m) for (sub, _, label, when), m in
-            zip(runs_info[1:], measured[1:], strict=True)]
+    return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=8).hexdigest()
+
+
+def embed_train(train: Any, space: Space, plan: DrawPlan, folder: Path, device: str,
+                progress: bool, team: Team) -> Any:
+    """The training set where distances are measured: itself, or (``--features``) its
+    vectors, cached in ``folder/features`` (process 0 alone; the others keep ``train``)."""
+    if space.module is None or train is None or not team.leader:
+        return train
+    from diffmem.audit.features import data_identity, embed
+    from diffmem.audit.inputs import Rows
+    from diffmem.centres import Centres
+
+    return embed(Rows(Centres(train), "train"), space.module, plan.batch,
+                 torch.device(device), progress, folder / "features" / "train.npy",
+                 f"{space.digest}:{data_identity(train)}")
+
+
+def entry(runner: Runner, sub: str, label: tuple[str, float] | None, when: str,
+          m: dict[str, Any], base: dict[str, Any], base_points: Tensor, memorized: Tensor,
+          clean: Tensor, groups: list[Tensor]) -> dict[str, Any]:
+    """A run's line of ``mitigate.json``: its copies and costs against the baseline."""
+    fig = _figures(m, base, runner.points(sub, m), base_points, memorized, clean, groups)
+    name, strength = ("uncured", None) if label is None else label
+    plan = runner.plan
+    return {"cure": name, "strength": strength, **({"when": when} if when else {}),
+            **fig, "samples": f"{sub}/samples.npy",
+            "sample_conditions": None if plan.cond is None
+            else f"{sub}/sample_conditions.npy", "seconds": m["seconds"]}
+
+
+def summarize(baseline: dict[str, Any], runs: list[dict[str, Any]], memorized: Tensor,
+              clean: Tensor, target: float, space: Space, train: Any,
+              seconds: dict[str, float]) -> dict[str, Any]:
+    """What ``mitigate.json`` holds: the baseline, the runs measured at full size, the
+    recommendation with its rule, the frontier, counts and units."""
     for r in runs:
         r["keeps_samples"] = keeps_samples(r, baseline)
     best, rule = recommend(runs, target)
@@ -482,5 +486,56 @@ def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any =
                                     "item carries their condition",
                   "clip_score": "mean cosine between the CLIP image embedding of a clean "
                                 "sample and its prompt's text embedding (dimensionless)"},
-        "seconds": {"baseline": base["seconds"],
-                    "all": float(sum(m["seconds"] for m in measured))}}
+        "seconds": seconds}
+
+
+def sweep(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any = None,
+          train_cond: Tensor | None = None, ctx: CureContext | None = None,
+          target: float = TARGET, detect_steps: int = 50, device: str = "cpu",
+          progress: bool = True, team: Team | None = None,
+          retrained: Sequence[tuple[str, float, Any]] = (),
+          space: Space | None = None) -> dict[str, Any]:
+    """Draw and measure the baseline and every run of ``cures`` (module docstring) into
+    ``folder``, then each model of ``retrained`` (``(cure name, strength, model)``: the
+    model trained again with a training-time cure, drawn from the same noise into
+    ``folder/retrained/NAME=STRENGTH`` and measured against the same baseline; its entry's
+    ``"when"`` is ``"training"``, the others' ``"sampling"``); returns what
+    ``mitigate.json`` holds (``mode``: ``exhaustive``). ``space`` (:func:`measure_space`):
+    where distances are measured (default the data; the training set's vectors are cached
+    in ``folder/features``). With a :class:`diffmem.parallel.Team` each run's draws (and
+    detect's work) split over its processes; process 0 writes, and every process returns
+    the same summary."""
+    from tqdm.auto import tqdm
+
+    team = team or SOLO
+    ctx = ctx or CureContext(null=plan.null)
+    space = space or Space()
+    runner = Runner(plan, folder, embed_train(train, space, plan, folder, device, progress,
+                                              team), train_cond, detect_steps, device, team,
+                    space)
+    # (folder, the model to draw from, (name, strength) or None for the baseline, when)
+    runs_info: list[tuple[str, Any, tuple[str, float] | None, str]] = [
+        ("baseline", lambda: plan.model, None, "")]
+    runs_info += [("runs/" + "+".join(map(str, c)),
+                   lambda c=c: cure_model(plan.model, c, ctx), _label(c), "sampling")
+                  for c in cures]
+    runs_info += [(f"retrained/{name}={strength:g}", lambda m=m: m, (name, strength),
+                   "training") for name, strength, m in retrained]
+    measured: list[dict[str, Any]] = []
+    bar = tqdm(total=len(runs_info), desc="mitigate", unit="run",
+               disable=not (progress and team.leader))
+    for sub, model, _, _ in runs_info:
+        measured.append(runner.measure(sub, model()))
+        bar.update()
+    bar.close()
+    base = measured[0]
+    memorized, clean, groups = _groups(plan, base["copy"])
+    base_points = runner.points("baseline", base)
+    baseline = entry(runner, "baseline", None, "", base, base, base_points, memorized, clean,
+                     groups)
+    baseline["cost"] = 0.0
+    runs = [entry(runner, sub, label, when, m, base, base_points, memorized, clean, groups)
+            for (sub, _, label, when), m in zip(runs_info[1:], measured[1:], strict=True)]
+    return {**summarize(baseline, runs, memorized, clean, target, space, train, {
+        "baseline": base["seconds"], "all": float(sum(m["seconds"] for m in measured))}),
+        "mode": "exhaustive"}
