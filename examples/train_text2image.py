@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.finetune import fit_vae, train_text_unet
 from diffmem.images import load_images
 from diffmem.metrics import distinct_rows
 from diffmem.prompts import read_prompts
 from diffmem.text import load_text_model, pipeline_resolution
-from diffmem.training import fit_vae, train_text_unet
 
 
 def count(text: str) -> int:

@@ -6,6 +6,7 @@ without it, saying so."""
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diffmem.cli import app
@@ -94,7 +95,8 @@ def test_mitigate_digits_tiny_run_and_verdicts(tmp_path):
     rec, m = _run(tmp_path, "mitigate-digits", [
         "steps=10", "every=10", "n_classes=2", "per_class=4", "n_single=3", "width=8",
         "per_condition=2", "sample_steps=3", "combine=guidance-schedule=0.6+nn-guidance",
-        "per_cure=1", "retrain=dedupe=1,label-randomization=0.5,loss-filter=0.01"])
+        "per_cure=1", "retrain=dedupe=1,label-randomization=0.5,loss-filter=0.01",
+        "exhaustive=true"])
     names = {r["cure"] for r in m["runs"] if r["when"] == "sampling"}
     assert names == {"tikhonov", "guidance", "guidance-schedule", "nn-guidance", "amg",
                      "guidance-schedule=0.6+nn-guidance"}
@@ -166,7 +168,7 @@ def test_reproduce_skips_what_is_not_installed(tmp_path, monkeypatch):
 
     only = [n for n in REGISTRY if n not in ("regularize-digits", "detect-digits",
                                              "mitigate-digits")]
-    monkeypatch.setattr("diffmem.cli.REGISTRY", {n: REGISTRY[n] for n in
+    monkeypatch.setattr("diffmem.cli.experiments.REGISTRY", {n: REGISTRY[n] for n in
                                                  ["structured-points", "regularize-digits"]})
     res = CliRunner().invoke(app, ["reproduce", "--quick", "--out", str(tmp_path),
                                    "--no-progress"])
@@ -212,8 +214,9 @@ def test_text_unet_training_resumes_to_the_same_weights(tmp_path):
     import diffusers
     import torch
 
+    from diffmem.finetune import train_text_unet
     from diffmem.tiny import sd_pipeline
-    from diffmem.training import Checkpoints, train_text_unet
+    from diffmem.training import Checkpoints
 
     sd = sd_pipeline(tmp_path / "sd", timesteps=1000)
     gen = torch.Generator().manual_seed(0)
@@ -241,7 +244,8 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
     pytest.importorskip("diffusers")
     rec, m = _run(tmp_path, "mitigate-captions", [
         "steps=4", "vae_steps=2", "every=2", "variants=2", "copies=2", "colours=3", "per_prompt=2",
-        "sample_steps=3", "n_noise=2", "cures=nn-guidance=3,random-tokens=2"])
+        "sample_steps=3", "n_noise=2", "cures=nn-guidance=3,random-tokens=2",
+        "exhaustive=true"])
     assert [(r["cure"], r["strength"]) for r in m["runs"]] == [("nn-guidance", 3),
                                                               ("random-tokens", 2)]
     assert len(m["copied_by_prompt"]) == 18 and len(m["detect"]["flagged"]) == 18
@@ -291,3 +295,33 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
     text = judge({**metrics, "detect": {**detect, "measures": {
         "collapse": {"auc": 0.95, "auc_copied": 0.7}}}}, {}).claims[0].finding
     assert "collapse AUC 0.95" in text and "finds copied half the time or more: 0.70" in text
+
+
+def _without_timings(doc):
+    if isinstance(doc, dict):
+        return {k: _without_timings(v) for k, v in doc.items()
+                if not (k.endswith("_s") or "seconds" in k or k == "versions")}
+    if isinstance(doc, list):
+        return [_without_timings(v) for v in doc]
+    return doc
+
+
+def test_an_experiment_gives_the_same_numbers_whatever_threads_run_it(tmp_path):
+    """An experiment fixes its own torch thread count: the tiny text model trained and
+    audited in a process running 1 thread and in one running 2 gives the same metrics (every
+    number, timings aside) and the same verdicts, as in a worker of reproduce --jobs."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    before = torch.get_num_threads()
+    found = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rec, m = _run(tmp_path / f"t{threads}", "mitigate-captions", [
+                "steps=6", "vae_steps=3", "every=3", "variants=2", "copies=2", "colours=3",
+                "per_prompt=2", "sample_steps=3", "n_noise=2", "cures=tikhonov=0.1"])
+            found[threads] = ([c.status for c in rec.verdict.claims], _without_timings(m))
+            assert torch.get_num_threads() == threads  # restored after the run
+    finally:
+        torch.set_num_threads(before)
+    assert found[1] == found[2]

@@ -154,7 +154,7 @@ def test_unet_audit_detect_and_mitigate_in_two_processes_equal_one(unet, tmp_pat
               str(unet / "conditions.npy"), "--null-cond", "3", "--steps", "4", "--n-noise",
               "2", "--confirm", "3", "--batch-size", "2"]
     mitigate = ["mitigate", *_unet_args(unet), "--cures", "tikhonov", "--strengths",
-                "tikhonov=0.5"]
+                "tikhonov=0.5", "--exhaustive"]
     for name, args in (("audit", audit), ("detect", detect), ("mitigate", mitigate)):
         alone([*args, "--out", str(tmp_path / f"{name}1")])
         in_two([*args, "--out", str(tmp_path / f"{name}2")])

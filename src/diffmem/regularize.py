@@ -136,7 +136,7 @@ def diffusers_m_sigma(timesteps: Tensor, scheduler: Any) -> tuple[Tensor, Tensor
     ``timesteps`` of a diffusers scheduler (its ``alphas_cumprod``); for a flow-matching
     scheduler, whose timesteps are ``K sigma`` (floats), ``sigma = timesteps / K`` and
     ``m = 1 - sigma``."""
-    from diffmem.models import is_flow_scheduler, scheduler_config
+    from diffmem.models.discrete import is_flow_scheduler, scheduler_config
 
     config = scheduler_config(scheduler) if hasattr(scheduler, "config") else {}
     if is_flow_scheduler(config):
@@ -167,7 +167,7 @@ def diffusers_tikhonov_penalty(output: Tensor, noisy: Tensor, timesteps: Tensor,
     ``timesteps`` (:func:`diffusers_m_sigma`), the prediction type from the scheduler
     (``flow`` for a flow-matching one, else its config's ``prediction_type``);
     ``reduction='mean'`` by default, to match ``F.mse_loss``."""
-    from diffmem.models import prediction_of, scheduler_config
+    from diffmem.models.discrete import prediction_of, scheduler_config
 
     m, sigma = diffusers_m_sigma(timesteps, scheduler)
     prediction = prediction_of(scheduler_config(scheduler) if hasattr(scheduler, "config")

@@ -17,13 +17,14 @@ the checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,10 @@ class Experiment:
     #: Seconds of a ``--quick`` run on one core as last measured: parallel ``reproduce``
     #: starts the longest first.
     cost: float = 5.0
+    #: Torch threads the experiment runs with, whatever runs it (``run``, ``reproduce`` alone
+    #: or in a worker of ``--jobs``): float reductions split over another number of threads
+    #: round otherwise, and a trained model's state would depend on the worker.
+    threads: int = 1
 
     def missing(self) -> list[str]:
         """The packages of :attr:`requires` that are not installed."""
@@ -456,10 +461,11 @@ def run_experiment(
                       progress=progress, resume=resume, process_group=process_group)
         start = time.perf_counter()
         try:
-            raw = exp.compute(ctx)
-            recorded = exp.record(ctx, raw)
-            verdict = exp.judge(recorded.metrics, params)
-            figures = exp.draw(recorded, params)
+            with fixed_threads(exp.threads):
+                raw = exp.compute(ctx)
+                recorded = exp.record(ctx, raw)
+                verdict = exp.judge(recorded.metrics, params)
+                figures = exp.draw(recorded, params)
         except BaseException:
             if created and not any(e.name != ".lock" for e in folder.iterdir()):
                 (folder / ".lock").unlink(missing_ok=True)
@@ -492,69 +498,20 @@ def _follow(exp: Experiment, out_dir: Path, params: dict[str, Any], seed: int,
     ctx = Context(name=exp.name, params=params, out=Path(out_dir) / exp.name, device=dev,
                   seed=seed, progress=False, resume=resume, process_group=group)
     start = time.perf_counter()
-    recorded = exp.record(ctx, exp.compute(ctx))
-    verdict = exp.judge(recorded.metrics, params)
+    with fixed_threads(exp.threads):
+        recorded = exp.record(ctx, exp.compute(ctx))
+        verdict = exp.judge(recorded.metrics, params)
     return Record(name=exp.name, verdict=verdict, metrics=jsonable(recorded.metrics),
                   params=params, figures=[], elapsed_s=time.perf_counter() - start,
                   folder=ctx.out)
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _worker_init(threads: int) -> None:
-    """A ``run_all`` worker: ``threads`` torch threads, and (on Linux) killed with its parent,
-    so that a killed ``reproduce`` leaves no process holding an experiment folder's lock."""
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """Torch runs with ``threads`` threads inside, with the count it had after."""
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
-
-
-def _run_task(task: tuple[str, Path, dict[str, Any], int, str, bool]) -> Record:
-    """Run a registered experiment, named (its steps may be lambdas, which do not pickle)."""
-    from diffmem.experiments import get_experiment
-
-    name, out_dir, params, seed, device, resume = task
-    return run_experiment(get_experiment(name), out_dir, params, seed=seed, device=device,
-                          progress=False, resume=resume)
-
-
-def run_all(exps: Sequence[Experiment], out_dir: Path, params: Mapping[str, dict[str, Any]],
-            *, jobs: int = 1, seed: int = 0, device: str = "cpu", progress: bool = True,
-            resume: bool = False, process_group: Any = None) -> Iterator[Record]:
-    """Run ``exps`` (each with ``params[name]``) and yield each :class:`Record` as soon as its
-    run is done. With ``jobs > 1`` the experiments run in that many worker processes, longest
-    first (:attr:`Experiment.cost`), each with ``cores // jobs`` torch threads and without
-    its own progress bars; every experiment is seeded on its own, so the results do not
-    depend on the order. Workers look the experiments up by name in the registry. A failing
-    experiment stops the others (its error is raised)."""
-    if jobs < 1:
-        raise fail("--jobs", "an integer >= 1", jobs)
-    if jobs == 1 or len(exps) <= 1 or process_group is not None:
-        for exp in exps:
-            yield run_experiment(exp, out_dir, params[exp.name], seed=seed, device=device,
-                                 progress=progress, resume=resume, process_group=process_group)
-        return
-    import multiprocessing as mp
-
-    order = sorted(exps, key=lambda e: -e.cost)
-    jobs = min(jobs, len(order))
-    threads = max(1, available_cores() // jobs)
-    tasks = [(e.name, Path(out_dir), params[e.name], seed, device, resume) for e in order]
-    pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(threads,))
     try:
-        yield from pool.imap_unordered(_run_task, tasks, chunksize=1)
-        pool.close()
+        yield
     finally:
-        pool.terminate()
-        pool.join()
+        torch.set_num_threads(before)

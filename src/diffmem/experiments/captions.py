@@ -12,8 +12,8 @@ model that learns the caption need not copy any one of them.
 
 Model: the tiny Stable Diffusion layout of :mod:`diffmem.tiny` (a character-level CLIP
 tokenizer and text encoder, a UNet on 8 x 8 x 4 latents, a two-level VAE), its VAE fitted to
-the pictures and its UNet trained on the captions (:func:`diffmem.training.fit_vae`,
-:func:`diffmem.training.train_text_unet`; checkpointed, ``--resume`` continues).
+the pictures and its UNet trained on the captions (:func:`diffmem.finetune.fit_vae`,
+:func:`diffmem.finetune.train_text_unet`; checkpointed, ``--resume`` continues).
 
 Then, through the functions ``diffmem detect --prompts`` and ``diffmem mitigate --prompts``
 run: detect ranks the prompts without the training set (each measure's AUC against the
@@ -158,10 +158,11 @@ def _train(ctx: Context, data: CaptionData) -> dict[str, Any]:
     """The tiny pipeline built, its VAE fitted and its UNet trained on the captions
     (checkpointed), saved in ``OUT/pipeline``; the training pictures as its VAE renders
     them, per training row."""
+    from diffmem.finetune import fit_vae, train_text_unet
     from diffmem.prompts import read_prompts
     from diffmem.text import load_text_model
     from diffmem.tiny import sd_pipeline
-    from diffmem.training import Checkpoints, fingerprint, fit_vae, train_text_unet
+    from diffmem.training import Checkpoints, fingerprint
 
     p = ctx.params
     base = sd_pipeline(ctx.out / "base", max_length=32, channels=(32, 64), seed=ctx.seed,

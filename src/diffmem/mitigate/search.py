@@ -214,9 +214,13 @@ def _refine(screen: _Screen, fam: Family, target: float) -> None:
         else:
             lo = mid
     fam.weakest = hi
-    keeps = screen.point(fam, hi).get("keeps_samples") is not False
-    fam.status = "candidate" if keeps else \
-        "meets the target only where it does not keep the samples"
+    point = screen.point(fam, hi)
+    keeps = point.get("keeps_samples") is not False
+    met = point["copy_fraction"] <= target
+    fam.status = ("candidate" if met else "candidate (the screen cannot rule out its "
+                  "strongest strength)") if keeps else (
+        "meets the target only where it does not keep the samples" if met else
+        "does not keep the samples at its strongest strength")
 
 
 def copies_lower_bound(k: int, n: int, confidence: float) -> float:
@@ -238,7 +242,7 @@ def copies_lower_bound(k: int, n: int, confidence: float) -> float:
 def _confirm(full: Runner, fams: list[Family], ctx: CureContext, target: float,
              entry_of: Any) -> list[dict[str, Any]]:
     """Full-size runs of the best candidates (module docstring), in order."""
-    cands = sorted((f for f in fams if f.status == "candidate"),
+    cands = sorted((f for f in fams if f.status.startswith("candidate")),
                    key=lambda f: (f.points[f.weakest]["cost"]
                                   if f.points[f.weakest]["cost"] is not None else math.inf))
     runs: list[dict[str, Any]] = []
