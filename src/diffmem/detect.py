@@ -641,84 +641,130 @@ def detect(model: Any, conditions: Tensor, null: Tensor, *, n_noise: int = 4,
     finished confirmation batches so that a rerun after a kill draws only the rest. With a
     :class:`diffmem.parallel.Team` the screen's chunks and the confirmation's batches are
     split over its processes, with the numbers of one process."""
-    from diffmem import confirm as cf
-
     team = team or SOLO
-    if not getattr(model, "conditional", False):
-        raise fail("--model", "a conditional model (its condition and a null one)",
-                   getattr(model, "name", type(model).__name__))
-    names = _check_measures(measures, MEASURES)
-    n_noise, steps = positive_int("--n-noise", n_noise), positive_int("--steps", steps)
-    c_steps = positive_int("--confirm-steps", CONFIRM_STEPS if confirm_steps is None
-                           else confirm_steps)
-    cap = cf.CAP if generations is None else positive_int("--generations", generations)
-    first = cf.FIRST
-    cf.looks(first, cap)
-    alpha = cf.check_alpha(cf.ALPHA if alpha is None else alpha)
-    line = cf.LINE if line is None else float(line)
-    lv = _check_levels(levels)
+    rule = _Rule.checked(model, measures, n_noise, steps, confirm_steps, generations, alpha,
+                         line, levels)
     _check_labels(labels, conditions.shape[0], "condition")
     model.check_condition(conditions[:2], "--conditions")
     model.check_condition(null[None], "--null-cond")
     firsts, which = _distinct(conditions, keys)
     table = conditions[torch.tensor(firsts)]
-    n = len(firsts)
-    times = sampler_times(model, steps)
+    times = sampler_times(model, rule.steps)
     gen = torch.Generator().manual_seed(seed)
     shape = tuple(model.data_shape)
-    z = torch.randn(n_noise, *shape, generator=gen, dtype=torch.float64)
-    probes = _rademacher((len(lv), n_noise, *shape), gen)
-    z_gen = torch.randn(cap, *shape, generator=gen, dtype=torch.float64)
-    found: list[dict[str, Any]] = [{} for _ in range(n)]
+    z = torch.randn(rule.n_noise, *shape, generator=gen, dtype=torch.float64)
+    probes = _rademacher((len(rule.levels), rule.n_noise, *shape), gen)
+    z_gen = torch.randn(rule.cap, *shape, generator=gen, dtype=torch.float64)
     start = time.perf_counter()
-    screen_names = [m for m in names if m != "consistency"]
-    if screen_names:
-        screen = _Screen(model, screen_names, z, probes, _Probe(model, float(times[0]), 1),
-                         _Probe(model, float(times[-1]), 1),
-                         [_Probe(model, time_at_level(model.schedule, v), 1) for v in lv])
-        per_process = _in_chunks(team, lambda lo: screen(table, null, lo, chunk), found,
-                                 chunk, progress, "conditions")
-    else:
-        per_process = [n] + [0] * (team.size - 1)
-    _collapse(found)
+    found, per_process = _screen_all(model, table, null, rule, z, probes, times, chunk, team,
+                                     progress)
     screen_s = time.perf_counter() - start
-    limit = n if confirm is None else min(n, max(0, int(confirm)))
-    null_spread = None
     confirmed: dict[int, dict[str, Any]] = {}
-    if "consistency" in names and limit > 0:
-        key = next((m for m in (PRIMARY, "collapse", "gap", "anisotropy", "wen", "sharpness")
-                    if m in screen_names), None)
-        order = sorted(range(n), key=lambda j: -_value(found[j].get(key))) if key \
-            else list(range(n))
-        generator = model if guidance is None else _guided(model, guidance, null)
-        conf = _Confirmation(generator, model, sampler_times(model, c_steps), z_gen, null,
-                             max(1, chunk * n_noise), line, alpha, first, seed,
-                             None if store is None or not team.leader else ConfirmStore(store, {
-                                 "model": getattr(model, "name", None), "seed": seed,
-                                 "cap": cap, "first": first, "alpha": alpha, "line": line,
-                                 "steps": c_steps, "guidance": guidance, "n": n,
-                                 "conditions": _digest(table), "null": _digest(null)}))
-        walk = confirm is None and n > CONFIRM_ALL
-        batches = walk_batches(n, limit, max(1, chunk * n_noise // first), walk)
-        confirmed, null_spread = _confirm_all(conf, table, order, batches, walk, team,
-                                              progress)
+    null_spread = None
+    limit = len(firsts) if confirm is None else min(len(firsts), max(0, int(confirm)))
+    if "consistency" in rule.names and limit > 0:
+        conf = _Confirmation(model if guidance is None else _guided(model, guidance, null),
+                             model, sampler_times(model, rule.confirm_steps), z_gen, null,
+                             max(1, chunk * rule.n_noise), rule.line, rule.alpha, rule.first,
+                             seed, None if store is None or not team.leader else ConfirmStore(
+                                 store, rule.key(model, seed, guidance, table, null)))
+        walk = confirm is None and len(firsts) > CONFIRM_ALL
+        batches = walk_batches(len(firsts), limit, max(1, chunk * rule.n_noise // rule.first),
+                               walk)
+        confirmed, null_spread = _confirm_all(conf, table, _order(found, rule), batches, walk,
+                                              team, progress)
         for j, outcome in confirmed.items():
             found[j] |= outcome
     total = time.perf_counter() - start
-    entries = _spread_to_rows(conditions, firsts, which, found, total)
-    settings = {"n_noise": n_noise, "generations": cap, "first_round": first,
-                "steps": steps, "confirm_steps": c_steps, "levels": lv, "measures": names,
-                "confirm": len(confirmed), "distinct": n, "null_spread": null_spread,
-                "seed": seed, "model": getattr(model, "name", None),
-                "t_first": float(times[0]), "generation_guidance": guidance,
-                "t_last": float(times[-1]), "screen_seconds": screen_s, "seconds": total,
-                "line": line, "alpha": alpha,
-                "generations_drawn": sum(o["generations"] for o in confirmed.values()),
-                "sampler": "DDIM (eta 0) on the model's schedule", "gamma": GAMMA}
-    primary = PRIMARY if PRIMARY in names else next(m for m in MEASURES if m in names)
-    return _add_roc(DetectResult(entries, settings, "conditions", primary,
-                                 per_process=per_process), labels)
+    settings = rule.settings() | {
+        "confirm": len(confirmed), "distinct": len(firsts), "null_spread": null_spread,
+        "seed": seed, "model": getattr(model, "name", None), "t_first": float(times[0]),
+        "generation_guidance": guidance, "t_last": float(times[-1]),
+        "screen_seconds": screen_s, "seconds": total,
+        "generations_drawn": sum(o["generations"] for o in confirmed.values())}
+    primary = PRIMARY if PRIMARY in rule.names else next(m for m in MEASURES
+                                                         if m in rule.names)
+    return _add_roc(DetectResult(_spread_to_rows(conditions, firsts, which, found, total),
+                                 settings, "conditions", primary, per_process=per_process),
+                    labels)
 
+
+@dataclass
+class _Rule:
+    """:func:`detect`'s settings, checked (each error names its option)."""
+
+    names: list[str]
+    n_noise: int
+    steps: int
+    confirm_steps: int
+    cap: int
+    first: int
+    alpha: float
+    line: float
+    levels: list[float]
+
+    @classmethod
+    def checked(cls, model: Any, measures: Sequence[str], n_noise: int, steps: int,
+                confirm_steps: int | None, generations: int | None, alpha: float | None,
+                line: float | None, levels: Sequence[float]) -> _Rule:
+        from diffmem import confirm as cf
+
+        if not getattr(model, "conditional", False):
+            raise fail("--model", "a conditional model (its condition and a null one)",
+                       getattr(model, "name", type(model).__name__))
+        names = _check_measures(measures, MEASURES)
+        n_noise, steps = positive_int("--n-noise", n_noise), positive_int("--steps", steps)
+        c_steps = positive_int("--confirm-steps", CONFIRM_STEPS if confirm_steps is None
+                               else confirm_steps)
+        cap = cf.CAP if generations is None else positive_int("--generations", generations)
+        cf.looks(cf.FIRST, cap)
+        return cls(names, n_noise, steps, c_steps, cap, cf.FIRST,
+                   cf.check_alpha(cf.ALPHA if alpha is None else alpha),
+                   cf.LINE if line is None else float(line), _check_levels(levels))
+
+    def key(self, model: Any, seed: int, guidance: float | None, table: Tensor,
+            null: Tensor) -> dict[str, Any]:
+        """What the kept confirmation batches must have been drawn with."""
+        return {"model": getattr(model, "name", None), "seed": seed, "cap": self.cap,
+                "first": self.first, "alpha": self.alpha, "line": self.line,
+                "steps": self.confirm_steps, "guidance": guidance, "n": table.shape[0],
+                "conditions": _digest(table), "null": _digest(null)}
+
+    def settings(self) -> dict[str, Any]:
+        """The settings ``detect.json`` records."""
+        return {"n_noise": self.n_noise, "generations": self.cap, "first_round": self.first,
+                "steps": self.steps, "confirm_steps": self.confirm_steps,
+                "levels": self.levels, "measures": self.names, "line": self.line,
+                "alpha": self.alpha, "sampler": "DDIM (eta 0) on the model's schedule",
+                "gamma": GAMMA}
+
+
+def _screen_all(model: Any, table: Tensor, null: Tensor, rule: _Rule, z: Tensor,
+                probes: Tensor, times: Tensor, chunk: int, team: Team,
+                progress: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    """The screen's measures of every distinct condition (``collapse`` from its traces),
+    ``chunk`` at a time split over ``team``'s processes; how many each process screened."""
+    n = table.shape[0]
+    found: list[dict[str, Any]] = [{} for _ in range(n)]
+    names = [m for m in rule.names if m != "consistency"]
+    if not names:
+        return found, [n] + [0] * (team.size - 1)
+    screen = _Screen(model, names, z, probes, _Probe(model, float(times[0]), 1),
+                     _Probe(model, float(times[-1]), 1),
+                     [_Probe(model, time_at_level(model.schedule, v), 1) for v in rule.levels])
+    per_process = _in_chunks(team, lambda lo: screen(table, null, lo, chunk), found, chunk,
+                             progress, "conditions")
+    _collapse(found)
+    return found, per_process
+
+
+def _order(found: list[dict[str, Any]], rule: _Rule) -> list[int]:
+    """The distinct conditions by decreasing screen measure (the primary when computed;
+    their order when nothing was screened)."""
+    key = next((m for m in (PRIMARY, "collapse", "gap", "anisotropy", "wen", "sharpness")
+                if m in rule.names), None)
+    return sorted(range(len(found)), key=lambda j: -_value(found[j].get(key))) if key \
+        else list(range(len(found)))
 
 
 def _guided(model: Any, guidance: float, null: Tensor) -> Any:

@@ -435,22 +435,10 @@ def train_dsm(
     ``(sigma^2 I + lambda_k diag(penalty(t)))^-1 sigma^2 grad log p_t``. A non-finite loss
     stops training with a ``ValueError`` naming the step and the learning rate.
     """
-    train = training_set("train", train)
-    if not isinstance(schedule, Schedule):
-        raise fail("schedule", "a diffmem.schedules.Schedule", type(schedule).__name__)
-    if config.schedule != schedule.name:
-        raise fail("schedule", f"the configuration's schedule {config.schedule!r}",
-                   repr(schedule))
-    dev = torch.device(device)
-    flat = train.reshape(train.shape[0], -1).to(dtype=torch.float32, device=dev)
-    N, d = flat.shape
-    cond = None
-    if train_y is not None:
-        if not isinstance(train_y, Tensor) or train_y.shape[0] != N:
-            raise fail("train_y", f"one condition per training point ({N})",
-                       tuple(train_y.shape) if isinstance(train_y, Tensor) else train_y)
-        cond = train_y.reshape(N, -1).to(dtype=torch.float32, device=dev)
-    mlp_cfg = MLPConfig(dim=d, cond_dim=0 if cond is None else cond.shape[1], **config.mlp)
+    flat, cond = _training_rows(train, schedule, config, torch.device(device), train_y)
+    dev = flat.device
+    mlp_cfg = MLPConfig(dim=flat.shape[1], cond_dim=0 if cond is None else cond.shape[1],
+                        **config.mlp)
     K = len(config.lambdas)
     model = ScoreMLP(mlp_cfg, config.parameterizations, seed=config.seed).to(dev)
     ema = EMA(model, config.ema_half_life, config.steps)
@@ -460,19 +448,9 @@ def train_dsm(
         "" if penalty is None else f"-{getattr(penalty, '__name__', type(penalty).__name__)}")
     store = Checkpoints(checkpoint_dir, fingerprint)
     lambdas = torch.tensor(config.lambdas, dtype=torch.float32, device=dev)[:, None, None]
-    history: list[tuple[int, list[float]]] = []
-    evaluations: dict[int, Any] = {}
-    start = 0
+    start, history, evaluations = 0, [], {}
     if resume and checkpoint_dir is not None and (state := store.load_latest(dev, config.steps)):
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(gen, state["rng"])
-        history = [tuple(h) for h in state["history"]]  # type: ignore[misc]
-        evaluations = dict(state.get("evaluations", {}))
-        start = int(state["step"])
-        if start > config.steps:
-            raise fail("steps", f"at least the checkpoint's step {start}", config.steps)
+        start, history, evaluations = _restored(state, model, ema, opt, gen, config.steps)
     marks = set(checkpoints) | {config.steps}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
                desc="DSM training", disable=not progress, leave=False)
@@ -481,13 +459,7 @@ def train_dsm(
         x_t, t, z, sigma, y0 = _noisy_batch(flat, cond, K, config.batch_size, config.t_min,
                                             schedule, gen)
         weight = lambdas if penalty is None else lambdas * penalty(t).to(lambdas)
-        if manual:
-            with torch.no_grad():
-                losses = manual_relu_step(model, x_t, t, z, sigma, weight, y0)
-        else:
-            losses = dsm_loss(model(x_t, t, y=y0), z, sigma, model.params_k, weight)
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
+        losses = _dsm_step(model, opt, x_t, t, z, sigma, weight, y0, manual)
         check_losses(losses.detach(), step + 1, config.lr, store.latest())
         opt.step()
         ema.update()
@@ -499,10 +471,8 @@ def train_dsm(
             history.append((done, values))
             bar.set_postfix(loss=f"{sum(values) / K:.4f}")
         if done in marks:
-            if callback is not None:
-                result = callback(done, model, ema.model)
-                if result is not None:
-                    evaluations[done] = result
+            if callback is not None and (result := callback(done, model, ema.model)) is not None:
+                evaluations[done] = result
             store.save(done, {"model": model.state_dict(), "ema": ema.model.state_dict(),
                               "optimizer": opt.state_dict(), "rng": gen.get_state(),
                               "history": history, "evaluations": evaluations,
@@ -510,6 +480,53 @@ def train_dsm(
     bar.close()
     return Trained(model=model, ema=ema.model, history=history,
                    ema_init_weight=ema.init_share, evaluations=evaluations)
+
+
+def _restored(state: dict[str, Any], model: ScoreMLP, ema: EMA, opt: torch.optim.Optimizer,
+              gen: torch.Generator, steps: int) -> tuple[int, list[Any], dict[int, Any]]:
+    """A checkpoint's weights, EMA, optimizer and generator states loaded; its step, loss
+    history and evaluations (its step at most ``steps``)."""
+    model.load_state_dict(state["model"])
+    ema.model.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    restore_rng(gen, state["rng"])
+    start = int(state["step"])
+    if start > steps:
+        raise fail("steps", f"at least the checkpoint's step {start}", steps)
+    return start, [tuple(h) for h in state["history"]], dict(state.get("evaluations", {}))
+
+
+def _training_rows(train: Tensor, schedule: Schedule, config: TrainConfig,
+                   dev: torch.device, train_y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The training points as float32 rows on ``dev`` and their conditions (checked: the
+    schedule is the configuration's, one condition per point)."""
+    train = training_set("train", train)
+    if not isinstance(schedule, Schedule):
+        raise fail("schedule", "a diffmem.schedules.Schedule", type(schedule).__name__)
+    if config.schedule != schedule.name:
+        raise fail("schedule", f"the configuration's schedule {config.schedule!r}",
+                   repr(schedule))
+    flat = train.reshape(train.shape[0], -1).to(dtype=torch.float32, device=dev)
+    if train_y is None:
+        return flat, None
+    N = flat.shape[0]
+    if not isinstance(train_y, Tensor) or train_y.shape[0] != N:
+        raise fail("train_y", f"one condition per training point ({N})",
+                   tuple(train_y.shape) if isinstance(train_y, Tensor) else train_y)
+    return flat, train_y.reshape(N, -1).to(dtype=torch.float32, device=dev)
+
+
+def _dsm_step(model: ScoreMLP, opt: torch.optim.Optimizer, x_t: Tensor, t: Tensor, z: Tensor,
+              sigma: Tensor, weight: Tensor, y0: Tensor | None, manual: bool) -> Tensor:
+    """Each model's DSM loss on one batch, its gradients set (by hand for ReLU networks,
+    :func:`manual_relu_step`, else by autograd)."""
+    if manual:
+        with torch.no_grad():
+            return manual_relu_step(model, x_t, t, z, sigma, weight, y0)
+    losses = dsm_loss(model(x_t, t, y=y0), z, sigma, model.params_k, weight)
+    opt.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    return losses
 
 
 class NetworkScore:

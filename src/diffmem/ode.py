@@ -77,34 +77,16 @@ def dopri5(
     (``(n,)``, between ``start`` and ``end``) returns the states there by cubic Hermite
     interpolation.
     """
-    B, d = y0.shape
+    B = y0.shape[0]
     dev, dt = y0.device, y0.dtype
     direction = 1.0 if end > start else -1.0
-    span = abs(end - start)
     t = torch.full((B,), float(start), dtype=torch.float64, device=dev)
     y = y0.clone()
     everyone = torch.arange(B, device=dev)
     f = fn(t.to(dt), y, everyone)
-    # Initial step (Hairer, Norsett & Wanner, II.4), per sample.
-    scale = atol + rtol * y.abs()
-    d0, d1 = _norm(y, scale), _norm(f, scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    h0 = torch.clamp(h0.to(torch.float64), max=span)
-    f1 = fn((t + direction * h0).to(dt), y + (direction * h0).to(dt)[:, None] * f, everyone)
-    d2 = _norm(f1 - f, scale).to(torch.float64) / h0
-    big = torch.maximum(d1.to(torch.float64), d2)
-    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / big) ** 0.2)
-    h = torch.clamp(torch.minimum(100 * h0, h1), max=span)
-
-    recorded = None
-    rec = None
-    if record is not None:
-        rec = record.to(device=dev, dtype=torch.float64)
-        recorded = torch.full((B, rec.shape[0], d), float("nan"), dtype=dt, device=dev)
-        at_start = rec == start
-        recorded[:, at_start] = y0[:, None, :]
-    coef = {k: torch.tensor(v, dtype=dt, device=dev) for k, v in (("b5", _B5), ("e", _E))}
-    a_rows = [torch.tensor(row, dtype=dt, device=dev) for row in _A]
+    h = _initial_step(fn, t, y, f, everyone, direction, abs(end - start), rtol, atol)
+    rec, recorded = _recording(record, y0, start)
+    tableau = _Tableau(dt, dev)
     end_t = torch.tensor(float(end), dtype=torch.float64, device=dev)
     steps = torch.zeros(B, dtype=torch.long, device=dev)
     accepted = torch.zeros(B, dtype=torch.long, device=dev)
@@ -120,18 +102,8 @@ def dopri5(
         remaining = (end - ta) * direction
         last = ha >= remaining
         hstep = torch.where(last, remaining, ha)
-        hs = (direction * hstep).to(dt)[:, None]
-        # Stages k_1..k_7 in one buffer; each stage state is y + h sum_j a_ij k_j.
-        ks = torch.empty(7, *ya.shape, dtype=dt, device=dev)
-        ks[0] = fa
-        for i, (c, row) in enumerate(zip(_C, a_rows, strict=True), start=1):
-            yi = torch.addcmul(ya, hs, torch.tensordot(row, ks[:i], dims=1))
-            ks[i] = fn((ta + direction * c * hstep).to(dt), yi, active)
-        y_new = torch.addcmul(ya, hs, torch.tensordot(coef["b5"], ks[:6], dims=1))
-        t_new = torch.where(last, end_t, ta + direction * hstep)
-        ks[6] = fn(t_new.to(dt), y_new, active)
-        f_new = ks[6]
-        err = hs * torch.tensordot(coef["e"], ks, dims=1)
+        y_new, f_new, t_new, err = tableau.step(fn, ta, ya, fa, hstep, last, active,
+                                                direction, end_t)
         err_norm = _norm(err, atol + rtol * torch.maximum(ya.abs(), y_new.abs()))
         err_norm = err_norm.to(torch.float64)
         ok = err_norm <= 1.0
@@ -139,16 +111,9 @@ def dopri5(
         factor = torch.where(ok & rej, factor.clamp(max=1.0), factor)
         n_steps += 1
         if rec is not None and bool(ok.any()):
-            lo, hi = direction * ta[ok], direction * t_new[ok]
-            r = direction * rec
-            inside = (r[None, :] > lo[:, None]) & (r[None, :] <= hi[:, None])
-            rows, cols = torch.nonzero(inside, as_tuple=True)
-            if rows.numel():
-                theta = (r[cols] - lo[rows]) / (hi[rows] - lo[rows])
-                sub = ok.nonzero().squeeze(1)[rows]
-                recorded[active[ok][rows], cols] = _hermite(
-                    ya[sub], fa[sub], y_new[sub], f_new[sub],
-                    (direction * hstep[sub]).to(dt), theta.to(dt))
+            assert recorded is not None
+            _record(recorded, rec, active, ok, ta, t_new, ya, fa, y_new, f_new, hstep,
+                    direction)
         ok_col = ok[:, None]
         ta = torch.where(ok, t_new, ta)
         ya = torch.where(ok_col, y_new, ya)
@@ -169,3 +134,77 @@ def dopri5(
                                f"the end after max_steps = {max_steps} steps; raise max_steps "
                                "or loosen rtol/atol")
     return OdeSolution(y=y, recorded=recorded, steps=steps, accepted=accepted)
+
+
+def _recording(record: Tensor | None, y0: Tensor, start: float) -> tuple[Tensor | None,
+                                                                         Tensor | None]:
+    """The recording points (float64) and the states there, NaN until reached (the
+    starting states at a point at ``start``)."""
+    if record is None:
+        return None, None
+    rec = record.to(device=y0.device, dtype=torch.float64)
+    recorded = torch.full((y0.shape[0], rec.shape[0], y0.shape[1]), float("nan"),
+                          dtype=y0.dtype, device=y0.device)
+    recorded[:, rec == start] = y0[:, None, :]
+    return rec, recorded
+
+
+def _initial_step(fn: Rhs, t: Tensor, y: Tensor, f: Tensor, everyone: Tensor,
+                  direction: float, span: float, rtol: float, atol: float) -> Tensor:
+    """The first step of each sample (Hairer, Norsett & Wanner, II.4), at most ``span``."""
+    dt = y.dtype
+    scale = atol + rtol * y.abs()
+    d0, d1 = _norm(y, scale), _norm(f, scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    h0 = torch.clamp(h0.to(torch.float64), max=span)
+    f1 = fn((t + direction * h0).to(dt), y + (direction * h0).to(dt)[:, None] * f, everyone)
+    d2 = _norm(f1 - f, scale).to(torch.float64) / h0
+    big = torch.maximum(d1.to(torch.float64), d2)
+    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / big) ** 0.2)
+    return torch.clamp(torch.minimum(100 * h0, h1), max=span)
+
+
+class _Tableau:
+    """Dormand-Prince's coefficients on a device and dtype, and one step with them."""
+
+    def __init__(self, dt: torch.dtype, dev: torch.device) -> None:
+        self.dt = dt
+        self.b5 = torch.tensor(_B5, dtype=dt, device=dev)
+        self.e = torch.tensor(_E, dtype=dt, device=dev)
+        self.rows = [torch.tensor(row, dtype=dt, device=dev) for row in _A]
+
+    def step(self, fn: Rhs, ta: Tensor, ya: Tensor, fa: Tensor, hstep: Tensor, last: Tensor,
+             active: Tensor, direction: float,
+             end_t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The fifth-order state, its derivative (the FSAL stage), its time and the error
+        estimate of one step ``hstep`` from ``(ta, ya)``."""
+        dt = self.dt
+        hs = (direction * hstep).to(dt)[:, None]
+        # Stages k_1..k_7 in one buffer; each stage state is y + h sum_j a_ij k_j.
+        ks = torch.empty(7, *ya.shape, dtype=dt, device=ya.device)
+        ks[0] = fa
+        for i, (c, row) in enumerate(zip(_C, self.rows, strict=True), start=1):
+            yi = torch.addcmul(ya, hs, torch.tensordot(row, ks[:i], dims=1))
+            ks[i] = fn((ta + direction * c * hstep).to(dt), yi, active)
+        y_new = torch.addcmul(ya, hs, torch.tensordot(self.b5, ks[:6], dims=1))
+        t_new = torch.where(last, end_t, ta + direction * hstep)
+        ks[6] = fn(t_new.to(dt), y_new, active)
+        return y_new, ks[6], t_new, hs * torch.tensordot(self.e, ks, dims=1)
+
+
+def _record(recorded: Tensor, rec: Tensor, active: Tensor, ok: Tensor, ta: Tensor,
+            t_new: Tensor, ya: Tensor, fa: Tensor, y_new: Tensor, f_new: Tensor,
+            hstep: Tensor, direction: float) -> None:
+    """The states at the recording points each accepted step crossed, by cubic Hermite
+    interpolation, written into ``recorded``."""
+    lo, hi = direction * ta[ok], direction * t_new[ok]
+    r = direction * rec
+    inside = (r[None, :] > lo[:, None]) & (r[None, :] <= hi[:, None])
+    rows, cols = torch.nonzero(inside, as_tuple=True)
+    if rows.numel():
+        theta = (r[cols] - lo[rows]) / (hi[rows] - lo[rows])
+        sub = ok.nonzero().squeeze(1)[rows]
+        dt = ya.dtype
+        recorded[active[ok][rows], cols] = _hermite(
+            ya[sub], fa[sub], y_new[sub], f_new[sub], (direction * hstep[sub]).to(dt),
+            theta.to(dt))

@@ -450,7 +450,9 @@ def _gap_conditions(gap: dict[str, Any]) -> str:
 
 
 def _cell(v: Any) -> str:
-    """A table cell: yes/no for a verdict, else :func:`_sig`."""
+    """A table cell: yes/no for a verdict, a word as it is, else :func:`_sig`."""
+    if isinstance(v, str):
+        return html.escape(v)
     return ("yes" if v else "no") if isinstance(v, bool) else _sig(v)
 
 
@@ -469,14 +471,7 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
     ranking with every measure to three significant digits, the copy fraction or label
     where known, histograms per label with the verdict's threshold, ROC) in ``folder``, for
     conditions or samples alike; ``reference`` is the result on ``--reference``."""
-    import csv
-    import io
-
-    import numpy as np
-
-    from diffmem import plots
     from diffmem.detect import UNITS
-    from diffmem.verdicts import bound_note
 
     folder = Path(folder)
     doc = {**result.to_json(), "inputs": inputs}
@@ -485,9 +480,50 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
     atomic_write_json(folder / "detect.json", doc)
     names = result.measures
     key = "condition" if result.kind == "conditions" else "index"
-    extra = [k for k in ("memorized", "consistency_ratio", "copied", "label")
-             if any(k in e for e in result.entries)]
-    verdict = result.verdict or {}
+    extra = [k for k in ("memorized", "consistency_ratio", "generations", "stopped", "copied",
+                         "label") if any(k in e for e in result.entries)]
+    _detect_csv(folder, result, names, extra, key)
+    uri = _detect_figure(result, names, reference)
+    head = "".join(f"<th>{html.escape(n)}{' (primary)' if n == result.primary else ''}</th>"
+                   for n in names) + "".join(f"<th>{k}</th>" for k in extra)
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td>{html.escape(json.dumps(e[key]))}</td>"
+        + "".join(f"<td>{_sig(e.get(n))}</td>" for n in names)
+        + "".join(f"<td>{_cell(e.get(k))}</td>" for k in extra) + "</tr>"
+        for i, e in enumerate(result.ranking()))
+    auc = "".join(f"<li>{n}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f} "
+                  f"({r['n_positive']} memorized, {r['n_negative']} not)</li>"
+                  for n, r in result.roc.items())
+    units = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(UNITS[n])}</li>"
+                    for n in names)
+    st = result.settings
+    what = (f"{len(result.entries)} conditions, {st['n_noise']} noise draws, levels sigma/m "
+            f"{', '.join(_sig(v) for v in st['levels'])}, {st['steps']} DDIM steps"
+            if result.kind == "conditions" else
+            f"{len(result.entries)} samples, {st['n_noise']} noise draws, level sigma/m "
+            f"{_sig(st['level'])}")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>diffmem detect</title>"
+        f"<style>{_STYLE}</style></head><body>"
+        f"<h1>diffmem detect: which {result.kind} does the model memorize?</h1>"
+        f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, {what}; "
+        f"{_sig(st['seconds'])} s in all. Every measure: larger means more likely "
+        f"memorized; ranked by the primary measure, <b>{result.primary}</b>.</p>"
+        f"<ul>{units}</ul><h2>Verdicts</h2>{_verdict_html(result)}"
+        + (f"<h2>Against the labels</h2><ul>{auc}</ul>" if auc else "")
+        + f"<img alt='histograms and ROC' src='{uri}'>"
+        f"<h2>Ranking</h2><table><tr><th>rank</th><th>{key}</th>{head}</tr>"
+        + rows + "</table><p>Files: <code>detect.json</code>, <code>detect.csv</code>.</p>"
+        "</body></html>")
+    atomic_write_bytes(folder / "index.html", page.encode())
+
+
+def _detect_csv(folder: Path, result: Any, names: list[str], extra: list[str],
+                key: str) -> None:
+    """``detect.csv``: the ranking with every measure and the verdict's fields."""
+    import csv
+    import io
+
     buf = io.StringIO()
     fields = ["rank", "index"] + (["condition"] if key == "condition" else []) + names + \
         extra + ["seconds"]
@@ -498,6 +534,15 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
                      for i, e in enumerate(result.ranking()))
     atomic_write_bytes(folder / "detect.csv", buf.getvalue().encode())
 
+
+def _detect_figure(result: Any, names: list[str], reference: Any) -> str:
+    """Each measure's histogram (per label where known; the reference's values and the
+    verdict's threshold on the verdict's measure) and the ROC, as a ``data:`` URI."""
+    import numpy as np
+
+    from diffmem import plots
+
+    verdict = result.verdict or {}
     shown = [n for n in names if any(e.get(n) is not None for e in result.entries)]
     if verdict.get("measure") == "consistency_ratio":
         shown.append("consistency_ratio")
@@ -533,51 +578,29 @@ def write_detect_report(folder: Path, result: Any, inputs: dict[str, Any],
         a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
         a.legend(fontsize=6)
     fig.tight_layout()
-    uri = _figure_uri(fig)
-    head = "".join(f"<th>{html.escape(n)}{' (primary)' if n == result.primary else ''}</th>"
-                   for n in names) + "".join(f"<th>{k}</th>" for k in extra)
-    rows = "".join(
-        f"<tr><td>{i + 1}</td><td>{html.escape(json.dumps(e[key]))}</td>"
-        + "".join(f"<td>{_sig(e.get(n))}</td>" for n in names)
-        + "".join(f"<td>{_cell(e.get(k))}</td>" for k in extra) + "</tr>"
-        for i, e in enumerate(result.ranking()))
-    auc = "".join(f"<li>{n}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['tpr_at_1pct_fpr']:.3f} "
-                  f"({r['n_positive']} memorized, {r['n_negative']} not)</li>"
-                  for n, r in result.roc.items())
-    if verdict.get("rule"):
-        lab = verdict.get("against_labels") or {}
-        judged = (f"<p><b>{verdict['n_memorized']} of {len(result.entries)} {result.kind} "
-                  f"memorized</b>. Rule: {html.escape(verdict['rule'])}.")
-        if lab.get("tpr") is not None and lab.get("fpr") is not None:
-            judged += (f" Against the labels: TPR {lab['tpr']:.3f} ({lab['n_positive']} "
-                       f"memorized), FPR {lab['fpr']:.3f} ({lab['n_negative']} not).")
-        note = bound_note(verdict)
-        judged += "" if note is None else f" Note: {html.escape(note)}."
-        judged += "</p>"
-    else:
-        judged = f"<p>No verdicts: {html.escape(str(verdict.get('why')))}.</p>"
-    units = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(UNITS[n])}</li>"
-                    for n in names)
-    st = result.settings
-    what = (f"{len(result.entries)} conditions, {st['n_noise']} noise draws, levels sigma/m "
-            f"{', '.join(_sig(v) for v in st['levels'])}, {st['steps']} DDIM steps"
-            if result.kind == "conditions" else
-            f"{len(result.entries)} samples, {st['n_noise']} noise draws, level sigma/m "
-            f"{_sig(st['level'])}")
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>diffmem detect</title>"
-        f"<style>{_STYLE}</style></head><body>"
-        f"<h1>diffmem detect: which {result.kind} does the model memorize?</h1>"
-        f"<p>Model <code>{html.escape(str(inputs.get('model')))}</code>, {what}; "
-        f"{_sig(st['seconds'])} s in all. Every measure: larger means more likely "
-        f"memorized; ranked by the primary measure, <b>{result.primary}</b>.</p>"
-        f"<ul>{units}</ul><h2>Verdicts</h2>{judged}"
-        + (f"<h2>Against the labels</h2><ul>{auc}</ul>" if auc else "")
-        + f"<img alt='histograms and ROC' src='{uri}'>"
-        f"<h2>Ranking</h2><table><tr><th>rank</th><th>{key}</th>{head}</tr>"
-        + rows + "</table><p>Files: <code>detect.json</code>, <code>detect.csv</code>.</p>"
-        "</body></html>")
-    atomic_write_bytes(folder / "index.html", page.encode())
+    return _figure_uri(fig)
+
+
+def _verdict_html(result: Any) -> str:
+    """The verdicts' paragraph: how many memorized, the rule, the rates against labels,
+    the reference's bound."""
+    from diffmem.verdicts import bound_note
+
+    verdict = result.verdict or {}
+    if not verdict.get("rule"):
+        return f"<p>No verdicts: {html.escape(str(verdict.get('why')))}.</p>"
+    lab = verdict.get("against_labels") or {}
+    judged = (f"<p><b>{verdict['n_memorized']} of {len(result.entries)} {result.kind} "
+              f"memorized</b>. Rule: {html.escape(verdict['rule'])}.")
+    if lab.get("tpr") is not None and lab.get("fpr") is not None:
+        judged += (f" Against the labels: TPR {lab['tpr']:.3f} ({lab['n_positive']} "
+                   f"memorized), FPR {lab['fpr']:.3f} ({lab['n_negative']} not).")
+    if verdict.get("in_doubt"):
+        judged += (f" {verdict['in_doubt']} in doubt at the cap (interval across the line): "
+                   "not memorized.")
+    note = bound_note(verdict)
+    judged += "" if note is None else f" Note: {html.escape(note)}."
+    return judged + "</p>"
 
 
 def write_compare_report(folder: Path, result: Any, samples_a: Any, samples_b: Any,

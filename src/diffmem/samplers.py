@@ -104,7 +104,6 @@ def _integrate(
     if method not in METHODS:
         raise fail("method", f"one of {METHODS}", repr(method))
     counted = _Counted(fn)
-    B = y0.shape[0]
     if method == "rk45":
         rtol, atol = positive("rtol", rtol), positive("atol", atol)
         with torch.no_grad():
@@ -121,28 +120,45 @@ def _integrate(
         }
         return sol.y, sol.recorded, stats
     if method == "rk45-torchode":
-        rtol, atol = positive("rtol", rtol), positive("atol", atol)
-        everyone = torch.arange(B, device=y0.device)
-        term = torchode.ODETerm(lambda t, y: counted(t, y, everyone))
-        solver = torchode.AutoDiffAdjoint(
-            torchode.Dopri5(term=term),
-            torchode.IntegralController(atol=atol, rtol=rtol, term=term),
-            max_steps=max_steps,
-        )
-        full = lambda v: torch.full((B,), v, dtype=y0.dtype, device=y0.device)  # noqa: E731
-        t_eval = None if record is None else record.to(y0).expand(B, -1).contiguous()
-        with torch.no_grad():
-            tsol = solver.solve(torchode.InitialValueProblem(
-                y0=y0, t_start=full(start), t_end=full(end), t_eval=t_eval))
-        if bool((tsol.status != 0).any()):
-            bad = int((tsol.status != 0).sum())
-            raise RuntimeError(f"rk45-torchode: {bad} of {B} trajectories did not reach the "
-                               "end time; raise max_steps or loosen rtol/atol")
-        n_steps = tsol.stats["n_steps"]
-        stats = {"method": method, "score_evals": counted.calls,
-                 "steps_max": int(n_steps.max()), "steps_per_sample": n_steps.tolist()}
-        return tsol.ys[:, -1], (None if record is None else tsol.ys), stats
-    n = positive_int("steps", 100 if steps is None else steps)
+        return _torchode(counted, y0, start, end, positive("rtol", rtol),
+                         positive("atol", atol), record, max_steps)
+    return _fixed_steps(counted, y0, start, end, method,
+                        positive_int("steps", 100 if steps is None else steps), record)
+
+
+def _torchode(counted: _Counted, y0: Tensor, start: float, end: float, rtol: float,
+              atol: float, record: Tensor | None,
+              max_steps: int) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """:func:`_integrate` by torchode's adaptive Dormand-Prince (``rk45-torchode``)."""
+    B = y0.shape[0]
+    everyone = torch.arange(B, device=y0.device)
+    term = torchode.ODETerm(lambda t, y: counted(t, y, everyone))
+    solver = torchode.AutoDiffAdjoint(
+        torchode.Dopri5(term=term),
+        torchode.IntegralController(atol=atol, rtol=rtol, term=term),
+        max_steps=max_steps,
+    )
+    full = lambda v: torch.full((B,), v, dtype=y0.dtype, device=y0.device)  # noqa: E731
+    t_eval = None if record is None else record.to(y0).expand(B, -1).contiguous()
+    with torch.no_grad():
+        tsol = solver.solve(torchode.InitialValueProblem(
+            y0=y0, t_start=full(start), t_end=full(end), t_eval=t_eval))
+    if bool((tsol.status != 0).any()):
+        bad = int((tsol.status != 0).sum())
+        raise RuntimeError(f"rk45-torchode: {bad} of {B} trajectories did not reach the "
+                           "end time; raise max_steps or loosen rtol/atol")
+    n_steps = tsol.stats["n_steps"]
+    stats = {"method": "rk45-torchode", "score_evals": counted.calls,
+             "steps_max": int(n_steps.max()), "steps_per_sample": n_steps.tolist()}
+    return tsol.ys[:, -1], (None if record is None else tsol.ys), stats
+
+
+def _fixed_steps(counted: _Counted, y0: Tensor, start: float, end: float, method: str,
+                 n: int, record: Tensor | None) -> tuple[Tensor, Tensor | None,
+                                                        dict[str, Any]]:
+    """:func:`_integrate` by ``n`` uniform Euler or Heun steps (and the recording points
+    added to the grid)."""
+    B = y0.shape[0]
     grid = torch.linspace(start, end, n + 1, dtype=torch.float64)
     if record is not None:
         grid = torch.unique(torch.cat([grid, record.to(torch.float64)]))
@@ -301,10 +317,8 @@ def sample_ode(
             an empty result without evaluating the score).
         t_end: final time, ``0 <= t_end < T`` (0 only for scores finite there; default
             1e-6 unless ``s_end`` is given).
-        method: ``'rk45'`` (adaptive, per-sample step control), ``'heun'`` or ``'euler'``.
-        rtol: relative tolerance of ``'rk45'``.
-        atol: absolute tolerance of ``'rk45'``.
-        steps: number of uniform steps of the fixed-step methods (default 100).
+        method: ``'rk45'`` (adaptive, per-sample step control; ``rtol``, ``atol``: its
+            tolerances), ``'heun'`` or ``'euler'`` (``steps`` uniform steps, default 100).
         return_trajectory: record the states at ``t_eval`` or ``s_eval`` (default:
             ``n_record`` points, log-spaced in ``t`` from ``T`` to ``t_end``, or evenly spaced
             in ``s`` up to ``s_end``).
@@ -317,71 +331,83 @@ def sample_ode(
         cond: a conditioning for scores ``s(x, t, y)``: one ``y`` per sample (first
             dimension = batch) or a single ``y`` for all (a leading dimension of 1 forces
             broadcasting).
-        s_end: end in transformed time instead of ``t_end`` (implies ``variable='s'``).
-        s_eval: recording points in ``s`` instead of ``t_eval``.
+        s_end, s_eval: the end and the recording points in transformed time instead of
+            ``t_end`` and ``t_eval`` (``s_end`` implies ``variable='s'``).
     """
     _check_x(x_T)
     check_schedule(schedule, score)
     if return_trajectory and t_eval is None and s_eval is None:
         positive_int("n_record", n_record)
-    if variable not in ("auto", "t", "s"):
-        raise fail("variable", "'auto', 't' or 's'", repr(variable))
     if method.startswith("rk45"):
         positive_int("max_steps", max_steps)
-    s_start = schedule.s_T
+    t_end, s_end, use_s = _ends(schedule, t_end, s_end, variable)
+    if t_eval is not None and s_eval is not None:
+        raise fail("s_eval", "at most one of t_eval or s_eval", "both")
+    rec_t, rec_s = _recording(schedule, t_end, s_end, t_eval, s_eval, n_record, use_s) \
+        if return_trajectory else (None, None)
+    shape, B = tuple(x_T.shape[1:]), x_T.shape[0]
+    if B == 0:
+        return _empty(x_T, method)
+    drift = (transformed_drift if use_s else probability_flow_drift)(schedule, score, shape,
+                                                                      cond, B)
+    start, end, rec = (schedule.s_T, s_end if s_end is not None else float(
+        schedule.s(t_end)), rec_s) if use_s else (schedule.T, t_end, rec_t)
+    y, traj, stats = _integrate(drift, x_T.reshape(B, -1), start, end, method, rtol, atol,
+                                steps, rec, max_steps)
+    stats["variable"] = "s" if use_s else "t"
+    result = SampleResult(samples=y.reshape(x_T.shape), stats=stats)
+    if traj is not None and rec is not None:
+        result.times, result.s_times = rec_t, rec_s if use_s else None
+        result.trajectory = traj.reshape(B, -1, *shape)
+    return result
+
+
+def _ends(schedule: Schedule, t_end: float | None, s_end: float | None,
+          variable: str) -> tuple[float | None, float | None, bool]:
+    """The end of :func:`sample_ode` in ``t`` or in ``s`` (exactly one), checked, and
+    whether to integrate in ``s``."""
+    if variable not in ("auto", "t", "s"):
+        raise fail("variable", "'auto', 't' or 's'", repr(variable))
     if s_end is not None:
         if t_end is not None:
             raise fail("s_end", "exactly one of s_end or t_end", f"s_end={s_end}, t_end={t_end}")
         if variable == "t":
             raise fail("variable", "'s' or 'auto' with s_end", repr(variable))
         s_end = float(s_end)
-        if not math.isfinite(s_end) or s_end <= s_start:
-            raise fail("s_end", f"a finite value > s(T) = {s_start}", s_end)
-        use_s = True
+        if not math.isfinite(s_end) or s_end <= schedule.s_T:
+            raise fail("s_end", f"a finite value > s(T) = {schedule.s_T}", s_end)
+        return None, s_end, True
+    t_end = _check_t_end(schedule, 1e-6 if t_end is None else t_end)
+    if variable == "s" and t_end == 0:
+        raise fail("t_end", "t_end > 0 with variable='s' (s is infinite at t = 0)", t_end)
+    return t_end, None, variable == "s" or (variable == "auto" and t_end > 0)
+
+
+def _recording(schedule: Schedule, t_end: float | None, s_end: float | None,
+               t_eval: Tensor | None, s_eval: Tensor | None, n_record: int,
+               use_s: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The points a trajectory is recorded at, in ``t`` and, integrating in ``s``, in
+    ``s``: those given, else ``n_record`` log-spaced in ``t`` (evenly in ``s`` to
+    ``s_end``)."""
+    if s_eval is not None:
+        rec_t, rec_s = None, s_eval.to(torch.float64)
+    elif t_eval is not None:
+        rec_t, rec_s = t_eval, None
+    elif s_end is not None:
+        rec_t, rec_s = None, _record_points(schedule.s_T, s_end, n_record, log=False)
     else:
-        t_end = _check_t_end(schedule, 1e-6 if t_end is None else t_end)
-        if variable == "s" and t_end == 0:
-            raise fail("t_end", "t_end > 0 with variable='s' (s is infinite at t = 0)", t_end)
-        use_s = variable == "s" or (variable == "auto" and t_end > 0)
-    if t_eval is not None and s_eval is not None:
-        raise fail("s_eval", "at most one of t_eval or s_eval", "both")
-    rec_t = rec_s = None
-    if return_trajectory:
-        if s_eval is not None:
-            rec_s = s_eval.to(torch.float64)
-        elif t_eval is not None:
-            rec_t = t_eval
-        elif s_end is not None:
-            rec_s = _record_points(s_start, s_end, n_record, log=False)
-        else:
-            rec_t = _record_points(schedule.T, t_end, n_record, log=True)
-    shape = tuple(x_T.shape[1:])
-    B = x_T.shape[0]
-    if B == 0:
-        return _empty(x_T, method)
-    if use_s:
-        if rec_s is None and rec_t is not None:
-            rec_s = schedule.s(rec_t.to(torch.float64))
-        if rec_s is not None and rec_t is None:
-            rec_t = schedule.t_of_s(rec_s)
-        drift = transformed_drift(schedule, score, shape, cond, B)
-        end = s_end if s_end is not None else float(schedule.s(t_end))
-        start, rec = s_start, rec_s
-    else:
+        assert t_end is not None
+        rec_t, rec_s = _record_points(schedule.T, t_end, n_record, log=True), None
+    if not use_s:
         if rec_s is not None:
             raise fail("s_eval", "recording points in t (t_eval) when integrating in t",
                        "s_eval")
-        drift = probability_flow_drift(schedule, score, shape, cond, B)
-        start, end, rec = schedule.T, t_end, rec_t
-    y, traj, stats = _integrate(drift, x_T.reshape(B, -1), start, end, method, rtol, atol,
-                                steps, rec, max_steps)
-    stats["variable"] = "s" if use_s else "t"
-    result = SampleResult(samples=y.reshape(x_T.shape), stats=stats)
-    if traj is not None and rec is not None:
-        result.times = rec_t
-        result.s_times = rec_s if use_s else None
-        result.trajectory = traj.reshape(B, -1, *shape)
-    return result
+        return rec_t, None
+    if rec_s is None and rec_t is not None:
+        rec_s = schedule.s(rec_t.to(torch.float64))
+    if rec_s is not None and rec_t is None:
+        rec_t = schedule.t_of_s(rec_s)
+    return rec_t, rec_s
 
 
 def sample_ode_transformed(schedule: Schedule, score: Callable[..., Tensor], x_T: Tensor,

@@ -381,16 +381,50 @@ def load_text_model(folder: str | Path, prompts: Prompts, options: TextOptions |
     Raises ``ValueError`` naming ``--model``, ``--prompts``, ``--resolution`` or
     ``--dtype`` on a missing component, a tokenizer that does not match its text encoder,
     a size the network cannot take, or a dtype diffmem does not know."""
+    opts = TextOptions() if options is None else options
+    pipe = _load_pipeline(Path(folder), opts.dtype, device, progress)
+    with _quiet():
+        truncated, limit = _too_long(pipe, prompts.texts + [opts.negative])
+    if truncated:
+        shown = ", ".join(str(i + 1) for i in truncated[:10])
+        print(f"diffmem: {len(truncated)} prompt(s) longer than the tokenizer's "
+              f"{limit} tokens are truncated, as the pipeline does (prompt "
+              f"{shown}{', ...' if len(truncated) > 10 else ''})", file=sys.stderr)
+    encoder = _Encoder(pipe, opts, prompts.texts, device)
+    enc = encoder.encoded(prompts.texts)
+    if opts.attention_slicing:
+        _slice_attention(pipe, encoder.denoiser)
+    embed = _conditioning(pipe, encoder.denoiser, enc, encoder.size)
+    model = wrap_diffusers(encoder.denoiser, pipe.scheduler, name=f"pipeline {Path(folder).name}",
+                           embed=embed, latent_size=encoder.latent)
+    attach_decoder(model, pipe.vae)
+    assert model.network is not None
+    model.network.update({
+        "prompts": prompts.texts, "embeds": enc.embeds, "embed": embed, "encoded": enc,
+        "texts": list(prompts.texts), "with_embeddings": encoder.with_embeddings,
+        "with_mask": encoder.with_mask, "reencoded": encoder.reencoded,
+        "tokenize": encoder.tokens,
+        "end_token": getattr(getattr(pipe, "tokenizer", None), "eos_token_id", None),
+        "words": _words(pipe)})
+    # FLUX's guidance_scale is an input of its network; its classifier-free guidance is
+    # true_cfg_scale (1 by default: none)
+    default = _call_default(pipe, "true_cfg_scale" if type(pipe).__name__ == "FluxPipeline"
+                            else "guidance_scale")
+    guidance = None if default is None else float(default)
+    return TextModel(model, prompts, opts.negative, guidance, truncated, limit, pipe)
+
+
+def _load_pipeline(folder: Path, dtype: str, device: str | torch.device,
+                   progress: bool) -> Any:
+    """The pipeline of ``folder`` in ``dtype`` on ``device``, checked to be a latent
+    text-to-image pipeline with a tokenizer that matches its text encoder."""
     try:
         import diffusers
     except ImportError as err:
         raise fail("--prompts", "diffusers and transformers installed (pip install "
                    "'diffmem[pipelines]')", str(folder)) from err
-    opts = TextOptions() if options is None else options
-    negative, dtype = opts.negative, opts.dtype
     if dtype not in DTYPES:
         raise fail("--dtype", f"one of {tuple(DTYPES)}", repr(dtype))
-    folder = Path(folder)
     index = _index(folder)
     options: dict[str, Any] = {} if dtype == "float32" else {"torch_dtype": DTYPES[dtype]}
     # components saved as absent (SD3 without T5, SD without a safety checker) stay absent
@@ -413,91 +447,70 @@ def load_text_model(folder: str | Path, prompts: Prompts, options: TextOptions |
     pipe.set_progress_bar_config(disable=not progress)
     pipe = pipe.to(device)
     _check_tokenizer(pipe)
-    with _quiet():
-        truncated, limit = _too_long(pipe, prompts.texts + [negative])
-    if truncated:
-        shown = ", ".join(str(i + 1) for i in truncated[:10])
-        print(f"diffmem: {len(truncated)} prompt(s) longer than the tokenizer's "
-              f"{limit} tokens are truncated, as the pipeline does (prompt "
-              f"{shown}{', ...' if len(truncated) > 10 else ''})", file=sys.stderr)
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-    size, latent = _latent_grid(pipe, denoiser, opts.resolution)
+    return pipe
 
-    def encoded(texts: list[str]) -> Encoded:
+
+class _Encoder:
+    """A loaded pipeline's prompts as its network takes them, and the models the prompt
+    cures make from a loaded one (new embeddings, a cross-attention mask, other texts)."""
+
+    def __init__(self, pipe: Any, opts: TextOptions, texts: list[str],
+                 device: str | torch.device) -> None:
+        self.pipe, self.negative, self.n, self.device = pipe, opts.negative, len(texts), device
+        self.denoiser = pipe.unet if getattr(pipe, "unet", None) is not None \
+            else pipe.transformer
+        self.size, self.latent = _latent_grid(pipe, self.denoiser, opts.resolution)
+
+    def encoded(self, texts: list[str]) -> Encoded:
         """``texts`` and the negative prompt (last) as the pipeline encodes them."""
         with _quiet():
-            out = _encode(pipe, texts + [negative], torch.device(device))
-        if negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            out = _encode(self.pipe, texts + [self.negative], torch.device(self.device))
+        if self.negative == "" and getattr(self.pipe.config, "force_zeros_for_empty_prompt",
+                                           False):
             out.embeds[-1] = 0  # SDXL's null condition: zeros, not the empty prompt's
             if out.pooled is not None:
                 out.pooled[-1] = 0
         return out
 
-    enc = encoded(prompts.texts)
-    if opts.attention_slicing:
-        _slice_attention(pipe, denoiser)
-    embed = _conditioning(pipe, denoiser, enc, size)
-    model = wrap_diffusers(denoiser, pipe.scheduler, name=f"pipeline {folder.name}",
-                           embed=embed, latent_size=latent)
-    attach_decoder(model, pipe.vae)
-    assert model.network is not None
-    model.network["prompts"] = prompts.texts
-    model.network["embeds"] = enc.embeds
-    model.network["embed"] = embed
-    model.network["encoded"] = enc
-    model.network["texts"] = list(prompts.texts)
-
-    def rewrapped(new_enc: Encoded, like: ModelScore, texts: list[str] | None = None
-                  ) -> ModelScore:
+    def rewrapped(self, new_enc: Encoded, like: ModelScore,
+                  texts: list[str] | None = None) -> ModelScore:
         """``like`` (this model, guided as it is) with the prompts encoded as ``new_enc``
         (from ``texts``, when they changed)."""
-        embed = _conditioning(pipe, denoiser, new_enc, size)
-        new = wrap_diffusers(denoiser, pipe.scheduler, name=like.name, embed=embed,
-                             latent_size=latent)
+        embed = _conditioning(self.pipe, self.denoiser, new_enc, self.size)
+        new = wrap_diffusers(self.denoiser, self.pipe.scheduler, name=like.name, embed=embed,
+                             latent_size=self.latent)
         assert new.network is not None and like.network is not None
         new.network = {**like.network, "net": new.network["net"], "embeds": new_enc.embeds,
                        "embed": embed, "encoded": new_enc,
                        "texts": like.network["texts"] if texts is None else list(texts)}
         return new.guided(like.guidance, like.null)
 
-    def with_embeddings(table: Tensor, like: ModelScore) -> ModelScore:
+    def with_embeddings(self, table: Tensor, like: ModelScore) -> ModelScore:
         """``like`` with the prompts' embeddings ``table`` (``(n + 1, seq, dim)``, the
         negative prompt's last): a prompt-embedding cure."""
         assert like.network is not None
-        return rewrapped(dataclasses.replace(like.network["encoded"], embeds=table), like)
+        return self.rewrapped(dataclasses.replace(like.network["encoded"], embeds=table),
+                              like)
 
-    def with_mask(mask: Tensor, like: ModelScore) -> ModelScore:
+    def with_mask(self, mask: Tensor, like: ModelScore) -> ModelScore:
         """``like`` with the cross-attention mask ``mask`` (``(n + 1, seq)``, 1 kept, 0
         masked) given to the network with each row: a cross-attention cure."""
         assert like.network is not None
-        return rewrapped(dataclasses.replace(like.network["encoded"], mask=mask), like)
+        return self.rewrapped(dataclasses.replace(like.network["encoded"], mask=mask), like)
 
-    def reencoded(texts: list[str], like: ModelScore) -> ModelScore:
+    def reencoded(self, texts: list[str], like: ModelScore) -> ModelScore:
         """``like`` with its prompts replaced by ``texts`` (one each, in order), encoded by
         the pipeline: a prompt-text cure."""
-        if len(texts) != len(prompts.texts):
-            raise fail("texts", f"{len(prompts.texts)} prompts", len(texts))
-        return rewrapped(encoded(list(texts)), like, texts)
+        if len(texts) != self.n:
+            raise fail("texts", f"{self.n} prompts", len(texts))
+        return self.rewrapped(self.encoded(list(texts)), like, texts)
 
-    def tokens(texts: list[str]) -> Tensor:
+    def tokens(self, texts: list[str]) -> Tensor:
         """The first tokenizer's ids of ``texts``, padded to its length, as the pipeline
         tokenizes them."""
-        tok = pipe.tokenizer
+        tok = self.pipe.tokenizer
         return torch.as_tensor(tok(list(texts), padding="max_length", truncation=True,
                                    max_length=tok.model_max_length).input_ids)
-
-    model.network["with_embeddings"] = with_embeddings
-    model.network["with_mask"] = with_mask
-    model.network["reencoded"] = reencoded
-    model.network["tokenize"] = tokens
-    model.network["end_token"] = getattr(getattr(pipe, "tokenizer", None), "eos_token_id", None)
-    model.network["words"] = _words(pipe)
-    # FLUX's guidance_scale is an input of its network; its classifier-free guidance is
-    # true_cfg_scale (1 by default: none)
-    default = _call_default(pipe, "true_cfg_scale" if type(pipe).__name__ == "FluxPipeline"
-                            else "guidance_scale")
-    guidance = None if default is None else float(default)
-    return TextModel(model, prompts, negative, guidance, truncated, limit, pipe)
 
 
 def _words(pipe: Any) -> list[str]:

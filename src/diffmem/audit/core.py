@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +95,20 @@ def audit(
     module's description, each in the units stated in :data:`UNITS`.
 
     Args:
-        samples: a tensor, numpy array or memory-map, or a ``.npy`` path.
-        train: a tensor, numpy array or memory-map, a ``.npy`` path, or a list of shards.
+        samples: a tensor, numpy array or memory-map, or a ``.npy`` path; ``train``: the
+            same, or a list of shards.
         deltas: tolerances of ``fraction_within`` (data or feature units, > 0).
-        ratio_threshold: the nn-ratio test's ``d1 / d2`` threshold.
-        calibrated_alpha: the calibrated distance's ``alpha`` (Carlini et al.).
-        calibrated_n: the number of nearest items it averages over.
-        calibrated_threshold: its copy threshold.
+        ratio_threshold: the nn-ratio test's ``d1 / d2`` threshold; ``calibrated_alpha``,
+            ``calibrated_n`` and ``calibrated_threshold``: the calibrated distance's
+            ``alpha``, the nearest items it averages over and its copy threshold (Carlini
+            et al.).
         features: a callable or the path of a TorchScript module mapping a batch of
             ``data_shape`` arrays to vectors; distances are then measured between vectors,
             and cosine similarities reported beside them.
         index: ``'exact'`` (streamed matrix products with exact re-ranking), ``'faiss-flat'``
             or ``'faiss-ivf'`` (its recall against exact search is measured on a subsample).
-        bootstrap: the nn-ratio interval's resamples.
-        seed: the bootstrap's seed (also the IVF's).
-        chunk_size: training rows processed at once.
-        batch_size: samples processed at once.
+        bootstrap: the nn-ratio interval's resamples; ``seed``: their seed (also the IVF's).
+        chunk_size: training rows processed at once; ``batch_size``: samples at once.
         feature_cache: a folder in which feature vectors are kept and reused.
         process_group: a torch.distributed group when each process holds a contiguous block
             of ``train`` (exact search only); every process returns the full result.
@@ -120,21 +119,124 @@ def audit(
             group): adds ``same_condition``, the fraction of a condition's samples whose
             nearest training item carries that condition.
     """
-    deltas = [positive("deltas", d) for d in deltas]
-    if not deltas:
-        raise fail("deltas", "at least one tolerance", "an empty list")
-    ratio_threshold = positive("ratio_threshold", ratio_threshold)
-    calibrated_alpha = positive("calibrated_alpha", calibrated_alpha)
-    calibrated_n = positive_int("calibrated_n", calibrated_n)
-    calibrated_threshold = positive("calibrated_threshold", calibrated_threshold)
+    settings = _settings(deltas, ratio_threshold, calibrated_alpha, calibrated_n,
+                         calibrated_threshold, bootstrap, seed)
+    batch_size = _check_search(index, batch_size, process_group)
+    rows = Rows(samples, "samples")
+    centres = as_centres(train, process_group=process_group)
+    sample_cond, train_cond = _checked_inputs(rows, centres, sample_cond, train_cond)
+    space_rows, space_train, feature_name = feature_space(
+        rows, centres, features, batch_size, torch.device(device), progress, feature_cache,
+        (samples, train))
+    k = min(centres.n_total, max(2, settings["n"]))
+    settings["n"] = min(settings["n"], k)
+    found = _Found.find(space_rows, space_train, k, index, batch_size, chunk_size, seed,
+                        progress, settings)
+    groups = None if sample_cond is None else _reproductions(
+        found.copies, sample_cond, found.item, found.d1, space_train, k, chunk_size)
+    exact = _exact_matches(rows, centres, batch_size, process_group)
+    if exact is not None:
+        found.copies["exact_match"] = exact
+    result = found.result(rows, centres, feature_name, index, settings, exact, features is None)
+    if groups is not None:
+        assert sample_cond is not None
+        result.reproduction = _fraction(found.copies["reproduction"], settings)
+        result.conditions, result.sample_condition = _per_condition(
+            result, sample_cond, train_cond, settings, groups)
+    if features is not None:
+        _cosines(result, space_rows.data, space_train, found.idx)
+    return result
+
+
+@dataclass
+class _Found:
+    """What the nearest-neighbour search finds: the neighbours, the distances and ratios,
+    each sample's copy verdicts and its nearest item (exact duplicates one item)."""
+
+    idx: Tensor
+    d1: Tensor
+    d2: Tensor
+    ratio: Tensor
+    calibrated: Tensor
+    copies: dict[str, Tensor]
+    item: Tensor
+    search: dict[str, Any]
+    recall: Any
+
+    @classmethod
+    def find(cls, space_rows: Any, space_train: Any, k: int, index: str, batch_size: int,
+               chunk_size: int, seed: int, progress: bool, settings: dict[str, Any]) -> _Found:
+        dist, idx, search, recall = nearest(space_rows, space_train, k, index, batch_size,
+                                             chunk_size, seed, progress)
+        d1 = dist[:, 0]
+        d2, search["duplicates_beyond_k"] = distinct_second(dist, idx, space_train,
+                                                            batch_size)
+        ratio = distance_ratios(d1, d2)
+        calibrated = calibrated_l2(dist, settings["alpha"], settings["n"])
+        copies = {f"within_{delta_key(d)}": d1 < d for d in settings["deltas"]}
+        copies["nn_ratio"] = ratio < settings["ratio_threshold"]
+        copies["calibrated_l2"] = calibrated < settings["calibrated_threshold"]
+        return cls(idx, d1, d2, ratio, calibrated, copies,
+                   same_items(idx[:, 0], space_train), search, recall)
+
+    def result(self, rows: Rows, centres: Centres, feature_name: str | None, index: str,
+               settings: dict[str, Any], exact: Tensor | None, pixels: bool) -> AuditResult:
+        """The audit's result from what was found (``pixels``: no feature space)."""
+        dim = int(math.prod(rows.data_shape))
+        return AuditResult(
+            n_samples=rows.n, n_train=centres.n_total, dim=dim, data_shape=rows.data_shape,
+            features=feature_name, index=index,
+            **_figures(self.d1, self.d2, self.copies["calibrated_l2"], settings),
+            rms_per_coordinate=({delta_key(d): float(rms_per_coordinate(d, dim))
+                                 for d in settings["deltas"]}
+                                if len(rows.data_shape) >= 2 and pixels else None),
+            exact_match=None if exact is None else float(exact.to(torch.float64).mean()),
+            duplicates=duplicates(self.item, self.copies["nn_ratio"], centres.n_total),
+            quantiles={"d1": quantiles(self.d1), "ratio": quantiles(self.ratio),
+                       "calibrated": quantiles(self.calibrated)},
+            nearest=self.idx[:, 0], d1=self.d1, d2=self.d2, ratio=self.ratio,
+            calibrated=self.calibrated, copies=self.copies, recall=self.recall,
+            search=self.search)
+
+
+def _check_search(index: str, batch_size: int, process_group: Any) -> int:
+    """The search index checked (exact search with a split training set), and the batch
+    size."""
     if index not in INDEXES:
         raise fail("index", f"one of {INDEXES}", repr(index))
     batch_size = positive_int("batch_size", batch_size)
-    dev = torch.device(device)
     if process_group is not None and index != "exact":
         raise fail("index", "'exact' when the training set is split over processes", index)
-    rows = Rows(samples, "samples")
-    centres = as_centres(train, process_group=process_group)
+    return batch_size
+
+
+def _settings(deltas: Sequence[float], ratio_threshold: float, alpha: float, n: int,
+              threshold: float, bootstrap: int, seed: int) -> dict[str, Any]:
+    """The audit's tolerances and thresholds, checked (errors name the argument)."""
+    deltas = [positive("deltas", d) for d in deltas]
+    if not deltas:
+        raise fail("deltas", "at least one tolerance", "an empty list")
+    return {"deltas": deltas, "ratio_threshold": positive("ratio_threshold", ratio_threshold),
+            "bootstrap": bootstrap, "seed": seed, "alpha": positive("calibrated_alpha", alpha),
+            "n": positive_int("calibrated_n", n),
+            "calibrated_threshold": positive("calibrated_threshold", threshold)}
+
+
+def _reproductions(copies: dict[str, Tensor], sample_cond: Tensor, item: Tensor, d1: Tensor,
+                   space_train: Any, k: int, chunk_size: int) -> tuple[Any, ...]:
+    """All a condition's samples on one item: the reproductions, into ``copies``; the
+    conditions, each sample's, their modal items and those items' radii."""
+    keys, which = distinct(sample_cond)
+    modes = modal_items(item, which, keys.shape[0])
+    radius = nearest_other(modes, space_train, k, chunk_size)
+    copies["reproduction"] = reproductions(item, d1, which, radius, modes)
+    return keys, which, modes, radius
+
+
+def _checked_inputs(rows: Rows, centres: Centres, sample_cond: Tensor | None,
+                    train_cond: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The conditions, one per sample and per training item, and the samples' shape and
+    the training set's size checked."""
     if sample_cond is not None:
         sample_cond = as_conditions(sample_cond, "sample_cond", rows.n)
     if train_cond is not None:
@@ -144,58 +246,16 @@ def audit(
                    f"shape ({rows.n}, *{rows.data_shape})")
     if centres.n_total < 2:
         raise fail("train", "at least 2 training points (for d1 / d2)", centres.n_total)
-    space_rows, space_train, feature_name = feature_space(
-        rows, centres, features, batch_size, dev, progress, feature_cache, (samples, train))
-    k = min(centres.n_total, max(2, calibrated_n))
-    dist, idx, search, recall = nearest(space_rows, space_train, k, index, batch_size,
-                                         chunk_size, seed, progress)
-    d1 = dist[:, 0]
-    d2, beyond = distinct_second(dist, idx, space_train, batch_size)
-    search["duplicates_beyond_k"] = beyond
-    ratio = distance_ratios(d1, d2)
-    calibrated = calibrated_l2(dist, calibrated_alpha, min(calibrated_n, k))
-    copies = {f"within_{delta_key(d)}": d1 < d for d in deltas}
-    copies["nn_ratio"] = ratio < ratio_threshold
-    copies["calibrated_l2"] = calibrated < calibrated_threshold
-    item = same_items(idx[:, 0], space_train)  # an image held twice is one item
-    groups = None
-    if sample_cond is not None:  # all a condition's samples on one item: reproductions
-        keys, which = distinct(sample_cond)
-        modes = modal_items(item, which, keys.shape[0])
-        radius = nearest_other(modes, space_train, k, chunk_size)
-        copies["reproduction"] = reproductions(item, d1, which, radius, modes)
-        groups = (keys, which, modes, radius)
-    exact = _exact_matches(rows, centres, batch_size, process_group)
-    if exact is not None:
-        copies["exact_match"] = exact
-    settings = {"deltas": deltas, "ratio_threshold": ratio_threshold, "bootstrap": bootstrap,
-                "seed": seed, "alpha": calibrated_alpha, "n": min(calibrated_n, k),
-                "calibrated_threshold": calibrated_threshold}
-    figures = _figures(d1, d2, copies["calibrated_l2"], settings)
-    dim = int(math.prod(rows.data_shape))
-    result = AuditResult(
-        n_samples=rows.n, n_train=centres.n_total, dim=dim, data_shape=rows.data_shape,
-        features=feature_name, index=index, **figures,
-        rms_per_coordinate=({delta_key(d): float(rms_per_coordinate(d, dim)) for d in deltas}
-                            if len(rows.data_shape) >= 2 and features is None else None),
-        exact_match=None if exact is None else float(exact.to(torch.float64).mean()),
-        duplicates=duplicates(item, copies["nn_ratio"], centres.n_total),
-        quantiles={"d1": quantiles(d1), "ratio": quantiles(ratio),
-                   "calibrated": quantiles(calibrated)},
-        nearest=idx[:, 0], d1=d1, d2=d2, ratio=ratio, calibrated=calibrated, copies=copies,
-        recall=recall, search=search)
-    if groups is not None:
-        assert sample_cond is not None
-        result.reproduction = _fraction(copies["reproduction"], settings)
-        result.conditions, result.sample_condition = _per_condition(
-            result, sample_cond, train_cond, settings, groups)
-    if features is not None:
-        vectors = space_rows.data  # the samples' feature vectors, in memory
-        near = space_train.take_raw(idx[:, 0], vectors)
-        cos = torch.nn.functional.cosine_similarity(vectors, near, dim=1)
-        result.cosine = cos
-        result.cosine_summary = {"nearest_mean": float(cos.mean()), "quantiles": quantiles(cos)}
-    return result
+    return sample_cond, train_cond
+
+
+def _cosines(result: AuditResult, vectors: Tensor, space_train: Any, idx: Tensor) -> None:
+    """The cosine similarity of each sample's feature vector with its nearest training
+    item's, into ``result``."""
+    near = space_train.take_raw(idx[:, 0], vectors)
+    cos = torch.nn.functional.cosine_similarity(vectors, near, dim=1)
+    result.cosine = cos
+    result.cosine_summary = {"nearest_mean": float(cos.mean()), "quantiles": quantiles(cos)}
 
 
 def _exact_matches(rows: Rows, centres: Centres, batch_size: int,

@@ -20,8 +20,64 @@ from diffmem.cli.options import (
     Loading,
     Run,
     Text,
+    group,
     with_groups,
 )
+
+
+@group
+class Screening:
+    """How detect screens: the measures, their noise draws and levels, the sampler whose
+    first step it reads, the network inputs at once."""
+
+    measures: str | None = typer.Option(None, "--measures", help="Comma-separated measures "
+                                        "(default: the conditional or per-sample defaults).")
+    levels: str | None = typer.Option(None, "--levels", help="Noise-to-signal ratios "
+                                      "sigma/m of the scale-free measures, comma-separated.")
+    n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition or sample.")
+    steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler whose "
+                              "first step the screen reads (and that draws --n-samples).")
+    batch_size: int = typer.Option(256, "--batch-size", help="Network inputs at once: "
+                                   "conditions (or samples) x --n-noise a chunk; the chunks "
+                                   "are split over the processes of a torchrun launch.")
+
+
+@group
+class Confirming:
+    """How detect confirms a condition's verdict by full generations."""
+
+    confirm: int | None = typer.Option(None, "--confirm", help="Conditions, ranked highest by "
+                                       "the screen, confirmed by full generations "
+                                       "(default: all up to 64 distinct ones, beyond that "
+                                       "down the ranking while batches confirm some).")
+    generations: int | None = typer.Option(None, "--generations", help="The most "
+                                           "confirmation generations a condition gets, drawn "
+                                           "in rounds of 8, 16, 32 until its verdict is "
+                                           "settled (default 32; at least 8).")
+    alpha: float = typer.Option(0.05, "--alpha", help="Error of a settled verdict: a "
+                                "condition whose consistency ratio is at least the line is "
+                                "called memorized with probability at most this.")
+    confirm_steps: int | None = typer.Option(None, "--confirm-steps", help="DDIM steps of "
+                                             "the confirmation generations (default 10: "
+                                             "their ratios agree with 50 steps').")
+
+
+@group
+class Judging:
+    """What the verdicts are judged against: labels, and a reference known not memorized."""
+
+    labels_file: Path | None = typer.Option(  # noqa: B008
+        None, "--labels", help="1 (memorized) or 0 per condition or sample (.npy): ROC, AUC "
+        "(with --prompts, a label column of the prompts file is read instead).")
+    reference: Path | None = typer.Option(  # noqa: B008
+        None, "--reference", help="Known not memorized, of the kind tested: a prompts file "
+        "(--prompts), conditions (.npy, --conditions) or samples the model was not trained "
+        "on (.npy, --samples). The verdict threshold is set on them at --fpr (on the "
+        "consistency ratio, each reference condition confirmed as the tested ones, "
+        "where the conditions are confirmed; else on the primary measure).")
+    fpr: float = typer.Option(0.05, "--fpr", help="False-positive rate of the --reference "
+                              "verdict threshold, for a new entry like the reference (reached "
+                              "with 1/fpr - 1 reference entries or more).")
 
 
 @app.command("detect")
@@ -39,43 +95,10 @@ def detect_command(
         "--n-samples drawn by the model."),
     n_samples: int = typer.Option(64, "--n-samples", help="Samples an unconditional model "
                                   "draws when --samples is not given."),
-    measures: str | None = typer.Option(None, "--measures", help="Comma-separated measures "
-                                        "(default: the conditional or per-sample defaults)."),
-    levels: str | None = typer.Option(None, "--levels", help="Noise-to-signal ratios "
-                                      "sigma/m of the scale-free measures, comma-separated."),
-    confirm: int | None = typer.Option(None, "--confirm", help="Conditions, ranked highest by "
-                                       "the screen, confirmed by full generations "
-                                       "(default: all up to 64 distinct ones, beyond that "
-                                       "down the ranking while batches confirm some)."),
-    n_noise: int = typer.Option(4, "--n-noise", help="Noise draws per condition or sample."),
-    generations: int | None = typer.Option(None, "--generations", help="The most "
-                                           "confirmation generations a condition gets, drawn "
-                                           "in rounds of 8, 16, 32 until its verdict is "
-                                           "settled (default 32; at least 8)."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Error of a settled verdict: a "
-                                "condition whose consistency ratio is at least the line is "
-                                "called memorized with probability at most this."),
-    confirm_steps: int | None = typer.Option(None, "--confirm-steps", help="DDIM steps of "
-                                             "the confirmation generations (default 10: "
-                                             "their ratios agree with 50 steps')."),
-    steps: int = typer.Option(50, "--steps", help="Steps of the deterministic sampler whose "
-                              "first step the screen reads (and that draws --n-samples)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Network inputs at once: "
-                                   "conditions (or samples) x --n-noise a chunk; the chunks "
-                                   "are split over the processes of a torchrun launch."),
+    screening: Screening = None,  # type: ignore[assignment]
+    confirming: Confirming = None,  # type: ignore[assignment]
+    judging: Judging = None,  # type: ignore[assignment]
     data_shape: str | None = DATA_SHAPE,
-    labels_file: Path | None = typer.Option(  # noqa: B008
-        None, "--labels", help="1 (memorized) or 0 per condition or sample (.npy): ROC, AUC "
-        "(with --prompts, a label column of the prompts file is read instead)."),
-    reference: Path | None = typer.Option(  # noqa: B008
-        None, "--reference", help="Known not memorized, of the kind tested: a prompts file "
-        "(--prompts), conditions (.npy, --conditions) or samples the model was not trained "
-        "on (.npy, --samples). The verdict threshold is set on them at --fpr (on the "
-        "consistency ratio, each reference condition confirmed as the tested ones, "
-        "where the conditions are confirmed; else on the primary measure)."),
-    fpr: float = typer.Option(0.05, "--fpr", help="False-positive rate of the --reference "
-                              "verdict threshold, for a new entry like the reference (reached "
-                              "with 1/fpr - 1 reference entries or more)."),
     cure: list[str] = CURE,
     loading: Loading = None,  # type: ignore[assignment]
     text: Text = None,  # type: ignore[assignment]
@@ -90,29 +113,27 @@ def detect_command(
     from diffmem.verdicts import check_fpr, judge
 
     try:
-        check_fpr(fpr)
-        check_alpha(alpha)
+        check_fpr(judging.fpr)
+        check_alpha(confirming.alpha)
         team, device = team_of(how.device, locals())
-        ask = _ask(model, conditions, null_cond, samples, reference, measures, levels,
-                   n_noise, batch_size, loading, text, device)
+        ask = _ask(model, conditions, null_cond, samples, judging.reference, screening,
+                   loading, text, device)
         loaded = _load(ask, model, data_shape, loading, cure, device)
-        common = {"n_noise": n_noise, "seed": how.seed, "progress": how.progress,
+        common = {"n_noise": screening.n_noise, "seed": how.seed, "progress": how.progress,
                   "chunk": ask.chunk, "team": team, **ask.measures}
         if ask.per_condition:
-            result, ref = _conditions(ask, loaded, labels_file, reference, confirm, fpr, out,
-                                      {**common, "steps": steps, "generations": generations,
-                                       "alpha": alpha, "confirm_steps": confirm_steps})
+            result, ref = _conditions(ask, loaded, judging, confirming, out,
+                                      {**common, "steps": screening.steps})
         else:
-            result, ref = _samples(loaded, samples, n_samples, reference, labels_file, steps,
-                                   positive_int("--batch-size", batch_size), common)
-        judge(result, ref, fpr)
+            result, ref = _samples(loaded, samples, n_samples, judging, screening, common)
+        judge(result, ref, judging.fpr)
         if not team.leader:
             return
         folder = _write(out, result, ref, {
             "model": model, "conditions": None if conditions is None else str(conditions),
             "null_cond": ask.null_cond, "samples": None if samples is None else str(samples),
-            "labels": None if labels_file is None else str(labels_file),
-            "reference": None if reference is None else str(reference),
+            "labels": None if judging.labels_file is None else str(judging.labels_file),
+            "reference": None if judging.reference is None else str(judging.reference),
             "cures": list(cure)})
     except ValueError as err:
         refuse(str(err))
@@ -136,8 +157,8 @@ class _Asked:
 
 
 def _ask(model: str, conditions: Path | None, null_cond: str | None, samples: Path | None,
-         reference: Path | None, measures: str | None, levels: str | None, n_noise: int,
-         batch_size: int, loading: Loading, text: Text, device: str) -> _Asked:
+         reference: Path | None, screening: Screening, loading: Loading, text: Text,
+         device: str) -> _Asked:
     """Read and check what is tested and how (a text pipeline is loaded with its prompts
     and the reference's)."""
     from diffmem import detect as det
@@ -156,8 +177,10 @@ def _ask(model: str, conditions: Path | None, null_cond: str | None, samples: Pa
     if per_condition and null_cond is None:
         raise fail("--null-cond", "the condition that means 'no condition', with "
                    "--conditions", None)
+    measures, levels = screening.measures, screening.levels
     names = None if measures is None else [m.strip() for m in measures.split(",")]
-    chunk = max(1, positive_int("--batch-size", batch_size) // max(1, n_noise))
+    chunk = max(1, positive_int("--batch-size", screening.batch_size)
+                // max(1, screening.n_noise))
     if names is not None:
         det._check_measures(names, det.MEASURES if per_condition else det.SAMPLE_MEASURES)
     kw: dict[str, Any] = {} if names is None else {"measures": names}
@@ -196,14 +219,13 @@ def _load(ask: _Asked, model: str, data_shape: str | None, loading: Loading,
     return loaded
 
 
-def _conditions(ask: _Asked, loaded: Any, labels_file: Path | None, reference: Path | None,
-                confirm: int | None, fpr: float, out: Path,
-                kw: dict[str, Any]) -> tuple[Any, Any]:
+def _conditions(ask: _Asked, loaded: Any, judging: Judging, confirming: Confirming,
+                out: Path, kw: dict[str, Any]) -> tuple[Any, Any]:
     """detect on the conditions (and the reference), labels read from ``--labels`` or the
     prompts file."""
     from diffmem.conditions import as_conditions, parse_null
 
-    text = ask.text
+    text, reference, labels_file = ask.text, judging.reference, judging.labels_file
     table = as_conditions(ask.conditions, "--conditions") if text is None else ask.conditions
     ref_table = ask.ref_table
     if text is None and reference is not None:
@@ -211,9 +233,12 @@ def _conditions(ask: _Asked, loaded: Any, labels_file: Path | None, reference: P
     marks = labels(labels_file, len(table)) if text is None or labels_file is not None \
         else prompt_marks(text, table)
     null = parse_null(ask.null_cond, table) if text is None else ask.null_cond
-    kw["guidance"] = None if text is None else text.guidance_applied
-    return _detect_conditions(loaded, table, null, ref_table, text, confirm=confirm,
-                              labels=marks, fpr=fpr, out=out, **kw)
+    kw |= {"guidance": None if text is None else text.guidance_applied,
+           "generations": confirming.generations, "alpha": confirming.alpha,
+           "confirm_steps": confirming.confirm_steps}
+    return _detect_conditions(loaded, table, null, ref_table, text,
+                              confirm=confirming.confirm, labels=marks, fpr=judging.fpr,
+                              out=out, **kw)
 
 
 def _detect_conditions(model: Any, table: Any, null: Any, ref_table: Any, text: Any,
@@ -249,12 +274,14 @@ def _detect_conditions(model: Any, table: Any, null: Any, ref_table: Any, text: 
     return result, ref
 
 
-def _samples(model: Any, samples: Path | None, n_samples: int, reference: Path | None,
-             labels_file: Path | None, steps: int, batch: int,
-             kw: dict[str, Any]) -> tuple[Any, Any]:
+def _samples(model: Any, samples: Path | None, n_samples: int, judging: Judging,
+             screening: Screening, kw: dict[str, Any]) -> tuple[Any, Any]:
     """:func:`diffmem.detect.detect_samples` on ``--samples`` (or ``n_samples`` the model
     draws) and on the ``--reference`` samples, checked first."""
     from diffmem.detect import detect_samples, draw_samples
+
+    reference, labels_file = judging.reference, judging.labels_file
+    steps, batch = screening.steps, positive_int("--batch-size", screening.batch_size)
 
     held = None if reference is None else same_kind(
         sample_array(reference, "--reference"),

@@ -133,31 +133,9 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
     for step in ctx.bar(range(start + 1, p["steps"] + 1), f"{name} training"):
         if monitor is not None and monitor.should_stop:
             break
-        rows = torch.randint(0, train.shape[0], (p["batch_size"],), generator=gen)
-        batch = train[rows]
-        noise = torch.randn(batch.shape, generator=gen)
-        k = torch.randint(0, 1000, (batch.shape[0],), generator=gen)
-        noisy = scheduler.add_noise(batch, noise, k)
-        if labels is None:
-            pred = model(noisy, k).sample
-        else:
-            drop = torch.rand(batch.shape[0], generator=gen) < p_uncond
-            y = labels[rows]
-            if cure.get("label_randomization", 0) > 0:  # a random label instead
-                swap = torch.rand(batch.shape[0], generator=gen) < cure["label_randomization"]
-                y = torch.where(swap, torch.randint(0, null, y.shape, generator=gen), y)
-            y = torch.where(drop, torch.full_like(y, null), y)
-            pred = model(noisy, k, class_labels=y).sample
-        target = train_target(scheduler, batch, noise, k)
-        if labels is not None and cure.get("loss_filter") is not None:
-            with torch.no_grad():
-                empty = model(noisy, k, class_labels=torch.full_like(y, null)).sample
-            gap = (pred.detach() - empty).flatten(1).norm(dim=1) / math.sqrt(batch[0].numel())
-            kept = (gap <= cure["loss_filter"]) | (y == null)
-            filtered += int((~kept).sum())
-            loss = (((pred - target) ** 2).flatten(1).mean(1) * kept).mean()
-        else:
-            loss = F.mse_loss(pred, target)
+        loss, pred, noisy, k, dropped = _class_loss(model, scheduler, train, labels, null,
+                                                     p["batch_size"], p_uncond, cure, gen)
+        filtered += dropped
         if lam > 0:
             loss = loss + diffusers_tikhonov_penalty(pred, noisy, k, scheduler, lam).mean()
         opt.zero_grad()
@@ -178,6 +156,41 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
     return {"model": model.eval(), "scheduler": scheduler, "steps": steps_run, "null": null,
             "train_s": total - monitor_s, "monitor_s": monitor_s, "losses": losses,
             "filtered": filtered}
+
+
+def _class_loss(model: Any, scheduler: Any, train: torch.Tensor, labels: torch.Tensor | None,
+                null: int | None, batch_size: int, p_uncond: float, cure: dict[str, float],
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor, int]:
+    """One step's loss of :func:`train_run` on a batch drawn from ``gen`` (the label dropped
+    to ``null`` with probability ``p_uncond``, and the training-time cures of ``cure``); the
+    prediction, noisy batch and timesteps (for the penalty) and the items the filter left
+    out."""
+    rows = torch.randint(0, train.shape[0], (batch_size,), generator=gen)
+    batch = train[rows]
+    noise = torch.randn(batch.shape, generator=gen)
+    k = torch.randint(0, 1000, (batch.shape[0],), generator=gen)
+    noisy = scheduler.add_noise(batch, noise, k)
+    if labels is None:
+        pred = model(noisy, k).sample
+    else:
+        assert null is not None
+        drop = torch.rand(batch.shape[0], generator=gen) < p_uncond
+        y = labels[rows]
+        if cure.get("label_randomization", 0) > 0:  # a random label instead
+            swap = torch.rand(batch.shape[0], generator=gen) < cure["label_randomization"]
+            y = torch.where(swap, torch.randint(0, null, y.shape, generator=gen), y)
+        y = torch.where(drop, torch.full_like(y, null), y)
+        pred = model(noisy, k, class_labels=y).sample
+    target = train_target(scheduler, batch, noise, k)
+    if labels is not None and cure.get("loss_filter") is not None:
+        with torch.no_grad():
+            empty = model(noisy, k, class_labels=torch.full_like(y, null)).sample
+        gap = (pred.detach() - empty).flatten(1).norm(dim=1) / math.sqrt(batch[0].numel())
+        kept = (gap <= cure["loss_filter"]) | (y == null)
+        return (((pred - target) ** 2).flatten(1).mean(1) * kept).mean(), pred, noisy, k, \
+            int((~kept).sum())
+    return F.mse_loss(pred, target), pred, noisy, k, 0
 
 
 def compute(ctx: Context) -> dict[str, Any]:

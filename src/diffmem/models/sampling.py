@@ -57,27 +57,10 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
     one condition per sample ``(n, *cond_shape)``. A latent model (a text-to-image pipeline,
     :mod:`diffmem.text`) samples its latents and writes the images its VAE decodes them to;
     ``noise_out`` holds the latents' initial noise."""
-    from diffmem.pipeline import make_scheduler, pipeline_sample, sampling_grid
-
     n, batch, steps = positive_int("n_samples", n), positive_int("batch", batch), \
         positive_int("steps", steps)
-    if sampler not in SAMPLERS:
-        raise fail("--sampler", f"one of {SAMPLERS}", repr(sampler))
-    scheduler = None
-    if sampler == "pipeline":
-        if model.network is None:
-            raise fail("--sampler", "'ode' or 'edm' for a model that is not a diffusers one "
-                       "('pipeline' runs a diffusers scheduler)", repr(sampler))
-        scheduler = make_scheduler(model.network["scheduler_config"], scheduler_class, steps,
-                                   eta, **sampling_grid(model.network))
-    elif scheduler_class is not None or eta is not None:
-        raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
-                   "--sampler pipeline", f"--sampler {sampler}")
-    if model.conditional and (cond is None or cond.shape[0] != n):
-        raise fail("conditions", f"one condition per sample ({n}) for the conditional model "
-                   f"{model.name}", None if cond is None else tuple(cond.shape))
-    if not model.conditional and cond is not None:
-        raise fail("conditions", f"none: {model.name} is not conditional", tuple(cond.shape))
+    scheduler = _scheduler(model, sampler, steps, scheduler_class, eta)
+    _check_conditions(model, n, cond)
     sch = model.schedule
     key = {"model": model.name, "schedule": repr(sch), "sampler": sampler, "steps": steps,
            "seed": seed, "batch": batch, "n": n, "shape": list(model.data_shape),
@@ -90,62 +73,123 @@ def sample_model(model: ModelScore, n: int, out: Path, *, sampler: str = "ode",
     noise_out = out.with_name(f"{out.stem}_initial_noise.npy") if noise_out is None \
         else noise_out
     record = Path(str(out) + ".progress.json")
-    n_batches = -(-n // batch)
     done = team.broadcast(_finished_batches(record, key, batch, out, noise_out)
                           if team.leader else None)
-    decode = None if model.network is None else model.network.get("decode")
-    arr = noise = None
-    if team.leader:
-        if not done:
-            arr = _new_map(out, (n, *output_shape(model)))
-            noise = _new_map(noise_out, (n, *model.data_shape))
-        else:
-            arr, noise = np.load(out, mmap_mode="r+"), np.load(noise_out, mmap_mode="r+")
+    writer = _Writer(out, noise_out, record, key, batch, n, done) if team.leader else None
+    if writer is not None:
+        writer.open(model)
     end = (1 / sch.K if isinstance(sch, DiscreteVP | DiscreteFlow) else 1e-3 * sch.T) \
         if t_end is None else t_end
-
-    def one(b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch ``b``: draws ``b * batch`` to ``(b + 1) * batch``, noise seeded ``seed + b``."""
-        lo, hi = b * batch, min(n, (b + 1) * batch)
-        gen = torch.Generator().manual_seed(seed + b)
-        z = torch.randn(hi - lo, *model.data_shape, generator=gen, dtype=torch.float32)
-        y = None if cond is None else cond[lo:hi].to(device)
-        if sampler == "ode":
-            x = ode_draw(model, z.to(device), end, y)
-        elif sampler == "edm":
-            x = _edm_in_ve(model, z.to(device), steps, end, y)
-        else:
-            assert scheduler is not None and model.network is not None
-            x = pipeline_sample(model.network["net"], z.to(device), scheduler, steps,
-                                cond=y, guidance=model.guidance, null=model.null, eta=eta,
-                                generator=gen, post=model.network.get("post"),
-                                **sampling_grid(model.network))
-        if decode is not None:  # a latent model: the images its decoder makes
-            x = decode(x)
-        return x.detach().cpu().numpy().astype(np.float32, copy=False), z.numpy()
-
-    def write(pairs: list[tuple[int, tuple[np.ndarray, np.ndarray]]]) -> None:
-        assert arr is not None and noise is not None
-        for b, (x, z) in pairs:
-            arr[b * batch: b * batch + x.shape[0]] = x
-            noise[b * batch: b * batch + z.shape[0]] = z
-            done.add(b)
-        arr.flush()
-        noise.flush()
-        atomic_write_json(record, {"key": key, "batches": sorted(done),
-                                   "done": sum(min(batch, n - b * batch) for b in done)})
-
-    todo = [b for b in range(n_batches) if b not in done]
+    one = _BatchDraw(model, sampler, scheduler, steps, seed, batch, n, cond, device, end, eta)
+    todo = [b for b in range(-(-n // batch)) if b not in done]
     started = time.perf_counter()
-    _, per_process = team.map(one, todo, to_all=False, on_round=write, progress=progress,
+    _, per_process = team.map(one, todo, to_all=False, on_round=writer, progress=progress,
                               weight=lambda b: min(batch, n - b * batch),
                               desc=f"sampling {model.name}")
-    if team.leader:
+    if writer is not None:
         atomic_write_json(record, {"key": key, "batches": sorted(done), "done": n,
                                    "draws_per_process": per_process,
                                    "seconds": time.perf_counter() - started})
     team.barrier()
-    return arr if arr is not None else np.load(out, mmap_mode="r")
+    return writer.arr if writer is not None else np.load(out, mmap_mode="r")
+
+
+def _scheduler(model: ModelScore, sampler: str, steps: int, scheduler_class: str | None,
+               eta: float | None) -> Any:
+    """The diffusers scheduler of the ``pipeline`` sampler (``None`` for the others), the
+    sampler and its options checked."""
+    from diffmem.pipeline import make_scheduler, sampling_grid
+
+    if sampler not in SAMPLERS:
+        raise fail("--sampler", f"one of {SAMPLERS}", repr(sampler))
+    if sampler == "pipeline":
+        if model.network is None:
+            raise fail("--sampler", "'ode' or 'edm' for a model that is not a diffusers one "
+                       "('pipeline' runs a diffusers scheduler)", repr(sampler))
+        return make_scheduler(model.network["scheduler_config"], scheduler_class, steps,
+                              eta, **sampling_grid(model.network))
+    if scheduler_class is not None or eta is not None:
+        raise fail("--scheduler-class" if scheduler_class is not None else "--eta",
+                   "--sampler pipeline", f"--sampler {sampler}")
+    return None
+
+
+def _check_conditions(model: ModelScore, n: int, cond: Tensor | None) -> None:
+    """One condition per sample for a conditional model, none for another."""
+    if model.conditional and (cond is None or cond.shape[0] != n):
+        raise fail("conditions", f"one condition per sample ({n}) for the conditional model "
+                   f"{model.name}", None if cond is None else tuple(cond.shape))
+    if not model.conditional and cond is not None:
+        raise fail("conditions", f"none: {model.name} is not conditional", tuple(cond.shape))
+
+
+class _BatchDraw:
+    """One batch ``b`` of :func:`sample_model`: draws ``b * batch`` to ``(b + 1) * batch``
+    from noise seeded ``seed + b``, as images (a latent model's decoded) and the noise."""
+
+    def __init__(self, model: ModelScore, sampler: str, scheduler: Any, steps: int,
+                 seed: int, batch: int, n: int, cond: Tensor | None,
+                 device: str | torch.device, end: float, eta: float | None) -> None:
+        self.model, self.sampler, self.scheduler, self.steps = model, sampler, scheduler, steps
+        self.seed, self.batch, self.n, self.cond = seed, batch, n, cond
+        self.device, self.end, self.eta = device, end, eta
+
+    def __call__(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        from diffmem.pipeline import pipeline_sample, sampling_grid
+
+        model, device = self.model, self.device
+        lo, hi = b * self.batch, min(self.n, (b + 1) * self.batch)
+        gen = torch.Generator().manual_seed(self.seed + b)
+        z = torch.randn(hi - lo, *model.data_shape, generator=gen, dtype=torch.float32)
+        y = None if self.cond is None else self.cond[lo:hi].to(device)
+        if self.sampler == "ode":
+            x = ode_draw(model, z.to(device), self.end, y)
+        elif self.sampler == "edm":
+            x = _edm_in_ve(model, z.to(device), self.steps, self.end, y)
+        else:
+            assert self.scheduler is not None and model.network is not None
+            x = pipeline_sample(model.network["net"], z.to(device), self.scheduler, self.steps,
+                                cond=y, guidance=model.guidance, null=model.null,
+                                eta=self.eta, generator=gen, post=model.network.get("post"),
+                                **sampling_grid(model.network))
+        decode = None if model.network is None else model.network.get("decode")
+        if decode is not None:  # a latent model: the images its decoder makes
+            x = decode(x)
+        return x.detach().cpu().numpy().astype(np.float32, copy=False), z.numpy()
+
+
+class _Writer:
+    """Process 0's files of :func:`sample_model`: the samples and noise (memory-mapped) and
+    the progress record, written after each round of batches."""
+
+    def __init__(self, out: Path, noise_out: Path, record: Path, key: dict[str, Any],
+                 batch: int, n: int, done: set[int]) -> None:
+        self.out, self.noise_out, self.record, self.key = out, noise_out, record, key
+        self.batch, self.n, self.done = batch, n, done
+        self.arr: np.ndarray | None = None
+        self.noise: np.ndarray | None = None
+
+    def open(self, model: ModelScore) -> None:
+        """New files (nothing done yet), or the ones a killed run left."""
+        if not self.done:
+            self.arr = _new_map(self.out, (self.n, *output_shape(model)))
+            self.noise = _new_map(self.noise_out, (self.n, *model.data_shape))
+        else:
+            self.arr = np.load(self.out, mmap_mode="r+")
+            self.noise = np.load(self.noise_out, mmap_mode="r+")
+
+    def __call__(self, pairs: list[tuple[int, tuple[np.ndarray, np.ndarray]]]) -> None:
+        assert self.arr is not None and self.noise is not None
+        batch = self.batch
+        for b, (x, z) in pairs:
+            self.arr[b * batch: b * batch + x.shape[0]] = x
+            self.noise[b * batch: b * batch + z.shape[0]] = z
+            self.done.add(b)
+        self.arr.flush()
+        self.noise.flush()
+        atomic_write_json(self.record, {"key": self.key, "batches": sorted(self.done),
+                                        "done": sum(min(batch, self.n - b * batch)
+                                                    for b in self.done)})
 
 
 def _finished_batches(record: Path, key: dict[str, Any], batch: int, out: Path,

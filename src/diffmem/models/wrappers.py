@@ -208,60 +208,7 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
     config = scheduler_config(scheduler)
     prediction = prediction_of(config)
     schedule = scheduler_schedule(config)
-    class_name = type(unet).__name__
-    if class_name not in DENOISER_CLASSES:
-        raise fail("unet", f"a network of a class diffmem loads, {tuple(DENOISER_CLASSES)}",
-                   class_name)
-    cfg = unet.config
-    flux = class_name == "FluxTransformer2DModel"
-    size = latent_size if latent_size is not None else getattr(cfg, "sample_size", None)
-    if size is None:
-        raise fail("latent_size", f"the latent size of a {class_name} (its config has no "
-                   "sample_size)", None)
-    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    channels = int(cfg.in_channels) // 4 if flux else int(cfg.in_channels)
-    data_shape = (channels, *size)
-    takes = DENOISER_CLASSES[class_name]
-    learned_sigma = int(getattr(cfg, "out_channels", None) or cfg.in_channels) == \
-        2 * int(cfg.in_channels)
-    # made once where the network lives: the per-call .to() below is then a no-op
-    positions = latent_positions(*size).to(device=unet.device, dtype=unet.dtype) \
-        if flux else None
-    extra: dict[str, Any] = {}
-    if class_name == "PixArtTransformer2DModel":
-        extra["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    labels = (getattr(cfg, "num_class_embeds", None) is not None
-              or getattr(cfg, "class_embed_type", None) is not None
-              or getattr(cfg, "num_embeds_ada_norm", None) is not None)
-    conditional = embed is not None or takes == "encoder_hidden_states" or labels
-
-    def net(x: Tensor, timestep: Tensor, y: Tensor | None = None) -> Tensor:
-        kwargs: dict[str, Any] = dict(extra)
-        if embed is not None:
-            assert y is not None
-            kwargs.update(embed(y, x))
-        elif conditional:
-            assert y is not None
-            kwargs[takes] = y.to(x.device).long() if takes == "class_labels" else \
-                y.to(device=x.device, dtype=unet.dtype)
-        timestep = torch.as_tensor(timestep, device=x.device)
-        if timestep.dim() == 0:
-            timestep = timestep.expand(x.shape[0])
-        inp = x.to(unet.dtype)
-        if flux:
-            assert positions is not None
-            inp, timestep = pack_latents(inp), timestep / 1000
-            kwargs["img_ids"] = positions.to(device=x.device, dtype=unet.dtype)
-        was_training = unet.training
-        unet.eval()
-        try:
-            with torch.no_grad():
-                out = unet(inp, timestep=timestep, **kwargs).sample
-        finally:
-            unet.train(was_training)
-        if flux:
-            return unpack_latents(out, *size)
-        return out[:, :channels] if learned_sigma else out
+    net = _Network(unet, embed, latent_size)
 
     def score(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t64 = t.to(torch.float64)
@@ -269,10 +216,75 @@ def wrap_diffusers(unet: Any, scheduler: Any, *, name: str = "diffusers model",
         return network_output_to_score(out.to(x.dtype), x, schedule.m(t64),
                                        schedule.sigma(t64), prediction)
 
-    patch = 2 if flux else int(getattr(cfg, "patch_size", None) or 1)
-    return ModelScore(score, schedule, data_shape, "score", name=name,
-                      conditional=conditional,
+    size = net.size
+    patch = 2 if net.flux else int(getattr(unet.config, "patch_size", None) or 1)
+    return ModelScore(score, schedule, net.data_shape, "score", name=name,
+                      conditional=net.conditional,
                       network={"net": net, "unet": unet, "scheduler_config": config,
-                               "scheduler_path": scheduler_path, "takes": takes,
+                               "scheduler_path": scheduler_path, "takes": net.takes,
                                "tokens": (size[0] // patch) * (size[1] // patch),
-                               "linear_sigmas": flux})
+                               "linear_sigmas": net.flux})
+
+
+class _Network:
+    """A diffusers network called as its pipeline calls it (:func:`wrap_diffusers`):
+    ``net(x, timestep, y)`` with the condition as the network takes it, in eval mode without
+    gradients, FLUX's latents packed, a learned variance dropped."""
+
+    def __init__(self, unet: Any, embed: Callable[[Tensor, Tensor], dict[str, Any]] | None,
+                 latent_size: tuple[int, int] | None) -> None:
+        class_name = type(unet).__name__
+        if class_name not in DENOISER_CLASSES:
+            raise fail("unet", f"a network of a class diffmem loads, "
+                       f"{tuple(DENOISER_CLASSES)}", class_name)
+        cfg = unet.config
+        self.unet, self.embed, self.flux = unet, embed, class_name == "FluxTransformer2DModel"
+        size = latent_size if latent_size is not None else getattr(cfg, "sample_size", None)
+        if size is None:
+            raise fail("latent_size", f"the latent size of a {class_name} (its config has no "
+                       "sample_size)", None)
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.channels = int(cfg.in_channels) // 4 if self.flux else int(cfg.in_channels)
+        self.data_shape = (self.channels, *self.size)
+        self.takes = DENOISER_CLASSES[class_name]
+        self.learned_sigma = int(getattr(cfg, "out_channels", None) or cfg.in_channels) == \
+            2 * int(cfg.in_channels)
+        # made once where the network lives: the per-call .to() below is then a no-op
+        self.positions = latent_positions(*self.size).to(device=unet.device, dtype=unet.dtype) \
+            if self.flux else None
+        self.extra: dict[str, Any] = {}
+        if class_name == "PixArtTransformer2DModel":
+            self.extra["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        labels = (getattr(cfg, "num_class_embeds", None) is not None
+                  or getattr(cfg, "class_embed_type", None) is not None
+                  or getattr(cfg, "num_embeds_ada_norm", None) is not None)
+        self.conditional = embed is not None or self.takes == "encoder_hidden_states" or labels
+
+    def __call__(self, x: Tensor, timestep: Tensor, y: Tensor | None = None) -> Tensor:
+        unet = self.unet
+        kwargs: dict[str, Any] = dict(self.extra)
+        if self.embed is not None:
+            assert y is not None
+            kwargs.update(self.embed(y, x))
+        elif self.conditional:
+            assert y is not None
+            kwargs[self.takes] = y.to(x.device).long() if self.takes == "class_labels" else \
+                y.to(device=x.device, dtype=unet.dtype)
+        timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(x.shape[0])
+        inp = x.to(unet.dtype)
+        if self.flux:
+            assert self.positions is not None
+            inp, timestep = pack_latents(inp), timestep / 1000
+            kwargs["img_ids"] = self.positions.to(device=x.device, dtype=unet.dtype)
+        was_training = unet.training
+        unet.eval()
+        try:
+            with torch.no_grad():
+                out = unet(inp, timestep=timestep, **kwargs).sample
+        finally:
+            unet.train(was_training)
+        if self.flux:
+            return unpack_latents(out, *self.size)
+        return out[:, :self.channels] if self.learned_sigma else out
