@@ -144,11 +144,13 @@ def bench(name: str, args: list[str], work: Path, exhaustive: bool) -> None:
     a, b = found["recommended"], grid["recommended"]
     same = a is not None and b is not None and (a["cure"], a["strength"]) == (b["cure"],
                                                                               b["strength"])
-    dominates = a is not None and a["copy_fraction"] <= found["target"] and (
-        b is None or a["cost"] <= b["cost"])
+    dominates = (a is not None and a["copy_fraction"] <= found["target"] and (
+        b is None or a["cost"] <= b["cost"])) or (
+        a is None and found["memorized"] == 0)  # nothing to cure: the uncured model itself
     print(f"  exhaustive {grid_s:.1f} s = {grid_s / audit_s:.2f}x the audit, "
           f"{len(grid['runs'])} full-size runs; recommended {_best(grid)}; the search's is "
-          + ("the same run" if same else "one that dominates it" if dominates else
+          + ("the same run" if same else "the uncured model (nothing to cure)"
+             if a is None and dominates else "one that dominates it" if dominates else
              "neither the grid's nor one that dominates it"
              if b is not None else "(the grid recommends none)"))
 

@@ -91,7 +91,7 @@ def main() -> None:
                         help="Copies of each duplicated picture in the training set.")
     parser.add_argument("--variants", type=int, default=20,
                         help="Pictures of each caption that is not duplicated.")
-    parser.add_argument("--steps", type=int, default=1000, help="UNet training steps.")
+    parser.add_argument("--steps", type=int, default=3000, help="UNet training steps.")
     parser.add_argument("--vae-steps", type=int, default=300, help="VAE fitting steps.")
     parser.add_argument("--per-prompt", type=int, default=8, help="Audit samples per prompt.")
     parser.add_argument("--sample-steps", type=int, default=25, help="Sampler steps.")

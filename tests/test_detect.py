@@ -442,7 +442,8 @@ def test_detect_command_conditions_and_samples(tmp_path):
     assert res.exit_code == 0, res.output
     written = json.loads((tmp_path / "s" / "detect.json").read_text())
     assert len(written["samples"]) == 6 and written["primary"] == "flipd"
-    assert set(written["samples"][0]) >= set(SAMPLE_MEASURES)
+    assert set(written["samples"][0]) >= set(SAMPLE_MEASURES) | {"spectral_dim", "spectrum"}
+    assert len(written["samples"][0]["spectrum"]) == 32  # min(d = 64, SPECTRAL_PROBES)
     res = RUNNER.invoke(app, ["detect", "--model", str(tmp_path / "uncond"), *sched,
                               "--n-samples", "3", "--out", str(tmp_path / "n")])
     assert res.exit_code == 0 and len(json.loads(

@@ -61,6 +61,14 @@ Per sample ``x_0`` of an unconditional model (given, or drawn by the model):
   ``1 - LID / d``.
 * ``reconstruction``: ``-|D(m x_0 + sigma z) - x_0| / sqrt(d)``: a memorized sample comes
   back from noise that hides a generalized one.
+* ``spectral`` (geometric memorization, Achilli et al., 2024): ``1 - k / d`` with ``k`` the
+  dimensions the model's score keeps at the clean point ``m x_0``: the directions of the
+  spectrum of its Jacobian (central differences along ``min(d, SPECTRAL_PROBES)`` random
+  orthonormal probes, :func:`diffmem.geometry.probed_jacobian`) that pull back at less than
+  half the rate of pure noise (:func:`diffmem.geometry.absolute_dimension`), scaled to
+  ``d``; the
+  entry keeps ``spectral_dim`` (``k``) and the ``spectrum`` times ``sigma^2``. A copy is a
+  point: ``k = 0``.
 
 With ``labels`` (1: memorized) each measure's ROC curve, AUC and TPR at 1% FPR. Every measure
 is oriented so that larger means more likely memorized.
@@ -84,7 +92,7 @@ from diffmem.parallel import SOLO, Team
 from diffmem.schedules import Schedule, expand_as_batch
 
 MEASURES = ("wen", "sharpness", "anisotropy", "gap", "collapse", "consistency")
-SAMPLE_MEASURES = ("jacobian", "flipd", "reconstruction")
+SAMPLE_MEASURES = ("jacobian", "flipd", "reconstruction", "spectral")
 #: What ``diffmem detect`` computes per condition by default: the primary screen, the gap
 #: from the same calls, and the confirmation behind the verdicts (``wen``, ``sharpness`` and
 #: ``anisotropy`` on request: see docs/detect.md for their benchmark figures).
@@ -111,6 +119,8 @@ WALK_MIN = 10
 #: DDIM steps of the confirmation generations by default: the fewest whose consistency
 #: ratios agree with 50 steps' (docs/detect.md).
 CONFIRM_STEPS = 10
+#: Probe directions of the ``spectral`` sample measure (all of them up to this many).
+SPECTRAL_PROBES = 32
 #: Weight of the cosine in ``anisotropy`` (Asthana et al. use 0.1 to 2 by model).
 GAMMA = 1.0
 #: Central-difference step, relative to the noise ``sigma`` (Jacobian) or to ``sigma
@@ -127,6 +137,8 @@ UNITS = {
     "jacobian": "dimensionless: 1 - tr J / d",
     "flipd": "dimensionless: 1 - LID / d",
     "reconstruction": "data units: minus the RMS of D(m x0 + sigma z) - x0",
+    "spectral": "dimensionless: 1 - k / d, k the dimensions the score keeps at the clean "
+                "point (directions pulling back at less than half the rate of pure noise)",
 }
 
 
@@ -852,8 +864,11 @@ def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
             xc = probe.m * x0
             tr, mid = probe.vjv(xc, vv, None)
             found["flipd"] = 1 - (tr + _rows(mid - x0) ** 2 / level ** 2) / d
-        return {name: found[name].reshape(hi - lo, n_noise).mean(1).tolist()
-                for name in names}
+        out = {name: found[name].reshape(hi - lo, n_noise).mean(1).tolist()
+               for name in names if name != "spectral"}
+        if "spectral" in names:
+            out |= _spectral(model, probe, x0_all[lo:hi], seed)
+        return out
 
     per_process = _in_chunks(team or SOLO, measure, entries, chunk, progress, "samples")
     total = time.perf_counter() - start
@@ -863,6 +878,25 @@ def detect_samples(model: Any, samples: Tensor, *, n_noise: int = 4,
     primary = SAMPLE_PRIMARY if SAMPLE_PRIMARY in names else names[0]
     return _add_roc(DetectResult(entries, settings, "samples", primary,
                                  per_process=per_process), labels)
+
+
+def _spectral(model: Any, probe: _Probe, x0: Tensor, seed: int) -> dict[str, list[Any]]:
+    """Per sample: the dimensions the model's score keeps at the clean point ``m x0``
+    (:func:`diffmem.geometry.absolute_dimension` on the spectrum of the probed Jacobian,
+    ``min(d, SPECTRAL_PROBES)`` directions, scaled to ``d``) as ``1 - k/d``, and the
+    spectrum itself times ``sigma^2`` (for the page)."""
+    from diffmem import geometry
+
+    d = math.prod(x0.shape[1:])
+    k = min(d, SPECTRAL_PROBES)
+    jac = geometry.probed_jacobian(model, probe.m * x0, float(probe.t[0]), probes=k,
+                                   seed=seed, schedule=model.schedule)
+    values = torch.linalg.eigvalsh(jac).flip(-1)
+    kept = geometry.absolute_dimension(values, torch.full((values.shape[0],),
+                                                          probe.sigma ** 2)).to(
+        torch.float64) * d / k
+    return {"spectral": (1 - kept / d).tolist(), "spectral_dim": kept.tolist(),
+            "spectrum": (probe.sigma ** 2 * values).tolist()}
 
 
 def draw_samples(model: Any, n: int, *, steps: int = 50, seed: int = 0,

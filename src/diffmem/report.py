@@ -546,7 +546,10 @@ def _detect_figure(result: Any, names: list[str], reference: Any) -> str:
     shown = [n for n in names if any(e.get(n) is not None for e in result.entries)]
     if verdict.get("measure") == "consistency_ratio":
         shown.append("consistency_ratio")
-    fig, ax = plots.figure(1, len(shown) + (1 if result.roc else 0), size=3.0)
+    spectra = any(e.get("spectrum") for e in result.entries)
+    fig, ax = plots.figure(1, len(shown) + (1 if result.roc else 0) + spectra, size=3.0)
+    if spectra:
+        _spectra_panel(ax[0, len(shown) + (1 if result.roc else 0)], result)
     for k, name in enumerate(shown):
         pairs = [(e[name], e.get("label")) for e in result.entries if e.get(name) is not None]
         values = np.array([v for v, _ in pairs])
@@ -571,7 +574,7 @@ def _detect_figure(result: Any, names: list[str], reference: Any) -> str:
         ax[0, k].set(xlabel=name + (" (primary)" if name == result.primary else ""),
                      ylabel=result.kind)
     if result.roc:
-        a = ax[0, -1]
+        a = ax[0, len(shown)]
         for name, r in result.roc.items():
             a.plot(r["fpr"], r["tpr"], label=f"{name}: AUC {r['auc']:.3f}")
         a.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
@@ -579,6 +582,24 @@ def _detect_figure(result: Any, names: list[str], reference: Any) -> str:
         a.legend(fontsize=6)
     fig.tight_layout()
     return _figure_uri(fig)
+
+
+def _spectra_panel(a: Any, result: Any) -> None:
+    """The spectra of the score's Jacobian at the samples (times ``sigma^2``), the median of
+    the samples called copies (by the verdict, else the label) against the others'."""
+    import numpy as np
+
+    for flag, colour, label in ((True, "C3", "called copies"), (False, "C0", "the others")):
+        rows = [e["spectrum"] for e in result.entries if e.get("spectrum") and
+                bool(e.get("memorized", e.get("label") == 1)) == flag]
+        if rows:
+            mid = np.median(np.array(rows), axis=0)
+            a.plot(np.arange(1, mid.size + 1), mid, color=colour,
+                   label=f"{label} ({len(rows)})")
+    a.axhline(-0.5, color="0.6", ls=":", lw=0.8)
+    a.set(xlabel="direction (descending eigenvalue)", ylabel="sigma^2 x eigenvalue of dS/dx",
+          title="score Jacobian spectra")
+    a.legend(fontsize=6)
 
 
 def _verdict_html(result: Any) -> str:

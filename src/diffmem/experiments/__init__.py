@@ -6,6 +6,7 @@ from diffmem.experiments import (
     captions,
     conditional,
     detection,
+    dimensions,
     flow,
     imaging,
     memorization_time,
@@ -46,6 +47,7 @@ REGISTRY: dict[str, Experiment] = {
         flow.EXPERIMENT,
         mitigation.EXPERIMENT,
         captions.EXPERIMENT,
+        dimensions.EXPERIMENT,
     ]
 }
 

@@ -313,6 +313,10 @@ def search(plan: DrawPlan, cures: list[list[Cure]], folder: Path, *, train: Any 
     summary = summarize(baseline, runs, memorized, clean, target, space, train, {
         "baseline": base["seconds"], "screen": screen_s,
         "confirm": float(sum(r["seconds"] for r in runs)), "all": total})
+    if not bool(memorized.any()):
+        summary["rule"] = (f"nothing to cure: no condition of the uncured model is memorized "
+                           f"(copies {baseline['copy_fraction']:.3g} of the samples), so no "
+                           "cure is searched")
     screen_points = [p for fam in fams for _, p in sorted(fam.points.items())]
     return {**summary, "mode": "search", "screen": screen_points,
             "search": {fam.name: fam.report(tolerance) for fam in fams}}
