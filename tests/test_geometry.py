@@ -64,7 +64,7 @@ def test_closed_form_jacobians_equal_autograd_hessians(sch):
         for i in range(3)])
     _close(geometry.jacobian(ThresholdScore(TRAIN, sch, tau), X, T),
            0.5 * (jac + jac.mT))
-    mu, centred = TRAIN.mean(0), TRAIN - TRAIN.mean(0)
+    centred = TRAIN - TRAIN.mean(0)
     cov = centred.T @ centred / TRAIN.shape[0]  # the Gaussian score: -(m^2 Sigma + s^2 I)^-1
     want = -torch.linalg.inv(m[:, None, None] ** 2 * cov + s2[:, None, None] * torch.eye(4))
     _close(geometry.jacobian(GaussianScore(TRAIN, sch), X, T), want)
