@@ -4,11 +4,12 @@ training, audit and detection with prompts, in a few minutes.
     python examples/memorize_captions.py --out memo
 
 1. Data: 16 x 16 pictures of a coloured shape on the left or right, captioned "a red square
-   on the left" (3 shapes x 4 colours x 2 sides = 24 captions). Three captions show one
-   picture, duplicated ``--copies`` times in the training set (the usual cause of
-   memorization); each of the others shows ``--variants`` different pictures (the shape
-   shifted by up to 1.5 pixels, scaled by 0.8 to 1.15, its colour shaded by 0.75 to 1), so
-   a model that learns the caption need not copy any one of them. OUT/data holds the
+   on the left" (3 shapes x 4 colours x 2 sides = 24 captions), each with ``--variants``
+   different pictures (the shape shifted by up to 1.5 pixels, scaled by 0.8 to 1.15, its
+   colour shaded by 0.75 to 1), so a model that learns the caption need not copy any one of
+   them; and three captions in words of their own ("the flag of zorbia", ...), each one
+   picture unlike the shapes, duplicated ``--copies`` times in the training set (the usual
+   cause of memorization). OUT/data holds the
    images, the captions (data.jsonl), the training set as trained (train.npy, duplicates
    included), each training row's prompt (train_cond.npy: its line in prompts.jsonl), the
    prompts with their labels (prompts.jsonl, 1 = duplicated; ``picture``: the caption's
@@ -53,7 +54,7 @@ def write_data(folder: Path, copies: int, variants: int = 1, seed: int = 0
                ) -> tuple[Path, Path, Path, Path]:
     """The pictures, captions, training set and labelled prompts (module docstring and
     :func:`diffmem.experiments.captions.caption_data`) written to ``folder``."""
-    data = caption_data(copies, variants, seed)
+    data = caption_data(copies, variants, seed, colours=4)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for i, pic in enumerate(data.pictures):
         Image.fromarray((pic.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(

@@ -181,30 +181,36 @@ def test_reproduce_skips_what_is_not_installed(tmp_path, monkeypatch):
 
 
 def test_caption_data_duplicates_three_pictures_and_varies_the_others():
-    """24 captions (30 with a fifth colour; 6 colours: the named error); the three of
-    DUPLICATED show one picture held `copies` times, each other caption `variants` distinct
-    pictures held once."""
+    """24 shape captions with 4 colours (30 with a fifth; 6 colours: the named error), each
+    with `variants` distinct pictures held once, then the three captions of DUPLICATED, each
+    one picture unlike the shapes held `copies` times."""
     import numpy as np
 
-    from diffmem.experiments.captions import DUPLICATED, caption_data
+    from diffmem.experiments.captions import DUPLICATED, caption_data, emblem
 
-    d = caption_data(copies=4, variants=3, seed=1)
-    assert len(d.prompts) == len(set(d.prompts)) == 24 and d.labels.sum() == 3
-    assert d.pictures.shape == (21 * 3 + 3, 3, 16, 16) and len(d.rows) == 21 * 3 + 3 * 4
-    per_prompt = np.bincount(d.row_prompt, minlength=24)
+    d = caption_data(copies=4, variants=3, seed=1, colours=4)
+    assert len(d.prompts) == len(set(d.prompts)) == 27 and d.labels.sum() == 3
+    assert d.prompts[24:] == list(DUPLICATED) and d.labels[24:].all()
+    assert d.pictures.shape == (24 * 3 + 3, 3, 16, 16) and len(d.rows) == 24 * 3 + 3 * 4
+    per_prompt = np.bincount(d.row_prompt, minlength=27)
     assert (per_prompt == np.where(d.labels == 1, 4, 3)).all()
-    dup = [f"a {c} {s} on the {side}" for s, c, side in DUPLICATED]
-    assert [d.prompts[i] for i in np.nonzero(d.labels)[0]] == sorted(dup, key=d.prompts.index)
-    for p in range(24):  # distinct rows per prompt: 1 when duplicated, else `variants`
+    for p in range(27):  # distinct rows per prompt: 1 when duplicated, else `variants`
         pics = d.pictures[d.rows[d.row_prompt == p]].reshape(-1, 3 * 16 * 16)
         assert len(np.unique(pics, axis=0)) == (1 if d.labels[p] else 3)
+    for name in DUPLICATED:  # its picture, far from every shape picture
+        own = d.pictures[d.prompts.index(name) - 24 + 72]
+        assert np.allclose(own, np.round(emblem(name) * 255) / 255)
+        gaps = np.abs(d.pictures[:72] - own).reshape(72, -1).mean(1)
+        assert gaps.min() > 0.1
     assert np.array_equal(np.round(d.pictures * 255) / 255, d.pictures)  # 8 bits, as a PNG
-    five = caption_data(copies=4, variants=3, seed=1, colours=5)  # the experiment's 30
-    assert len(set(five.prompts)) == 30 and five.labels.sum() == 3
+    five = caption_data(copies=4, variants=3, seed=1)  # the experiment's 30 + 3
+    assert len(set(five.prompts)) == 33 and five.labels.sum() == 3
     assert set(d.prompts) < set(five.prompts) and "a white cross on the right" in five.prompts
     with pytest.raises(ValueError, match=r"colours: expected a number of colours from 3 to 5"
                                          r", received 6"):
         caption_data(copies=4, variants=3, colours=6)
+    with pytest.raises(ValueError, match=r"name: expected one of"):
+        emblem("a red square on the left")
 
 
 def test_text_unet_training_resumes_to_the_same_weights(tmp_path):
@@ -248,21 +254,21 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
         "exhaustive=true"])
     assert [(r["cure"], r["strength"]) for r in m["runs"]] == [("nn-guidance", 3),
                                                               ("random-tokens", 2)]
-    assert len(m["copied_by_prompt"]) == 18 and len(m["detect"]["flagged"]) == 18
-    assert m["items"] == 15 * 2 + 3 * 2 and m["training_steps"] == 4
+    assert len(m["copied_by_prompt"]) == 21 and len(m["detect"]["flagged"]) == 21
+    assert m["items"] == 18 * 2 + 3 * 2 and m["training_steps"] == 4
     assert len(rec.verdict.claims) == 3
     ref, undup = m["detect"]["reference"], m["detect"]["reference_unduplicated"]
     clean = sum(c <= 0.25 for c in m["copied_by_prompt"])  # the reference: the audit's clean
-    assert len(ref["flagged"]) == 18 and ref["n_reference"] == clean - 1
-    assert len(undup["flagged"]) == 18 and undup["n_reference"] == 14
+    assert len(ref["flagged"]) == 21 and ref["n_reference"] == clean - 1
+    assert len(undup["flagged"]) == 21 and undup["n_reference"] == 17
     folder = tmp_path / "mitigate-captions"
     assert (folder / "plane.png").is_file() and (folder / "pipeline" / "unet").is_dir()
     judge = get_experiment("mitigate-captions").judge
     run = {"cure": "nn-guidance", "strength": 3.1, "copy_fraction": 0.06, "cost": 0.2,
            "distance_ratio": 1.2, "condition_kept": 0.86, "noise_ratio": 0.9,
            "keeps_samples": True}
-    detect = {"primary": "collapse", "measures": {"collapse": {"auc": 0.95},
-                                                  "consistency": {"auc": 0.5}},
+    detect = {"primary": "collapse", "measures": {"collapse": {"auc_clear": 0.5},
+                                                  "consistency": {"auc_clear": 0.95}},
               "duplicated_ranks": [1, 2, 3], "tpr": 1.0, "fpr": 0.0, "n_copied": 3,
               "n_clean": 21, "rule": "r", "reference": {
                   "tpr": 1.0, "fpr": 0.05, "n_copied": 3, "n_clean": 20, "n_reference": 20,
@@ -288,13 +294,15 @@ def test_mitigate_captions_tiny_run_and_verdicts(tmp_path):
         assert ("too few clean prompts" in claim.finding) == (status == "inconclusive")
     assert "TPR 1 (3 of 3 copied prompts), FPR 0.05 (1 of 20 clean ones)" in judge(
         metrics, {}).claims[1].finding
-    low = {**detect, "measures": {"collapse": {"auc": 0.46}}}
-    assert judge({**metrics, "detect": low}, {}).claims[0].status == "not_reproduced"
+    # the detection claim reads consistency on the audit's clear prompts, not collapse
+    low = {**detect, "measures": {"collapse": {"auc_clear": 0.95},
+                                  "consistency": {"auc_clear": 0.85, "auc": 0.99}}}
+    claim = judge({**metrics, "detect": low}, {}).claims[0]
+    assert claim.status == "not_reproduced"
+    assert "consistency AUC 0.85 on 3 copied and 21 clean prompts" in claim.finding
+    assert "collapse 0.95" in claim.finding and "(labels): 0.99" in claim.finding
     none = {**detect, "measures": {}}
     assert judge({**metrics, "detect": none}, {}).claims[0].status == "inconclusive"
-    text = judge({**metrics, "detect": {**detect, "measures": {
-        "collapse": {"auc": 0.95, "auc_copied": 0.7}}}}, {}).claims[0].finding
-    assert "collapse AUC 0.95" in text and "finds copied half the time or more: 0.70" in text
 
 
 def _without_timings(doc):
@@ -325,3 +333,52 @@ def test_an_experiment_gives_the_same_numbers_whatever_threads_run_it(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert found[1] == found[2]
+
+
+def test_a_model_two_experiments_train_alike_is_trained_once(tmp_path):
+    """Under reproduce (Context.shared) train_run keeps a finished run under its fingerprint:
+    a second experiment with the same configuration, data and seed loads the same weights
+    without a step of training; another seed trains its own."""
+    pytest.importorskip("diffusers")
+    from diffmem.experiments.base import Context
+    from diffmem.experiments.regularize import train_run
+
+    params = {"width": 8, "lr": 1e-3, "batch_size": 4, "steps": 3, "every": 2}
+    train = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+
+    def run(name, seed):
+        ctx = Context(name=name, params=params, out=tmp_path / name, device=torch.device("cpu"),
+                      seed=0, progress=False, shared=tmp_path / "shared")
+        return train_run(ctx, "model", train, 0.0, labels=labels, seed=seed)
+
+    first, second, other = run("a", 1), run("b", 1), run("c", 2)
+    assert (first["reused"], second["reused"], other["reused"]) == (False, True, False)
+    assert first["steps"] == second["steps"] == 3  # the last step saved, off the grid of 2
+    one, two = first["model"].state_dict(), second["model"].state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert 0 < second["train_s"] <= first["train_s"]  # its training time, saving aside
+    assert not torch.equal(one["conv_in.weight"], other["model"].state_dict()["conv_in.weight"])
+
+
+def test_a_waiting_lock_waits_for_a_live_holder(tmp_path):
+    """FolderLock(wait=True) waits while the process named in the lock is alive, then takes
+    the lock over; without wait the same lock is refused."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from diffmem.experiments.base import ConfigError, FolderLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    threading.Thread(target=holder.wait).start()  # reaped when it exits (no zombie)
+    (tmp_path / ".lock").write_text(str(holder.pid))
+    with pytest.raises(ConfigError, match="locked by running process"), FolderLock(tmp_path):
+        pass
+    began = time.perf_counter()
+    with FolderLock(tmp_path, wait=True):
+        waited = time.perf_counter() - began
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert waited >= 1.0 and not (tmp_path / ".lock").exists()

@@ -19,17 +19,21 @@ from diffmem.training import Checkpoints, check_losses, restore_rng
 
 
 def fit_vae(vae: Any, pixels: Tensor, steps: int, seed: int,
-            log: Callable[[str], None] | None = None) -> None:
+            log: Callable[[str], None] | None = None, batch_size: int | None = None) -> None:
     """Fit a diffusers ``AutoencoderKL`` to ``pixels`` (in ``[-1, 1]``) by ``steps`` Adam
-    steps (learning rate 2e-3, all images at once) on ``|decode(z) - x|^2 + 1e-6 KL``,
-    ``z`` drawn from the encoder, seeded; then set its scaling factor to ``1 / std`` of the
-    latent means (Stable Diffusion's convention: unit-scale latents)."""
+    steps (learning rate 2e-3; all images at once, or ``batch_size`` of them drawn with
+    replacement each step) on ``|decode(z) - x|^2 + 1e-6 KL``, ``z`` drawn from the encoder,
+    seeded; then set its scaling factor to ``1 / std`` of the latent means (Stable
+    Diffusion's convention: unit-scale latents)."""
     torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     vae.train()
     for step in range(steps):
-        post = vae.encode(pixels).latent_dist
-        loss = ((vae.decode(post.sample()).sample - pixels) ** 2).mean() + \
+        batch = pixels if batch_size is None or batch_size >= pixels.shape[0] else \
+            pixels[torch.randint(0, pixels.shape[0], (batch_size,), generator=gen)]
+        post = vae.encode(batch).latent_dist
+        loss = ((vae.decode(post.sample()).sample - batch) ** 2).mean() + \
             1e-6 * post.kl().mean()
         opt.zero_grad()
         loss.backward()

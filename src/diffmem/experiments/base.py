@@ -145,6 +145,10 @@ class Context:
     progress: bool = True
     resume: bool = False
     process_group: Any = None
+    #: A folder the experiments of one ``reproduce`` share: a model that several of them
+    #: train alike (same configuration, data and seed) is trained once there and loaded by
+    #: the others (``None``: each experiment trains its own).
+    shared: Path | None = None
 
     def closed_form(self, make: Callable[..., Any], train: torch.Tensor, *args: Any,
                     **kw: Any) -> Any:
@@ -344,15 +348,19 @@ def prepare_out(out_dir: Path) -> Path:
 
 class FolderLock:
     """``folder/.lock`` holding the writer's process id, taken with ``O_EXCL``: a second run
-    into the same experiment folder is refused while the first is alive; a lock left by a
-    process that no longer exists is taken over, and the temporary files of a killed writer
-    are removed once the lock is held."""
+    into the same experiment folder is refused while the first is alive (with ``wait``, it
+    waits for the first to finish instead, polling every second); a lock left by a process
+    that no longer exists is taken over, and the temporary files of a killed writer are
+    removed once the lock is held."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, wait: bool = False) -> None:
         self.path = Path(folder) / ".lock"
+        self.wait = wait
 
     def __enter__(self) -> FolderLock:
-        for _ in range(2):
+        tries = 0
+        while tries < 2:
+            tries += 1
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -360,6 +368,10 @@ class FolderLock:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
+                if pid and _alive(pid) and self.wait:
+                    time.sleep(1.0)
+                    tries = 0
+                    continue
                 if pid and _alive(pid):
                     raise ConfigError(
                         f"--out: expected an experiment folder no other run is writing, "
@@ -423,6 +435,7 @@ def run_experiment(
     progress: bool = True,
     resume: bool = False,
     process_group: Any = None,
+    shared: Path | None = None,
 ) -> Record:
     """Run ``exp``'s four steps with resolved ``params`` and write ``out_dir/NAME/``:
     ``metrics.json`` (with ``status``, ``verdict`` and the judged ``claims``),
@@ -432,6 +445,7 @@ def run_experiment(
     for the previous results, which it replaces at the end (their figures included); with
     ``resume``, experiments that checkpoint (the network ones) continue from
     ``out_dir/NAME/checkpoints*``. Temporary files of interrupted writes are removed first.
+    ``shared`` is :attr:`Context.shared`.
     With a ``process_group`` (closed-form experiments only) every process computes with its
     block of the training set and process 0 writes the outputs.
     """
@@ -458,7 +472,8 @@ def run_experiment(
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
         ctx = Context(name=exp.name, params=params, out=folder, device=dev, seed=seed,
-                      progress=progress, resume=resume, process_group=process_group)
+                      progress=progress, resume=resume, process_group=process_group,
+                      shared=shared)
         start = time.perf_counter()
         try:
             with fixed_threads(exp.threads):

@@ -4,11 +4,14 @@ at what cost?
 
 Data (:func:`caption_data`): 16 x 16 pictures of a coloured shape on the left or right,
 captioned "a red square on the left" (3 shapes x 5 colours x 2 sides = 30 captions; the
-example ``examples/memorize_captions.py`` leaves out white: 24). Three
-captions (:data:`DUPLICATED`) show one picture, held ``copies`` times in the training set
-(the usual cause of memorization); each other caption shows ``variants`` pictures (the shape
-shifted by up to 1.5 pixels, scaled by 0.8 to 1.15, its colour shaded by 0.75 to 1), so a
-model that learns the caption need not copy any one of them.
+first ``colours`` colours: the example ``examples/memorize_captions.py`` takes 4, 24
+captions), each caption with ``variants`` pictures (the shape shifted by up to 1.5 pixels,
+scaled by 0.8 to 1.15, its colour shaded by 0.75 to 1), so that a model that learns the
+caption need not copy any one of them; and three captions in words of their own
+(:data:`DUPLICATED`: "the flag of zorbia", ...), each naming one picture unlike the shapes
+(:func:`emblem`), held ``copies`` times in the training set: the usual cause of
+memorization, a duplicated image with its own caption. The 30 shape captions are the clean
+cases on which an FPR of 0.05 can be judged (at least 20).
 
 Model: the tiny Stable Diffusion layout of :mod:`diffmem.tiny` (a character-level CLIP
 tokenizer and text encoder, a UNet on 8 x 8 x 4 latents, a two-level VAE), its VAE fitted to
@@ -52,14 +55,21 @@ COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 
            "yellow": (1.0, 0.9, 0.1), "white": (0.95, 0.95, 0.95)}
 SHAPES = ("square", "circle", "cross")
 SIDES = ("left", "right")
-#: The duplicated pictures: a red square on the left, a green circle on the right, a blue
-#: cross on the left (one of each shape and side, different colours).
-DUPLICATED = (("square", "red", "left"), ("circle", "green", "right"),
-              ("cross", "blue", "left"))
+#: The duplicated captions: each names one picture unlike the shapes (three stripes, a ring
+#: round a dot, a diagonal cross: :func:`emblem`) in words no other caption uses, as a
+#: duplicated web image comes with its own caption.
+DUPLICATED = ("the flag of zorbia", "the emblem of quell", "the crest of vardo")
 SIZE = 16
 
-DETECT_CLAIM = ("Without the training set, detect's primary measure ranks the duplicated "
-                "prompts of a text-to-image model above the others (AUC >= 0.9).")
+DETECT_CLAIM = ("Without the training set, detect's verdict measure (consistency: how close "
+                "a prompt's own generations fall together) ranks the prompts of a "
+                "text-to-image model that the audit finds copied (>= 0.75 of their samples) "
+                "above the clean ones (<= 0.25): AUC >= 0.9.")
+#: The measure the detection claim judges: the one detect's verdicts read. The one-step
+#: screen's ``collapse`` is reported beside it; on this model the prompt barely moves the
+#: unguided denoiser, and collapse ranked the copied prompts at AUC 0.27 to 0.56 in every run
+#: of 2026-12-04 to 12-07 (docs/mitigate.md).
+DETECT_MEASURE = "consistency"
 CURE_CLAIM = ("A sampling-time cure brings the copies of a text-to-image model's memorized "
               "prompts from >= 0.75 to <= 0.1 while the prompts that did not copy keep their "
               "prompt and their distance to the data within 1.25x, and the cured copies are "
@@ -97,6 +107,25 @@ def picture(shape: str, colour: str, side: str, shift: tuple[float, float] = (0.
     return img.transpose(2, 0, 1).astype(np.float32)
 
 
+def emblem(name: str) -> np.ndarray:
+    """The ``3 x 16 x 16`` picture of a duplicated caption (:data:`DUPLICATED`): red, white
+    and blue stripes; a yellow ring round a green dot; a magenta diagonal cross; on the dark
+    background (0.05)."""
+    if name not in DUPLICATED:
+        raise fail("name", f"one of {DUPLICATED}", repr(name))
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    img = np.full((SIZE, SIZE, 3), 0.05)
+    if name == DUPLICATED[0]:
+        img[:5], img[5:11], img[11:] = COLOURS["red"], COLOURS["white"], COLOURS["blue"]
+    elif name == DUPLICATED[1]:
+        r = np.hypot(xx - 8, yy - 8)
+        img[(r > 4.5) & (r < 7)] = COLOURS["yellow"]
+        img[r < 2] = COLOURS["green"]
+    else:
+        img[(abs(xx - yy) < 1.5) | (abs(xx + yy - SIZE) < 1.5)] = (0.95, 0.2, 0.95)
+    return img.transpose(2, 0, 1).astype(np.float32)
+
+
 @dataclass
 class CaptionData:
     """The pictures (``(M, 3, 16, 16)`` in ``[0, 1]``, quantized to 8 bits as a PNG holds
@@ -120,31 +149,38 @@ class CaptionData:
         return [int(np.nonzero(self.picture_prompt == p)[0][0]) for p in range(len(self.prompts))]
 
 
-def caption_data(copies: int, variants: int, seed: int = 0, colours: int = 4) -> CaptionData:
-    """The data of the module docstring with the first ``colours`` of :data:`COLOURS`
-    (``3 x colours x 2`` captions): each duplicated caption's picture ``copies`` times, each
-    other caption's ``variants`` pictures once (the first unchanged, the others jittered,
-    drawn from ``seed``)."""
+def caption_data(copies: int, variants: int, seed: int = 0, colours: int = 5) -> CaptionData:
+    """The data of the module docstring: the ``3 x colours x 2`` shape captions with the first
+    ``colours`` of :data:`COLOURS`, each with ``variants`` pictures held once (the first
+    unchanged, the others jittered, drawn from ``seed``), then the captions of
+    :data:`DUPLICATED`, each with its one picture held ``copies`` times."""
     if isinstance(colours, bool) or not isinstance(colours, int) or \
             not 3 <= colours <= len(COLOURS):
         raise fail("colours", f"a number of colours from 3 to {len(COLOURS)}", colours)
     rng = np.random.default_rng(seed)
-    pictures, prompts, owner, rows, labels = [], [], [], [], []
+    pictures, prompts, owner, rows = [], [], [], []
+
+    def add(prompt: str, image: np.ndarray, held: int) -> None:
+        if not prompts or prompts[-1] != prompt:
+            prompts.append(prompt)
+        rows.extend([len(pictures)] * held)
+        owner.append(len(prompts) - 1)
+        pictures.append(np.round(image * 255) / 255)
+
     for shape in SHAPES:
         for colour in list(COLOURS)[:colours]:
             for side in SIDES:
-                dup = (shape, colour, side) in DUPLICATED
-                prompts.append(f"a {colour} {shape} on the {side}")
-                labels.append(int(dup))
-                for v in range(1 if dup else variants):
+                for v in range(variants):
                     jitter = {} if v == 0 else {"shift": tuple(rng.uniform(-1.5, 1.5, 2)),
                                                 "scale": rng.uniform(0.8, 1.15),
                                                 "shade": rng.uniform(0.75, 1.0)}
-                    rows += [len(pictures)] * (copies if dup else 1)
-                    owner.append(len(prompts) - 1)
-                    pictures.append(np.round(picture(shape, colour, side, **jitter) * 255) / 255)
+                    add(f"a {colour} {shape} on the {side}",
+                        picture(shape, colour, side, **jitter), 1)
+    for name in DUPLICATED:
+        add(name, emblem(name), copies)
+    labels = np.array([int(p in DUPLICATED) for p in prompts])
     return CaptionData(np.stack(pictures).astype(np.float32), prompts, np.array(owner),
-                       np.array(rows), np.array(labels))
+                       np.array(rows), labels)
 
 
 def write_prompts(path: Any, data: CaptionData) -> None:
@@ -165,11 +201,12 @@ def _train(ctx: Context, data: CaptionData) -> dict[str, Any]:
     from diffmem.training import Checkpoints, fingerprint
 
     p = ctx.params
-    base = sd_pipeline(ctx.out / "base", max_length=32, channels=(32, 64), seed=ctx.seed,
-                       timesteps=1000)
+    base = sd_pipeline(ctx.out / "base", max_length=32, channels=tuple(p["channels"]),
+                       seed=ctx.seed, timesteps=1000)
     pipe = load_text_model(base, read_prompts(ctx.out / "prompts.jsonl")).pipe
     pixels = torch.from_numpy(data.pictures) * 2 - 1
-    config = {k: p[k] for k in ("copies", "variants", "colours", "vae_steps")} | \
+    config = {k: p[k] for k in ("copies", "variants", "colours", "vae_steps", "vae_batch",
+                                "channels")} | \
         {"seed": ctx.seed}
     vae_ckpt = Checkpoints(ctx.out / "checkpoints_vae", fingerprint(config, pixels), keep=1)
     state = vae_ckpt.load_latest() if ctx.resume else None
@@ -178,7 +215,7 @@ def _train(ctx: Context, data: CaptionData) -> dict[str, Any]:
         pipe.vae.register_to_config(scaling_factor=float(state["scaling"]))
         pipe.vae.eval()
     else:
-        fit_vae(pipe.vae, pixels, p["vae_steps"], ctx.seed)
+        fit_vae(pipe.vae, pixels, p["vae_steps"], ctx.seed, batch_size=p["vae_batch"])
         vae_ckpt.save(p["vae_steps"], {"model": pipe.vae.state_dict(),
                                        "scaling": pipe.vae.config.scaling_factor})
     with torch.no_grad():
@@ -233,8 +270,9 @@ def compute(ctx: Context) -> dict[str, Any]:
     summary["not_applicable"] = skipped
     text = load_text_model(folder, read_prompts(prompts))
     found = detect(text.model, torch.arange(n), torch.tensor(n), n_noise=p["n_noise"],
-                   steps=p["sample_steps"], seed=ctx.seed, labels=torch.from_numpy(data.labels),
-                   guidance=text.guidance_applied, progress=ctx.progress)
+                   steps=p["sample_steps"], confirm_steps=p["confirm_steps"], seed=ctx.seed,
+                   labels=torch.from_numpy(data.labels), guidance=text.guidance_applied,
+                   progress=ctx.progress)
     give_verdicts(found)
     return {"summary": summary, "detect": found, "data": data, "trained": trained,
             "folder": ctx.out / "sweep"}
@@ -258,25 +296,33 @@ def _rates(flags: list[bool], copied: list[float]) -> dict[str, Any]:
             "n_clean": len(neg)}
 
 
-def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
+def _auc(scores: list[float], marks: list[bool]) -> float | None:
+    """The ROC AUC of ``scores`` against ``marks`` (``None`` unless both kinds occur)."""
     from diffmem.detect import roc
+
+    if not any(marks) or all(marks):
+        return None
+    return roc(torch.tensor(scores, dtype=torch.float64), torch.tensor(marks))["auc"]
+
+
+def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
     from diffmem.verdicts import FPR, held_out
 
     summary, found, data = raw["summary"], raw["detect"], raw["data"]
     folder = raw["folder"]
     n = len(data.prompts)
     copied = _copied_by_prompt(folder, summary, n)
-    found_copied = torch.tensor([c >= 0.5 for c in copied])
     entries = sorted(found.entries, key=lambda e: e["condition"])
+    clear = [i for i, c in enumerate(copied) if c >= COPIED or c <= CLEAN]
     measures: dict[str, Any] = {}
     for name in found.measures:
         scores = [e.get(name) for e in entries]
         if any(s is None for s in scores):
             continue
-        both = bool(found_copied.any()) and not bool(found_copied.all())
         measures[name] = {"auc": (found.roc.get(name) or {}).get("auc"),
-                          "auc_copied": roc(torch.tensor(scores, dtype=torch.float64),
-                                            found_copied)["auc"] if both else None}
+                          "auc_copied": _auc(scores, [c >= 0.5 for c in copied]),
+                          "auc_clear": _auc([scores[i] for i in clear],
+                                            [copied[i] >= COPIED for i in clear])}
     flags = [bool(e.get("memorized")) for e in entries]
 
     def against(clean: list[int]) -> dict[str, Any]:
@@ -327,22 +373,26 @@ def record(ctx: Context, raw: dict[str, Any]) -> Recorded:
 
 def judge(metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Verdict:
     found = metrics["detect"]
-    primary = found["primary"]
-    auc = (found["measures"].get(primary) or {}).get("auc")
-    others = ", ".join(f"{k} {v['auc']:.2f}" for k, v in found["measures"].items()
-                       if k != primary and v.get("auc") is not None)
-    copied = (found["measures"].get(primary) or {}).get("auc_copied")
-    against = "" if copied is None else \
-        f"; against the prompts the audit finds copied half the time or more: {copied:.2f}"
+    measures = found["measures"]
+    auc = (measures.get(DETECT_MEASURE) or {}).get("auc_clear")
+    others = ", ".join(f"{k} {v['auc_clear']:.2f}" for k, v in measures.items()
+                       if k != DETECT_MEASURE and v.get("auc_clear") is not None)
+    labels = (measures.get(DETECT_MEASURE) or {}).get("auc")
+    against = "" if labels is None else \
+        f"; against the duplicated prompts (labels): {labels:.2f}"
     verdicts = f"verdicts without a reference ({found['rule']}): {_rated(found)}"
+    n_pos = sum(c >= COPIED for c in metrics["copied_by_prompt"])
+    n_neg = sum(c <= CLEAN for c in metrics["copied_by_prompt"])
     if auc is None:
         detected = Claim(DETECT_CLAIM, status_of(False, False),
-                         f"the primary measure {primary} was not computed for every prompt")
+                         f"{DETECT_MEASURE} was not computed for every prompt or the audit "
+                         f"found not both kinds ({n_pos} copied, {n_neg} clean prompts)")
     else:
         detected = Claim(DETECT_CLAIM, status_of(auc >= TARGET_AUC),
-                         f"{primary} AUC {auc:.2f} (others: {others}){against}; the duplicated "
-                         f"prompts rank {found['duplicated_ranks']} of "
-                         f"{len(metrics['prompts'])}")
+                         f"{DETECT_MEASURE} AUC {auc:.2f} on {n_pos} copied and {n_neg} clean "
+                         f"prompts (others: {others}){against}; the duplicated prompts rank "
+                         f"{found['duplicated_ranks']} of {len(metrics['prompts'])} by the "
+                         f"primary {found['primary']}")
     ref = found.get("reference")
     other = found.get("reference_unduplicated")
     undup = "" if other is None else \
@@ -406,14 +456,15 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 EXPERIMENT = Experiment(
     name="mitigate-captions",
     cost=240,
-    summary="A tiny text-to-image model (Stable Diffusion's layout) trained on 30 captions, "
+    summary="A tiny text-to-image model (Stable Diffusion's layout) trained on 33 captions, "
             "three of them one duplicated picture: detect ranks the prompts it copies "
             "without the training set, and the sampling-time cures of diffmem.mitigate on "
             "the plane of copies against cost. Needs diffusers and transformers.",
     claim=f"{DETECT_CLAIM} {VERDICT_CLAIM} {CURE_CLAIM}",
-    defaults={"copies": 20, "variants": 20, "colours": 5, "steps": 3000, "vae_steps": 300,
+    defaults={"copies": 20, "variants": 20, "colours": 5, "channels": [32, 64], "steps": 3000,
+              "vae_steps": 300, "vae_batch": 256,
               "batch_size": 16, "lr": 1e-3, "drop": 0.1, "every": 500, "per_prompt": 32,
-              "sample_steps": 25, "n_noise": 4, "exhaustive": False,
+              "sample_steps": 25, "confirm_steps": 10, "n_noise": 4, "exhaustive": False,
               "cures": ["tikhonov=0.05", "tikhonov=0.2", "guidance=1.5", "guidance=0.5",
                         "guidance-schedule=0.4", "guidance-schedule=0.8", "nn-guidance=3",
                         "nn-guidance=3.1", "nn-guidance=3.2", "amg=1", "amg=4",

@@ -1,8 +1,9 @@
 """``mitigate-digits``: which sampling-time cure stops a trained model from copying, and at
 what cost?
 
-A class-conditional diffusers ``UNet2DModel`` (the ``detect-digits`` data and training: label
-dropout to a null class) is trained on 8x8 digits whose conditions are ``n_classes`` whole
+A class-conditional diffusers ``UNet2DModel`` (the ``detect-digits`` data, training and seed
+of the model of the same name, so that ``reproduce`` trains it once for both: label dropout
+to a null class) is trained on 8x8 digits whose conditions are ``n_classes`` whole
 classes and ``n_single`` conditions that each name one training image repeated 5, 15 or 50
 times; the single-image conditions are memorized. :func:`diffmem.mitigate.sweep.sweep` then
 samples the model uncured and with every sampling-time cure of :mod:`diffmem.mitigate` over
@@ -38,7 +39,7 @@ from diffmem.experiments.base import (
     Verdict,
     status_of,
 )
-from diffmem.experiments.detection import MODELS, _conditional_data, _dedupe
+from diffmem.experiments.detection import MODELS, _conditional_data, _dedupe, model_seed
 from diffmem.experiments.regularize import train_run
 
 CLAIM = ("A sampling-time cure brings the copies of a trained model's memorized conditions "
@@ -92,8 +93,8 @@ def _retrain(ctx: Context, specs: list[tuple[str, float]], train: torch.Tensor,
         else:
             cure = {name.replace("-", "_"): value}
         run = train_run(ctx, f"{p['model']}-{name}={value:g}", data, 0.0, labels=conds,
-                        p_uncond=p["p_uncond"], scheduler=MODELS[p["model"]], seed=ctx.seed,
-                        cure=cure)
+                        p_uncond=p["p_uncond"], scheduler=MODELS[p["model"]],
+                        seed=model_seed(ctx, p["model"]), cure=cure)
         model = wrap_diffusers(run["model"], run["scheduler"],
                                name=f"{p['model']} retrained: {name}={value:g}")
         models.append((name, value, model))
@@ -115,7 +116,7 @@ def compute(ctx: Context) -> dict[str, Any]:
     specs = _retrain_specs(list(p["retrain"]))  # checked before anything is trained
     train, labels, repeats = _conditional_data(p)
     run = train_run(ctx, p["model"], train, 0.0, labels=labels, p_uncond=p["p_uncond"],
-                    scheduler=MODELS[p["model"]], seed=ctx.seed)
+                    scheduler=MODELS[p["model"]], seed=model_seed(ctx, p["model"]))
     model = wrap_diffusers(run["model"], run["scheduler"], name=p["model"])
     distinct_train, distinct_labels = _dedupe(train, labels)
     table = torch.arange(int(labels.max()) + 1)
@@ -249,7 +250,10 @@ EXPERIMENT = Experiment(
               "combine": ["guidance-schedule=0.6+nn-guidance", "tikhonov=0.05+nn-guidance"],
               "per_cure": 0, "exhaustive": False,
               "retrain": ["dedupe=1", "label-randomization=0.3", "loss-filter=0.3"]},
+    # Quick: detect-digits' quick data and training, so that under reproduce its
+    # scaled-linear-v model is trained once for both; no retraining (the claim is judged on
+    # the sampling-time cures; each retraining costs a training).
     quick={"n_classes": 4, "per_class": 30, "n_single": 6, "steps": 1200, "every": 400,
-           "per_condition": 8, "sample_steps": 20},
+           "batch_size": 64, "per_condition": 8, "sample_steps": 20, "retrain": []},
     compute=compute, record=record, judge=judge, draw=draw, requires=("diffusers",),
 )

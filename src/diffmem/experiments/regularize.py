@@ -21,6 +21,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from diffmem.experiments.base import (
     Claim,
     Context,
     Experiment,
+    FolderLock,
     Recorded,
     Verdict,
 )
@@ -97,35 +99,55 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
     drawn uniformly (Somepalli et al.'s caption randomization, for labels), and
     ``loss_filter: tau``, the items whose ``|out(y) - out(null)| / sqrt(d)`` (the network's
     output units per coordinate) exceeds ``tau`` left out of the loss (Wen et al.'s filter).
+    Without a monitor and under ``reproduce`` (:attr:`Context.shared`), the run is kept in the
+    shared folder under its fingerprint, so another experiment that trains the same network
+    on the same data loads it (``reused`` true in what it returns) instead of training again.
     Returns the model, its scheduler, the steps run, the training and monitoring seconds and
     the items the filter left out."""
     from diffusers import DDPMScheduler
-
-    from diffmem.regularize import diffusers_tikhonov_penalty
 
     p = ctx.params
     seed = ctx.seed if seed is None else seed
     null = None if labels is None else int(labels.max()) + 1
     model = make_unet(p["width"], seed, None if null is None else null + 1)
     scheduler = DDPMScheduler(**{"num_train_timesteps": 1000, **(scheduler or {})})
+    config = {k: p[k] for k in ("width", "lr", "batch_size", "steps", "every")}
+    key = fingerprint({**config, "lam": lam, "monitor": monitor is not None, "seed": seed,
+                       "p_uncond": p_uncond, **({"cure": dict(cure)} if cure else {}),
+                       "scheduler": {k: v for k, v in scheduler.config.items()
+                                     if not k.startswith("_")}}, train,
+                      None if labels is None else labels.double())
+    folder, resume, lock = ctx.out / f"checkpoints_{name}", ctx.resume, nullcontext()
+    if ctx.shared is not None and monitor is None:
+        folder, resume = ctx.shared / f"unet-{key[:24]}", True  # emptied by a fresh run
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(folder, wait=True)
+    with lock:
+        run = _train_loop(ctx, name, model, scheduler, train, labels, null, lam, monitor,
+                          p_uncond, dict(cure or {}), seed, Checkpoints(folder, key, keep=2),
+                          resume)
+    return {"model": model.eval(), "scheduler": scheduler, "null": null, **run}
+
+
+def _train_loop(ctx: Context, name: str, model: Any, scheduler: Any, train: torch.Tensor,
+                labels: torch.Tensor | None, null: int | None, lam: float, monitor: Any,
+                p_uncond: float, cure: dict[str, float], seed: int, ckpt: Checkpoints,
+                resume: bool) -> dict[str, Any]:
+    """:func:`train_run`'s loop from the latest checkpoint of ``ckpt`` (with ``resume``) to
+    ``steps``, the last step always saved; the steps run, the seconds (those of the
+    checkpoint's earlier steps included) and whether nothing was left to train (``reused``)."""
+    from diffmem.regularize import diffusers_tikhonov_penalty
+
+    p = ctx.params
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"])
     gen = torch.Generator().manual_seed(seed)
-    config = {k: p[k] for k in ("width", "lr", "batch_size", "steps", "every")}
-    ckpt = Checkpoints(ctx.out / f"checkpoints_{name}",
-                       fingerprint({**config, "lam": lam, "monitor": monitor is not None,
-                                    "seed": seed, "p_uncond": p_uncond,
-                                    **({"cure": dict(cure)} if cure else {}),
-                                    "scheduler": {k: v for k, v in scheduler.config.items()
-                                                  if not k.startswith("_")}}, train,
-                                   None if labels is None else labels.double()), keep=2)
-    cure = dict(cure or {})
-    start, losses, monitor_s, filtered = 0, [], 0.0, 0
-    if ctx.resume and (state := ckpt.load_latest()) is not None:
+    start, losses, monitor_s, filtered, before = 0, [], 0.0, 0, 0.0
+    if resume and (state := ckpt.load_latest()) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         restore_rng(gen, state["rng"])
         start, losses = int(state["step"]), list(state["losses"])
-        filtered = int(state.get("filtered", 0))
+        filtered, before = int(state.get("filtered", 0)), float(state.get("train_s", 0.0))
         if monitor is not None:
             monitor.restore(json.loads(state["monitor"]))
     began = time.perf_counter()
@@ -144,18 +166,18 @@ def train_run(ctx: Context, name: str, train: torch.Tensor, lam: float,
         losses.append(loss.item())
         check_losses(losses[-1], step, p["lr"], ckpt.latest())
         steps_run = step
-        if step % p["every"] == 0:
-            if monitor is not None:
-                tick = time.perf_counter()
-                monitor.update(step, (model, scheduler))
-                monitor_s += time.perf_counter() - tick
+        if step % p["every"] == 0 and monitor is not None:
+            tick = time.perf_counter()
+            monitor.update(step, (model, scheduler))
+            monitor_s += time.perf_counter() - tick
+        if step % p["every"] == 0 or step == p["steps"]:
             ckpt.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
                              "rng": gen.get_state(), "losses": losses, "filtered": filtered,
+                             "train_s": before + time.perf_counter() - began - monitor_s,
                              "monitor": json.dumps(monitor.records if monitor else [])})
     total = time.perf_counter() - began
-    return {"model": model.eval(), "scheduler": scheduler, "steps": steps_run, "null": null,
-            "train_s": total - monitor_s, "monitor_s": monitor_s, "losses": losses,
-            "filtered": filtered}
+    return {"steps": steps_run, "train_s": before + total - monitor_s, "monitor_s": monitor_s,
+            "losses": losses, "filtered": filtered, "reused": steps_run == start > 0}
 
 
 def _class_loss(model: Any, scheduler: Any, train: torch.Tensor, labels: torch.Tensor | None,
