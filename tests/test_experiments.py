@@ -324,3 +324,9 @@ def test_reproduce_jobs_and_the_page_while_running(tmp_path):
     write_report(tmp_path, [rec], dict(REGISTRY), quick=True, seed=0, total_s=3.0)
     page = (tmp_path / "index.html").read_text()
     assert "<progress" not in page and "refresh" not in page
+    # each experiment's time, in summary.json and in the page's table
+    seconds = json.loads((tmp_path / "summary.json").read_text())["experiments"][
+        "tikhonov-sweep"]["elapsed_s"]
+    assert seconds == round(rec.elapsed_s, 3) and seconds > 0
+    assert "Time per experiment" in page
+    assert f"<td style='text-align:right'>{rec.elapsed_s:.1f}</td>" in page

@@ -65,7 +65,8 @@ def test_detect_digits_tiny_run_and_verdicts(tmp_path):
     assert all(e["copy"] >= e["copy_nn_ratio"] for e in u["samples"])  # nn-ratio or calibrated
     assert u["n_copies"] == sum(e["copy"] for e in u["samples"]) >= u["n_copies_nn_ratio"]
     assert set(u["verdict"]["against_nn_ratio_alone"]) >= {"tpr", "fpr"}
-    assert set(m["unconditional"]["measures"]) == {"jacobian", "flipd", "reconstruction"}
+    assert set(m["unconditional"]["measures"]) == {"jacobian", "flipd", "reconstruction",
+                                                 "spectral"}
     judge = get_experiment("detect-digits").judge
 
     for res in m["models"].values():
@@ -73,8 +74,8 @@ def test_detect_digits_tiny_run_and_verdicts(tmp_path):
         assert all(isinstance(c["memorized"], bool) for c in res["conditions"])
     assert m["unconditional"]["verdict"]["kind"] == "point"
 
-    def metrics(auc, u_auc, tpr=1.0, fpr=0.0):
-        verdict = {"tpr": tpr, "fpr": fpr}
+    def metrics(auc, u_auc, tpr=1.0, fpr=0.0, clean=20):
+        verdict = {"tpr": tpr, "fpr": fpr, "n_positive": 6, "n_negative": clean}
         model = {"primary": "gap", "measures": {"gap": {"auc": auc}}, "verdict": verdict}
         return {"models": {"a": model, "b": model},
                 "unconditional": {"primary": "flipd", "measures": {"flipd": {"auc": u_auc}},
@@ -88,6 +89,9 @@ def test_detect_digits_tiny_run_and_verdicts(tmp_path):
     assert judge(metrics(0.97, 0.96, 0.85, 0.0), {}).claims[1].status == "not_reproduced"
     assert judge(metrics(0.97, 0.96, 1.0, 0.09), {}).claims[1].status == "not_reproduced"
     assert judge(metrics(0.97, 0.96, None, 0.0), {}).claims[1].status == "inconclusive"
+    # too few clean cases to tell an FPR of 0.05 from 0: 2 x 9 conditions, 9 samples
+    few = judge(metrics(0.97, 0.96, 1.0, 0.0, clean=9), {}).claims[1]
+    assert few.status == "inconclusive" and "18 clean conditions" in few.finding
 
 
 def test_mitigate_digits_tiny_run_and_verdicts(tmp_path):

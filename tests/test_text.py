@@ -544,8 +544,8 @@ def test_resolution_and_attention_slicing(sd, tmp_path):
 
 
 def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
-    """examples/memorize_captions.py (its full run is measured by hand: minutes): 24
-    captions, three of one duplicated picture and the others of distinct variants, the
+    """examples/memorize_captions.py (its full run is measured by hand: minutes): 24 shape
+    captions of distinct variants and three captions of one duplicated picture each, the
     labelled prompts; and its summary's AUC."""
     import importlib.util
     from pathlib import Path
@@ -556,20 +556,24 @@ def test_memorization_example_writes_its_data_and_summarizes(tmp_path, capsys):
     spec.loader.exec_module(demo)
     data, prompts, labels, train = demo.write_data(tmp_path, copies=5, variants=3)
     rows = demo._rows(data)
-    assert len(rows) == 21 * 3 + 3 * 5 and np.load(train).shape == (78, 3, 16, 16)
-    assert np.load(labels).sum() == 3 and sorted(set(rows)) == list(range(21 * 3 + 3))
+    # 24 shape captions of 3 pictures each, then 3 captions of one picture held 5 times
+    assert len(rows) == 24 * 3 + 3 * 5 and np.load(train).shape == (87, 3, 16, 16)
+    assert np.load(labels).tolist() == [0] * 24 + [1] * 3
+    assert sorted(set(rows)) == list(range(24 * 3 + 3))
     texts = read_prompts(prompts)
-    assert len(set(texts.texts)) == 24 and texts.labels.count("1") == 3
+    assert len(set(texts.texts)) == 27 and texts.labels.count("1") == 3
+    assert texts.texts[-3:] == ["the flag of zorbia", "the emblem of quell", "the crest of vardo"]
     pics = np.load(train)
-    assert rows[:5] == [0] * 5 and np.array_equal(pics[0], pics[4])  # the red square, 5x
+    assert rows[-5:] == [74] * 5 and all(np.array_equal(pics[-1], p) for p in pics[-5:])
     conds = np.load(tmp_path / "train_cond.npy")
-    assert len(conds) == len(rows) and conds[:8].tolist() == [0] * 5 + [1] * 3
-    counts = np.bincount(conds, minlength=24)  # rows per prompt: 5 for a duplicated one
+    assert len(conds) == len(rows) and conds[:3].tolist() == [0] * 3
+    counts = np.bincount(conds, minlength=27)  # rows per prompt: 5 for a duplicated one
     assert (counts == np.where(np.load(labels) == 1, 5, 3)).all()
-    assert not np.array_equal(pics[0], pics[rows.index(1)])
-    variants = pics[5:8]  # the red square on the right: three different pictures
+    variants = pics[0:3]  # the red square on the left: three different pictures
     assert all(not np.array_equal(variants[i], variants[j]) for i, j in [(0, 1), (0, 2), (1, 2)])
     assert (np.abs(variants - variants[0]).max() > 0.1)
+    emblems = pics[[72, 77, 82]]  # unlike any shape picture
+    assert min(np.abs(e - p).max() for e in emblems for p in pics[:72]) > 0.5
     assert demo.auc(np.array([3.0, 2.0, 1.0, 0.5]), np.array([True, False, True, False])) \
         == 0.75
     (tmp_path / "audit").mkdir()

@@ -79,6 +79,19 @@ def counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{counts[s]} {MARKS[s][1]}" for s in STATUSES)
 
 
+def _times_table(records: Sequence[Record]) -> str:
+    """A row per finished experiment: its verdict marks and its run time in seconds, the
+    slowest first (where the run's time went)."""
+    rows = "".join(
+        f"<tr><td><a href='#{r.name}'>{html.escape(r.name)}</a></td>"
+        f"<td>{' '.join(MARKS[c.status][0] for c in r.verdict.claims)}</td>"
+        f"<td style='text-align:right'>{r.elapsed_s:.1f}</td></tr>"
+        for r in sorted(records, key=lambda r: -r.elapsed_s))
+    return ("<details open><summary>Time per experiment (seconds, slowest first)</summary>"
+            f"<table><tr><th>experiment</th><th>claims</th><th>s</th></tr>{rows}</table>"
+            "</details>")
+
+
 def write_report(out_dir: Path, records: Sequence[Record], experiments: dict[str, Experiment],
                  quick: bool, seed: int, total_s: float, pending: Sequence[str] = ()) -> None:
     """Write ``out_dir/index.html`` (figures embedded, viewable offline) and
@@ -110,6 +123,7 @@ def write_report(out_dir: Path, records: Sequence[Record], experiments: dict[str
             parts.append(f"<li>{mark} <a href='#{r.name}'>{r.name}</a>: "
                          f"{html.escape(c.text)}</li>")
     parts.append("</ul>")
+    parts.append(_times_table(records))
     for r in records:
         exp = experiments[r.name]
         parts.append(f"<h2 id='{r.name}'>{html.escape(r.name)}</h2>"

@@ -331,8 +331,9 @@ def sample_ode(
         cond: a conditioning for scores ``s(x, t, y)``: one ``y`` per sample (first
             dimension = batch) or a single ``y`` for all (a leading dimension of 1 forces
             broadcasting).
-        s_end, s_eval: the end and the recording points in transformed time instead of
-            ``t_end`` and ``t_eval`` (``s_end`` implies ``variable='s'``).
+        s_end: the end in transformed time instead of ``t_end`` (implies
+            ``variable='s'``).
+        s_eval: the recording points in transformed time instead of ``t_eval``.
     """
     _check_x(x_T)
     check_schedule(schedule, score)

@@ -54,9 +54,14 @@ CLAIM = ("Without the training set, the primary detector tells memorized conditi
 VERDICT_CLAIM = ("The verdicts (without a reference set: consistency per condition, "
                  "local intrinsic dimension below 1/2 per sample) "
                  "say which conditions and samples are memorized on every model: TPR >= 0.9 "
-                 "at FPR <= 0.05 on clear conditions and on samples.")
+                 "at FPR <= 0.05 on clear conditions and on samples (judged on at least 20 "
+                 "clean conditions over the models and 20 clean samples).")
 TARGET_AUC = 0.95
 TARGET_TPR, TARGET_FPR = 0.9, 0.05
+#: Clear clean cases the verdict claim needs (over the class-conditional models together,
+#: and samples of the unconditional one): with ``m`` of them an observed FPR of 0 bounds
+#: the rate near ``1 / m`` at best, so ``1 / TARGET_FPR``.
+MIN_CLEAN = 20
 #: Clear ground truth: memorized at or above, not memorized at or below.
 CLEAR_HIGH, CLEAR_LOW = 0.75, 0.25
 DUPLICATES = (5, 15, 50)
@@ -184,13 +189,20 @@ def compute(ctx: Context) -> dict[str, Any]:
 
 def _verdict_claim(metrics: Mapping[str, Any]) -> Claim:
     """The verdicts' TPR and FPR on every model, against :data:`TARGET_TPR` and
-    :data:`TARGET_FPR`."""
+    :data:`TARGET_FPR`; judgeable only where the models give at least :data:`MIN_CLEAN`
+    clear clean conditions together (an FPR of 0.05 cannot be told from 0 on fewer) and the
+    unconditional model as many clean samples."""
     found = {**{n: m.get("verdict") or {} for n, m in metrics["models"].items()},
              "unconditional": metrics["unconditional"].get("verdict") or {}}
-    parts = [f"{n}: TPR {v['tpr']:.2f}, FPR {v['fpr']:.2f}" if v.get("tpr") is not None
+    parts = [f"{n}: TPR {v['tpr']:.2f}, FPR {v['fpr']:.2f} ({v.get('n_positive')} : "
+             f"{v.get('n_negative')})" if v.get("tpr") is not None
              and v.get("fpr") is not None else f"{n}: not both kinds" for n, v in found.items()]
+    clean = sum(int(v.get("n_negative") or 0) for n, v in found.items() if n != "unconditional")
+    samples = int(found["unconditional"].get("n_negative") or 0)
+    parts.append(f"{clean} clean conditions over the class-conditional models, {samples} clean "
+                 f"samples (at least {MIN_CLEAN} each to judge an FPR of {TARGET_FPR})")
     judgeable = all(v.get("tpr") is not None and v.get("fpr") is not None
-                    for v in found.values())
+                    for v in found.values()) and min(clean, samples) >= MIN_CLEAN
     holds = judgeable and all(v["tpr"] >= TARGET_TPR and v["fpr"] <= TARGET_FPR
                               for v in found.values())
     return Claim(VERDICT_CLAIM, status_of(holds, judgeable), "; ".join(parts))
@@ -363,8 +375,9 @@ DETECT_DIGITS = Experiment(
               "uncond_samples": 200, "show": 4},
     # Quick: batch 64 (at 32 the epsilon model's single-image conditions were copied but
     # spread, consistency ratios 0.26 to 0.48 against the line 0.45: TPR 0.33; at 64, 0.09
-    # to 0.18, and the unconditional model's TPR 0.64 became 0.98).
-    quick={"n_classes": 4, "per_class": 30, "n_single": 6, "steps": 1200, "every": 400,
+    # to 0.18, and the unconditional model's TPR 0.64 became 0.98); 8 classes, so that the
+    # three models give the verdict claim at least MIN_CLEAN clean conditions.
+    quick={"n_classes": 8, "per_class": 30, "n_single": 6, "steps": 1200, "every": 400,
            "batch_size": 64, "uncond_train": 80, "uncond_dup": 4, "uncond_samples": 96,
            "sample_steps": 20},
     compute=compute, record=record, judge=judge, draw=draw, requires=("diffusers",),
