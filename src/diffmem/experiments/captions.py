@@ -455,7 +455,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="mitigate-captions",
-    cost=240,
+    cost=300,
     summary="A tiny text-to-image model (Stable Diffusion's layout) trained on 33 captions, "
             "three of them one duplicated picture: detect ranks the prompts it copies "
             "without the training set, and the sampling-time cures of diffmem.mitigate on "

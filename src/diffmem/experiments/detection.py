@@ -361,7 +361,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 DETECT_DIGITS = Experiment(
     name="detect-digits",
-    cost=187,
+    cost=210,
     summary="A benchmark of the training-set-free detectors: three class-conditional "
             "diffusers UNets (linear/epsilon, scaled-linear/v, cosine/sample) with digit-class "
             "and single-image conditions duplicated 5, 15 or 50 times, and an unconditional "

@@ -342,7 +342,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="losing-dimensions",
-    cost=60,
+    cost=9,
     summary="Geometric memorization (Achilli et al.): the exact Jacobian spectrum of the "
             "empirical score on a 30-d sphere with 5 + 10 + 15 directions of spread 1, 0.3, "
             "0.01, against N and the noise level; which dimensions the regularized scores and "

@@ -293,7 +293,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="memorization-time",
-    cost=390,
+    cost=160,
     summary="The paper's score MLP on N points of N(0, I_8) for N over a factor of 32 or more: "
             "copies, distance to the population and the monitor's record against training "
             "steps; the generalization time tau_gen, the memorization time tau_mem, the slope "

@@ -238,7 +238,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 EXPERIMENT = Experiment(
     name="mitigate-digits",
-    cost=150,
+    cost=60,
     summary="Which sampling-time cure stops a trained class-conditional diffusers UNet "
             "copying its single-image conditions, and at what cost: every cure of "
             "diffmem.mitigate and two chains on the plane of copies against cost. Needs "

@@ -324,7 +324,7 @@ def draw(rec: Recorded, params: Mapping[str, Any]) -> dict[str, Any]:
 
 REGULARIZE_DIGITS = Experiment(
     name="regularize-digits",
-    cost=173,
+    cost=145,
     summary="A diffusers UNet2DModel + DDPMScheduler trained in a plain loop on a few 8x8 "
             "digits: plain, with the Tikhonov penalty (diffmem.regularize), and stopped by "
             "the memorization monitor (diffmem.monitor); copied fraction against the "
