@@ -59,15 +59,15 @@ def main() -> None:
           f"   max |error| {float(err.max()):.2e} (eigenvalues of order 1/sigma^2 = 100)")
     from diffmem.nn import MLPConfig, NetworkScore, ScoreMLP
 
-    net = ScoreMLP(MLPConfig(dim=d, width=256, depth=2), ["score"], seed=0).double()
-    vp = schedules.VP()
-    ns = NetworkScore(net, vp)
-    tv = torch.full((args.points,), 0.05, dtype=torch.float64)
+    net = ScoreMLP(MLPConfig(dim=d, width=256, depth=2), ["score"], seed=0)
+    ns = NetworkScore(net, schedules.VP())
+    x32 = x.float()
+    tv = torch.full((args.points,), 0.05)
     one, full, few = side_by_side([
-        lambda: ns(x, tv),
-        lambda: jacobian_spectrum(ns, x, tv),
-        lambda: jacobian_spectrum(ns, x, tv, probes=8)], repeat=5)
-    print(f"score MLP (width 256), d = {d}, {args.points} points")
+        lambda: ns(x32, tv),
+        lambda: jacobian_spectrum(ns, x32, tv),
+        lambda: jacobian_spectrum(ns, x32, tv, probes=8)], repeat=5)
+    print(f"score MLP (width 256, float32), d = {d}, {args.points} points")
     print(f"  one score evaluation          {one * 1e3:9.2f} ms   1.00x")
     print(f"  probed spectrum, {d} probes    {full * 1e3:9.2f} ms  {full / one:5.2f}x")
     print(f"  probed spectrum, 8 probes     {few * 1e3:9.2f} ms  {few / one:5.2f}x")

@@ -39,6 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "diffmem"]
 
 
+def _key(params: dict[str, Any]) -> str:
+    """A short digest of an experiment's parameters: a cached model trained with other
+    settings is not reused."""
+    from diffmem.training import fingerprint
+
+    return fingerprint(dict(params))[:10]
+
+
 def digits(cache: Path, settings: str) -> list[str]:
     """``mitigate-digits``' model saved as a diffusers folder; the CLI arguments."""
     from diffmem.experiments import get_experiment
@@ -48,7 +56,7 @@ def digits(cache: Path, settings: str) -> list[str]:
 
     exp = get_experiment("mitigate-digits")
     p = resolve_params(exp, quick=settings == "quick")
-    folder = cache / f"digits_{settings}"
+    folder = cache / f"digits_{settings}_{_key(p)}"
     net = folder / "net"
     if not (net / "config.json").is_file():
         ctx = Context(name=exp.name, params=p, out=folder, device=torch.device("cpu"),
@@ -78,7 +86,7 @@ def captions(cache: Path, settings: str) -> list[str]:
 
     exp = get_experiment("mitigate-captions")
     p = resolve_params(exp, quick=settings == "quick")
-    folder = cache / f"captions_{settings}"
+    folder = cache / f"captions_{settings}_{_key(p)}"
     if not (folder / "train.npy").is_file():
         ctx = Context(name=exp.name, params=p, out=folder, device=torch.device("cpu"),
                       seed=0, progress=True, resume=True)

@@ -218,6 +218,8 @@ def cure_claim(metrics: Mapping[str, Any], claim: str) -> Claim:
                   f"clean conditions kept (distance x{r['distance_ratio']:.2f}) but its cured "
                   f"copies lie x{r['noise_ratio']:.2f} a clean sample's distance from the "
                   "data: noise")
+    front = front or ("no run drawn at full size: the search's screen ruled every cure out "
+                      "(its estimates under \"screen\")")
     return _claim(claim, False, f"no run brings the copies ({base:.2f} uncured) to "
                       f"{metrics['target']:g} while keeping the samples; {keeps}; frontier: "
                       f"{front}" + retrained)
