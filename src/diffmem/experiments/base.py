@@ -368,12 +368,11 @@ class FolderLock:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                alive = pid > 0 and _alive(pid)
-                if alive and self.wait:
+                if pid and _alive(pid) and self.wait:
                     time.sleep(1.0)
                     tries = 0
                     continue
-                if alive:
+                if pid and _alive(pid):
                     raise ConfigError(
                         f"--out: expected an experiment folder no other run is writing, "
                         f"received {self.path.parent} (locked by running process {pid}; "
